@@ -1,0 +1,40 @@
+# Makefile: sets up .venv and runs the hub demo, the tests, the linters and the benchmarks.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo serve test lint bench bench-quick chromium clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+# The dashboard tests drive Debian's Chromium; a browser download does not work here.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/tether demo
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/tether serve
+
+test: $(VENV)/.installed chromium
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy --strict src/tether
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/tether bench
+
+bench-quick: $(VENV)/.installed
+	$(VENV)/bin/tether bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,165 @@
+"""HubConfig: every setting of a hub, read from TETHER_* environment variables and validated."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "TETHER_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names each offending variable."""
+
+
+class OverflowPolicy(StrEnum):
+    """What a full outbox does with one more critical message."""
+
+    DROP_OLDEST = "drop_oldest"
+    DROP_NEWEST = "drop_newest"
+    REJECT = "reject"
+
+
+class DedupMode(StrEnum):
+    """How duplicate sends are recognised: by message id, by content hash, or not at all."""
+
+    ID = "id"
+    CONTENT = "content"
+    OFF = "off"
+
+
+class BackendKind(StrEnum):
+    """Where outboxes, sequence counters and dedup keys live."""
+
+    MEMORY = "memory"
+    REDIS = "redis"
+
+
+PositiveSeconds = Annotated[float, Field(gt=0, le=86_400 * 365)]
+
+
+class HubConfig(BaseSettings):
+    """Settings of a `Hub`.
+
+    `HubConfig()` reads `TETHER_*` environment variables (and a `.env` file if present);
+    keyword arguments win over the environment. A bad value raises `ConfigError` naming
+    the variable, so a misconfigured process fails at start-up rather than at 3 a.m.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="forbid",
+        validate_default=True,
+        frozen=True,
+    )
+
+    # outbox
+    max_queue_size: int = Field(1000, ge=1, le=10_000_000)
+    overflow_policy: OverflowPolicy = OverflowPolicy.DROP_OLDEST
+    message_ttl: PositiveSeconds = 300.0
+    dead_letter_max_size: int = Field(1000, ge=1, le=10_000_000)
+
+    # retry
+    retry_interval: PositiveSeconds = 1.0
+    retry_base_delay: PositiveSeconds = 1.0
+    retry_max_delay: PositiveSeconds = 60.0
+    max_retries: int = Field(5, ge=0, le=1000)
+
+    # circuit breaker
+    failure_threshold: int = Field(5, ge=1, le=100_000)
+    success_threshold: int = Field(2, ge=1, le=100_000)
+    recovery_timeout: PositiveSeconds = 60.0
+    half_open_max_calls: int = Field(3, ge=1, le=100_000)
+
+    # deduplication
+    dedup_mode: DedupMode = DedupMode.ID
+    dedup_window: PositiveSeconds = 300.0
+    dedup_max_entries: int = Field(100_000, ge=1, le=100_000_000)
+
+    # connections
+    send_timeout: PositiveSeconds = 5.0
+    heartbeat_interval: PositiveSeconds = 20.0
+    heartbeat_timeout: PositiveSeconds = 20.0
+    hello_timeout: PositiveSeconds = 10.0
+    max_message_size: int = Field(1_048_576, ge=64, le=256 * 1_048_576)
+    max_connections: int = Field(10_000, ge=1, le=10_000_000)
+    max_clients: int = Field(100_000, ge=1, le=100_000_000)
+    max_inbound_rate: float = Field(100.0, gt=0, le=1_000_000)
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # housekeeping
+    client_ttl: PositiveSeconds = 3600.0
+    cleanup_interval: PositiveSeconds = 300.0
+    metrics_enabled: bool = True
+    shutdown_timeout: PositiveSeconds = 5.0
+
+    # backend
+    backend: BackendKind = BackendKind.MEMORY
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field("tether", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    node_id: str | None = Field(None, min_length=1, max_length=128)
+    presence_ttl: PositiveSeconds = 30.0
+
+    # serving and monitoring
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    monitor_token: str | None = None
+    api_token: str | None = None
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("monitor_token", "api_token")
+    @classmethod
+    def _non_empty_token(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 8:
+            raise ValueError("a token must be at least 8 characters (unset it to disable)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> HubConfig:
+        if self.retry_max_delay < self.retry_base_delay:
+            raise ValueError("retry_max_delay must be >= retry_base_delay")
+        return self
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None
+
+    @property
+    def heartbeat_deadline(self) -> float:
+        """How long a silent connection may live: interval plus timeout."""
+        return self.heartbeat_interval + self.heartbeat_timeout
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a `HubConfig` field."""
+    return ENV_PREFIX + field.upper()
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid Tether configuration:"]
+    for error in exc.errors():
+        location = [str(part) for part in error.get("loc", ()) if part != "__root__"]
+        name = env_name(location[0]) if location else "TETHER_* (combination)"
+        value = error.get("input")
+        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+        lines.append(f"  {name}: {error.get('msg', 'invalid value')}{shown}")
+    return "\n".join(lines)

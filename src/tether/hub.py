@@ -1,0 +1,1054 @@
+"""Hub: accepts sends for client ids and gets critical messages delivered, once and in order."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import logging
+import random
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import orjson
+
+from . import protocol
+from .clock import Clock, SystemClock
+from .config import DedupMode, HubConfig, OverflowPolicy
+from .messages import (
+    BroadcastResult,
+    DeadLetter,
+    Envelope,
+    SendResult,
+    SendStatus,
+    ShutdownStats,
+)
+from .metrics import Counters, Gauges, HubMetrics
+from .resilience import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitState,
+    DedupWindow,
+    Outbox,
+    RetryPolicy,
+    content_key,
+)
+from .session import ClientSession
+from .transports.base import Transport, TransportClosed
+
+log = logging.getLogger("tether")
+
+MessageHandler = Callable[[str, Any], Awaitable[None]]
+
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+
+_OK, _FAILED, _CLOSED, _TIMEOUT = 0, 1, 2, 3
+
+
+class HubClosedError(RuntimeError):
+    """The hub is shutting down or stopped and accepts no new connections."""
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Hub:
+    """Delivers messages to clients by id, through disconnects, failures and restarts.
+
+    Critical messages (`critical=True`) wait in a per-client outbox until delivered
+    (written in plain mode, acknowledged in tether.v1), expired or dead-lettered;
+    best-effort ones are sent now or dropped with a reason. See `docs/` for the model.
+    """
+
+    def __init__(
+        self,
+        config: HubConfig | None = None,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config if config is not None else HubConfig()
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        cfg = self.config
+        self.session_id = uuid.uuid4().hex
+        self.metrics = HubMetrics(self.clock, enabled=cfg.metrics_enabled)
+        self.metrics.bind(self._gauges, self._client_extras)
+        self._counters: Counters = self.metrics.counters
+        self._retry = RetryPolicy(
+            cfg.retry_base_delay, cfg.retry_max_delay, cfg.max_retries, rng or random.Random()
+        )
+        self._breaker_policy = BreakerPolicy(
+            cfg.failure_threshold,
+            cfg.success_threshold,
+            cfg.recovery_timeout,
+            cfg.half_open_max_calls,
+        )
+        self._clients: dict[str, ClientSession] = {}
+        self._groups: dict[str, set[str]] = {}
+        self._handlers: list[MessageHandler] = []
+        self._breaker_counts = dict.fromkeys(CircuitState, 0)
+        self._not_closed: set[str] = set()  # clients whose breaker is OPEN or HALF_OPEN
+        self._active = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stray: set[asyncio.Task[Any]] = set()
+        self._started = False
+        self._closing = False
+        self._stopped = False
+        self._shutdown_stats: ShutdownStats | None = None
+        self._id_prefix = self.session_id[:10]
+        self._ids = itertools.count(1)
+        self._send_timeout = cfg.send_timeout
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the retry and cleanup loops. Idempotent; `connect`/`send` call it too."""
+        if self._started:
+            return
+        if self._closing:
+            raise HubClosedError("a hub cannot be restarted after shutdown")
+        self._started = True
+        self._tasks = [
+            asyncio.create_task(
+                self._loop(self.retry_now, self.config.retry_interval), name="tether-retry"
+            ),
+            asyncio.create_task(
+                self._loop(self.cleanup_now, self.config.cleanup_interval), name="tether-cleanup"
+            ),
+        ]
+
+    async def __aenter__(self) -> Hub:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._closing
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def _loop(self, cycle: Callable[[], Awaitable[int]], interval: float) -> None:
+        while True:
+            await self.clock.sleep(interval)
+            try:
+                await cycle()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad cycle must never kill the loop
+                log.exception("tether background cycle %s failed", cycle.__name__)
+
+    # ------------------------------------------------------------------ connections
+
+    async def connect(
+        self, client_id: str, transport: Transport, *, hello: protocol.Hello | None = None
+    ) -> protocol.Welcome | None:
+        """Attach a connection to `client_id` and deliver its outbox at once, in order.
+
+        A previous connection of the same id is replaced (and closed). With `hello`
+        (a tether.v1 connection) the hub answers with a `welcome` frame that says what
+        was resumed or lost, then re-sends every unacknowledged message after
+        `hello.last_seq`. Returns that `Welcome`, or None in plain mode.
+        """
+        if self._closing:
+            raise HubClosedError("hub is shutting down")
+        try:
+            self._check_client_id(client_id)
+            client = self._clients.get(client_id) or self._track(client_id)
+        except _Rejected as rejected:
+            raise ValueError(rejected.reason) from None
+        await self.start()
+        async with client.lock:
+            old = client.transport
+            if old is not None:
+                self._detach(client, old, failed=False)
+                self._background(self._close_quietly(old, 1000, "replaced by a new connection"))
+            client.transport = transport
+            client.v1 = hello is not None
+            client.connected_at = self.clock.wall()
+            self._active += 1
+            self._counters.connections_total += 1
+            client.stats.counters.connections_total += 1
+            if client.connections:
+                self._counters.connections_reconnections += 1
+                client.stats.counters.connections_reconnections += 1
+            client.connections += 1
+            self._touch(client)
+            welcome = None
+            if hello is not None:
+                welcome = self._resume(client, hello.last_seq)
+                if await self._transmit(client, protocol.encode(welcome)) != _OK:
+                    return welcome
+            await self._flush(client, force=True)
+        return welcome
+
+    async def disconnect(
+        self,
+        client_id: str,
+        *,
+        transport: Transport | None = None,
+        code: int = 1000,
+        reason: str = "",
+        failed: bool = False,
+    ) -> bool:
+        """Detach the client's connection; its outbox stays and critical sends now queue.
+
+        Called without `transport`, the hub closes the connection with `code`. A
+        transport adapter passes its own `transport` when the socket has closed, so a
+        late notice from a replaced connection cannot detach the new one. Returns
+        whether a connection was detached.
+        """
+        client = self._clients.get(client_id)
+        if client is None or client.transport is None:
+            return False
+        if transport is not None and client.transport is not transport:
+            return False
+        async with client.lock:
+            current = client.transport
+            if current is None or (transport is not None and current is not transport):
+                return False
+            self._detach(client, current, failed=failed)
+        if transport is None:
+            await self._close_quietly(current, code, reason)
+        return True
+
+    def is_connected(self, client_id: str) -> bool:
+        client = self._clients.get(client_id)
+        return client is not None and client.transport is not None
+
+    def _detach(self, client: ClientSession, transport: Transport, *, failed: bool) -> None:
+        """Forget the connection (lock held): unacked messages go back to the queue front."""
+        if client.transport is not transport:
+            return
+        client.transport = None
+        client.v1 = False
+        client.connected_at = None
+        client.highest_written = client.acked
+        self._active -= 1
+        client.outbox.requeue_inflight()
+        if client.drained is not None:
+            client.drained.set()
+        if failed:
+            self._counters.connections_failed += 1
+            client.stats.counters.connections_failed += 1
+        self._touch(client)
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(
+        self,
+        client_id: str,
+        payload: Any,
+        *,
+        critical: bool = False,
+        message_id: str | None = None,
+        ttl: float | None = None,
+    ) -> SendResult:
+        """Send `payload` (str, bytes or JSON-serialisable) to one client.
+
+        Critical: SENT (written now) or QUEUED (in the outbox, delivered in order when
+        possible). Best-effort: SENT or DROPPED. Also DUPLICATE (seen within the dedup
+        window) and REJECTED (unencodable or oversized payload, invalid client id, full
+        outbox under the `reject` policy, or the hub is shutting down), with a `reason`.
+        """
+        try:
+            if self._closing:
+                raise _Rejected("shutting down")
+            self._check_client_id(client_id)
+            envelope = self._prepare(payload, critical, message_id, ttl)
+            if not self._started:
+                await self.start()
+            client = self._clients.get(client_id) or self._track(client_id)
+        except _Rejected as rejected:
+            self._counters.messages_rejected += 1
+            return SendResult(
+                SendStatus.REJECTED,
+                client_id,
+                self._explicit_id(payload, message_id),
+                rejected.reason,
+            )
+        return await self._deliver(client, envelope)
+
+    async def broadcast(
+        self,
+        payload: Any,
+        *,
+        critical: bool = False,
+        group: str | None = None,
+        message_id: str | None = None,
+        ttl: float | None = None,
+        exclude: Iterable[str] = (),
+    ) -> BroadcastResult:
+        """Send one payload to every client (or every member of `group`), concurrently.
+
+        Best-effort broadcasts go to connected clients; critical ones also queue for
+        known clients that are offline. One slow client never delays the others beyond
+        `send_timeout`.
+        """
+        if group is not None:
+            ids: Iterable[str] = self._groups.get(group, ())
+        else:
+            ids = self._clients
+        skip = set(exclude)
+        targets = [
+            c
+            for cid in list(ids)
+            if cid not in skip
+            and (c := self._clients.get(cid)) is not None
+            and (critical or c.transport is not None)
+        ]
+        try:
+            if self._closing:
+                raise _Rejected("shutting down")
+            template = self._prepare(payload, critical, message_id, ttl)
+        except _Rejected as rejected:
+            self._counters.messages_rejected += len(targets)
+            return BroadcastResult(
+                self._explicit_id(payload, message_id),
+                rejected=len(targets),
+                reasons={rejected.reason: len(targets)} if targets else {},
+            )
+        if not self._started:
+            await self.start()
+        results = await asyncio.gather(
+            *(self._deliver(client, self._copy(template)) for client in targets)
+        )
+        counts = dict.fromkeys(SendStatus, 0)
+        reasons: dict[str, int] = {}
+        for result in results:
+            counts[result.status] += 1
+            if result.reason is not None:
+                reasons[result.reason] = reasons.get(result.reason, 0) + 1
+        return BroadcastResult(
+            template.message_id,
+            sent=counts[SendStatus.SENT],
+            queued=counts[SendStatus.QUEUED],
+            duplicate=counts[SendStatus.DUPLICATE],
+            dropped=counts[SendStatus.DROPPED],
+            rejected=counts[SendStatus.REJECTED],
+            reasons=reasons,
+        )
+
+    def _prepare(
+        self, payload: Any, critical: bool, message_id: str | None, ttl: float | None
+    ) -> Envelope:
+        """Encode once, check size, pick the message id and dedup key."""
+        data_json: bytes | None = None
+        enc = None
+        if isinstance(payload, str):
+            data: str | bytes = payload
+            size = (
+                len(payload)
+                if len(payload) * 4 <= self.config.max_message_size
+                else len(payload.encode("utf-8", "surrogatepass"))
+            )
+        elif isinstance(payload, bytes | bytearray | memoryview):
+            data = bytes(payload)
+            size = len(data)
+            enc = "base64"
+        else:
+            try:
+                data_json = orjson.dumps(payload)
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                raise _Rejected(f"payload is not JSON-serialisable: {exc}") from None
+            data = data_json.decode()
+            size = len(data_json)
+        if size > self.config.max_message_size:
+            raise _Rejected(
+                f"payload is {size} bytes, over max_message_size ({self.config.max_message_size})"
+            )
+        if ttl is not None and not ttl > 0:
+            raise _Rejected(f"ttl must be positive, got {ttl!r}")
+        explicit = self._explicit_id(payload, message_id)
+        if message_id is not None and not isinstance(message_id, str):
+            raise _Rejected("message_id must be a string")
+        mode = self.config.dedup_mode
+        dedup_key: str | None = None
+        if mode is DedupMode.ID and explicit:
+            dedup_key = "i:" + explicit
+        elif mode is DedupMode.CONTENT:
+            dedup_key = content_key(data_json if data_json is not None else data)
+        now = self.clock.now()
+        return Envelope(
+            message_id=explicit or f"{self._id_prefix}-{next(self._ids)}",
+            data=data,
+            data_json=data_json,
+            critical=critical,
+            created_at=now,
+            expires_at=now + (ttl if ttl is not None else self.config.message_ttl),
+            enc=enc,
+            dedup_key=dedup_key,
+        )
+
+    @staticmethod
+    def _explicit_id(payload: Any, message_id: str | None) -> str:
+        if message_id is not None:
+            return str(message_id)
+        if isinstance(payload, dict):
+            value = payload.get("id")
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                return str(value)
+        return ""
+
+    @staticmethod
+    def _copy(template: Envelope) -> Envelope:
+        return Envelope(
+            message_id=template.message_id,
+            data=template.data,
+            data_json=template.data_json,
+            critical=template.critical,
+            created_at=template.created_at,
+            expires_at=template.expires_at,
+            enc=template.enc,
+            dedup_key=template.dedup_key,
+        )
+
+    async def _deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        async with client.lock:
+            self._touch(client)
+            key = envelope.dedup_key
+            if key is not None and client.dedup is not None and client.dedup.seen(key):
+                self._count(client, "messages_deduplicated")
+                return SendResult(
+                    SendStatus.DUPLICATE,
+                    client.client_id,
+                    envelope.message_id,
+                    "duplicate within the dedup window",
+                )
+            if envelope.critical:
+                return await self._accept_critical(client, envelope)
+            return await self._send_best_effort(client, envelope)
+
+    async def _accept_critical(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        outbox = client.outbox
+        envelope.seq = client.next_seq
+        outcome = outbox.push(envelope)
+        if not outcome.accepted:
+            self._count(client, "queue_overflows")
+            limit = f"outbox full ({outbox.max_size} messages)"
+            if outbox.policy is OverflowPolicy.REJECT:
+                self._count(client, "messages_rejected")
+                return SendResult(SendStatus.REJECTED, client.client_id, envelope.message_id, limit)
+            self._count(client, "messages_dropped")
+            return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, limit)
+        client.next_seq += 1
+        for evicted in outcome.evicted:
+            self._count(client, "queue_overflows")
+            self._count(client, "messages_dropped")
+            log.warning(
+                "tether: outbox of %s full; dropped oldest message %s (seq %s)",
+                client.client_id,
+                evicted.message_id,
+                evicted.seq,
+            )
+        if envelope.dedup_key is not None and client.dedup is not None:
+            client.dedup.record(envelope.dedup_key)
+        if (
+            client.transport is not None
+            and len(outbox.queue) == 1
+            and client.breaker.allow()
+            and await self._write_head(client)
+        ):
+            return SendResult(
+                SendStatus.SENT, client.client_id, envelope.message_id, seq=envelope.seq
+            )
+        self._count(client, "messages_queued")
+        return SendResult(
+            SendStatus.QUEUED,
+            client.client_id,
+            envelope.message_id,
+            self._why_queued(client),
+            seq=envelope.seq,
+        )
+
+    def _why_queued(self, client: ClientSession) -> str:
+        if client.transport is None:
+            return "client not connected"
+        if client.breaker.state is not CircuitState.CLOSED:
+            return f"circuit {client.breaker.state.value}"
+        if len(client.outbox.queue) > 1:
+            return "behind earlier undelivered messages"
+        return "send failed; will retry"
+
+    async def _send_best_effort(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        reason: str | None = None
+        if client.transport is None:
+            reason = "client not connected"
+        elif client.outbox.queue:
+            reason = "behind undelivered critical messages"
+        elif not client.breaker.allow():
+            reason = f"circuit {client.breaker.state.value}"
+        else:
+            frame = self._frame(client, envelope)
+            outcome = await self._transmit(client, frame)
+            if outcome == _OK:
+                self._count(client, "messages_sent")
+                self._count(client, "messages_delivered")
+                self.metrics.record_latency(self.clock.now() - envelope.created_at)
+                if envelope.dedup_key is not None and client.dedup is not None:
+                    client.dedup.record(envelope.dedup_key)
+                return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
+            reason = {
+                _FAILED: "send failed",
+                _CLOSED: "connection closed",
+                _TIMEOUT: "send timeout",
+            }[outcome]
+        self._count(client, "messages_dropped")
+        return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
+
+    def _frame(self, client: ClientSession, envelope: Envelope) -> str | bytes:
+        if not client.v1:
+            return envelope.data
+        data_json = envelope.data_json
+        if data_json is None:
+            if envelope.enc == "base64":
+                assert isinstance(envelope.data, bytes)
+                data_json = orjson.dumps(base64.b64encode(envelope.data).decode("ascii"))
+            else:
+                data_json = orjson.dumps(envelope.data)
+            envelope.data_json = data_json
+        return protocol.encode_msg(
+            envelope.seq if envelope.critical else None,
+            envelope.message_id,
+            data_json,
+            enc=envelope.enc,
+        )
+
+    async def _transmit(self, client: ClientSession, frame: str | bytes) -> int:
+        """Write one frame (lock held). Failures are charged to the breaker; a closed or
+        stalled connection is detached."""
+        transport = client.transport
+        if transport is None:
+            return _CLOSED
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await transport.send(frame)
+        except TimeoutError:
+            client.breaker.record_failure()
+            self._count(client, "connections_timeouts")
+            self._count(client, "messages_failed")
+            self._detach(client, transport, failed=True)
+            self._background(self._close_quietly(transport, 1011, "send timeout"))
+            return _TIMEOUT
+        except TransportClosed:
+            client.breaker.release()
+            self._detach(client, transport, failed=False)
+            return _CLOSED
+        except Exception as exc:
+            client.breaker.record_failure()
+            self._count(client, "messages_failed")
+            log.debug("tether: send to %s failed: %r", client.client_id, exc)
+            return _FAILED
+        client.breaker.record_success()
+        return _OK
+
+    async def _write_head(self, client: ClientSession) -> bool:
+        """Write the first unwritten outbox message (lock held; breaker already allowed)."""
+        envelope = client.outbox.queue[0]
+        is_retry = envelope.attempts > 0
+        if is_retry:
+            self._count(client, "retry_attempts")
+        outcome = await self._transmit(client, self._frame(client, envelope))
+        if outcome == _OK:
+            if is_retry:
+                self._count(client, "retry_successes")
+            client.outbox.mark_written(keep=client.v1)
+            if client.v1:
+                client.highest_written = max(client.highest_written, envelope.seq or 0)
+            if not envelope.written_once:
+                envelope.written_once = True
+                self._count(client, "messages_sent")
+            if not client.v1:
+                self._delivered(client, envelope)
+            return True
+        if is_retry:
+            self._count(client, "retry_failures")
+        if outcome == _CLOSED:
+            return False
+        envelope.attempts += 1
+        if self._retry.exhausted(envelope.attempts):
+            self._dead_letter(client, client.outbox.remove_head(), "retries exhausted")
+        else:
+            envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        return False
+
+    async def _flush(self, client: ClientSession, *, force: bool) -> int:
+        """Write queued messages in order while the connection and breaker allow (lock
+        held). `force` ignores backoff (a fresh connection); order is never skipped."""
+        written = 0
+        queue = client.outbox.queue
+        now = self.clock.now()
+        while queue and client.transport is not None:
+            if not force and queue[0].next_attempt_at > now:
+                break
+            if not client.breaker.allow():
+                break
+            if not await self._write_head(client):
+                break
+            written += 1
+        return written
+
+    def _delivered(self, client: ClientSession, envelope: Envelope) -> None:
+        self._count(client, "messages_delivered")
+        self.metrics.record_latency(self.clock.now() - envelope.created_at)
+        if client.drained is not None and not client.outbox:
+            client.drained.set()
+
+    def _dead_letter(self, client: ClientSession, envelope: Envelope, reason: str) -> None:
+        self._count(client, "messages_dead_lettered")
+        if len(client.dead_letters) == client.dead_letters.maxlen:
+            log.warning(
+                "tether: dead-letter store of %s full; discarding its oldest entry",
+                client.client_id,
+            )
+        client.dead_letters.append(
+            DeadLetter(
+                client_id=client.client_id,
+                message_id=envelope.message_id,
+                seq=envelope.seq,
+                attempts=envelope.attempts,
+                reason=reason,
+                failed_at=self.clock.wall(),
+                data=envelope.data,
+            )
+        )
+        log.warning(
+            "tether: message %s to %s dead-lettered after %d attempts (%s)",
+            envelope.message_id,
+            client.client_id,
+            envelope.attempts,
+            reason,
+        )
+
+    # ------------------------------------------------------------------ tether.v1
+
+    def _resume(self, client: ClientSession, last_seq: int) -> protocol.Welcome:
+        """Work out what a reconnecting tether.v1 client gets (lock held, outbox requeued)."""
+        outbox = client.outbox
+        client.highest_written = last_seq
+        if last_seq >= client.next_seq:
+            # We hold no record of seqs the client has seen (a restart of a non-durable
+            # hub): continue numbering after its last_seq and say the state was reset.
+            for offset, envelope in enumerate(outbox, start=last_seq + 1):
+                envelope.seq = offset
+            client.next_seq = last_seq + len(outbox) + 1
+            client.acked = last_seq
+            return protocol.Welcome(
+                session=self.session_id,
+                resumed=False,
+                next_seq=client.next_seq,
+                reset=True,
+                acked=last_seq,
+            )
+        for envelope in outbox.ack(last_seq):
+            self._delivered(client, envelope)
+        floor = max(client.acked, last_seq)
+        client.acked = floor
+        ranges: list[tuple[int, int]] = []
+        expected = floor + 1
+        for envelope in outbox:
+            seq = envelope.seq or 0
+            if seq > expected:
+                ranges.append((expected, seq - 1))
+            expected = max(expected, seq + 1)
+        if expected < client.next_seq:
+            ranges.append((expected, client.next_seq - 1))
+        lost = sum(b - a + 1 for a, b in ranges)
+        return protocol.Welcome(
+            session=self.session_id,
+            resumed=lost == 0,
+            next_seq=client.next_seq,
+            lost=lost,
+            lost_ranges=tuple(ranges),
+            acked=floor,
+        )
+
+    async def ack(self, client_id: str, seq: int) -> int:
+        """A tether.v1 client acknowledged every message up to `seq`. Returns how many
+        messages that delivered. Raises `protocol.ProtocolError` for an ack beyond what
+        was written to the client."""
+        client = self._clients.get(client_id)
+        if client is None:
+            raise protocol.ProtocolError("invalid_ack", f"unknown client {client_id!r}")
+        if seq > client.highest_written:
+            raise protocol.ProtocolError(
+                "invalid_ack",
+                f"ack {seq} is beyond the highest seq sent ({client.highest_written})",
+            )
+        done = client.outbox.ack(seq)
+        if seq > client.acked:
+            client.acked = seq
+        for envelope in done:
+            self._delivered(client, envelope)
+        self._touch(client)
+        return len(done)
+
+    # ------------------------------------------------------------------ inbound and groups
+
+    def on_message(self, handler: MessageHandler) -> MessageHandler:
+        """Register `async def handler(client_id, data)` for data clients send."""
+        self._handlers.append(handler)
+        return handler
+
+    async def receive(self, client_id: str, data: Any) -> None:
+        """Hand inbound data to every `on_message` handler; a failing handler is logged
+        and never breaks the connection or the other handlers."""
+        client = self._clients.get(client_id)
+        if client is not None:
+            self._count(client, "messages_received")
+            self._touch(client)
+        else:
+            self._counters.messages_received += 1
+        for handler in self._handlers:
+            try:
+                await handler(client_id, data)
+            except Exception:
+                log.exception("tether: on_message handler %r failed for %s", handler, client_id)
+
+    def join(self, client_id: str, group: str) -> None:
+        """Add a client to a group (it is tracked from now on, connected or not)."""
+        try:
+            self._check_client_id(client_id)
+            client = self._clients.get(client_id) or self._track(client_id)
+        except _Rejected as rejected:
+            raise ValueError(rejected.reason) from None
+        client.groups.add(group)
+        self._groups.setdefault(group, set()).add(client_id)
+
+    def leave(self, client_id: str, group: str) -> None:
+        client = self._clients.get(client_id)
+        if client is not None:
+            client.groups.discard(group)
+        members = self._groups.get(group)
+        if members is not None:
+            members.discard(client_id)
+            if not members:
+                del self._groups[group]
+
+    def members(self, group: str) -> frozenset[str]:
+        return frozenset(self._groups.get(group, ()))
+
+    def groups(self, client_id: str) -> frozenset[str]:
+        client = self._clients.get(client_id)
+        return frozenset(client.groups) if client else frozenset()
+
+    # ------------------------------------------------------------------ inspection
+
+    def circuit_state(self, client_id: str) -> CircuitState:
+        """The client's breaker state; CLOSED for a client the hub does not track."""
+        client = self._clients.get(client_id)
+        return client.breaker.state if client is not None else CircuitState.CLOSED
+
+    def pending(self, client_id: str) -> int:
+        """Messages in the client's outbox: queued, and in tether.v1 also unacked."""
+        client = self._clients.get(client_id)
+        return len(client.outbox) if client is not None else 0
+
+    def dead_letters(self, client_id: str) -> list[DeadLetter]:
+        client = self._clients.get(client_id)
+        return list(client.dead_letters) if client is not None else []
+
+    def clients(self) -> list[str]:
+        return list(self._clients)
+
+    def client_info(self, client_id: str) -> dict[str, Any] | None:
+        """A JSON-safe view of one client: connection, breaker, outbox, counters."""
+        client = self._clients.get(client_id)
+        if client is None:
+            return None
+        now = self.clock.now()
+        info = self.metrics.client_dict(client_id)
+        oldest = client.outbox.oldest
+        info.update(
+            client_id=client_id,
+            connected=client.transport is not None,
+            mode=("tether.v1" if client.v1 else "plain") if client.transport else None,
+            connected_at=client.connected_at,
+            consecutive_failures=client.breaker.consecutive_failures,
+            next_seq=client.next_seq,
+            acked=client.acked,
+            groups=sorted(client.groups),
+            outbox={
+                "pending": len(client.outbox),
+                "in_flight": len(client.outbox.inflight),
+                "queued": len(client.outbox.queue),
+                "oldest_age_seconds": round(now - oldest.created_at, 3) if oldest else None,
+                "head": [e.to_dict(now) for e in itertools.islice(client.outbox, 20)],
+            },
+            dead_letters=[d.to_dict() for d in client.dead_letters],
+        )
+        return info
+
+    def _client_extras(self, client_id: str) -> dict[str, Any]:
+        client = self._clients.get(client_id)
+        if client is None:
+            return {"state": None, "pending": 0, "connected": False}
+        return {
+            "state": client.breaker.state.value,
+            "pending": len(client.outbox),
+            "connected": client.transport is not None,
+            "dead_letters": len(client.dead_letters),
+        }
+
+    def _gauges(self) -> Gauges:
+        for cid in list(self._not_closed):  # let lazily-due OPEN → HALF_OPEN moves happen
+            client = self._clients.get(cid)
+            if client is not None:
+                _ = client.breaker.state
+        now = self.clock.now()
+        pending = 0
+        oldest_created: float | None = None
+        dead = 0
+        for client in self._clients.values():
+            size = len(client.outbox)
+            if size:
+                pending += size
+                head = client.outbox.oldest
+                if head is not None and (
+                    oldest_created is None or head.created_at < oldest_created
+                ):
+                    oldest_created = head.created_at
+            dead += len(client.dead_letters)
+        counts = self._breaker_counts
+        return Gauges(
+            connections_active=self._active,
+            queue_current_size=pending,
+            queue_max_size=self.config.max_queue_size,
+            circuit_closed=counts[CircuitState.CLOSED],
+            circuit_open=counts[CircuitState.OPEN],
+            circuit_half_open=counts[CircuitState.HALF_OPEN],
+            tracked_clients=len(self._clients),
+            dead_letters=dead,
+            oldest_pending_age=now - oldest_created if oldest_created is not None else 0.0,
+        )
+
+    # ------------------------------------------------------------------ housekeeping
+
+    async def retry_now(self) -> int:
+        """Run one retry cycle now: expire old messages, then deliver due ones for
+        connected clients whose breaker allows. Returns how many were written."""
+        now = self.clock.now()
+        written = 0
+        for client in list(self._clients.values()):
+            if not client.outbox:
+                continue
+            async with client.lock:
+                self._expire(client, now)
+                if client.transport is not None and client.outbox.queue:
+                    written += await self._flush(client, force=False)
+        return written
+
+    def _expire(self, client: ClientSession, now: float) -> None:
+        for envelope in client.outbox.expire(now):
+            self._count(client, "messages_expired")
+            log.info(
+                "tether: message %s to %s expired undelivered (seq %s)",
+                envelope.message_id,
+                client.client_id,
+                envelope.seq,
+            )
+        if client.drained is not None and not client.outbox:
+            client.drained.set()
+
+    async def cleanup_now(self) -> int:
+        """Evict clients with no connection, nothing pending and no activity for
+        `client_ttl`: their state and metrics. Returns how many were evicted."""
+        deadline = self.clock.now() - self.config.client_ttl
+        stale = [
+            cid
+            for cid, c in self._clients.items()
+            if c.transport is None
+            and not c.outbox
+            and c.last_seen <= deadline
+            and not c.lock.locked()
+        ]
+        for cid in stale:
+            self._evict(cid)
+        return len(stale)
+
+    def _evict(self, client_id: str) -> None:
+        client = self._clients.pop(client_id)
+        self._breaker_counts[client.breaker.state] -= 1
+        self._not_closed.discard(client_id)
+        for group in client.groups:
+            members = self._groups.get(group)
+            if members is not None:
+                members.discard(client_id)
+                if not members:
+                    del self._groups[group]
+        self.metrics.forget(client_id)
+
+    def _track(self, client_id: str) -> ClientSession:
+        if len(self._clients) >= self.config.max_clients:
+            raise _Rejected(f"too many clients tracked (max_clients={self.config.max_clients})")
+        cfg = self.config
+        breaker = CircuitBreaker(
+            self._breaker_policy,
+            self.clock,
+            lambda old, new: self._on_transition(client_id, old, new),
+        )
+        dedup = None
+        if cfg.dedup_mode is not DedupMode.OFF:
+            dedup = DedupWindow(cfg.dedup_window, cfg.dedup_max_entries, self.clock)
+        client = ClientSession(
+            client_id,
+            outbox=Outbox(cfg.max_queue_size, cfg.overflow_policy),
+            breaker=breaker,
+            dedup=dedup,
+            stats=self.metrics.client(client_id),
+            dead_letter_max=cfg.dead_letter_max_size,
+            now=self.clock.now(),
+        )
+        client.stats.last_activity = self.clock.wall()
+        self._clients[client_id] = client
+        self._breaker_counts[CircuitState.CLOSED] += 1
+        return client
+
+    def _on_transition(self, client_id: str, old: CircuitState, new: CircuitState) -> None:
+        self._breaker_counts[old] -= 1
+        self._breaker_counts[new] += 1
+        if new is CircuitState.CLOSED:
+            self._not_closed.discard(client_id)
+        else:
+            self._not_closed.add(client_id)
+        name = {
+            CircuitState.OPEN: "circuit_breaker_opens",
+            CircuitState.HALF_OPEN: "circuit_breaker_half_opens",
+            CircuitState.CLOSED: "circuit_breaker_closes",
+        }[new]
+        self._counters.__setattr__(name, getattr(self._counters, name) + 1)
+        stats = self.metrics.clients.get(client_id)
+        if stats is not None:
+            setattr(stats.counters, name, getattr(stats.counters, name) + 1)
+        log.info("tether: circuit of %s %s -> %s", client_id, old.value, new.value)
+
+    def _count(self, client: ClientSession, name: str) -> None:
+        setattr(self._counters, name, getattr(self._counters, name) + 1)
+        if self.metrics.enabled:
+            counters = client.stats.counters
+            setattr(counters, name, getattr(counters, name) + 1)
+
+    def _touch(self, client: ClientSession) -> None:
+        client.last_seen = self.clock.now()
+        if self.metrics.enabled:
+            client.stats.last_activity = self.clock.wall()
+
+    @staticmethod
+    def _check_client_id(client_id: str) -> None:
+        if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.match(client_id):
+            raise _Rejected(
+                f"invalid client id {client_id!r}: 1-128 characters of A-Z a-z 0-9 . _ : @ -"
+            )
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def shutdown(
+        self,
+        *,
+        flush: bool = True,
+        close_connections: bool = True,
+        timeout: float | None = None,
+    ) -> ShutdownStats:
+        """Stop gracefully and account for every pending message.
+
+        New sends are REJECTED ("shutting down") from the first moment. Connected
+        clients' outboxes are flushed (in tether.v1: until acknowledged) within
+        `timeout` (default `shutdown_timeout`); connections are closed with 1001;
+        the background loops stop. Each message pending at the start is reported as
+        flushed, persisted (durable backends) or dropped — never silently lost.
+        """
+        if self._shutdown_stats is not None:
+            return self._shutdown_stats
+        self._closing = True
+        started = self.clock.now()
+        budget = self.config.shutdown_timeout if timeout is None else timeout
+        pending_at_start = sum(len(c.outbox) for c in self._clients.values())
+        delivered_before = self._counters.messages_delivered
+        if flush and pending_at_start:
+            connected = [c for c in self._clients.values() if c.transport is not None and c.outbox]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(budget):
+                    await asyncio.gather(*(self._drain(c) for c in connected))
+        flushed = self._counters.messages_delivered - delivered_before
+        remaining = sum(len(c.outbox) for c in self._clients.values())
+        dropped = pending_at_start - flushed
+        if remaining:
+            log.warning(
+                "tether: shutdown leaves %d undelivered message(s) that a memory backend "
+                "cannot keep; they are counted as pending_messages_dropped",
+                remaining,
+            )
+        closed = 0
+        if close_connections:
+            transports = []
+            for client in self._clients.values():
+                if client.transport is not None:
+                    transport = client.transport
+                    self._detach(client, transport, failed=False)
+                    transports.append(transport)
+            await asyncio.gather(
+                *(self._close_quietly(t, 1001, "server shutting down") for t in transports)
+            )
+            closed = len(transports)
+        stopped = 0
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+                stopped += 1
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for task in list(self._stray):
+            task.cancel()
+        await asyncio.gather(*self._stray, return_exceptions=True)
+        cleaned = len(self.metrics.clients)
+        if close_connections:
+            for client in self._clients.values():
+                client.outbox.drain()
+            self._clients.clear()
+            self._groups.clear()
+            self.metrics.clients.clear()
+        self._stopped = True
+        self._shutdown_stats = ShutdownStats(
+            pending_messages_flushed=flushed,
+            pending_messages_dropped=dropped,
+            pending_messages_persisted=0,
+            connections_closed=closed,
+            background_tasks_stopped=stopped,
+            metrics_cleaned=cleaned,
+            duration_seconds=round(self.clock.now() - started, 6),
+        )
+        log.info("tether: shutdown complete %s", self._shutdown_stats.to_dict())
+        return self._shutdown_stats
+
+    async def _drain(self, client: ClientSession) -> None:
+        """Deliver everything the client has pending (in tether.v1: until acked)."""
+        client.drained = asyncio.Event()
+        async with client.lock:
+            if client.transport is not None and client.outbox.queue:
+                await self._flush(client, force=True)
+        if client.v1 and client.outbox and client.transport is not None:
+            await client.drained.wait()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _background(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._stray.add(task)
+        task.add_done_callback(self._stray.discard)
+
+    @staticmethod
+    async def _close_quietly(transport: Transport, code: int, reason: str) -> None:
+        try:
+            await transport.close(code, reason)
+        except Exception as exc:  # the peer may already be gone
+            log.debug("tether: close(%s) failed: %r", code, exc)

@@ -1,0 +1,76 @@
+"""Everything a hub keeps about one client id: connection, outbox, breaker, dedup, seq counters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .messages import DeadLetter
+from .metrics import ClientStats
+from .resilience import CircuitBreaker, DedupWindow, Outbox
+
+if TYPE_CHECKING:
+    from .transports.base import Transport
+
+
+class ClientSession:
+    """The per-client state of a hub. Internal: the hub is its only writer.
+
+    `lock` serialises everything that writes to the connection or reorders the outbox,
+    so concurrent sends to one client keep their order; different clients never share
+    a lock, so a slow client never slows the others.
+    """
+
+    __slots__ = (
+        "acked",
+        "breaker",
+        "client_id",
+        "connected_at",
+        "connections",
+        "dead_letters",
+        "dedup",
+        "drained",
+        "groups",
+        "highest_written",
+        "last_seen",
+        "lock",
+        "next_seq",
+        "outbox",
+        "stats",
+        "transport",
+        "v1",
+    )
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        outbox: Outbox,
+        breaker: CircuitBreaker,
+        dedup: DedupWindow | None,
+        stats: ClientStats,
+        dead_letter_max: int,
+        now: float,
+    ) -> None:
+        self.client_id = client_id
+        self.outbox = outbox
+        self.breaker = breaker
+        self.dedup = dedup
+        self.stats = stats
+        self.dead_letters: deque[DeadLetter] = deque(maxlen=dead_letter_max)
+        self.lock = asyncio.Lock()
+        self.transport: Transport | None = None
+        self.v1 = False
+        self.next_seq = 1
+        self.acked = 0
+        self.highest_written = 0
+        self.connections = 0
+        self.connected_at: float | None = None
+        self.last_seen = now
+        self.groups: set[str] = set()
+        self.drained: asyncio.Event | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None
