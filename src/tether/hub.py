@@ -16,8 +16,16 @@ from typing import Any
 import orjson
 
 from . import protocol
+from .backends import (
+    Backend,
+    BackendError,
+    BackendEvents,
+    MemoryBackend,
+    Refused,
+    create_backend,
+)
 from .clock import Clock, SystemClock
-from .config import DedupMode, HubConfig, OverflowPolicy
+from .config import BackendKind, DedupMode, HubConfig, OverflowPolicy
 from .messages import (
     BroadcastResult,
     DeadLetter,
@@ -72,6 +80,7 @@ class Hub:
         *,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.config = config if config is not None else HubConfig()
         self.clock: Clock = clock if clock is not None else SystemClock()
@@ -104,6 +113,23 @@ class Hub:
         self._id_prefix = self.session_id[:10]
         self._ids = itertools.count(1)
         self._send_timeout = cfg.send_timeout
+        self._backend: Backend = backend if backend is not None else self._default_backend()
+
+    def _default_backend(self) -> Backend:
+        cfg = self.config
+        if cfg.backend is BackendKind.MEMORY:
+            return MemoryBackend()
+        return create_backend(
+            cfg.backend.value,
+            url=cfg.redis_url,
+            prefix=cfg.redis_prefix,
+            node_id=cfg.node_id,
+            config=cfg,
+        )
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -114,6 +140,14 @@ class Hub:
         if self._closing:
             raise HubClosedError("a hub cannot be restarted after shutdown")
         self._started = True
+        await self._backend.start(
+            BackendEvents(
+                new_messages=self._on_new_messages,
+                forwarded=self._on_forwarded,
+                broadcast=self._on_broadcast,
+                kicked=self._on_kicked,
+            )
+        )
         self._tasks = [
             asyncio.create_task(
                 self._loop(self.retry_now, self.config.retry_interval), name="tether-retry"
@@ -184,6 +218,7 @@ class Hub:
                 client.stats.counters.connections_reconnections += 1
             client.connections += 1
             self._touch(client)
+            await self._load_stored(client)
             welcome = None
             if hello is not None:
                 welcome = self._resume(client, hello.last_seq)
@@ -191,6 +226,29 @@ class Hub:
                     return welcome
             await self._flush(client, force=True)
         return welcome
+
+    async def _load_stored(self, client: ClientSession) -> None:
+        """With a shared backend the stored stream is the record: adopt it (lock held)."""
+        backend = self._backend
+        if not backend.shared:
+            return
+        try:
+            await backend.claim(client.client_id)
+            stored = await backend.load(client)
+        except BackendError as exc:
+            log.warning(
+                "tether: backend unavailable while connecting %s: %s", client.client_id, exc
+            )
+            return
+        if stored is None:
+            return
+        client.outbox.drain()
+        for envelope in stored.envelopes:
+            client.outbox.push(envelope)
+        client.next_seq = max(client.next_seq, stored.next_seq)
+        client.acked = max(client.acked, stored.acked)
+        for _ in stored.expired:
+            self._count(client, "messages_expired")
 
     async def disconnect(
         self,
@@ -222,6 +280,14 @@ class Hub:
             await self._close_quietly(current, code, reason)
         return True
 
+    async def _release(self, client_id: str) -> None:
+        if self.is_connected(client_id):  # reconnected meanwhile: presence is ours again
+            return
+        try:
+            await self._backend.release(client_id)
+        except BackendError as exc:
+            log.debug("tether: presence release of %s failed: %s", client_id, exc)
+
     def is_connected(self, client_id: str) -> bool:
         client = self._clients.get(client_id)
         return client is not None and client.transport is not None
@@ -236,6 +302,8 @@ class Hub:
         client.highest_written = client.acked
         self._active -= 1
         client.outbox.requeue_inflight()
+        if self._backend.shared:
+            self._background(self._release(client.client_id))
         if client.drained is not None:
             client.drained.set()
         if failed:
@@ -299,6 +367,18 @@ class Hub:
             ids: Iterable[str] = self._groups.get(group, ())
         else:
             ids = self._clients
+        if critical and self._backend.shared and not self._closing:
+            try:  # critical: every client the cluster knows, wherever it is connected
+                cluster = await self._backend.members(group)
+            except BackendError as exc:
+                log.warning("tether: cluster membership unavailable: %s", exc)
+                cluster = None
+            if cluster:
+                for cid in cluster:
+                    if cid not in self._clients and CLIENT_ID_PATTERN.match(cid):
+                        with contextlib.suppress(_Rejected):
+                            self._track(cid)
+                ids = set(ids) | cluster
         skip = set(exclude)
         targets = [
             c
@@ -323,6 +403,11 @@ class Hub:
         results = await asyncio.gather(
             *(self._deliver(client, self._copy(template)) for client in targets)
         )
+        if not critical and self._backend.shared:
+            try:
+                await self._backend.publish_broadcast(template, group)
+            except BackendError as exc:
+                log.warning("tether: broadcast not published to the cluster: %s", exc)
         counts = dict.fromkeys(SendStatus, 0)
         reasons: dict[str, int] = {}
         for result in results:
@@ -416,24 +501,39 @@ class Hub:
     async def _deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
         async with client.lock:
             self._touch(client)
-            key = envelope.dedup_key
-            if key is not None and client.dedup is not None and client.dedup.seen(key):
-                self._count(client, "messages_deduplicated")
-                return SendResult(
-                    SendStatus.DUPLICATE,
-                    client.client_id,
-                    envelope.message_id,
-                    "duplicate within the dedup window",
-                )
             if envelope.critical:
                 return await self._accept_critical(client, envelope)
+            key = envelope.dedup_key
+            if key is not None and await self._backend.seen(client, key):
+                return self._duplicate(client, envelope)
             return await self._send_best_effort(client, envelope)
+
+    def _duplicate(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        self._count(client, "messages_deduplicated")
+        return SendResult(
+            SendStatus.DUPLICATE,
+            client.client_id,
+            envelope.message_id,
+            "duplicate within the dedup window",
+        )
 
     async def _accept_critical(self, client: ClientSession, envelope: Envelope) -> SendResult:
         outbox = client.outbox
-        envelope.seq = client.next_seq
-        outcome = outbox.push(envelope)
-        if not outcome.accepted:
+        backend = self._backend
+        local = client.transport is not None or not backend.shared
+        try:
+            stored = await backend.append(client, envelope, local=local)
+        except BackendError as exc:
+            self._count(client, "messages_rejected")
+            return SendResult(
+                SendStatus.REJECTED,
+                client.client_id,
+                envelope.message_id,
+                f"backend unavailable: {exc}",
+            )
+        if stored is Refused.DUPLICATE:
+            return self._duplicate(client, envelope)
+        if stored is Refused.FULL:
             self._count(client, "queue_overflows")
             limit = f"outbox full ({outbox.max_size} messages)"
             if outbox.policy is OverflowPolicy.REJECT:
@@ -441,8 +541,7 @@ class Hub:
                 return SendResult(SendStatus.REJECTED, client.client_id, envelope.message_id, limit)
             self._count(client, "messages_dropped")
             return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, limit)
-        client.next_seq += 1
-        for evicted in outcome.evicted:
+        for evicted in stored.evicted:
             self._count(client, "queue_overflows")
             self._count(client, "messages_dropped")
             log.warning(
@@ -451,8 +550,8 @@ class Hub:
                 evicted.message_id,
                 evicted.seq,
             )
-        if envelope.dedup_key is not None and client.dedup is not None:
-            client.dedup.record(envelope.dedup_key)
+        if not local:
+            return await self._queued_elsewhere(client, envelope)
         if (
             client.transport is not None
             and len(outbox.queue) == 1
@@ -471,6 +570,22 @@ class Hub:
             seq=envelope.seq,
         )
 
+    async def _queued_elsewhere(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """Stored in the shared backend for a client not connected to this node: ring
+        the node that holds its connection, if any."""
+        self._count(client, "messages_queued")
+        reason = "client not connected"
+        try:
+            node = await self._backend.owner(client.client_id)
+            if node is not None and node != self._backend.node_id:
+                await self._backend.notify(node, client.client_id)
+                reason = f"delivered by node {node}"
+        except BackendError as exc:
+            log.warning("tether: could not notify the owner of %s: %s", client.client_id, exc)
+        return SendResult(
+            SendStatus.QUEUED, client.client_id, envelope.message_id, reason, seq=envelope.seq
+        )
+
     def _why_queued(self, client: ClientSession) -> str:
         if client.transport is None:
             return "client not connected"
@@ -482,6 +597,8 @@ class Hub:
 
     async def _send_best_effort(self, client: ClientSession, envelope: Envelope) -> SendResult:
         reason: str | None = None
+        if client.transport is None and self._backend.shared:
+            return await self._forward(client, envelope)
         if client.transport is None:
             reason = "client not connected"
         elif client.outbox.queue:
@@ -495,14 +612,30 @@ class Hub:
                 self._count(client, "messages_sent")
                 self._count(client, "messages_delivered")
                 self.metrics.record_latency(self.clock.now() - envelope.created_at)
-                if envelope.dedup_key is not None and client.dedup is not None:
-                    client.dedup.record(envelope.dedup_key)
+                if envelope.dedup_key is not None:
+                    await self._backend.remember(client, envelope.dedup_key)
                 return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
             reason = {
                 _FAILED: "send failed",
                 _CLOSED: "connection closed",
                 _TIMEOUT: "send timeout",
             }[outcome]
+        self._count(client, "messages_dropped")
+        return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
+
+    async def _forward(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """Best-effort message for a client that may be connected to another node."""
+        try:
+            node = await self._backend.owner(client.client_id)
+            if node is not None and node != self._backend.node_id:
+                await self._backend.forward(node, client.client_id, envelope)
+                self._count(client, "messages_sent")
+                return SendResult(
+                    SendStatus.SENT, client.client_id, envelope.message_id, f"forwarded to {node}"
+                )
+            reason = "client not connected"
+        except BackendError as exc:
+            reason = f"backend unavailable: {exc}"
         self._count(client, "messages_dropped")
         return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
 
@@ -577,7 +710,7 @@ class Hub:
             return False
         envelope.attempts += 1
         if self._retry.exhausted(envelope.attempts):
-            self._dead_letter(client, client.outbox.remove_head(), "retries exhausted")
+            await self._dead_letter(client, client.outbox.remove_head(), "retries exhausted")
         else:
             envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
         return False
@@ -604,24 +737,28 @@ class Hub:
         if client.drained is not None and not client.outbox:
             client.drained.set()
 
-    def _dead_letter(self, client: ClientSession, envelope: Envelope, reason: str) -> None:
+    async def _dead_letter(self, client: ClientSession, envelope: Envelope, reason: str) -> None:
         self._count(client, "messages_dead_lettered")
         if len(client.dead_letters) == client.dead_letters.maxlen:
             log.warning(
                 "tether: dead-letter store of %s full; discarding its oldest entry",
                 client.client_id,
             )
-        client.dead_letters.append(
-            DeadLetter(
-                client_id=client.client_id,
-                message_id=envelope.message_id,
-                seq=envelope.seq,
-                attempts=envelope.attempts,
-                reason=reason,
-                failed_at=self.clock.wall(),
-                data=envelope.data,
-            )
+        letter = DeadLetter(
+            client_id=client.client_id,
+            message_id=envelope.message_id,
+            seq=envelope.seq,
+            attempts=envelope.attempts,
+            reason=reason,
+            failed_at=self.clock.wall(),
+            data=envelope.data,
         )
+        client.dead_letters.append(letter)
+        try:
+            await self._backend.dead_letter(client, letter)
+            await self._backend.discard(client, [envelope])
+        except BackendError as exc:
+            log.warning("tether: could not record dead letter for %s: %s", client.client_id, exc)
         log.warning(
             "tether: message %s to %s dead-lettered after %d attempts (%s)",
             envelope.message_id,
@@ -691,7 +828,60 @@ class Hub:
         for envelope in done:
             self._delivered(client, envelope)
         self._touch(client)
+        if done:
+            try:
+                await self._backend.ack(client, seq)
+            except BackendError as exc:  # re-sent on resume; the client drops the duplicate
+                log.warning("tether: could not record ack %d of %s: %s", seq, client.client_id, exc)
         return len(done)
+
+    # ------------------------------------------------------------------ cluster events
+
+    async def _on_new_messages(self, client_id: str) -> None:
+        """Another node stored critical messages for a client connected here."""
+        client = self._clients.get(client_id)
+        if client is None or client.transport is None:
+            return
+        async with client.lock:
+            known = client.next_seq - 1
+            try:
+                stored = await self._backend.load(client, after=known)
+            except BackendError as exc:
+                log.warning("tether: could not load new messages for %s: %s", client_id, exc)
+                return
+            if stored is None:
+                return
+            for envelope in stored.envelopes:
+                if (envelope.seq or 0) > known:
+                    client.outbox.push(envelope)
+            client.next_seq = max(client.next_seq, stored.next_seq)
+            await self._flush(client, force=False)
+
+    async def _on_forwarded(self, client_id: str, envelope: Envelope) -> None:
+        """Another node forwarded a best-effort message for a client connected here."""
+        client = self._clients.get(client_id)
+        if client is None or client.transport is None:
+            return
+        async with client.lock:
+            await self._send_best_effort(client, envelope)
+
+    async def _on_broadcast(self, envelope: Envelope, group: str | None, origin: str) -> None:
+        """A best-effort broadcast published by another node: deliver to our clients."""
+        if origin == self._backend.node_id:
+            return
+        members = await self._backend.members(group) if group is not None else None
+        targets = [
+            c
+            for c in list(self._clients.values())
+            if c.transport is not None and (members is None or c.client_id in members)
+        ]
+        await asyncio.gather(*(self._deliver(c, self._copy(envelope)) for c in targets))
+
+    async def _on_kicked(self, client_id: str, node: str) -> None:
+        """The client connected to another node: close our stale connection to it."""
+        client = self._clients.get(client_id)
+        if client is not None and client.transport is not None:
+            await self.disconnect(client_id, code=1000, reason=f"moved to node {node}")
 
     # ------------------------------------------------------------------ inbound and groups
 
@@ -724,6 +914,8 @@ class Hub:
             raise ValueError(rejected.reason) from None
         client.groups.add(group)
         self._groups.setdefault(group, set()).add(client_id)
+        if self._backend.shared:
+            self._background(self._backend.join(client_id, group))
 
     def leave(self, client_id: str, group: str) -> None:
         client = self._clients.get(client_id)
@@ -734,6 +926,8 @@ class Hub:
             members.discard(client_id)
             if not members:
                 del self._groups[group]
+        if self._backend.shared:
+            self._background(self._backend.leave(client_id, group))
 
     def members(self, group: str) -> frozenset[str]:
         return frozenset(self._groups.get(group, ()))
@@ -830,6 +1024,7 @@ class Hub:
             tracked_clients=len(self._clients),
             dead_letters=dead,
             oldest_pending_age=now - oldest_created if oldest_created is not None else 0.0,
+            backend_errors=self._backend.errors,
         )
 
     # ------------------------------------------------------------------ housekeeping
@@ -843,13 +1038,14 @@ class Hub:
             if not client.outbox:
                 continue
             async with client.lock:
-                self._expire(client, now)
+                await self._expire(client, now)
                 if client.transport is not None and client.outbox.queue:
                     written += await self._flush(client, force=False)
         return written
 
-    def _expire(self, client: ClientSession, now: float) -> None:
-        for envelope in client.outbox.expire(now):
+    async def _expire(self, client: ClientSession, now: float) -> None:
+        expired = client.outbox.expire(now)
+        for envelope in expired:
             self._count(client, "messages_expired")
             log.info(
                 "tether: message %s to %s expired undelivered (seq %s)",
@@ -859,6 +1055,11 @@ class Hub:
             )
         if client.drained is not None and not client.outbox:
             client.drained.set()
+        if expired:
+            try:
+                await self._backend.discard(client, expired)
+            except BackendError as exc:
+                log.warning("tether: could not discard expired messages: %s", exc)
 
     async def cleanup_now(self) -> int:
         """Evict clients with no connection, nothing pending and no activity for
@@ -981,12 +1182,14 @@ class Hub:
                     await asyncio.gather(*(self._drain(c) for c in connected))
         flushed = self._counters.messages_delivered - delivered_before
         remaining = sum(len(c.outbox) for c in self._clients.values())
-        dropped = pending_at_start - flushed
-        if remaining:
+        persisted = remaining if self._backend.durable and self._backend.healthy else 0
+        dropped = pending_at_start - flushed - persisted
+        if dropped:
             log.warning(
-                "tether: shutdown leaves %d undelivered message(s) that a memory backend "
+                "tether: shutdown leaves %d undelivered message(s) that the %s backend "
                 "cannot keep; they are counted as pending_messages_dropped",
-                remaining,
+                dropped,
+                self._backend.name,
             )
         closed = 0
         if close_connections:
@@ -1010,6 +1213,10 @@ class Hub:
         for task in list(self._stray):
             task.cancel()
         await asyncio.gather(*self._stray, return_exceptions=True)
+        try:
+            await self._backend.close()
+        except Exception as exc:
+            log.warning("tether: closing the %s backend failed: %r", self._backend.name, exc)
         cleaned = len(self.metrics.clients)
         if close_connections:
             for client in self._clients.values():
@@ -1021,7 +1228,7 @@ class Hub:
         self._shutdown_stats = ShutdownStats(
             pending_messages_flushed=flushed,
             pending_messages_dropped=dropped,
-            pending_messages_persisted=0,
+            pending_messages_persisted=persisted,
             connections_closed=closed,
             background_tasks_stopped=stopped,
             metrics_cleaned=cleaned,

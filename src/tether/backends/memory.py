@@ -1,0 +1,101 @@
+"""The in-memory backend: the hub's own sessions are the store; nothing survives a restart."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..messages import DeadLetter, Envelope
+from .base import Accepted, BackendEvents, Refused, StoredOutbox
+
+if TYPE_CHECKING:
+    from ..session import ClientSession
+
+
+class MemoryBackend:
+    """The default backend for one process: fast, simple, not durable."""
+
+    name = "memory"
+    durable = False
+    shared = False
+    node_id = "local"
+
+    def __init__(self) -> None:
+        self.errors = 0
+
+    async def start(self, events: BackendEvents) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def append(
+        self, session: ClientSession, envelope: Envelope, *, local: bool
+    ) -> Accepted | Refused:
+        key = envelope.dedup_key
+        if key is not None and session.dedup is not None and session.dedup.seen(key):
+            return Refused.DUPLICATE
+        envelope.seq = session.next_seq
+        outcome = session.outbox.push(envelope)
+        if not outcome.accepted:
+            envelope.seq = None
+            return Refused.FULL
+        session.next_seq += 1
+        if key is not None and session.dedup is not None:
+            session.dedup.record(key)
+        return Accepted(envelope.seq, tuple(outcome.evicted))
+
+    async def ack(self, session: ClientSession, seq: int) -> None:
+        return None
+
+    async def discard(self, session: ClientSession, envelopes: list[Envelope]) -> None:
+        return None
+
+    async def dead_letter(self, session: ClientSession, letter: DeadLetter) -> None:
+        return None
+
+    async def load(self, session: ClientSession, *, after: int = 0) -> StoredOutbox | None:
+        return None
+
+    async def pending_count(self, client_id: str) -> int | None:
+        return None
+
+    async def seen(self, session: ClientSession, key: str) -> bool:
+        return session.dedup is not None and session.dedup.seen(key)
+
+    async def remember(self, session: ClientSession, key: str) -> None:
+        if session.dedup is not None:
+            session.dedup.record(key)
+
+    async def claim(self, client_id: str) -> None:
+        return None
+
+    async def release(self, client_id: str) -> None:
+        return None
+
+    async def owner(self, client_id: str) -> str | None:
+        return None
+
+    async def notify(self, node: str, client_id: str) -> None:
+        return None
+
+    async def forward(self, node: str, client_id: str, envelope: Envelope) -> None:
+        return None
+
+    async def publish_broadcast(self, envelope: Envelope, group: str | None) -> None:
+        return None
+
+    async def join(self, client_id: str, group: str) -> None:
+        return None
+
+    async def leave(self, client_id: str, group: str) -> None:
+        return None
+
+    async def members(self, group: str | None) -> set[str] | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "durable": False, "shared": False}
