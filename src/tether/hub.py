@@ -10,7 +10,7 @@ import logging
 import random
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -125,6 +125,7 @@ class Hub:
             prefix=cfg.redis_prefix,
             node_id=cfg.node_id,
             config=cfg,
+            clock=self.clock,  # to turn hub-clock deadlines into wall-clock ones and back
         )
 
     @property
@@ -163,6 +164,13 @@ class Hub:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.shutdown()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """An ASGI lifespan: `FastAPI(lifespan=hub.lifespan)` starts the hub with the
+        app and shuts it down gracefully with it."""
+        async with self:
+            yield
 
     @property
     def running(self) -> bool:
@@ -222,6 +230,8 @@ class Hub:
             welcome = None
             if hello is not None:
                 welcome = self._resume(client, hello.last_seq)
+                if self._backend.durable and hello.last_seq and not welcome.reset:
+                    await self._ack_stored(client, client.acked)  # what the client already has
                 if await self._transmit(client, protocol.encode(welcome)) != _OK:
                     return welcome
             await self._flush(client, force=True)
@@ -247,6 +257,7 @@ class Hub:
             client.outbox.push(envelope)
         client.next_seq = max(client.next_seq, stored.next_seq)
         client.acked = max(client.acked, stored.acked)
+        client.stream_known = True
         for _ in stored.expired:
             self._count(client, "messages_expired")
 
@@ -692,6 +703,9 @@ class Hub:
         if is_retry:
             self._count(client, "retry_attempts")
         outcome = await self._transmit(client, self._frame(client, envelope))
+        queue = client.outbox.queue
+        if outcome == _OK and not (queue and queue[0] is envelope):
+            outcome = _CLOSED  # detached while writing: the message went back to the queue
         if outcome == _OK:
             if is_retry:
                 self._count(client, "retry_successes")
@@ -703,6 +717,8 @@ class Hub:
                 self._count(client, "messages_sent")
             if not client.v1:
                 self._delivered(client, envelope)
+                if self._backend.durable:  # written = delivered in plain mode: trim the store
+                    await self._ack_stored(client, envelope.seq or 0)
             return True
         if is_retry:
             self._count(client, "retry_failures")
@@ -730,6 +746,15 @@ class Hub:
                 break
             written += 1
         return written
+
+    async def _ack_stored(self, client: ClientSession, seq: int) -> None:
+        """Tell a durable backend that everything up to `seq` was delivered."""
+        try:
+            await self._backend.ack(client, seq)
+        except BackendError as exc:  # re-sent after a reconnect; counted by the backend
+            log.warning(
+                "tether: could not record delivery %d of %s: %s", seq, client.client_id, exc
+            )
 
     def _delivered(self, client: ClientSession, envelope: Envelope) -> None:
         self._count(client, "messages_delivered")
@@ -773,7 +798,9 @@ class Hub:
         """Work out what a reconnecting tether.v1 client gets (lock held, outbox requeued)."""
         outbox = client.outbox
         client.highest_written = last_seq
-        if last_seq >= client.next_seq:
+        known = client.stream_known
+        client.stream_known = True
+        if last_seq >= client.next_seq or (last_seq > 0 and not known):
             # We hold no record of seqs the client has seen (a restart of a non-durable
             # hub): continue numbering after its last_seq and say the state was reset.
             for offset, envelope in enumerate(outbox, start=last_seq + 1):
@@ -880,8 +907,13 @@ class Hub:
     async def _on_kicked(self, client_id: str, node: str) -> None:
         """The client connected to another node: close our stale connection to it."""
         client = self._clients.get(client_id)
-        if client is not None and client.transport is not None:
+        if client is None:
+            return
+        if client.transport is not None:
             await self.disconnect(client_id, code=1000, reason=f"moved to node {node}")
+        async with client.lock:
+            if client.transport is None:  # our copy of its outbox is stale: Redis is the record
+                client.outbox.drain()
 
     # ------------------------------------------------------------------ inbound and groups
 

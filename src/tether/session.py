@@ -38,6 +38,7 @@ class ClientSession:
         "next_seq",
         "outbox",
         "stats",
+        "stream_known",
         "transport",
         "v1",
     )
@@ -64,6 +65,9 @@ class ClientSession:
         self.v1 = False
         self.next_seq = 1
         self.acked = 0
+        # Whether a tether.v1 client (or a durable backend) has seen this numbering: until
+        # then, a hello with last_seq > 0 speaks of a stream from before our restart.
+        self.stream_known = False
         self.highest_written = 0
         self.connections = 0
         self.connected_at: float | None = None
