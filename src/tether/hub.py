@@ -226,7 +226,12 @@ class Hub:
                 client.stats.counters.connections_reconnections += 1
             client.connections += 1
             self._touch(client)
-            await self._load_stored(client)
+            problem = await self._load_stored(client)
+            if problem is not None and hello is not None:
+                # Without the stored stream a resume would be guessed (and reported as a
+                # reset): send the client away to retry, here or on another node.
+                self._detach(client, transport, failed=True)
+                raise ValueError(f"backend unavailable: {problem}")
             welcome = None
             if hello is not None:
                 welcome = self._resume(client, hello.last_seq)
@@ -237,11 +242,12 @@ class Hub:
             await self._flush(client, force=True)
         return welcome
 
-    async def _load_stored(self, client: ClientSession) -> None:
-        """With a shared backend the stored stream is the record: adopt it (lock held)."""
+    async def _load_stored(self, client: ClientSession) -> str | None:
+        """With a shared backend the stored stream is the record: adopt it (lock held).
+        Returns why it could not be loaded, if it could not."""
         backend = self._backend
         if not backend.shared:
-            return
+            return None
         try:
             await backend.claim(client.client_id)
             stored = await backend.load(client)
@@ -249,9 +255,9 @@ class Hub:
             log.warning(
                 "tether: backend unavailable while connecting %s: %s", client.client_id, exc
             )
-            return
+            return str(exc)
         if stored is None:
-            return
+            return None
         client.outbox.drain()
         for envelope in stored.envelopes:
             client.outbox.push(envelope)
@@ -260,6 +266,7 @@ class Hub:
         client.stream_known = True
         for _ in stored.expired:
             self._count(client, "messages_expired")
+        return None
 
     async def disconnect(
         self,
@@ -986,6 +993,16 @@ class Hub:
 
     def clients(self) -> list[str]:
         return list(self._clients)
+
+    def clients_in_state(self, state: CircuitState) -> list[str]:
+        """Client ids whose breaker is in `state`; O(not-closed clients) for OPEN/HALF_OPEN."""
+        if state is CircuitState.CLOSED:
+            return [cid for cid, c in self._clients.items() if c.breaker.state is state]
+        return [
+            cid
+            for cid in list(self._not_closed)
+            if (c := self._clients.get(cid)) is not None and c.breaker.state is state
+        ]
 
     def client_info(self, client_id: str) -> dict[str, Any] | None:
         """A JSON-safe view of one client: connection, breaker, outbox, counters."""

@@ -1,0 +1,615 @@
+// Tether dashboard: renders /ws/live pushes and /api/* reads; reconnects and flags stale data.
+// Plain ES module, no dependencies: charts are drawn as SVG by drawChart below.
+
+const TOKEN_KEY = "tether.monitorToken";
+const MAX_POINTS = 180; // chart history kept in the page (15 min at a 5 s cadence)
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 5000;
+const STATE_GLYPH = { closed: "🟢", half_open: "🟡", open: "🔴" };
+const STATE_LABEL = { closed: "CLOSED", half_open: "HALF_OPEN", open: "OPEN" };
+const PAGE_SIZE = 50;
+
+// Everything is addressed relative to where the page is served, so the app also works
+// mounted under a prefix (e.g. /tether/dashboard inside a FastAPI app).
+const BASE = location.pathname.replace(/dashboard\/?$/, "");
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  token: null,
+  cadence: { realtime: 1, performance: 5, aggregate: 30 },
+  lastUpdate: 0, // Date.now() of the last /ws/live message
+  everLive: false,
+  ws: null,
+  attempt: 0,
+  reconnectTimer: null,
+  needToken: false,
+  session: null,
+  perf: [], // performance points: {ts, latency, throughput, memory}
+  clients: { offset: 0, total: 0, loading: false, lastFetch: 0, queued: false },
+  selected: null,
+  lastDead: 0,
+  lastHealth: 0,
+};
+
+// ------------------------------------------------------------------ token + fetch
+
+function loadToken() {
+  const params = new URLSearchParams(location.search);
+  const fromUrl = params.get("token");
+  if (fromUrl) {
+    sessionStorage.setItem(TOKEN_KEY, fromUrl);
+    // keep the secret out of the address bar, history and screenshots
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+  }
+  state.token = sessionStorage.getItem(TOKEN_KEY);
+}
+
+function askForToken() {
+  if (state.needToken) return;
+  state.needToken = true;
+  setLive("auth", "token needed");
+  $("token-form").hidden = false;
+  $("token-input").focus();
+}
+
+class Unauthorized extends Error {}
+
+async function api(path) {
+  const headers = { Accept: "application/json" };
+  if (state.token) headers.Authorization = "Bearer " + state.token;
+  const response = await fetch(BASE + path, { headers, cache: "no-store" });
+  if (response.status === 401) {
+    askForToken();
+    throw new Unauthorized(path);
+  }
+  const body = await response.json();
+  if (!response.ok && !(path === "health" && response.status === 503)) {
+    throw new Error(body.message || response.statusText);
+  }
+  return body;
+}
+
+// ------------------------------------------------------------------ formatting
+
+const nf = new Intl.NumberFormat("en");
+const fmtInt = (n) => (n === null || n === undefined ? "–" : nf.format(Math.round(n)));
+const fmtNum = (n, digits = 1) =>
+  n === null || n === undefined ? "–" : Number(n).toLocaleString("en", { maximumFractionDigits: digits });
+
+function fmtBytes(n, digits = 1) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i += 1;
+  }
+  return `${n.toFixed(i ? digits : 0)} ${units[i]}`;
+}
+
+function fmtAge(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
+  if (seconds < 60) return `${seconds.toFixed(1)} s`;
+  const m = Math.floor(seconds / 60);
+  if (m < 60) return `${m}m ${Math.round(seconds % 60)}s`;
+  return `${Math.floor(m / 60)}h ${m % 60}m`;
+}
+
+function fmtAgo(wallSeconds) {
+  if (!wallSeconds) return "–";
+  return fmtAge(Math.max(0, Date.now() / 1000 - wallSeconds)) + " ago";
+}
+
+function setText(id, value) {
+  const el = $(id);
+  if (el && el.textContent !== String(value)) el.textContent = String(value);
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined) continue;
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child));
+  return node;
+}
+
+function stateBadge(s) {
+  const key = s || "closed";
+  // the glyph rides along as a title (hover, screen readers); the dot is drawn by CSS
+  return el("span", { class: "state", "data-testid": "client-state", "data-state": key, title: `${STATE_GLYPH[key] || ""} ${STATE_LABEL[key] || key}` },
+    el("span", { class: "dot", "data-state": key, "aria-hidden": "true" }), STATE_LABEL[key] || key);
+}
+
+// ------------------------------------------------------------------ charts
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  return node;
+}
+
+function niceMax(value) {
+  if (!(value > 0)) return 1;
+  const exp = Math.pow(10, Math.floor(Math.log10(value)));
+  for (const step of [1, 2, 2.5, 5, 10]) {
+    if (step * exp >= value) return step * exp;
+  }
+  return 10 * exp;
+}
+
+// Draws line series over time into an <svg>. Sized to the element's pixels, so text is
+// crisp and nothing is stretched; redrawn on resize.
+function drawChart(svg, points, series, format) {
+  const width = Math.max(120, Math.round(svg.clientWidth || 600));
+  const height = Math.max(80, Math.round(svg.clientHeight || 180));
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.dataset.points = String(points.length);
+  svg.replaceChildren();
+  const left = 58;
+  const right = 6;
+  const top = 6;
+  const bottom = 16;
+  const w = width - left - right;
+  const h = height - top - bottom;
+  let max = 0;
+  for (const p of points) for (const s of series) max = Math.max(max, s.value(p) || 0);
+  max = niceMax(max);
+  for (let i = 0; i <= 4; i += 1) {
+    const y = top + h - (h * i) / 4;
+    svg.append(svgEl("line", { class: "grid-line", x1: left, x2: left + w, y1: y, y2: y }));
+    const label = svgEl("text", { x: left - 4, y: y + 3, "text-anchor": "end", "font-size": 10, fill: "#8391a1" });
+    label.textContent = format((max * i) / 4);
+    svg.append(label);
+  }
+  if (points.length === 0) {
+    const t = svgEl("text", { x: left + w / 2, y: top + h / 2, "text-anchor": "middle", "font-size": 12, fill: "#8391a1" });
+    t.textContent = "waiting for data…";
+    svg.append(t);
+    return;
+  }
+  const t0 = points[0].ts;
+  const t1 = points[points.length - 1].ts;
+  const span = Math.max(1, t1 - t0);
+  const xOf = (p) => (points.length === 1 ? left + w : left + ((p.ts - t0) / span) * w);
+  const yOf = (v) => top + h - (Math.min(v || 0, max) / max) * h;
+  series.forEach((s, index) => {
+    const coords = points.map((p) => `${xOf(p).toFixed(1)},${yOf(s.value(p)).toFixed(1)}`);
+    if (points.length === 1) coords.unshift(`${left},${yOf(s.value(points[0])).toFixed(1)}`);
+    svg.append(svgEl("polyline", { class: `series ${s.cls || "s" + index}`, points: coords.join(" ") }));
+  });
+  const ago = svgEl("text", { x: left, y: height - 3, "font-size": 10, fill: "#8391a1" });
+  ago.textContent = `−${fmtAge(span)}`;
+  const now = svgEl("text", { x: left + w, y: height - 3, "text-anchor": "end", "font-size": 10, fill: "#8391a1" });
+  now.textContent = "now";
+  svg.append(ago, now);
+}
+
+function drawCharts() {
+  const pts = state.perf;
+  drawChart($("latency-chart"), pts, [
+    { value: (p) => p.latency.p50_ms },
+    { value: (p) => p.latency.p95_ms },
+    { value: (p) => p.latency.p99_ms },
+  ], (v) => fmtNum(v, 1));
+  drawChart($("throughput-chart"), pts, [
+    { value: (p) => p.throughput.delivered },
+    { value: (p) => p.throughput.queued },
+    { value: (p) => p.throughput.failed },
+    { value: (p) => p.throughput.dropped },
+  ], (v) => fmtNum(v, 1));
+  drawChart($("memory-chart"), pts, [{ value: (p) => p.memory.rss_bytes }], (v) => fmtBytes(v, 0));
+  drawChart($("clients-chart"), pts, [{ value: (p) => p.memory.tracked_clients, cls: "s1" }], fmtInt);
+}
+
+function addPerfPoint(point) {
+  // the first point of a feed covers no interval: it has no rates to plot
+  if (!point || !(point.interval_seconds > 0)) return;
+  const last = state.perf[state.perf.length - 1];
+  if (last && point.ts <= last.ts) return;
+  state.perf.push(point);
+  if (state.perf.length > MAX_POINTS) state.perf.splice(0, state.perf.length - MAX_POINTS);
+}
+
+// ------------------------------------------------------------------ live updates
+
+function setLive(kind, text) {
+  const node = $("live-status");
+  node.dataset.state = kind;
+  node.textContent = text;
+}
+
+function fillList(id, ids, total) {
+  const list = $(id);
+  list.replaceChildren();
+  if (!ids.length) {
+    list.append(el("li", { class: "muted" }, "none"));
+    return;
+  }
+  for (const cid of ids) {
+    const item = el("li", { "data-client-id": cid }, cid);
+    item.addEventListener("click", () => openClient(cid));
+    list.append(item);
+  }
+  if (total > ids.length) list.append(el("li", { class: "muted" }, `+${total - ids.length} more`));
+}
+
+function onRealtime(m) {
+  const cb = m.circuit_breaker;
+  setText("breaker-closed", fmtInt(cb.closed));
+  setText("breaker-half-open", fmtInt(cb.half_open));
+  setText("breaker-open", fmtInt(cb.open));
+  setText("cb-opens", fmtInt(cb.opens));
+  setText("cb-half-opens", fmtInt(cb.half_opens));
+  setText("cb-closes", fmtInt(cb.closes));
+  fillList("open-clients", m.open_clients, cb.open);
+  fillList("half-open-clients", m.half_open_clients, cb.half_open);
+  const c = m.connections;
+  setText("conn-active", fmtInt(c.active));
+  setText("conn-total", fmtInt(c.total));
+  setText("conn-reconnections", fmtInt(c.reconnections));
+  setText("conn-failed", fmtInt(c.failed));
+  setText("conn-timeouts", fmtInt(c.timeouts));
+  const q = m.queue;
+  setText("queue-current", fmtInt(q.current_size));
+  setText("queue-max", fmtInt(q.max_size));
+  setText("queue-overflows", fmtInt(q.overflows));
+  setText("queue-oldest", q.current_size ? fmtAge(q.oldest_pending_age_seconds) : "–");
+  setText("queue-dead", fmtInt(q.dead_letters));
+  const r = m.retry;
+  setText("retry-rate", r.attempts ? `${(r.success_rate * 100).toFixed(1)} %` : "–");
+  setText("retry-attempts", fmtInt(r.attempts));
+  setText("retry-successes", fmtInt(r.successes));
+  setText("retry-failures", fmtInt(r.failures));
+  setText("mem-rss", fmtBytes(m.memory.rss_bytes));
+  setText("mem-clients", fmtInt(m.memory.tracked_clients));
+  refreshClients(false);
+  const now = Date.now();
+  if (now - state.lastHealth > state.cadence.performance * 1000) refreshHealth();
+  if (q.dead_letters !== state.lastDead) {
+    state.lastDead = q.dead_letters;
+    refreshDeadLetters();
+  }
+}
+
+function onPerformance(m) {
+  addPerfPoint(m);
+  setText("lat-p50", `${fmtNum(m.latency.p50_ms, 2)} ms`);
+  setText("lat-p95", `${fmtNum(m.latency.p95_ms, 2)} ms`);
+  setText("lat-p99", `${fmtNum(m.latency.p99_ms, 2)} ms`);
+  for (const k of ["delivered", "queued", "failed", "dropped"]) setText(`tp-${k}`, fmtNum(m.throughput[k], 1));
+  drawCharts();
+}
+
+function onAggregate(m) {
+  const totals = m.totals;
+  setText("uptime", fmtAge(totals.uptime_seconds));
+  const rates = m.window.interval_seconds > 0 ? m.window.throughput : m.lifetime_rates;
+  setText("totals-window", m.window.interval_seconds > 0 ? `(rates over ${fmtAge(m.window.interval_seconds)})` : "(lifetime rates)");
+  const body = $("totals-body");
+  body.replaceChildren();
+  for (const [name, value] of Object.entries(totals.messages)) {
+    const rate = name in rates ? fmtNum(rates[name], 2) : "";
+    body.append(el("tr", { "data-metric": name }, el("td", {}, name.replace("_", " ")), el("td", {}, fmtInt(value)), el("td", {}, rate)));
+  }
+}
+
+function onHello(m) {
+  state.cadence = m.cadence;
+  setText("version", m.version);
+  if (state.session && state.session !== m.session) {
+    // a restarted hub: its counters begin again; the charts keep the old history
+    state.clients.offset = 0;
+  }
+  state.session = m.session;
+  setText("session", m.session.slice(0, 8));
+  for (const point of m.history || []) addPerfPoint(point);
+  drawCharts();
+}
+
+function onMessage(event) {
+  let m;
+  try {
+    m = JSON.parse(event.data);
+  } catch {
+    return;
+  }
+  state.lastUpdate = Date.now();
+  state.everLive = true;
+  checkStale();
+  if (m.type === "hello") onHello(m);
+  else if (m.type === "realtime") onRealtime(m);
+  else if (m.type === "performance") onPerformance(m);
+  else if (m.type === "aggregate") onAggregate(m);
+}
+
+function wsUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const query = state.token ? `?token=${encodeURIComponent(state.token)}` : "";
+  return `${scheme}//${location.host}${BASE}ws/live${query}`;
+}
+
+function connect() {
+  clearTimeout(state.reconnectTimer);
+  state.reconnectTimer = null;
+  if (state.needToken) return;
+  setLive(state.everLive ? "reconnecting" : "connecting", state.everLive ? "reconnecting…" : "connecting…");
+  let ws;
+  try {
+    ws = new WebSocket(wsUrl());
+  } catch {
+    scheduleReconnect();
+    return;
+  }
+  state.ws = ws;
+  ws.addEventListener("open", () => {
+    state.attempt = 0;
+    setLive("live", "live");
+    refreshClients(true);
+    refreshDeadLetters();
+    refreshHealth();
+  });
+  ws.addEventListener("message", onMessage);
+  ws.addEventListener("close", () => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    scheduleReconnect();
+  });
+}
+
+async function scheduleReconnect() {
+  if (state.reconnectTimer || state.needToken) return;
+  // A refused handshake looks like any network error to a browser; an HTTP probe tells
+  // a missing token (ask once) from a server that is down (retry with backoff).
+  try {
+    await api("health");
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+  }
+  const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** state.attempt);
+  state.attempt += 1;
+  const delay = ceiling / 2 + Math.random() * (ceiling / 2); // jitter: tabs don't reconnect in lockstep
+  setLive("reconnecting", `reconnecting in ${(delay / 1000).toFixed(1)} s`);
+  state.reconnectTimer = setTimeout(connect, delay);
+}
+
+// An HTTP probe before the first handshake: a missing token then shows as one 401 and
+// the token form, rather than as a refused WebSocket.
+async function start() {
+  try {
+    await api("health");
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+  }
+  connect();
+}
+
+function checkStale() {
+  const node = $("stale");
+  if (!state.everLive) return;
+  const age = (Date.now() - state.lastUpdate) / 1000;
+  const stale = age > 2 * state.cadence.realtime;
+  if (stale) setText("stale-age", Math.floor(age));
+  if (node.hidden === stale) node.hidden = !stale;
+  node.dataset.stale = String(stale);
+  document.body.dataset.stale = String(stale);
+}
+
+// ------------------------------------------------------------------ health, clients, dead letters
+
+async function refreshHealth() {
+  state.lastHealth = Date.now();
+  try {
+    const h = await api("health");
+    const node = $("health");
+    node.dataset.status = h.status;
+    node.textContent = h.status === "ok" ? "healthy" : `${h.status}: ${h.reasons.join("; ")}`;
+    node.title = h.reasons.join("\n");
+  } catch {
+    /* the live status already says the server is unreachable */
+  }
+}
+
+function clientQuery() {
+  const params = new URLSearchParams({ limit: String(PAGE_SIZE), offset: String(state.clients.offset), sort: $("client-sort").value });
+  const filter = $("client-filter").value.trim();
+  if (filter) params.set("q", filter);
+  if ($("client-state").value) params.set("state", $("client-state").value);
+  if ($("client-connected").value) params.set("connected", $("client-connected").value);
+  return "api/clients?" + params.toString();
+}
+
+async function refreshClients(force) {
+  const c = state.clients;
+  if (c.loading) {
+    c.queued = c.queued || force;
+    return;
+  }
+  if (!force && Date.now() - c.lastFetch < state.cadence.realtime * 1000 * 0.9) return;
+  c.loading = true;
+  c.lastFetch = Date.now();
+  try {
+    const page = await api(clientQuery());
+    renderClients(page);
+    if (state.selected) await loadDetail(state.selected);
+  } catch {
+    /* shown by the live status; retried on the next tick */
+  } finally {
+    c.loading = false;
+    if (c.queued) {
+      c.queued = false;
+      refreshClients(true);
+    }
+  }
+}
+
+function renderClients(page) {
+  const c = state.clients;
+  c.total = page.total;
+  setText("clients-total", `${fmtInt(page.total)} matching`);
+  const body = $("clients-body");
+  body.replaceChildren();
+  if (!page.items.length) {
+    body.append(el("tr", {}, el("td", { colspan: "9", class: "muted" }, "no clients match")));
+  }
+  for (const row of page.items) {
+    const tr = el("tr", {
+      "data-testid": "client-row",
+      "data-client-id": row.client_id,
+      "data-state": row.state || "closed",
+      class: row.client_id === state.selected ? "selected" : null,
+    },
+    el("td", {}, stateBadge(row.state)),
+    el("td", {}, row.client_id),
+    el("td", {}, row.connected ? "●" : "○"),
+    el("td", { class: "num" }, fmtInt(row.pending)),
+    el("td", { class: "num" }, fmtInt(row.messages_sent)),
+    el("td", { class: "num" }, fmtInt(row.messages_delivered)),
+    el("td", { class: "num" }, fmtInt(row.messages_failed)),
+    el("td", { class: "num" }, fmtInt(row.dead_letters)),
+    el("td", {}, fmtAgo(row.last_activity)));
+    tr.addEventListener("click", () => openClient(row.client_id));
+    body.append(tr);
+  }
+  const last = Math.min(page.total, page.offset + page.items.length);
+  setText("page-info", page.total ? `${page.offset + 1}–${last} of ${fmtInt(page.total)}` : "0");
+  $("page-prev").disabled = page.offset === 0;
+  $("page-next").disabled = page.next_offset === null;
+}
+
+async function openClient(id) {
+  state.selected = id;
+  for (const row of document.querySelectorAll("#clients-body tr")) {
+    row.classList.toggle("selected", row.dataset.clientId === id);
+  }
+  await loadDetail(id);
+  $("client-detail").scrollIntoView({ block: "nearest" });
+}
+
+async function loadDetail(id) {
+  const panel = $("client-detail");
+  let info;
+  try {
+    info = await api("api/clients/" + encodeURIComponent(id));
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    panel.hidden = false;
+    panel.dataset.clientId = id;
+    setText("detail-title", `${id}: gone (evicted or never seen)`);
+    $("detail-stats").replaceChildren();
+    $("detail-outbox").replaceChildren();
+    $("detail-dead").replaceChildren();
+    return;
+  }
+  if (state.selected !== id) return;
+  panel.hidden = false;
+  panel.dataset.clientId = id;
+  const title = $("detail-title");
+  title.replaceChildren(stateBadge(info.state), " ", id);
+  const stats = [
+    ["connected", info.connected ? `yes (${info.mode})` : "no"],
+    ["pending", fmtInt(info.outbox.pending)],
+    ["in flight", fmtInt(info.outbox.in_flight)],
+    ["oldest pending", fmtAge(info.outbox.oldest_age_seconds)],
+    ["consecutive failures", fmtInt(info.consecutive_failures)],
+    ["sent", fmtInt(info.messages_sent)],
+    ["delivered", fmtInt(info.messages_delivered)],
+    ["failed", fmtInt(info.messages_failed)],
+    ["dropped", fmtInt(info.messages_dropped)],
+    ["retries", `${fmtInt(info.retry_successes)} / ${fmtInt(info.retry_attempts)}`],
+    ["breaker opens", fmtInt(info.circuit_breaker_opens)],
+    ["reconnections", fmtInt(info.connections_reconnections)],
+    ["next seq", fmtInt(info.next_seq)],
+    ["acked", fmtInt(info.acked)],
+    ["groups", (info.groups || []).join(", ") || "–"],
+    ["last activity", fmtAgo(info.last_activity)],
+  ];
+  $("detail-stats").replaceChildren(...stats.map(([k, v]) => el("div", {}, el("dt", {}, k), el("dd", {}, v))));
+  const outbox = $("detail-outbox");
+  outbox.replaceChildren(...info.outbox.head.map((e) =>
+    el("tr", {}, el("td", {}, e.message_id), el("td", {}, e.seq ?? "–"), el("td", {}, e.critical ? "yes" : "no"),
+      el("td", {}, fmtInt(e.attempts)), el("td", {}, fmtAge(e.age_seconds)), el("td", {}, fmtInt(e.size_bytes)))));
+  if (!info.outbox.head.length) outbox.append(el("tr", {}, el("td", { colspan: "6", class: "muted" }, "empty")));
+  const dead = $("detail-dead");
+  dead.replaceChildren(...info.dead_letters.slice(-20).reverse().map((d) =>
+    el("tr", {}, el("td", {}, d.message_id), el("td", {}, fmtInt(d.attempts)), el("td", {}, d.reason), el("td", {}, fmtAgo(d.failed_at)))));
+  if (!info.dead_letters.length) dead.append(el("tr", {}, el("td", { colspan: "4", class: "muted" }, "none")));
+}
+
+async function refreshDeadLetters() {
+  let page;
+  try {
+    page = await api("api/dead-letters?limit=50");
+  } catch {
+    return;
+  }
+  setText("dead-total", fmtInt(page.total));
+  const body = $("dead-body");
+  body.replaceChildren();
+  if (!page.items.length) body.append(el("tr", {}, el("td", { colspan: "6", class: "muted" }, "none")));
+  for (const d of page.items) {
+    const tr = el("tr", { "data-testid": "dead-letter-row", "data-client-id": d.client_id },
+      el("td", {}, fmtAgo(d.failed_at)), el("td", {}, d.client_id), el("td", {}, d.message_id),
+      el("td", {}, fmtInt(d.attempts)), el("td", {}, d.reason), el("td", { class: "data", title: d.data }, d.data));
+    tr.addEventListener("click", () => openClient(d.client_id));
+    body.append(tr);
+  }
+}
+
+// ------------------------------------------------------------------ wiring
+
+function debounce(fn, ms) {
+  let timer = null;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
+}
+
+function init() {
+  loadToken();
+  const refilter = () => {
+    state.clients.offset = 0;
+    refreshClients(true);
+  };
+  $("client-filter").addEventListener("input", debounce(refilter, 200));
+  for (const id of ["client-state", "client-connected", "client-sort"]) $(id).addEventListener("change", refilter);
+  $("page-prev").addEventListener("click", () => {
+    state.clients.offset = Math.max(0, state.clients.offset - PAGE_SIZE);
+    refreshClients(true);
+  });
+  $("page-next").addEventListener("click", () => {
+    state.clients.offset += PAGE_SIZE;
+    refreshClients(true);
+  });
+  $("detail-close").addEventListener("click", () => {
+    state.selected = null;
+    $("client-detail").hidden = true;
+    for (const row of document.querySelectorAll("#clients-body tr.selected")) row.classList.remove("selected");
+  });
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    state.token = $("token-input").value.trim();
+    sessionStorage.setItem(TOKEN_KEY, state.token);
+    $("token-input").value = "";
+    $("token-form").hidden = true;
+    state.needToken = false;
+    state.attempt = 0;
+    start();
+  });
+  window.addEventListener("resize", debounce(drawCharts, 150));
+  setInterval(checkStale, 500);
+  drawCharts();
+  start();
+}
+
+init();
