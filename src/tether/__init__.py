@@ -1,5 +1,15 @@
 """Tether: resilient WebSocket delivery for asyncio — acked, ordered, resumable."""
 
+from .client import (
+    Client,
+    ClientState,
+    Message,
+    TetherAuthError,
+    TetherConnectionError,
+    TetherError,
+    TetherProtocolError,
+    TetherRejected,
+)
 from .clock import Clock, ManualClock, SystemClock
 from .config import BackendKind, ConfigError, DedupMode, HubConfig, OverflowPolicy
 from .hub import Hub, HubClosedError
@@ -13,6 +23,8 @@ __all__ = [
     "BackendKind",
     "BroadcastResult",
     "CircuitState",
+    "Client",
+    "ClientState",
     "Clock",
     "ConfigError",
     "DeadLetter",
@@ -21,11 +33,17 @@ __all__ = [
     "HubClosedError",
     "HubConfig",
     "ManualClock",
+    "Message",
     "OverflowPolicy",
     "SendResult",
     "SendStatus",
     "ShutdownStats",
     "SystemClock",
+    "TetherAuthError",
+    "TetherConnectionError",
+    "TetherError",
+    "TetherProtocolError",
+    "TetherRejected",
     "Transport",
     "TransportClosed",
     "__version__",

@@ -825,6 +825,7 @@ class Hub:
             self._delivered(client, envelope)
         floor = max(client.acked, last_seq)
         client.acked = floor
+        client.highest_written = floor
         ranges: list[tuple[int, int]] = []
         expected = floor + 1
         for envelope in outbox:
@@ -993,6 +994,11 @@ class Hub:
 
     def clients(self) -> list[str]:
         return list(self._clients)
+
+    def highest_sent(self, client_id: str) -> int:
+        """The highest seq a tether.v1 client may acknowledge on its current connection."""
+        client = self._clients.get(client_id)
+        return client.highest_written if client is not None else 0
 
     def clients_in_state(self, state: CircuitState) -> list[str]:
         """Client ids whose breaker is in `state`; O(not-closed clients) for OPEN/HALF_OPEN."""

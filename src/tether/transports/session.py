@@ -1,0 +1,311 @@
+"""One server-side WebSocket connection served by a hub: plain mode or tether.v1, written once.
+
+The `websockets` and Starlette adapters differ only in how they receive, send and close;
+everything about the protocol (hello first, hello timeout, ack and publish handling,
+error frames, close codes, detaching from the hub on every exit) lives here so both
+adapters behave identically and are tested once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from .. import protocol
+from ..hub import HubClosedError
+from .base import TransportClosed
+
+if TYPE_CHECKING:
+    from ..hub import Hub
+
+log = logging.getLogger("tether.transports")
+
+SUBPROTOCOL = protocol.SUBPROTOCOL
+
+# Close codes after which a connection ended normally rather than failed.
+_NORMAL_CLOSES = frozenset({1000, 1001})
+
+# Frames up to this many bytes beyond `max_message_size` are still read by the socket
+# library, so our own size check can answer them with an `error` frame (a library-level
+# limit would close with 1009 and no explanation). Anything larger is cut off by the library.
+OVERSIZE_SLACK = 64 * 1024
+
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """What an `authenticate` hook may look at: the handshake request of the connection."""
+
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    subprotocol: str | None
+    remote: str | None = None
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+Authenticate = Callable[[ConnectionInfo, "protocol.Hello | None"], Awaitable[str]]
+"""`async (info, hello) -> client_id`: return the client id to serve (it may differ from the
+one the client asked for), or raise. A `protocol.ProtocolError` is reported as is; any
+other exception becomes an `unauthorized` error with close code 1008. `hello` is None in
+plain mode."""
+
+
+class PeerGone(Exception):
+    """Raised by `ServerConnection.recv` when the peer closed or the connection dropped.
+
+    `code` is the close code received, or None when the connection died without one.
+    """
+
+    def __init__(self, code: int | None = None, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class TooBig(Exception):
+    """Raised by `ServerConnection.recv` when the socket library refused an oversize frame."""
+
+
+class ServerConnection(Protocol):
+    """What an adapter provides: a `tether.Transport` that can also receive."""
+
+    async def recv(self) -> str | bytes:
+        """The next data frame; raises `PeerGone` when the connection is over."""
+        ...
+
+    async def send(self, data: str | bytes) -> None:
+        """Write one frame; raises `TransportClosed` when the connection is gone."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+def anonymous_id() -> str:
+    """A client id for a plain-mode client that did not name itself."""
+    return "anon-" + uuid.uuid4().hex[:16]
+
+
+def _close_reason(reason: str) -> str:
+    # A close frame's reason is limited to 123 bytes of UTF-8.
+    data = reason.encode("utf-8")
+    return reason if len(data) <= 123 else data[:120].decode("utf-8", "ignore") + "..."
+
+
+class Session:
+    """Serves one accepted connection until it ends. Adapters call `await Session(...).run()`.
+
+    The session itself is the `tether.Transport` the hub holds for the client (it wraps
+    the adapter's connection), so it can watch the seqs the hub writes and so a close
+    notice always names the very connection that ended. `abort()` drops the connection
+    without a close handshake when the adapter supports it (`websockets` does).
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        conn: ServerConnection,
+        info: ConnectionInfo,
+        *,
+        client_id_param: str = "client_id",
+        authenticate: Authenticate | None = None,
+        on_connected: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.hub = hub
+        self.on_connected = on_connected
+        self.conn = conn
+        self.info = info
+        self.client_id_param = client_id_param
+        self.authenticate = authenticate
+        self.v1 = info.subprotocol == SUBPROTOCOL
+        self.client_id: str | None = None
+        self.failed = False
+
+    async def run(self) -> None:
+        """Serve the connection; on any exit detach it from the hub (its outbox stays)."""
+        try:
+            if self.v1:
+                await self._run_v1()
+            else:
+                await self._run_plain()
+        except asyncio.CancelledError:
+            self.failed = True
+            raise
+        except Exception:
+            self.failed = True
+            log.exception("tether: connection of %s failed", self.client_id)
+            with contextlib.suppress(Exception):
+                await self.conn.close(1011, "internal error")
+        finally:
+            if self.client_id is not None:
+                await self.hub.disconnect(self.client_id, transport=self, failed=self.failed)
+
+    # ------------------------------------------------------------------ plain mode
+
+    async def _run_plain(self) -> None:
+        client_id = self.info.query.get(self.client_id_param) or anonymous_id()
+        if self.authenticate is not None:
+            authed = await self._authenticated(None)
+            if authed is None:
+                return
+            client_id = authed
+        try:
+            await self.hub.connect(client_id, self)
+        except ValueError as exc:
+            await self._close(1008, str(exc))
+            return
+        except HubClosedError:
+            await self._close(1001, "server shutting down")
+            return
+        self._connected(client_id)
+        limit = self.hub.config.max_message_size
+        while True:
+            try:
+                data = await self.conn.recv()
+            except PeerGone as gone:
+                self.failed = gone.code not in _NORMAL_CLOSES
+                return
+            except TooBig:
+                await self._plain_too_big(limit)
+                return
+            if len(data) > limit or (
+                isinstance(data, str) and len(data) * 4 > limit and len(data.encode()) > limit
+            ):
+                await self._plain_too_big(limit)
+                return
+            await self.hub.receive(client_id, data)
+
+    async def _plain_too_big(self, limit: int) -> None:
+        self.failed = True
+        if self.client_id is not None:
+            await self.hub.disconnect(self.client_id, transport=self, failed=True)
+        await self._close(1009, f"message exceeds {limit} bytes")
+
+    # ------------------------------------------------------------------ tether.v1
+
+    async def _run_v1(self) -> None:
+        cfg = self.hub.config
+        sp = protocol.ServerProtocol(max_message_size=cfg.max_message_size)
+        try:
+            try:
+                async with asyncio.timeout(cfg.hello_timeout):
+                    raw = await self._recv_v1(sp)
+            except TimeoutError:
+                raise protocol.ProtocolError(
+                    "hello_timeout",
+                    f"no hello within {cfg.hello_timeout:g} seconds",
+                    protocol.CloseCode.POLICY_VIOLATION,
+                ) from None
+            hello = sp.receive(raw)
+            assert isinstance(hello, protocol.Hello)  # ServerProtocol enforces hello first
+            client_id = hello.client_id
+            if self.authenticate is not None:
+                authed = await self._authenticated(hello)
+                if authed is None:
+                    return
+                client_id = authed
+            try:
+                welcome = await self.hub.connect(client_id, self, hello=hello)
+            except ValueError as exc:
+                raise protocol.ProtocolError(
+                    "unavailable", str(exc), protocol.CloseCode.TRY_AGAIN_LATER
+                ) from None
+            except HubClosedError:
+                raise protocol.ProtocolError(
+                    "going_away", "server shutting down", protocol.CloseCode.GOING_AWAY
+                ) from None
+            self._connected(client_id)
+            assert welcome is not None
+            sp.welcome(welcome)  # the hub already wrote it; this opens the protocol state
+            while True:
+                raw = await self._recv_v1(sp)
+                # The hub writes `msg` frames itself; it knows the highest seq written.
+                sp.highest_sent = max(sp.highest_sent, self.hub.highest_sent(client_id))
+                frame = sp.receive(raw)
+                if isinstance(frame, protocol.Ack):
+                    await self.hub.ack(client_id, frame.seq)
+                elif isinstance(frame, protocol.Publish):
+                    await self.hub.receive(client_id, protocol.decode_data(frame))
+        except _Ended:
+            return
+        except protocol.ProtocolError as error:
+            await self._fail(sp, error)
+
+    async def _recv_v1(self, sp: protocol.ServerProtocol) -> str | bytes:
+        try:
+            return await self.conn.recv()
+        except PeerGone as gone:
+            sp.close()
+            self.failed = gone.code not in _NORMAL_CLOSES
+            raise _Ended from None
+        except TooBig:
+            limit = self.hub.config.max_message_size
+            raise protocol.ProtocolError(
+                "too_big", f"frame exceeds {limit} bytes", protocol.CloseCode.MESSAGE_TOO_BIG
+            ) from None
+
+    async def send(self, data: str | bytes) -> None:
+        """`Transport.send` for the hub. Raises `TransportClosed` (from the adapter) when
+        the connection is gone."""
+        await self.conn.send(data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """`Transport.close` for the hub."""
+        await self.conn.close(code, _close_reason(reason))
+
+    def abort(self) -> None:
+        """Drop the connection without a close handshake, when the adapter can."""
+        abort = getattr(self.conn, "abort", None)
+        if abort is not None:
+            abort()
+
+    async def _fail(self, sp: protocol.ServerProtocol, error: protocol.ProtocolError) -> None:
+        """Report a protocol error to this client only: error frame, close, detach."""
+        self.failed = True
+        log.info("tether: closing %s: %s (close %d)", self.client_id, error, error.close_code)
+        if self.client_id is not None:
+            # Detach first so the hub writes nothing after the error frame.
+            await self.hub.disconnect(self.client_id, transport=self, failed=True)
+        with contextlib.suppress(TransportClosed):
+            await self.conn.send(sp.fail(error))
+        await self._close(error.close_code, error.reason)
+
+    # ------------------------------------------------------------------ shared
+
+    def _connected(self, client_id: str) -> None:
+        self.client_id = client_id
+        if self.on_connected is not None:
+            self.on_connected(self)
+
+    async def _authenticated(self, hello: protocol.Hello | None) -> str | None:
+        """Run the `authenticate` hook; on refusal report it and return None."""
+        assert self.authenticate is not None
+        try:
+            client_id = await self.authenticate(self.info, hello)
+        except protocol.ProtocolError as error:
+            rejection = error
+        except Exception as exc:
+            rejection = protocol.ProtocolError(
+                "unauthorized", str(exc) or "authentication failed", 1008
+            )
+        else:
+            return client_id
+        self.failed = True
+        if self.v1:
+            with contextlib.suppress(TransportClosed):
+                await self.conn.send(rejection.to_frame())
+        await self._close(rejection.close_code, rejection.reason)
+        return None
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.conn.close(code, _close_reason(reason))
+
+
+class _Ended(Exception):
+    """The peer went away: nothing to report, just detach."""

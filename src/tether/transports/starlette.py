@@ -1,0 +1,118 @@
+"""Serve a hub from Starlette or FastAPI: a WebSocket endpoint and a ready-made route.
+
+    app = Starlette(routes=[websocket_route(hub, "/ws")])
+    # FastAPI: app.router.routes.append(websocket_route(hub, "/ws")), or
+    #          app.add_api_websocket_route("/ws", websocket_endpoint(hub))
+
+Clients that offer the `tether.v1` subprotocol get the resumable protocol; any other
+client is served in plain mode (payloads written as-is, client id from `?client_id=`).
+
+Heartbeats: ASGI gives the application no access to ping/pong, so dead connections
+are detected by the server. With uvicorn, set `ws_ping_interval` and `ws_ping_timeout`
+to the hub's `heartbeat_interval` and `heartbeat_timeout` (uvicorn's defaults are 20 s
+each, the same as Tether's), e.g. `uvicorn.run(app, ws_ping_interval=20,
+ws_ping_timeout=20)`. Frames are limited by uvicorn's `ws_max_size` (16 MiB by default)
+and then by the hub's `max_message_size`, which an oversize frame is answered with an
+`error` frame (tether.v1) or close code 1009 (plain).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from ..hub import Hub
+from .base import TransportClosed
+from .session import SUBPROTOCOL, Authenticate, ConnectionInfo, PeerGone, Session
+
+__all__ = ["StarletteTransport", "websocket_endpoint", "websocket_route"]
+
+
+class StarletteTransport:
+    """An accepted Starlette `WebSocket` as a `tether.Transport` that can also receive."""
+
+    __slots__ = ("websocket",)
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+
+    async def send(self, data: str | bytes) -> None:
+        message: dict[str, Any] = {"type": "websocket.send"}
+        message["bytes" if isinstance(data, bytes) else "text"] = data
+        try:
+            await self.websocket.send(message)
+        except (WebSocketDisconnect, WebSocketDisconnected, OSError) as exc:
+            # Starlette raises these once the peer is gone or a close was sent.
+            raise TransportClosed(repr(exc)) from exc
+
+    async def recv(self) -> str | bytes:
+        try:
+            message = await self.websocket.receive()
+        except WebSocketDisconnected as exc:
+            raise PeerGone() from exc
+        if message["type"] == "websocket.disconnect":
+            raise PeerGone(message.get("code"), message.get("reason") or "")
+        text = message.get("text")
+        if text is not None:
+            return str(text)
+        return bytes(message.get("bytes") or b"")
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        try:
+            await self.websocket.close(code, reason)
+        except (WebSocketDisconnect, WebSocketDisconnected, OSError) as exc:
+            raise TransportClosed(repr(exc)) from exc
+
+
+def websocket_endpoint(
+    hub: Hub,
+    *,
+    client_id_param: str = "client_id",
+    authenticate: Authenticate | None = None,
+) -> Callable[[WebSocket], Awaitable[None]]:
+    """An ASGI WebSocket endpoint, `async (websocket) -> None`, that serves `hub`.
+
+    Accepts with subprotocol `tether.v1` only when the client offers it. `authenticate`,
+    `async (info, hello) -> client_id`, may refuse a connection by raising.
+    """
+
+    async def endpoint(websocket: WebSocket) -> None:
+        offered = websocket.scope.get("subprotocols") or []
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
+        await websocket.accept(subprotocol=subprotocol)
+        client = websocket.client
+        info = ConnectionInfo(
+            path=websocket.url.path,
+            query=dict(websocket.query_params),
+            headers=dict(websocket.headers),
+            subprotocol=subprotocol,
+            remote=f"{client.host}:{client.port}" if client else None,
+        )
+        await Session(
+            hub,
+            StarletteTransport(websocket),
+            info,
+            client_id_param=client_id_param,
+            authenticate=authenticate,
+        ).run()
+
+    return endpoint
+
+
+def websocket_route(
+    hub: Hub,
+    path: str = "/ws",
+    *,
+    client_id_param: str = "client_id",
+    authenticate: Authenticate | None = None,
+    name: str | None = "tether",
+) -> WebSocketRoute:
+    """A Starlette `WebSocketRoute` at `path` serving `hub` (see `websocket_endpoint`)."""
+    return WebSocketRoute(
+        path,
+        websocket_endpoint(hub, client_id_param=client_id_param, authenticate=authenticate),
+        name=name,
+    )

@@ -1,0 +1,189 @@
+"""Serve a hub with the `websockets` library (asyncio API): a connection handler and `serve()`.
+
+    hub = Hub()
+    async with serve(hub, "127.0.0.1", 8765) as server:
+        await server.serve_forever()
+
+or, to configure `websockets.asyncio.server.serve` yourself,
+`websockets.asyncio.server.serve(handler(hub), host, port, subprotocols=["tether.v1"],
+select_subprotocol=select_subprotocol, ...)`.
+
+Clients that offer the `tether.v1` subprotocol get the resumable protocol; any other
+client is served in plain mode (payloads written as-is, client id from `?client_id=`).
+Heartbeats are the library's ping/pong (`heartbeat_interval` / `heartbeat_timeout`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import serve as ws_serve
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from ..hub import Hub
+from .base import TransportClosed
+from .session import (
+    OVERSIZE_SLACK,
+    SUBPROTOCOL,
+    Authenticate,
+    ConnectionInfo,
+    PeerGone,
+    Session,
+    TooBig,
+)
+
+__all__ = [
+    "Handler",
+    "WebSocketsTransport",
+    "handler",
+    "select_subprotocol",
+    "serve",
+    "server_options",
+]
+
+
+class WebSocketsTransport:
+    """A `websockets` server connection as a `tether.Transport` that can also receive."""
+
+    __slots__ = ("ws",)
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+
+    async def send(self, data: str | bytes) -> None:
+        try:
+            await self.ws.send(data)
+        except ConnectionClosed as exc:
+            raise TransportClosed(str(exc)) from exc
+
+    async def recv(self) -> str | bytes:
+        try:
+            return await self.ws.recv()
+        except ConnectionClosed as exc:
+            if exc.rcvd is None and exc.sent is not None and exc.sent.code == 1009:
+                raise TooBig from exc  # the library refused a frame over `max_size`
+            raise PeerGone(
+                exc.rcvd.code if exc.rcvd else None, exc.rcvd.reason if exc.rcvd else ""
+            ) from exc
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.ws.close(code, reason)
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once, without a close handshake (like a network cut)."""
+        self.ws.transport.abort()
+
+
+def select_subprotocol(
+    connection: ServerConnection, subprotocols: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """Pick `tether.v1` when the client offers it; otherwise continue in plain mode.
+
+    (The library's default would refuse a client that offers no subprotocol at all.)
+    """
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in subprotocols else None
+
+
+class Handler:
+    """The connection handler `handler()` returns; `sessions` holds the live ones by client id."""
+
+    def __init__(
+        self, hub: Hub, *, client_id_param: str, authenticate: Authenticate | None
+    ) -> None:
+        self.hub = hub
+        self.client_id_param = client_id_param
+        self.authenticate = authenticate
+        self.sessions: dict[str, Session] = {}
+
+    async def __call__(self, ws: ServerConnection) -> None:
+        request = ws.request
+        target = urlsplit(request.path if request is not None else "/")
+        info = ConnectionInfo(
+            path=target.path,
+            query=dict(parse_qsl(target.query)),
+            headers={k.lower(): v for k, v in request.headers.raw_items()} if request else {},
+            subprotocol=ws.subprotocol,
+            remote=str(ws.remote_address) if ws.remote_address else None,
+        )
+        session = Session(
+            self.hub,
+            WebSocketsTransport(ws),
+            info,
+            client_id_param=self.client_id_param,
+            authenticate=self.authenticate,
+            on_connected=self._track,
+        )
+        try:
+            await session.run()
+        finally:
+            if session.client_id is not None and self.sessions.get(session.client_id) is session:
+                del self.sessions[session.client_id]
+
+    def _track(self, session: Session) -> None:
+        assert session.client_id is not None
+        self.sessions[session.client_id] = session
+
+
+def handler(
+    hub: Hub,
+    *,
+    client_id_param: str = "client_id",
+    authenticate: Authenticate | None = None,
+) -> Handler:
+    """A connection handler for `websockets.asyncio.server.serve` that serves `hub`.
+
+    Pass `select_subprotocol=select_subprotocol` and `subprotocols=["tether.v1"]` to
+    `serve` (or use `tether.transports.websockets.serve`, which does). `authenticate`,
+    `async (info, hello) -> client_id`, may refuse a connection by raising.
+    """
+    return Handler(hub, client_id_param=client_id_param, authenticate=authenticate)
+
+
+def serve(
+    hub: Hub,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    client_id_param: str = "client_id",
+    authenticate: Authenticate | None = None,
+    **kwargs: Any,
+) -> Server:
+    """`websockets.asyncio.server.serve` for `hub`, configured from `hub.config`.
+
+    Use as `async with serve(hub, host, port) as server: ...` (or `server = await
+    serve(...)`). Pings every `heartbeat_interval` seconds, and a connection whose pong
+    does not come within `heartbeat_timeout` is closed (and the hub detaches it at most
+    `min(heartbeat_timeout, 5)` seconds later, the close handshake's timeout). Frames
+    up to `max_message_size` (plus a small slack, so an oversize frame gets an
+    explanatory `error` frame) are accepted. `kwargs` go to `websockets` as-is and
+    override these defaults (for example `write_limit`, or `ping_interval=None`).
+    """
+    options = server_options(hub)
+    options.update(kwargs)
+    return ws_serve(
+        handler(hub, client_id_param=client_id_param, authenticate=authenticate),
+        host,
+        port,
+        **options,
+    )
+
+
+def server_options(hub: Hub) -> dict[str, Any]:
+    """The `websockets.asyncio.server.serve` keyword arguments `serve()` derives from
+    `hub.config`: subprotocol negotiation, heartbeats and the frame size limit."""
+    cfg = hub.config
+    return {
+        "subprotocols": [Subprotocol(SUBPROTOCOL)],
+        "select_subprotocol": select_subprotocol,
+        "ping_interval": cfg.heartbeat_interval,
+        "ping_timeout": cfg.heartbeat_timeout,
+        # After a missed pong the library still attempts a close handshake before it
+        # drops the TCP connection; a dead peer never answers, so keep that wait short
+        # for the hub to learn of the loss soon after `heartbeat_timeout`.
+        "close_timeout": min(cfg.heartbeat_timeout, 5.0),
+        "max_size": cfg.max_message_size + OVERSIZE_SLACK,
+    }
