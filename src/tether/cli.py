@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
 from . import __version__
+from .bench import add_bench_parser
 from .config import ConfigError, HubConfig
 from .hub import Hub
 from .messages import ShutdownStats
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=None, help="random seed for a reproducible run")
     demo.set_defaults(func=cmd_demo)
+
+    add_bench_parser(commands)
     return parser
 
 

@@ -216,6 +216,8 @@ class Hub:
                 self._detach(client, old, failed=False)
                 self._background(self._close_quietly(old, 1000, "replaced by a new connection"))
             client.transport = transport
+            fast = getattr(transport, "try_send", None)
+            client.try_send = fast if callable(fast) else None
             client.v1 = hello is not None
             client.connected_at = self.clock.wall()
             self._active += 1
@@ -315,6 +317,7 @@ class Hub:
         if client.transport is not transport:
             return
         client.transport = None
+        client.try_send = None
         client.v1 = False
         client.connected_at = None
         client.highest_written = client.acked
@@ -627,9 +630,14 @@ class Hub:
             frame = self._frame(client, envelope)
             outcome = await self._transmit(client, frame)
             if outcome == _OK:
-                self._count(client, "messages_sent")
-                self._count(client, "messages_delivered")
-                self.metrics.record_latency(self.clock.now() - envelope.created_at)
+                counters = self._counters
+                counters.messages_sent += 1
+                counters.messages_delivered += 1
+                if self.metrics.enabled:
+                    mine = client.stats.counters
+                    mine.messages_sent += 1
+                    mine.messages_delivered += 1
+                    self.metrics.latency.record(self.clock.now() - envelope.created_at)
                 if envelope.dedup_key is not None:
                     await self._backend.remember(client, envelope.dedup_key)
                 return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
@@ -682,8 +690,10 @@ class Hub:
         if transport is None:
             return _CLOSED
         try:
-            async with asyncio.timeout(self._send_timeout):
-                await transport.send(frame)
+            fast = client.try_send
+            if fast is None or not fast(frame):
+                async with asyncio.timeout(self._send_timeout):
+                    await transport.send(frame)
         except TimeoutError:
             client.breaker.record_failure()
             self._count(client, "connections_timeouts")
@@ -721,7 +731,9 @@ class Hub:
                 client.highest_written = max(client.highest_written, envelope.seq or 0)
             if not envelope.written_once:
                 envelope.written_once = True
-                self._count(client, "messages_sent")
+                self._counters.messages_sent += 1
+                if self.metrics.enabled:
+                    client.stats.counters.messages_sent += 1
             if not client.v1:
                 self._delivered(client, envelope)
                 if self._backend.durable:  # written = delivered in plain mode: trim the store
@@ -764,8 +776,10 @@ class Hub:
             )
 
     def _delivered(self, client: ClientSession, envelope: Envelope) -> None:
-        self._count(client, "messages_delivered")
-        self.metrics.record_latency(self.clock.now() - envelope.created_at)
+        self._counters.messages_delivered += 1
+        if self.metrics.enabled:
+            client.stats.counters.messages_delivered += 1
+            self.metrics.latency.record(self.clock.now() - envelope.created_at)
         if client.drained is not None and not client.outbox:
             client.drained.set()
 
@@ -995,6 +1009,13 @@ class Hub:
     def clients(self) -> list[str]:
         return list(self._clients)
 
+    def last_activity(self, client_id: str) -> float | None:
+        """Wall-clock time of the client's last send, ack, message or (dis)connection."""
+        client = self._clients.get(client_id)
+        if client is None:
+            return None
+        return self.clock.wall() - (self.clock.now() - client.last_seen)
+
     def highest_sent(self, client_id: str) -> int:
         """The highest seq a tether.v1 client may acknowledge on its current connection."""
         client = self._clients.get(client_id)
@@ -1041,12 +1062,13 @@ class Hub:
     def _client_extras(self, client_id: str) -> dict[str, Any]:
         client = self._clients.get(client_id)
         if client is None:
-            return {"state": None, "pending": 0, "connected": False}
+            return {"state": None, "pending": 0, "connected": False, "last_activity": None}
         return {
             "state": client.breaker.state.value,
             "pending": len(client.outbox),
             "connected": client.transport is not None,
             "dead_letters": len(client.dead_letters),
+            "last_activity": self.last_activity(client_id),
         }
 
     def _gauges(self) -> Gauges:
@@ -1165,7 +1187,6 @@ class Hub:
             dead_letter_max=cfg.dead_letter_max_size,
             now=self.clock.now(),
         )
-        client.stats.last_activity = self.clock.wall()
         self._clients[client_id] = client
         self._breaker_counts[CircuitState.CLOSED] += 1
         return client
@@ -1195,13 +1216,12 @@ class Hub:
             setattr(counters, name, getattr(counters, name) + 1)
 
     def _touch(self, client: ClientSession) -> None:
-        client.last_seen = self.clock.now()
-        if self.metrics.enabled:
-            client.stats.last_activity = self.clock.wall()
+        client.last_seen = self.clock.now()  # wall-clock last_activity is derived on read
 
     @staticmethod
     def _check_client_id(client_id: str) -> None:
-        if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.match(client_id):
+        # fullmatch: with `match`, the pattern's `$` also accepts a trailing newline
+        if not isinstance(client_id, str) or not CLIENT_ID_PATTERN.fullmatch(client_id):
             raise _Rejected(
                 f"invalid client id {client_id!r}: 1-128 characters of A-Z a-z 0-9 . _ : @ -"
             )

@@ -106,10 +106,9 @@ COUNTER_FIELDS = _counter_fields()
 
 @dataclass(slots=True)
 class ClientStats:
-    """One client's counters plus what the dashboard shows about it."""
+    """One client's counters (its live state is read from the hub when asked)."""
 
     counters: Counters = field(default_factory=Counters)
-    last_activity: float = 0.0  # wall-clock seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +318,6 @@ class HubMetrics:
         """Per-client counters plus `state`, `pending` and `last_activity`."""
         stats = self.clients.get(client_id)
         data: dict[str, Any] = client_counters_dict(stats.counters) if stats else {}
-        data["last_activity"] = stats.last_activity if stats else None
         data.update(self._client_extras(client_id))
         return data
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .messages import DeadLetter
@@ -40,6 +41,7 @@ class ClientSession:
         "stats",
         "stream_known",
         "transport",
+        "try_send",
         "v1",
     )
 
@@ -62,6 +64,7 @@ class ClientSession:
         self.dead_letters: deque[DeadLetter] = deque(maxlen=dead_letter_max)
         self.lock = asyncio.Lock()
         self.transport: Transport | None = None
+        self.try_send: Callable[[str | bytes], bool] | None = None
         self.v1 = False
         self.next_seq = 1
         self.acked = 0

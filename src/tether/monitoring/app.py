@@ -8,12 +8,14 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,6 +32,7 @@ from ..config import ConfigError
 from ..hub import CLIENT_ID_PATTERN, Hub
 from ..metrics import MetricsSnapshot
 from ..resilience import CircuitState
+from ..transports.session import Authenticate, origin_allowed, origin_patterns
 
 log = logging.getLogger("tether.monitoring")
 
@@ -113,6 +116,22 @@ def _bearer(conn: HTTPConnection, *, allow_query: bool) -> str | None:
     if allow_query:
         return conn.query_params.get("token")
     return None
+
+
+def _cross_origin(conn: HTTPConnection, allowed: list[re.Pattern[str]]) -> bool:
+    """True when a browser sent this request from another site's page.
+
+    Browsers send `Origin` with every POST and WebSocket handshake; a page elsewhere
+    could otherwise publish through (or watch) a server that trusts loopback callers,
+    since the victim's browser *is* on loopback. Non-browser clients send no Origin.
+    """
+    origin = conn.headers.get("origin")
+    if origin is None:
+        return False
+    if allowed and origin_allowed(origin, allowed):
+        return False
+    host = conn.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() != host.lower()
 
 
 def _token_ok(given: str | None, expected: str) -> bool:
@@ -422,6 +441,7 @@ class _Access:
     monitor_token: str | None
     api_token: str | None
     public_bind: bool  # bound beyond loopback
+    origins: list[re.Pattern[str]]  # allowed_origins, besides the app's own
 
     def monitor(self, conn: HTTPConnection, *, allow_query: bool = False) -> Response | None:
         """None when the caller may read monitoring data, else the refusal."""
@@ -437,6 +457,8 @@ class _Access:
         return None
 
     def publish(self, conn: HTTPConnection) -> Response | None:
+        if _cross_origin(conn, self.origins):
+            return _error(403, "forbidden", "cross-origin publishing is refused")
         if self.api_token is not None:
             if not _token_ok(_bearer(conn, allow_query=False), self.api_token):
                 return _error(
@@ -462,6 +484,7 @@ def create_app(
     start_hub: bool = True,
     shutdown_hub: bool = False,
     include_ws: bool = True,
+    authenticate: Authenticate | None = None,
 ) -> Starlette:
     """A Starlette app serving `hub`: the delivery WebSocket at `ws_path` and monitoring.
 
@@ -470,6 +493,8 @@ def create_app(
     is refused with `ConfigError`: an open publish API would let anyone message every
     client. Without `monitor_token` the monitoring routes then answer loopback callers
     only. Mounted in FastAPI the lifespan may not run; the hub starts on first use.
+    `authenticate` is the `/ws` hook (see `tether.auth`); without one, `auth_secret`
+    (TETHER_AUTH_SECRET) turns on signed tokens.
     """
     cfg = hub.config
     monitor = cfg.monitor_token if monitor_token is _UNSET else monitor_token
@@ -487,7 +512,7 @@ def create_app(
     cadence = LiveCadence(realtime_interval, performance_interval, aggregate_interval)
     if min(realtime_interval, performance_interval, aggregate_interval) <= 0:
         raise ValueError("live update intervals must be positive")
-    access = _Access(monitor or None, api or None, public)
+    access = _Access(monitor or None, api or None, public, origin_patterns(cfg.allowed_origins))
     feed = LiveFeed(hub, cadence)
     checker = HealthCheck(hub, health or HealthThresholds())
 
@@ -552,7 +577,6 @@ def create_app(
             and (state_filter is None or hub.circuit_state(cid) is state_filter)
             and (connected_filter is None or hub.is_connected(cid) is connected_filter)
         ]
-        stats = hub.metrics.clients
         if key == "id":
             ids.sort(reverse=descending)
         else:
@@ -562,8 +586,7 @@ def create_app(
                     return (hub.pending(cid), cid)
                 if key == "state":
                     return (_STATE_RANK[hub.circuit_state(cid)], hub.pending(cid), cid)
-                entry = stats.get(cid)
-                return (entry.last_activity if entry else 0.0, cid)
+                return (hub.last_activity(cid) or 0.0, cid)
 
             ids.sort(key=sort_key, reverse=descending)
         page = ids[offset : offset + limit]
@@ -683,6 +706,9 @@ def create_app(
 
     async def live(websocket: WebSocket) -> None:
         refusal = access.monitor(websocket, allow_query=True)
+        if refusal is None and _cross_origin(websocket, access.origins):
+            # another site's page in an operator's browser must not watch the feed
+            refusal = _error(403, "forbidden", "cross-origin")
         if refusal is not None:
             # 1008 (policy violation) tells the dashboard to ask for a token, not retry blindly
             await websocket.close(1008, "unauthorized" if access.monitor_token else "forbidden")
@@ -713,7 +739,7 @@ def create_app(
 
     routes: list[BaseRoute] = []
     if include_ws:
-        routes.extend(_delivery_routes(hub, ws_path))
+        routes.extend(_delivery_routes(hub, ws_path, authenticate))
     routes += [
         Route("/", root, methods=["GET"]),
         Route("/health", guarded(health_route), methods=["GET"]),
@@ -762,14 +788,14 @@ def _loopback_only(access: _Access, handler: Handler) -> Handler:
     return endpoint
 
 
-def _delivery_routes(hub: Hub, path: str) -> list[BaseRoute]:
+def _delivery_routes(hub: Hub, path: str, authenticate: Authenticate | None) -> list[BaseRoute]:
     # imported here: the Starlette transport is optional for users who only want monitoring
     try:
         from ..transports.starlette import websocket_route
     except ImportError as exc:  # pragma: no cover - only while the transport is missing
         log.warning("tether: %s not served (%s)", path, exc)
         return []
-    route: BaseRoute = websocket_route(hub, path=path)
+    route: BaseRoute = websocket_route(hub, path=path, authenticate=authenticate)
     return [route]
 
 

@@ -20,8 +20,11 @@ class Transport(Protocol):
 
     `send` writes one frame (`str` as a text frame, `bytes` as binary) and returns once
     the connection has accepted it; `close` ends the connection with a WebSocket close
-    code. Real adapters live in `tether.transports.websockets` and
-    `tether.transports.starlette`; `tether.testing.MockWebSocket` is one for tests.
+    code. A transport may also have `try_send(data) -> bool`, a synchronous write that
+    returns False when the frame cannot be taken at once (the hub then awaits `send`
+    under `send_timeout`); it saves an await per message on the hot path. Real adapters
+    live in `tether.transports.websockets` and `tether.transports.starlette`;
+    `tether.testing.MockWebSocket` is one for tests.
     """
 
     async def send(self, data: str | bytes) -> None: ...

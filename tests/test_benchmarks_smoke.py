@@ -1,0 +1,70 @@
+"""Smoke test of the benchmarks: each `--quick` run executes and emits valid JSON (no thresholds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import BENCHMARKS  # noqa: E402
+from benchmarks._common import validate_result  # noqa: E402
+
+RESULT_KEYS = {"name", "params", "results", "targets", "machine"}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    return env
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_quick_run_emits_valid_json(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result.keys() >= RESULT_KEYS
+    assert result["name"] == name
+    assert result["results"], "no result rows"
+    assert validate_result(result) == []
+    assert result["machine"]["nproc"] >= 1
+    for entry in result["targets"].values():
+        assert {"measured", "unit", "target", "goal", "met_target", "met_goal"} <= entry.keys()
+
+
+def test_runner_and_parser(tmp_path: Path) -> None:
+    import argparse
+
+    from tether.bench import add_bench_parser, locate_benchmarks, run_benchmarks
+
+    assert locate_benchmarks() == ROOT
+    parser = argparse.ArgumentParser(prog="tether")
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--quick", "--json", "x.json", "hash_performance"])
+    assert args.quick and args.json == "x.json" and args.names == ["hash_performance"]
+    assert callable(args.func)
+
+    out = tmp_path / "all.json"
+    report = run_benchmarks(["hash_performance"], quick=True, json_path=str(out))
+    assert report["errors"] == {}
+    assert set(report["benchmarks"]) == {"hash_performance"}
+    assert json.loads(out.read_text())["summary"]
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        run_benchmarks(["nope"], quick=True, json_path=None)
