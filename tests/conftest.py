@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
+import pytest_asyncio
+
+from tether import Hub, HubConfig
+from tether.clock import ManualClock
 
 # In CI a missing service or browser is a failure, never a skip.
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -13,3 +21,102 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# --------------------------------------------------------------------------- Redis
+# (added for issue 6: the Redis backend) Tests that need Redis use `redis_url` /
+# `redis_prefix`; each test gets its own key prefix and its keys are deleted after it.
+
+REDIS_URL = os.environ.get("TETHER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _redis_available() -> str | None:
+    """None when Redis answers, else why not."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1).ping()
+    except Exception as exc:
+        return f"Redis at {REDIS_URL} unavailable: {exc!r}"
+    return None
+
+
+_REDIS_PROBLEM: list[str | None] = []
+
+
+def require_redis() -> None:
+    """Skip locally, fail in CI, when Redis is not reachable."""
+    if not _REDIS_PROBLEM:
+        _REDIS_PROBLEM.append(_redis_available())
+    problem = _REDIS_PROBLEM[0]
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(problem)
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require_redis()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A fresh key prefix; every key under it is deleted after the test."""
+    import redis
+
+    prefix = f"tether-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    """Run a test once per backend (the hub suite must hold on Redis too)."""
+    return str(request.param)
+
+
+MakeHub = Callable[..., Hub]
+
+
+@pytest_asyncio.fixture
+async def make_hub(
+    backend_kind: str, clock: ManualClock, request: pytest.FixtureRequest
+) -> AsyncIterator[MakeHub]:
+    """`make_hub(**HubConfig fields, clock=..., rng=...)`: a Hub on the parametrised
+    backend (a private Redis prefix for redis), shut down after the test."""
+    prefix = request.getfixturevalue("redis_prefix") if backend_kind == "redis" else "tether"
+    hubs: list[Hub] = []
+
+    def factory(config: HubConfig | None = None, **options: Any) -> Hub:
+        hub_clock = options.pop("clock", clock)
+        rng = options.pop("rng", None)
+        values = dict(config.model_dump(exclude_unset=True)) if config is not None else {}
+        values.update(options)
+        values["backend"] = backend_kind
+        if backend_kind == "redis":
+            values.setdefault("redis_url", REDIS_URL)
+            values.setdefault("redis_prefix", prefix)
+        hub = Hub(HubConfig(**values), clock=hub_clock, rng=rng)
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        await hub.shutdown(timeout=1.0)
+
+
+@pytest_asyncio.fixture
+async def bhub(make_hub: MakeHub) -> AsyncIterator[Hub]:
+    """Like the plugin's `hub`, on each backend."""
+    instance = make_hub(HubConfig())
+    await instance.start()
+    await asyncio.sleep(0)
+    yield instance

@@ -1,0 +1,324 @@
+"""RedisBackend through real Hubs (MockWebSocket transports) on a real Redis: storage, routing, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from tether import Hub, HubConfig, SendStatus
+from tether.backends.redis import RedisBackend
+from tether.clock import ManualClock, SystemClock
+from tether.protocol import Hello
+from tether.testing import MockWebSocket
+
+pytestmark = pytest.mark.redis
+
+Factory = Callable[..., Hub]
+
+
+@pytest_asyncio.fixture
+async def node(redis_url: str, redis_prefix: str) -> AsyncIterator[Factory]:
+    """`node("a", **config)`: a started-on-demand Hub on Redis under this test's prefix."""
+    hubs: list[Hub] = []
+
+    def factory(node_id: str, clock: Any = None, **values: Any) -> Hub:
+        values.setdefault("presence_ttl", 5)
+        config = HubConfig(
+            backend="redis",
+            redis_url=redis_url,
+            redis_prefix=redis_prefix,
+            node_id=node_id,
+            **values,
+        )
+        hub = Hub(config, clock=clock or SystemClock())
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        await hub.shutdown(timeout=1.0)
+
+
+@pytest_asyncio.fixture
+async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def kill_connections(r: aioredis.Redis, prefix: str, node_id: str, *, kind: str) -> int:
+    """`CLIENT KILL` one node's connections of one type (pubsub or normal), by id, so
+    tests sharing this Redis are not disturbed."""
+    name = f"tether:{prefix}:{node_id}".encode()
+    killed = 0
+    for line in (await r.execute_command("CLIENT", "LIST", "TYPE", kind)).splitlines():
+        fields = dict(part.split(b"=", 1) for part in line.split(b" ") if b"=" in part)
+        if fields.get(b"name") == name:
+            killed += int(await r.execute_command("CLIENT", "KILL", "ID", fields[b"id"].decode()))
+    return killed
+
+
+def v1_hello(cid: str, last_seq: int = 0) -> Hello:
+    return Hello(cid, last_seq)
+
+
+# ---------------------------------------------------------------------------- storage
+
+
+async def test_offline_messages_are_in_redis_and_delivered_on_connect(
+    node: Factory, r: aioredis.Redis, redis_prefix: str
+) -> None:
+    hub = node("a")
+    for n in range(3):
+        result = await hub.send("alice", {"n": n}, critical=True)
+        assert result.status is SendStatus.QUEUED and result.seq == n + 1
+    assert await hub.backend.pending_count("alice") == 3
+    assert await r.xlen(f"{redis_prefix}:{{alice}}:out") == 3
+    ws = MockWebSocket()
+    await hub.connect("alice", ws)
+    assert ws.payloads == [{"n": 0}, {"n": 1}, {"n": 2}]
+    # plain mode: written = delivered, so the store is trimmed
+    assert await hub.backend.pending_count("alice") == 0
+    assert (await hub.send("alice", "now", critical=True)).status is SendStatus.SENT
+    assert await hub.backend.pending_count("alice") == 0
+
+
+async def test_payload_kinds_round_trip_through_redis(node: Factory) -> None:
+    hub = node("a")
+    payloads: list[Any] = ["héllo \U0001f600", b"\x00\xffbinary", {"id": "x1", "v": [1, 2]}]
+    for p in payloads:
+        assert (await hub.send("bob", p, critical=True)).accepted
+    ws = MockWebSocket()
+    await hub.connect("bob", ws, hello=v1_hello("bob"))
+    data = ws.data()
+    assert data[0] == payloads[0]
+    assert data[1] == "AP9iaW5hcnk="  # bytes travel base64 in tether.v1 (enc)
+    assert [f.get("enc") for f in ws.frames if f["type"] == "msg"][1] == "base64"
+    assert data[2] == {"id": "x1", "v": [1, 2]}
+    assert ws.seqs() == [1, 2, 3]
+
+
+async def test_v1_ack_trims_and_resume_after_restart(node: Factory) -> None:
+    first = node("a")
+    ws = MockWebSocket()
+    await first.connect("carl", ws, hello=v1_hello("carl"))
+    for n in range(5):
+        await first.send("carl", n, critical=True)
+    assert ws.seqs() == [1, 2, 3, 4, 5]
+    await first.ack("carl", 2)
+    assert await first.backend.pending_count("carl") == 3
+    stats = await first.shutdown(timeout=0.2)  # 3 written, unacked: they stay in Redis
+    assert stats.pending_messages_persisted == 3 and stats.pending_messages_dropped == 0
+
+    second = node("b")  # a new process, same Redis
+    ws2 = MockWebSocket()
+    welcome = await second.connect("carl", ws2, hello=v1_hello("carl", last_seq=3))
+    assert welcome is not None and welcome.resumed and not welcome.reset
+    assert ws2.seqs() == [4, 5]  # the client had 3; acked in Redis by the resume
+    assert await second.backend.pending_count("carl") == 2
+    assert (await second.send("carl", "six", critical=True)).seq == 6
+
+
+async def test_overflow_policies_hold_in_redis(node: Factory) -> None:
+    oldest = node("a", max_queue_size=3)
+    results = [await oldest.send("d", n, critical=True) for n in range(5)]
+    assert [x.status for x in results] == [SendStatus.QUEUED] * 5
+    assert oldest.metrics.snapshot().to_dict()["queue"]["overflows"] == 2
+    ws = MockWebSocket()
+    await oldest.connect("d", ws)
+    assert ws.payloads == [2, 3, 4]
+    for policy, status in (("reject", SendStatus.REJECTED), ("drop_newest", SendStatus.DROPPED)):
+        strict = node(f"s-{policy}", max_queue_size=3, overflow_policy=policy)
+        got = [(await strict.send(f"e-{policy}", n, critical=True)).status for n in range(5)]
+        assert got == [SendStatus.QUEUED] * 3 + [status] * 2
+        assert await strict.backend.pending_count(f"e-{policy}") == 3
+
+
+async def test_critical_dedup_is_cluster_wide(node: Factory) -> None:
+    a, b = node("a"), node("b")
+    assert (await a.send("f", {"id": "order-1"}, critical=True)).status is SendStatus.QUEUED
+    assert (await b.send("f", {"id": "order-1"}, critical=True)).status is SendStatus.DUPLICATE
+    assert (await b.send("f", {"id": "order-2"}, critical=True)).seq == 2
+
+
+async def test_expired_messages_are_removed_on_load(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node("a", clock=clock)
+    await hub.send("g", "short", critical=True, ttl=5)
+    await hub.send("g", "long", critical=True, ttl=500)
+    clock.advance(6)
+    ws = MockWebSocket()
+    await hub.connect("g", ws)
+    assert ws.sent == ["long"]
+    assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1
+    assert await hub.backend.pending_count("g") == 0
+
+
+async def test_dead_letters_are_stored(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node("a", clock=clock, max_retries=1, failure_threshold=100, retry_base_delay=0.1)
+    ws = MockWebSocket(failure_rate=1.0)
+    await hub.connect("h", ws)
+    await hub.send("h", "poison", critical=True)
+    for _ in range(20):
+        clock.advance(1)
+        await hub.retry_now()
+    assert [d.data for d in hub.dead_letters("h")] == ["poison"]
+    backend = hub.backend
+    assert isinstance(backend, RedisBackend)
+    stored = await backend.dead_letters("h")
+    assert stored[0]["data"] == "poison" and stored[0]["reason"] == "retries exhausted"
+    assert await backend.pending_count("h") == 0
+
+
+# ---------------------------------------------------------------------------- routing
+
+
+async def test_cross_node_critical_best_effort_and_broadcast(node: Factory) -> None:
+    a, b = node("a"), node("b")
+    await a.start()
+    ws = MockWebSocket()
+    await b.connect("ivy", ws, hello=v1_hello("ivy"))
+    assert await a.backend.owner("ivy") == "b"
+    for n in range(20):
+        result = await a.send("ivy", {"n": n}, critical=True)
+        assert result.status is SendStatus.QUEUED and result.reason == "delivered by node b"
+    await eventually(lambda: len(ws.seqs()) == 20)
+    assert ws.seqs() == list(range(1, 21))
+    fwd = await a.send("ivy", "best effort")
+    assert fwd.status is SendStatus.SENT and fwd.reason == "forwarded to b"
+    await eventually(lambda: "best effort" in ws.data())
+    bc = await a.broadcast({"all": 1})
+    await eventually(lambda: {"all": 1} in ws.data())
+    assert bc.total == 0  # nobody local to a; the cluster got it by pub/sub
+    crit = await a.broadcast({"all": 2}, critical=True)
+    assert crit.queued == 1
+    await eventually(lambda: {"all": 2} in ws.data())
+    await b.ack("ivy", max(ws.seqs()))
+    assert await b.backend.pending_count("ivy") == 0
+
+
+async def test_group_broadcast_reaches_only_members_elsewhere(node: Factory) -> None:
+    a, b = node("a"), node("b")
+    await a.start()
+    in_group, outside = MockWebSocket(), MockWebSocket()
+    await b.connect("m1", in_group)
+    await b.connect("m2", outside)
+    b.join("m1", "room")
+    await asyncio.sleep(0.1)  # join is recorded in the background
+    await a.broadcast("hello room", group="room")
+    await eventually(lambda: in_group.sent == ["hello room"])
+    crit = await a.broadcast("critical room", group="room", critical=True)
+    assert crit.queued == 1
+    await eventually(lambda: in_group.sent == ["hello room", "critical room"])
+    assert outside.sent == []
+
+
+async def test_gap_from_another_node_keeps_fifo(node: Factory) -> None:
+    """A message stored by node A for a client on B whose doorbell has not arrived yet
+    must still go out before B's own next message."""
+    a, b = node("a"), node("b")
+    await a.start()
+    ws = MockWebSocket()
+    await b.connect("jo", ws)
+    backend = b.backend
+    assert isinstance(backend, RedisBackend)
+    backend._bell = lambda client_id: None  # type: ignore[method-assign]  # doorbell lost
+    await a.send("jo", "from a", critical=True)
+    queued = await b.send("jo", "from b", critical=True)
+    assert queued.reason == "behind earlier undelivered messages"
+    assert b.pending("jo") == 2  # a's message was pulled in ahead of b's own
+    await eventually(lambda: ws.sent == ["from a", "from b"])  # the retry loop flushes
+
+
+async def test_moving_a_client_kicks_the_old_node(node: Factory) -> None:
+    a, b = node("a"), node("b")
+    old, new = MockWebSocket(), MockWebSocket()
+    await a.connect("kim", old, hello=v1_hello("kim"))
+    await a.send("kim", "one", critical=True)  # written, never acked
+    await b.connect("kim", new, hello=v1_hello("kim"))
+    assert new.seqs() == [1]
+    await eventually(lambda: old.closed)
+    assert old.close_reason == "moved to node b"
+    await eventually(lambda: a.pending("kim") == 0)  # a's stale copy is dropped
+    assert await a.backend.owner("kim") == "b"
+
+
+# ---------------------------------------------------------------------------- failures
+
+
+async def test_redis_unreachable_rejects_critical_keeps_local_delivery() -> None:
+    # Port 1 on loopback: connection refused at once.
+    hub = Hub(
+        HubConfig(backend="redis", redis_url="redis://:s3cret@127.0.0.1:1/0", node_id="x"),
+        clock=SystemClock(),
+    )
+    ws = MockWebSocket()
+    await hub.connect("lee", ws)  # the connection works without Redis
+    critical = await hub.send("lee", "important", critical=True)
+    assert critical.status is SendStatus.REJECTED
+    assert critical.reason is not None and critical.reason.startswith("backend unavailable: ")
+    assert (await hub.send("lee", "chatter")).status is SendStatus.SENT
+    assert ws.sent == ["chatter"]
+    with pytest.raises(ValueError, match="backend unavailable"):  # v1: close 1013, retry later
+        await hub.connect("lee-v1", MockWebSocket(), hello=v1_hello("lee-v1", last_seq=4))
+    assert not hub.is_connected("lee-v1")
+    backend = hub.backend
+    info = backend.describe()
+    assert info["healthy"] is False and info["errors"] > 0
+    assert "s3cret" not in info["url"] and info["node_id"] == "x"
+    assert hub.metrics.snapshot().to_dict()["backend"]["errors"] == backend.errors
+    stats = await hub.shutdown(timeout=0.2)
+    assert stats.pending_messages_persisted == 0
+
+
+async def test_pubsub_listener_recovers_from_client_kill(node: Factory, r: aioredis.Redis) -> None:
+    a, b = node("a"), node("b")
+    await a.start()
+    ws = MockWebSocket()
+    await b.connect("max", ws)
+    backend = b.backend
+    assert isinstance(backend, RedisBackend)
+    await eventually(lambda: backend.healthy)
+    errors = backend.errors
+    await a.send("max", "before", critical=True)
+    await eventually(lambda: ws.sent == ["before"])
+    await kill_connections(r, backend.prefix, "b", kind="pubsub")
+    await eventually(lambda: backend.listener_reconnects >= 1)
+    assert backend.errors > errors
+    assert b.metrics.snapshot().to_dict()["backend"]["errors"] == backend.errors
+    await eventually(lambda: backend.healthy)
+    await a.send("max", "after", critical=True)
+    await eventually(lambda: ws.sent == ["before", "after"])
+
+
+async def test_killed_command_connections_lose_nothing(
+    node: Factory, r: aioredis.Redis, redis_prefix: str
+) -> None:
+    hub = node("a")
+    await hub.start()
+    accepted = []
+    for n in range(200):
+        if n % 50 == 25:
+            assert await kill_connections(r, redis_prefix, "a", kind="normal") >= 1
+        result = await hub.send("ned", n, critical=True, message_id=f"m{n}")
+        while not result.accepted:  # REJECTED on a dead connection: resend, dedup keeps it once
+            assert result.status in (SendStatus.REJECTED, SendStatus.DUPLICATE), result
+            if result.status is SendStatus.DUPLICATE:
+                break
+            result = await hub.send("ned", n, critical=True, message_id=f"m{n}")
+        accepted.append(n)
+    ws = MockWebSocket()
+    await hub.connect("ned", ws)
+    assert ws.payloads == list(range(200))
