@@ -115,3 +115,14 @@ async def test_shutdown_waits_for_acks_of_v1_clients(clock: ManualClock) -> None
     await acker
     assert stats.pending_messages_flushed == 3 and stats.pending_messages_dropped == 0
     assert ws2.close_code == 1001
+
+
+async def test_unencodable_payloads_are_rejected_without_tripping_the_breaker(hub: Hub) -> None:
+    ws, _ = await connect_v1(hub, "alice")
+    for bad in ("lone \ud800 surrogate", {"set": {1, 2}}, object()):
+        result = await hub.send("alice", bad, critical=True)
+        assert result.status is SendStatus.REJECTED and result.reason
+    assert hub.circuit_state("alice").value == "closed"
+    assert (await hub.send("alice", "fine", critical=True)).status is SendStatus.SENT
+    assert ws.data() == ["fine"]
+    assert hub.metrics.snapshot().to_dict()["messages"]["rejected"] == 3

@@ -84,7 +84,7 @@ class HealthThresholds:
     oldest_pending_failing: float = 120.0
     backlog_degraded: int = 10_000
     backlog_failing: int = 100_000
-    backend_error_window: float = 60.0  # new backend errors this recent mean failing
+    backend_error_window: float = 60.0  # backend errors this recent are reported (degraded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,19 +398,25 @@ class HealthCheck:
         elif backlog >= t.backlog_degraded:
             degraded.append(f"{backlog} messages pending (>= {t.backlog_degraded})")
 
-        # Backend errors are a running count: new ones recently mean failing, old ones
-        # only degraded (the backend recovered, but an operator should know).
+        # A backend outage degrades the hub rather than failing it: local connections keep
+        # working and critical sends are refused with a reason, never lost. Errors are a
+        # running count, so only recent ones are reported.
         errors = data["backend"]["errors"]
         now = time.monotonic()
         if errors > self._backend_errors:
             self._backend_error_at = now
         self._backend_errors = errors
-        if errors:
-            recent = (
-                self._backend_error_at is not None
-                and now - self._backend_error_at <= t.backend_error_window
+        backend = self.hub.backend
+        if not backend.healthy:
+            degraded.append(f"{backend.name} backend unreachable")
+        elif (
+            errors
+            and self._backend_error_at is not None
+            and now - self._backend_error_at <= t.backend_error_window
+        ):
+            degraded.append(
+                f"{errors} backend errors (last {now - self._backend_error_at:.0f} s ago)"
             )
-            (failing if recent else degraded).append(f"{errors} backend errors")
 
         status = "failing" if failing else "degraded" if degraded else "ok"
         return {
@@ -427,6 +433,7 @@ class HealthCheck:
                 "oldest_pending_age_seconds": age,
                 "backlog": backlog,
                 "backend_errors": errors,
+                "backend": backend.describe(),
                 "connections_active": data["connections"]["active"],
             },
             "uptime_seconds": data["uptime_seconds"],
