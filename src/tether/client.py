@@ -28,7 +28,7 @@ import inspect
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,20 +122,22 @@ class _Fatal(Exception):
 class Client:
     """A tether.v1 client with exactly-once, in-order delivery of critical messages.
 
-    Options: `token` (sent in `hello`), `last_seq` (resume point persisted by the app
-    from `client.last_seq`), `backoff_base`/`backoff_max` seconds and
-    `max_reconnect_attempts` (consecutive failed attempts; None = forever), `ack_every`
-    messages / `ack_interval` seconds (acks are cumulative and batched), `max_buffer`
-    (messages received but not yet iterated; beyond it the client stops reading and
-    the server holds the rest), `open_timeout`, `ping_interval`, `ping_timeout`,
-    `max_message_size`, `headers` (extra HTTP headers), `rng` (for reproducible
-    jitter), and `connect_options` (passed to `websockets.asyncio.client.connect`).
+    `url` may be a list of URLs of hub nodes that share a backend: after a failed
+    attempt the client tries the next one. Options: `token` (sent in `hello`);
+    `last_seq` (resume point persisted by the app from `client.last_seq`);
+    `backoff_base` / `backoff_max` seconds and `max_reconnect_attempts` (consecutive
+    failed attempts; None = forever); `ack_every` messages / `ack_interval` seconds
+    (acks are cumulative and batched); `max_buffer` (messages received but not yet
+    iterated; beyond it the client stops reading and the server holds the rest);
+    `open_timeout`, `ping_interval`, `ping_timeout`, `max_message_size`, `headers`
+    (extra HTTP headers), `rng` (for reproducible jitter) and `connect_options`
+    (passed to `websockets.asyncio.client.connect`).
     Counters: `received`, `duplicates`, `reconnects`, `lost`.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         client_id: str | None = None,
         token: str | None = None,
@@ -154,17 +156,24 @@ class Client:
         rng: random.Random | None = None,
         connect_options: Mapping[str, Any] | None = None,
     ) -> None:
-        try:
-            parse_uri(url)
-        except InvalidURI as exc:
-            raise ValueError(str(exc)) from None
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("need at least one URL")
+        for candidate in urls:
+            try:
+                parse_uri(candidate)
+            except InvalidURI as exc:
+                raise ValueError(str(exc)) from None
         if backoff_base <= 0 or backoff_max < backoff_base:
             raise ValueError("need 0 < backoff_base <= backoff_max")
         if max_reconnect_attempts is not None and max_reconnect_attempts < 0:
             raise ValueError("max_reconnect_attempts must be >= 0 or None")
         if max_buffer < 1:
             raise ValueError("max_buffer must be >= 1")
-        self.url = url
+        # Several URLs (hub nodes sharing a Redis backend): a failed attempt moves on to
+        # the next one, so the client fails over when its node dies.
+        self.urls = urls
+        self.url = urls[0]
         self.client_id = client_id if client_id is not None else "py-" + uuid.uuid4().hex[:16]
         self._cp = protocol.ClientProtocol(
             self.client_id,
@@ -337,6 +346,9 @@ class Client:
                     ClientState.RECONNECTING if self.welcome is not None else ClientState.CONNECTING
                 )
                 failures += 1
+                if len(self.urls) > 1 and failures > 1:
+                    position = self.urls.index(self.url) if self.url in self.urls else -1
+                    self.url = self.urls[(position + 1) % len(self.urls)]
                 limit = self.max_reconnect_attempts
                 if limit is not None and failures > limit:
                     raise _Fatal(

@@ -35,7 +35,7 @@ async def hub(hub_config: HubConfig, clock: ManualClock) -> AsyncIterator[Hub]:
     try:
         yield instance
     finally:
-        await instance.shutdown(timeout=1.0)
+        await instance.shutdown(timeout=0.25)
 
 
 @pytest.fixture
