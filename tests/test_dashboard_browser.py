@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Page
 from starlette.applications import Starlette
 
 from tether import CircuitState, Hub, HubConfig
@@ -22,33 +20,12 @@ from tether.testing import MockWebSocket
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 REALTIME = 0.5
 PERFORMANCE = 1.0
 AGGREGATE = 2.0
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 
 
-@pytest_asyncio.fixture
-async def browser() -> AsyncIterator[Browser]:
-    # No skip when Chromium is missing: launching fails and the test fails, in CI too.
-    async with async_playwright() as p:
-        instance = await p.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield instance
-        finally:
-            await instance.close()
 
 
 @dataclass

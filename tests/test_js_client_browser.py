@@ -10,15 +10,14 @@ import json
 import random
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 from playwright.async_api import Error as PlaywrightError
 
 from tether import Hub, HubConfig, SendStatus, protocol
@@ -27,16 +26,6 @@ from tether.transports.base import Transport
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 5_000
@@ -68,17 +57,6 @@ async ([url, options]) => {
 """
 
 
-@pytest_asyncio.fixture
-async def browser() -> AsyncIterator[Browser]:
-    # No skip when Chromium is missing: launching fails and the test fails, in CI too.
-    async with async_playwright() as p:
-        instance = await p.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield instance
-        finally:
-            await instance.close()
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
