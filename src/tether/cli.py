@@ -80,7 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_bench_parser(commands)
+    _add_soak_parser(commands)
     return parser
+
+
+def _add_soak_parser(commands: Any) -> None:
+    soak = commands.add_parser(
+        "soak",
+        help="minutes of mixed load and chaos; checks every critical message arrived once "
+        "or was reported lost (needs a source checkout: benchmarks/soak.py)",
+        description="Run benchmarks/soak.py: tether.Clients over loopback with random "
+        "drops, a stalled client, bad frames, floods and hub restarts. Exits 1 on any "
+        "message neither delivered exactly once nor reported lost, or state left behind.",
+    )
+    soak.add_argument("--duration", type=_positive_float, default=120.0, help="seconds (120)")
+    soak.add_argument("--clients", type=_positive_int, default=20, help="clients (20)")
+    soak.add_argument("--seed", type=int, default=None, help="random seed (random)")
+    soak.add_argument("--restarts", type=int, default=1, help="hub restarts (1)")
+    soak.add_argument("--rate", type=_positive_float, default=300.0, help="messages/s (300)")
+    soak.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    soak.set_defaults(func=cmd_soak)
 
 
 def _positive_int(text: str) -> int:
@@ -109,6 +128,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     return _run(args, config_overrides={}, simulate=None)
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from .bench import BenchmarksNotFoundError, locate_benchmarks
+
+    try:
+        locate_benchmarks()  # the soak lives beside the benchmarks, not in the wheel
+    except BenchmarksNotFoundError as exc:
+        print(f"tether: {exc}", file=sys.stderr)
+        return 2
+    from benchmarks import soak  # type: ignore[import-not-found,unused-ignore]
+
+    result: int = soak.run_from_args(args)
+    return result
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -107,8 +107,12 @@ class HubConfig(BaseSettings):
     # serving and monitoring
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
-    monitor_token: str | None = None
-    api_token: str | None = None
+    # repr=False: secrets stay out of reprs, logs and tracebacks
+    monitor_token: str | None = Field(None, repr=False)
+    api_token: str | None = Field(None, repr=False)
+    # Signed-token authentication of WebSocket clients (see tether.auth): when set, a
+    # client's id comes from its token and it can never choose one itself.
+    auth_secret: str | None = Field(None, repr=False)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
@@ -129,6 +133,14 @@ class HubConfig(BaseSettings):
     def _non_empty_token(cls, value: str | None) -> str | None:
         if value is not None and len(value) < 8:
             raise ValueError("a token must be at least 8 characters (unset it to disable)")
+        return value
+
+    @field_validator("auth_secret")
+    @classmethod
+    def _strong_secret(cls, value: str | None) -> str | None:
+        # HMAC keys shorter than this are guessable offline from one captured token
+        if value is not None and len(value) < 16:
+            raise ValueError("the secret must be at least 16 characters (unset it to disable)")
         return value
 
     @model_validator(mode="after")
@@ -154,12 +166,17 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+# Fields whose values must never be echoed into an error message (and so into logs).
+SECRET_FIELDS = frozenset({"monitor_token", "api_token", "auth_secret"})
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     lines = ["invalid Tether configuration:"]
     for error in exc.errors():
         location = [str(part) for part in error.get("loc", ()) if part != "__root__"]
         name = env_name(location[0]) if location else "TETHER_* (combination)"
         value = error.get("input")
-        shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+        secret = bool(location) and location[0] in SECRET_FIELDS
+        shown = "" if isinstance(value, dict) or value is None or secret else f" (got {value!r})"
         lines.append(f"  {name}: {error.get('msg', 'invalid value')}{shown}")
     return "\n".join(lines)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .. import protocol
-from ..hub import HubClosedError
+from ..hub import CLIENT_ID_PATTERN, HubClosedError
 from .base import TransportClosed
 
 if TYPE_CHECKING:
@@ -35,6 +38,13 @@ _NORMAL_CLOSES = frozenset({1000, 1001})
 # limit would close with 1009 and no explanation). Anything larger is cut off by the library.
 OVERSIZE_SLACK = 64 * 1024
 
+# How far a connection may run ahead of `max_inbound_rate`: a burst of twice the rate.
+BURST_FACTOR = 2.0
+
+# Per-connection write buffer high-water mark for the socket libraries: a send waits
+# (and `send_timeout` can cut a stalled peer off) once this much is unsent, so a client
+# that stops reading holds at most this much kernel-side plus its outbox.
+WRITE_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +96,73 @@ class ServerConnection(Protocol):
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
+class TokenBucket:
+    """Frames a connection may still send: refills at `rate` per second up to `burst`.
+
+    Monotonic wall time on purpose, not the hub's clock: a flood is a real-time thing.
+    """
+
+    __slots__ = ("burst", "clock", "rate", "stamp", "tokens")
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self.tokens = burst
+        self.stamp = clock()
+
+    def take(self) -> bool:
+        """Spend one token; False when there is none (the sender is over its rate)."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class ConnectionCounter:
+    """Open connections of one hub, across every adapter that serves it."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = 0
+
+
+# One counter per hub (weak: a hub that is gone takes its counter with it), so the
+# `websockets` and Starlette adapters share `max_connections` without the hub knowing.
+_COUNTERS: weakref.WeakKeyDictionary[Hub, ConnectionCounter] = weakref.WeakKeyDictionary()
+
+
+def connection_counter(hub: Hub) -> ConnectionCounter:
+    """The counter of `hub`'s open connections (created on first use)."""
+    counter = _COUNTERS.get(hub)
+    if counter is None:
+        counter = _COUNTERS[hub] = ConnectionCounter()
+    return counter
+
+
+def origin_patterns(allowed: Iterable[str]) -> list[re.Pattern[str]]:
+    """Compiled `allowed_origins`: exact matches, case-insensitive, trailing slash ignored."""
+    return [re.compile(re.escape(origin.rstrip("/")), re.IGNORECASE) for origin in allowed]
+
+
+def origin_allowed(origin: str | None, patterns: list[re.Pattern[str]]) -> bool:
+    """Whether a handshake with this `Origin` header may proceed.
+
+    No patterns: every origin. No header: allowed, since only browsers send one and
+    non-browser clients could forge it anyway; the check exists to stop other sites'
+    pages from opening a connection with a user's cookies or network position.
+    """
+    if not patterns or origin is None:
+        return True
+    return any(p.fullmatch(origin) is not None for p in patterns)
+
+
 def anonymous_id() -> str:
     """A client id for a plain-mode client that did not name itself."""
     return "anon-" + uuid.uuid4().hex[:16]
@@ -123,13 +200,21 @@ class Session:
         self.client_id_param = client_id_param
         self.authenticate = authenticate
         self.v1 = info.subprotocol == SUBPROTOCOL
+        # The adapter's synchronous write, if it has one: the hub uses it when present.
+        self.try_send: Callable[[str | bytes], bool] | None = getattr(conn, "try_send", None)
         self.client_id: str | None = None
         self.failed = False
+        cfg = hub.config
+        self.bucket = TokenBucket(cfg.max_inbound_rate, cfg.max_inbound_rate * BURST_FACTOR)
 
     async def run(self) -> None:
         """Serve the connection; on any exit detach it from the hub (its outbox stays)."""
+        counter = connection_counter(self.hub)
+        counter.open += 1
         try:
-            if self.v1:
+            if counter.open > self.hub.config.max_connections:
+                await self._over_capacity()
+            elif self.v1:
                 await self._run_v1()
             else:
                 await self._run_plain()
@@ -142,8 +227,31 @@ class Session:
             with contextlib.suppress(Exception):
                 await self.conn.close(1011, "internal error")
         finally:
+            counter.open -= 1
             if self.client_id is not None:
                 await self.hub.disconnect(self.client_id, transport=self, failed=self.failed)
+
+    async def _over_capacity(self) -> None:
+        """Refuse a connection beyond `max_connections`: 1013, try again later."""
+        self.failed = True
+        limit = self.hub.config.max_connections
+        log.warning("tether: refusing a connection: max_connections=%d reached", limit)
+        error = protocol.ProtocolError(
+            "unavailable",
+            f"too many connections (max_connections={limit}); try again later",
+            protocol.CloseCode.TRY_AGAIN_LATER,
+        )
+        if self.v1:
+            with contextlib.suppress(TransportClosed):
+                await self.conn.send(error.to_frame())
+        await self._close(error.close_code, error.reason)
+
+    async def _recv(self) -> str | bytes:
+        """The next frame, charged to the connection's inbound rate."""
+        data = await self.conn.recv()
+        if not self.bucket.take():
+            raise _RateLimited
+        return data
 
     # ------------------------------------------------------------------ plain mode
 
@@ -154,10 +262,16 @@ class Session:
             if authed is None:
                 return
             client_id = authed
+        if not _valid_id(client_id):
+            self.failed = True
+            await self._close(1008, f"invalid client id {client_id!r}")
+            return
         try:
             await self.hub.connect(client_id, self)
         except ValueError as exc:
-            await self._close(1008, str(exc))
+            # The id is valid, so the hub cannot take it now (max_clients, backend down).
+            self.failed = True
+            await self._close(protocol.CloseCode.TRY_AGAIN_LATER, str(exc))
             return
         except HubClosedError:
             await self._close(1001, "server shutting down")
@@ -166,12 +280,15 @@ class Session:
         limit = self.hub.config.max_message_size
         while True:
             try:
-                data = await self.conn.recv()
+                data = await self._recv()
             except PeerGone as gone:
                 self.failed = gone.code not in _NORMAL_CLOSES
                 return
             except TooBig:
                 await self._plain_too_big(limit)
+                return
+            except _RateLimited:
+                await self._plain_refuse(1008, self._rate_reason())
                 return
             if len(data) > limit or (
                 isinstance(data, str) and len(data) * 4 > limit and len(data.encode()) > limit
@@ -181,10 +298,17 @@ class Session:
             await self.hub.receive(client_id, data)
 
     async def _plain_too_big(self, limit: int) -> None:
+        await self._plain_refuse(1009, f"message exceeds {limit} bytes")
+
+    async def _plain_refuse(self, code: int, reason: str) -> None:
         self.failed = True
+        log.info("tether: closing %s: %s (close %d)", self.client_id, reason, code)
         if self.client_id is not None:
             await self.hub.disconnect(self.client_id, transport=self, failed=True)
-        await self._close(1009, f"message exceeds {limit} bytes")
+        await self._close(code, reason)
+
+    def _rate_reason(self) -> str:
+        return f"more than {self.hub.config.max_inbound_rate:g} frames per second"
 
     # ------------------------------------------------------------------ tether.v1
 
@@ -209,6 +333,12 @@ class Session:
                 if authed is None:
                     return
                 client_id = authed
+                if not _valid_id(client_id):  # a hook's mistake, not the hub's capacity
+                    raise protocol.ProtocolError(
+                        "invalid_client_id",
+                        f"invalid client id {client_id!r}",
+                        protocol.CloseCode.POLICY_VIOLATION,
+                    )
             try:
                 welcome = await self.hub.connect(client_id, self, hello=hello)
             except ValueError as exc:
@@ -238,7 +368,11 @@ class Session:
 
     async def _recv_v1(self, sp: protocol.ServerProtocol) -> str | bytes:
         try:
-            return await self.conn.recv()
+            return await self._recv()
+        except _RateLimited:
+            raise protocol.ProtocolError(
+                "rate_limited", self._rate_reason(), protocol.CloseCode.POLICY_VIOLATION
+            ) from None
         except PeerGone as gone:
             sp.close()
             self.failed = gone.code not in _NORMAL_CLOSES
@@ -303,9 +437,36 @@ class Session:
         return None
 
     async def _close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.conn.close(code, _close_reason(reason))
+        """Close from the session's own task (nothing else is reading the connection).
+
+        A peer refused for flooding usually has frames queued; a socket library that
+        stopped reading (its receive queue full) would then never see the peer's close
+        frame and hang until its close timeout. Reading the queue off while closing lets
+        the handshake finish at once.
+        """
+        closing = asyncio.ensure_future(self.conn.close(code, _close_reason(reason)))
+        reading: asyncio.Future[str | bytes] | None = None
+        try:
+            while not closing.done():
+                reading = asyncio.ensure_future(self.conn.recv())
+                await asyncio.wait({closing, reading}, return_when=asyncio.FIRST_COMPLETED)
+                if reading.done() and reading.exception() is not None:
+                    break  # the peer is gone (or the adapter refuses to read): just wait
+        finally:
+            if reading is not None and not reading.done():
+                reading.cancel()
+                await asyncio.wait({reading})
+            with contextlib.suppress(Exception):
+                await closing
 
 
 class _Ended(Exception):
     """The peer went away: nothing to report, just detach."""
+
+
+class _RateLimited(Exception):
+    """The peer sent frames faster than `max_inbound_rate` allows (beyond the burst)."""
+
+
+def _valid_id(client_id: object) -> bool:
+    return isinstance(client_id, str) and CLIENT_ID_PATTERN.fullmatch(client_id) is not None

@@ -14,6 +14,12 @@ each, the same as Tether's), e.g. `uvicorn.run(app, ws_ping_interval=20,
 ws_ping_timeout=20)`. Frames are limited by uvicorn's `ws_max_size` (16 MiB by default)
 and then by the hub's `max_message_size`, which an oversize frame is answered with an
 `error` frame (tether.v1) or close code 1009 (plain).
+
+Hardening (see docs/security.md): a handshake from a browser origin not in
+`allowed_origins` is refused before it is accepted (uvicorn answers HTTP 403); the
+session enforces `max_connections`, `max_inbound_rate`, `max_message_size` and
+`hello_timeout`. uvicorn bounds each connection's write buffer itself. With no
+`authenticate` hook given and `auth_secret` set, clients need tokens signed with it.
 """
 
 from __future__ import annotations
@@ -24,9 +30,18 @@ from typing import Any
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
+from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
-from .session import SUBPROTOCOL, Authenticate, ConnectionInfo, PeerGone, Session
+from .session import (
+    SUBPROTOCOL,
+    Authenticate,
+    ConnectionInfo,
+    PeerGone,
+    Session,
+    origin_allowed,
+    origin_patterns,
+)
 
 __all__ = ["StarletteTransport", "websocket_endpoint", "websocket_route"]
 
@@ -76,10 +91,18 @@ def websocket_endpoint(
     """An ASGI WebSocket endpoint, `async (websocket) -> None`, that serves `hub`.
 
     Accepts with subprotocol `tether.v1` only when the client offers it. `authenticate`,
-    `async (info, hello) -> client_id`, may refuse a connection by raising.
+    `async (info, hello) -> client_id`, may refuse a connection by raising (see
+    `tether.auth`); when None, `hub.config.auth_secret` decides (signed tokens if set).
     """
+    if authenticate is None:
+        authenticate = auth_from_config(hub.config.auth_secret)
+    origins = origin_patterns(hub.config.allowed_origins)
 
     async def endpoint(websocket: WebSocket) -> None:
+        if not origin_allowed(websocket.headers.get("origin"), origins):
+            # Closing before accept makes the server refuse the handshake (uvicorn: 403).
+            await websocket.close(1008, "origin not allowed")
+            return
         offered = websocket.scope.get("subprotocols") or []
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in offered else None
         await websocket.accept(subprotocol=subprotocol)

@@ -11,6 +11,12 @@ select_subprotocol=select_subprotocol, ...)`.
 Clients that offer the `tether.v1` subprotocol get the resumable protocol; any other
 client is served in plain mode (payloads written as-is, client id from `?client_id=`).
 Heartbeats are the library's ping/pong (`heartbeat_interval` / `heartbeat_timeout`).
+
+Hardening (see docs/security.md): a handshake from a browser origin not in
+`allowed_origins` gets HTTP 403; each connection's write buffer is bounded (`write_limit`
+64 KiB); the session enforces `max_connections` (1013), `max_inbound_rate` (1008),
+`max_message_size` (1009) and `hello_timeout` (1008). With no `authenticate` hook given
+and `auth_secret` set, clients must present a token signed with it (`tether.auth`).
 """
 
 from __future__ import annotations
@@ -22,18 +28,22 @@ from urllib.parse import parse_qsl, urlsplit
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
 from .session import (
     OVERSIZE_SLACK,
     SUBPROTOCOL,
+    WRITE_LIMIT,
     Authenticate,
     ConnectionInfo,
     PeerGone,
     Session,
     TooBig,
+    origin_patterns,
 )
 
 __all__ = [
@@ -59,6 +69,25 @@ class WebSocketsTransport:
             await self.ws.send(data)
         except ConnectionClosed as exc:
             raise TransportClosed(str(exc)) from exc
+
+    def try_send(self, data: str | bytes) -> bool:
+        """Write now, without awaiting, if the connection can take the frame at once:
+        open, no fragmented send in progress, write buffer under `WRITE_LIMIT`. This is
+        what `websockets.broadcast()` does; it halves the cost of a delivery. False
+        means "use `send`", which waits for the buffer to drain under `send_timeout`."""
+        ws = self.ws
+        if (
+            ws.protocol.state is not State.OPEN
+            or ws.send_in_progress is not None
+            or ws.transport.get_write_buffer_size() > WRITE_LIMIT
+        ):
+            return False
+        if isinstance(data, str):
+            ws.protocol.send_text(data.encode())
+        else:
+            ws.protocol.send_binary(data)
+        ws.send_data()
+        return True
 
     async def recv(self) -> str | bytes:
         try:
@@ -96,7 +125,10 @@ class Handler:
     ) -> None:
         self.hub = hub
         self.client_id_param = client_id_param
-        self.authenticate = authenticate
+        # No hook given: `auth_secret` (TETHER_AUTH_SECRET), if set, turns on signed tokens.
+        self.authenticate = (
+            authenticate if authenticate is not None else auth_from_config(hub.config.auth_secret)
+        )
         self.sessions: dict[str, Session] = {}
 
     async def __call__(self, ws: ServerConnection) -> None:
@@ -138,7 +170,8 @@ def handler(
 
     Pass `select_subprotocol=select_subprotocol` and `subprotocols=["tether.v1"]` to
     `serve` (or use `tether.transports.websockets.serve`, which does). `authenticate`,
-    `async (info, hello) -> client_id`, may refuse a connection by raising.
+    `async (info, hello) -> client_id`, may refuse a connection by raising (see
+    `tether.auth`); when None, `hub.config.auth_secret` decides (signed tokens if set).
     """
     return Handler(hub, client_id_param=client_id_param, authenticate=authenticate)
 
@@ -174,9 +207,10 @@ def serve(
 
 def server_options(hub: Hub) -> dict[str, Any]:
     """The `websockets.asyncio.server.serve` keyword arguments `serve()` derives from
-    `hub.config`: subprotocol negotiation, heartbeats and the frame size limit."""
+    `hub.config`: subprotocol negotiation, heartbeats, the frame size limit, the write
+    buffer bound and the allowed origins."""
     cfg = hub.config
-    return {
+    options: dict[str, Any] = {
         "subprotocols": [Subprotocol(SUBPROTOCOL)],
         "select_subprotocol": select_subprotocol,
         "ping_interval": cfg.heartbeat_interval,
@@ -186,4 +220,12 @@ def server_options(hub: Hub) -> dict[str, Any]:
         # for the hub to learn of the loss soon after `heartbeat_timeout`.
         "close_timeout": min(cfg.heartbeat_timeout, 5.0),
         "max_size": cfg.max_message_size + OVERSIZE_SLACK,
+        # A send waits once this much is unsent, so a peer that stops reading is cut
+        # off by `send_timeout` instead of growing a buffer without bound.
+        "write_limit": WRITE_LIMIT,
     }
+    if cfg.allowed_origins:
+        # The library answers any other browser origin with HTTP 403 before the
+        # handshake completes; None admits clients that send no Origin (non-browsers).
+        options["origins"] = [*origin_patterns(cfg.allowed_origins), None]
+    return options
