@@ -54,6 +54,7 @@ MessageHandler = Callable[[str, Any], Awaitable[None]]
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 _OK, _FAILED, _CLOSED, _TIMEOUT = 0, 1, 2, 3
+_WARN_EVERY = 10.0  # seconds between repeated warnings of one kind
 
 
 class HubClosedError(RuntimeError):
@@ -113,6 +114,8 @@ class Hub:
         self._id_prefix = self.session_id[:10]
         self._ids = itertools.count(1)
         self._send_timeout = cfg.send_timeout
+        self._overflow_warned_at = -_WARN_EVERY
+        self._overflow_unwarned = 0
         self._backend: Backend = backend if backend is not None else self._default_backend()
 
     def _default_backend(self) -> Backend:
@@ -396,7 +399,7 @@ class Hub:
                 cluster = None
             if cluster:
                 for cid in cluster:
-                    if cid not in self._clients and CLIENT_ID_PATTERN.match(cid):
+                    if cid not in self._clients and CLIENT_ID_PATTERN.fullmatch(cid):
                         with contextlib.suppress(_Rejected):
                             self._track(cid)
                 ids = set(ids) | cluster
@@ -569,12 +572,7 @@ class Hub:
         for evicted in stored.evicted:
             self._count(client, "queue_overflows")
             self._count(client, "messages_dropped")
-            log.warning(
-                "tether: outbox of %s full; dropped oldest message %s (seq %s)",
-                client.client_id,
-                evicted.message_id,
-                evicted.seq,
-            )
+            self._warn_overflow(client, evicted)
         if not local:
             return await self._queued_elsewhere(client, envelope)
         if (
@@ -610,6 +608,24 @@ class Hub:
         return SendResult(
             SendStatus.QUEUED, client.client_id, envelope.message_id, reason, seq=envelope.seq
         )
+
+    def _warn_overflow(self, client: ClientSession, evicted: Envelope) -> None:
+        """One warning per `_WARN_EVERY` seconds: a stalled client pushing out thousands of
+        messages must not flood the log (every drop is counted in the metrics)."""
+        self._overflow_unwarned += 1
+        now = self.clock.now()
+        if now - self._overflow_warned_at < _WARN_EVERY:
+            return
+        log.warning(
+            "tether: outbox of %s full; dropped oldest message %s (seq %s); "
+            "%d overflow drop(s) since the last warning",
+            client.client_id,
+            evicted.message_id,
+            evicted.seq,
+            self._overflow_unwarned,
+        )
+        self._overflow_warned_at = now
+        self._overflow_unwarned = 0
 
     def _why_queued(self, client: ClientSession) -> str:
         if client.transport is None:
