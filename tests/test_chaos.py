@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 from websockets.asyncio.server import Server, serve
 
+from support import until
 from tether import Hub, HubConfig
 from tether.client import Client, ClientState, Message
 from tether.transports import websockets as tw
@@ -34,13 +35,6 @@ async def ws_server(hub: Hub) -> AsyncIterator[Served]:
     async with serve(handler, "127.0.0.1", 0, **tw.server_options(hub)) as server:
         port = server.sockets[0].getsockname()[1]
         yield Served(f"ws://127.0.0.1:{port}", handler, server)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition (every ms) until it holds; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 @pytest.mark.slow

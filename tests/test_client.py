@@ -14,6 +14,7 @@ import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from support import until
 from tether import Hub, HubConfig, ManualClock
 from tether.client import (
     Client,
@@ -51,13 +52,6 @@ async def ws_server(hub: Hub, port: int = 0) -> AsyncIterator[Served]:
     async with serve(gated, "127.0.0.1", port, **tw.server_options(hub)) as server:
         bound = server.sockets[0].getsockname()[1]
         yield Served(f"ws://127.0.0.1:{bound}", handler, server, gate)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition (every ms) until it holds; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 async def take(client: Client, n: int, timeout: float = 5.0) -> list[Message]:

@@ -26,8 +26,6 @@ AGGREGATE = 2.0
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
 
 
-
-
 @dataclass
 class Console:
     errors: list[str] = field(default_factory=list)

@@ -12,7 +12,7 @@ import gc
 import logging
 import socket
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from support import closed_with, hello, hello_frame, recv_json, until
 from tether import Hub, HubConfig, ManualClock, SendStatus
 from tether.auth import (
     sign_token,
@@ -67,42 +68,6 @@ async def asgi_server(hub: Hub, **options: Any) -> AsyncIterator[BackgroundServe
     app = create_app(hub, monitor_token=None, api_token=None, start_hub=False, **options)
     async with BackgroundServer(app) as server:
         yield server
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.002)
-
-
-async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        raw = await ws.recv()
-    value = orjson.loads(raw)
-    assert isinstance(value, dict)
-    return value
-
-
-def hello_frame(client_id: str, *, token: str | None = None, last_seq: int = 0) -> str:
-    frame: dict[str, Any] = {"type": "hello", "client_id": client_id, "last_seq": last_seq}
-    if token is not None:
-        frame["token"] = token
-    return orjson.dumps(frame).decode()
-
-
-async def hello(ws: ClientConnection, client_id: str, *, token: str | None = None) -> None:
-    await ws.send(hello_frame(client_id, token=token))
-    welcome = await recv_json(ws)
-    assert welcome["type"] == "welcome", welcome
-
-
-async def closed_with(ws: ClientConnection, timeout: float = 5.0) -> int | None:
-    """Read until the server closes; the close code it sent."""
-    with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(timeout):
-            while True:
-                await ws.recv()
-    return ws.close_code
 
 
 async def refused(ws: ClientConnection, code: str, close_code: int) -> str:

@@ -10,7 +10,6 @@ import json
 import random
 import socket
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from playwright.async_api import Browser, Page
 from playwright.async_api import Error as PlaywrightError
 
+from support import until
 from tether import Hub, HubConfig, SendStatus, protocol
 from tether.monitoring import BackgroundServer, create_app
 from tether.transports.base import Transport
@@ -55,15 +55,6 @@ async ([url, options]) => {
   return client.state;
 }
 """
-
-
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition (every ms) until it holds; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
 
 
 async def open_page(browser: Browser, server: BackgroundServer) -> Page:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import importlib.util
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,9 @@ import orjson
 import pytest
 import uvicorn
 from starlette.applications import Starlette
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
 
+from support import closed_with, recv_json, until
 from tether import Hub, HubConfig, SendStatus
 from tether.client import Client, ClientState
 from tether.transports.starlette import websocket_endpoint, websocket_route
@@ -42,28 +42,6 @@ async def uvicorn_server(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition (every ms) until it holds; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
-
-
-async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        value = orjson.loads(await ws.recv())
-    assert isinstance(value, dict)
-    return value
-
-
-async def closed_with(ws: ClientConnection, timeout: float = 5.0) -> int | None:
-    with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(timeout):
-            while True:
-                await ws.recv()
-    return ws.close_code
 
 
 @pytest.fixture

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, serve
-from websockets.exceptions import ConnectionClosed
 
+from support import closed_with, hello, recv_json, until
 from tether import Hub, HubConfig, ManualClock, SendStatus
 from tether.client import Client, TetherAuthError
 from tether.transports import websockets as tw
@@ -36,39 +36,6 @@ async def ws_server(hub: Hub, **options: Any) -> AsyncIterator[Served]:
     async with serve(handler, "127.0.0.1", 0, **{**tw.server_options(hub), **options}) as server:
         port = server.sockets[0].getsockname()[1]
         yield Served(f"ws://127.0.0.1:{port}", handler, server)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition (every ms) until it holds; fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
-
-
-async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        raw = await ws.recv()
-    value = orjson.loads(raw)
-    assert isinstance(value, dict)
-    return value
-
-
-async def hello(ws: ClientConnection, client_id: str, last_seq: int = 0) -> dict[str, Any]:
-    await ws.send(
-        orjson.dumps({"type": "hello", "client_id": client_id, "last_seq": last_seq}).decode()
-    )
-    welcome = await recv_json(ws)
-    assert welcome["type"] == "welcome"
-    return welcome
-
-
-async def closed_with(ws: ClientConnection, timeout: float = 5.0) -> int | None:
-    """Read until the server closes; returns the close code it sent."""
-    with contextlib.suppress(ConnectionClosed):
-        async with asyncio.timeout(timeout):
-            while True:
-                await ws.recv()
-    return ws.close_code
 
 
 @pytest.fixture
