@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -159,6 +159,9 @@ class _Publish(BaseModel):
     def _int_ttl(cls, value: Any) -> Any:
         # strict mode refuses ints for a float field; 30 is as good a ttl as 30.0
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 
 class SendRequest(_Publish):
@@ -664,7 +667,8 @@ def create_app(
         except orjson.JSONDecodeError as exc:
             return None, _error(400, "bad_request", f"body is not valid JSON: {exc}")
 
-    async def api_send(request: Request) -> Response:
+    async def publish_body(request: Request, model: type[_Body]) -> _Body | Response:
+        """The validated body of a publish request, or the response refusing it."""
         refusal = access.publish(request)
         if refusal is not None:
             return refusal
@@ -672,11 +676,17 @@ def create_app(
         if problem is not None:
             return problem
         try:
-            body = SendRequest.model_validate(raw)
+            body = model.model_validate(raw)
         except ValidationError as exc:
             return _error(400, "bad_request", _describe(exc))
         if hub.closing:
             return _error(503, "unavailable", "hub is shutting down")
+        return body
+
+    async def api_send(request: Request) -> Response:
+        body = await publish_body(request, SendRequest)
+        if isinstance(body, Response):
+            return body
         result = await hub.send(
             body.client_id,
             body.data,
@@ -687,18 +697,9 @@ def create_app(
         return JSONResponse(result.to_dict())
 
     async def api_broadcast(request: Request) -> Response:
-        refusal = access.publish(request)
-        if refusal is not None:
-            return refusal
-        raw, problem = await read_body(request)
-        if problem is not None:
-            return problem
-        try:
-            body = BroadcastRequest.model_validate(raw)
-        except ValidationError as exc:
-            return _error(400, "bad_request", _describe(exc))
-        if hub.closing:
-            return _error(503, "unavailable", "hub is shutting down")
+        body = await publish_body(request, BroadcastRequest)
+        if isinstance(body, Response):
+            return body
         result = await hub.broadcast(
             body.data,
             critical=body.critical,
