@@ -437,3 +437,22 @@ async def test_retry_success_rate_with_thirty_percent_failures(
     assert 0.55 < retry["success_rate"] < 0.85
     assert counters(hub)["messages"]["dead_lettered"] == 0
     await hub.shutdown()
+
+
+def test_hub_built_outside_a_loop_starts_its_loops_with_the_first_connection() -> None:
+    """A module-level `hub = Hub()` has no running loop; cleanup must still run."""
+    clock = ManualClock()
+    hub = Hub(HubConfig(client_ttl=10, cleanup_interval=5), clock=clock)  # no loop here
+
+    async def scenario() -> list[str]:
+        await hub.connect("late", MockWebSocket())  # starts retry and cleanup loops
+        await hub.disconnect("late")
+        await asyncio.sleep(0)  # the loops now wait on the manual clock
+        clock.advance(20)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        remaining = hub.clients()
+        await hub.shutdown()
+        return remaining
+
+    assert asyncio.run(scenario()) == []
