@@ -32,11 +32,15 @@ def bench_hub_config(clients: int) -> HubConfig:
 
     `max_queue_size` is raised so that in tether.v1 a burst written faster than the acks
     come back is not evicted from the outbox (in-flight messages count toward it).
+    `max_inbound_rate` is raised because one receiver acking every 64 messages at
+    ~100,000 msg/s sends ~1,500 ack frames/s, which the default (100 frames/s, a flood
+    guard) would answer with a 1008 close.
     """
     return HubConfig(
         max_queue_size=100_000,
         max_connections=clients + 1_000,
         max_clients=clients + 1_000,
+        max_inbound_rate=1_000_000,
     )
 
 

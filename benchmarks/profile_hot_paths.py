@@ -41,7 +41,7 @@ class WatchdogHub(Hub):
 
     _sending: dict[Any, Any]
 
-    async def _transmit(self, client: Any, frame: str | bytes) -> int:
+    async def _write_awaited(self, client: Any, frame: str | bytes) -> int:
         transport = client.transport
         if transport is None:
             return 2

@@ -88,7 +88,7 @@ class HubConfig(BaseSettings):
     max_message_size: int = Field(1_048_576, ge=64, le=256 * 1_048_576)
     max_connections: int = Field(10_000, ge=1, le=10_000_000)
     max_clients: int = Field(100_000, ge=1, le=100_000_000)
-    max_inbound_rate: float = Field(100.0, gt=0, le=1_000_000)
+    max_inbound_rate: float = Field(1000.0, gt=0, le=1_000_000)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # housekeeping

@@ -53,7 +53,8 @@ MessageHandler = Callable[[str, Any], Awaitable[None]]
 
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
-_OK, _FAILED, _CLOSED, _TIMEOUT = 0, 1, 2, 3
+_OK, _FAILED, _CLOSED, _TIMEOUT, _PENDING = 0, 1, 2, 3, 4
+_WRITE_FAILURES = {_FAILED: "send failed", _CLOSED: "connection closed", _TIMEOUT: "send timeout"}
 _WARN_EVERY = 10.0  # seconds between repeated warnings of one kind
 
 
@@ -356,11 +357,15 @@ class Hub:
         try:
             if self._closing:
                 raise _Rejected("shutting down")
-            self._check_client_id(client_id)
+            # A tracked id was validated when it was first tracked.
+            client = self._clients.get(client_id) if isinstance(client_id, str) else None
+            if client is None:
+                self._check_client_id(client_id)
             envelope = self._prepare(payload, critical, message_id, ttl)
             if not self._started:
                 await self.start()
-            client = self._clients.get(client_id) or self._track(client_id)
+            if client is None:
+                client = self._clients.get(client_id) or self._track(client_id)
         except _Rejected as rejected:
             self._counters.messages_rejected += 1
             return SendResult(
@@ -424,9 +429,12 @@ class Hub:
             )
         if not self._started:
             await self.start()
-        results = await asyncio.gather(
-            *(self._deliver(client, self._copy(template)) for client in targets)
-        )
+        deliver = self._deliver
+        if critical:  # each client's copy gets its own seq and attempts in its outbox
+            copy = self._copy
+            results = await asyncio.gather(*(deliver(c, copy(template)) for c in targets))
+        else:  # a best-effort envelope is never stored or changed per client: share it
+            results = await asyncio.gather(*(deliver(c, template) for c in targets))
         if not critical and self._backend.shared:
             try:
                 await self._backend.publish_broadcast(template, group)
@@ -476,31 +484,38 @@ class Hub:
                 data_json = bytes(memoryview(data_json))
             data = data_json.decode()
             size = len(data_json)
-        if size > self.config.max_message_size:
+        cfg = self.config
+        if size > cfg.max_message_size:
             raise _Rejected(
-                f"payload is {size} bytes, over max_message_size ({self.config.max_message_size})"
+                f"payload is {size} bytes, over max_message_size ({cfg.max_message_size})"
             )
         if ttl is not None and not ttl > 0:
             raise _Rejected(f"ttl must be positive, got {ttl!r}")
-        explicit = self._explicit_id(payload, message_id)
-        if message_id is not None and not isinstance(message_id, str):
-            raise _Rejected("message_id must be a string")
-        mode = self.config.dedup_mode
+        if message_id is not None:
+            if not isinstance(message_id, str):
+                raise _Rejected("message_id must be a string")
+            explicit = message_id
+        else:
+            explicit = self._explicit_id(payload, None)
+        mode = cfg.dedup_mode
         dedup_key: str | None = None
         if mode is DedupMode.ID and explicit:
             dedup_key = "i:" + explicit
         elif mode is DedupMode.CONTENT:
             dedup_key = content_key(data_json if data_json is not None else data)
         now = self.clock.now()
-        return Envelope(
-            message_id=explicit or f"{self._id_prefix}-{next(self._ids)}",
-            data=data,
-            data_json=data_json,
-            critical=critical,
-            created_at=now,
-            expires_at=now + (ttl if ttl is not None else self.config.message_ttl),
-            enc=enc,
-            dedup_key=dedup_key,
+        return Envelope(  # positional: about half the cost of keywords on this hot path
+            explicit or f"{self._id_prefix}-{next(self._ids)}",
+            data,
+            data_json,
+            critical,
+            now,  # created_at
+            now + (ttl if ttl is not None else cfg.message_ttl),  # expires_at
+            enc,
+            None,  # seq
+            0,  # attempts
+            0.0,  # next_attempt_at
+            dedup_key,
         )
 
     @staticmethod
@@ -516,25 +531,33 @@ class Hub:
     @staticmethod
     def _copy(template: Envelope) -> Envelope:
         return Envelope(
-            message_id=template.message_id,
-            data=template.data,
-            data_json=template.data_json,
-            critical=template.critical,
-            created_at=template.created_at,
-            expires_at=template.expires_at,
-            enc=template.enc,
-            dedup_key=template.dedup_key,
+            template.message_id,
+            template.data,
+            template.data_json,
+            template.critical,
+            template.created_at,
+            template.expires_at,
+            template.enc,
+            None,  # seq
+            0,  # attempts
+            0.0,  # next_attempt_at
+            template.dedup_key,
         )
 
     async def _deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
-        async with client.lock:
-            self._touch(client)
+        lock = client.lock  # acquire/release: `async with` adds two coroutine frames
+        await lock.acquire()
+        try:
             if envelope.critical:
+                client.last_seen = self.clock.now()
                 return await self._accept_critical(client, envelope)
             key = envelope.dedup_key
             if key is not None and await self._backend.seen(client, key):
+                client.last_seen = self.clock.now()
                 return self._duplicate(client, envelope)
-            return await self._send_best_effort(client, envelope)
+            return await self._send_best_effort(client, envelope)  # it touches the client
+        finally:
+            lock.release()
 
     def _duplicate(self, client: ClientSession, envelope: Envelope) -> SendResult:
         self._count(client, "messages_deduplicated")
@@ -582,9 +605,11 @@ class Hub:
             and await self._write_head(client)
         ):
             return SendResult(
-                SendStatus.SENT, client.client_id, envelope.message_id, seq=envelope.seq
+                SendStatus.SENT, client.client_id, envelope.message_id, None, envelope.seq
             )
-        self._count(client, "messages_queued")
+        self._counters.messages_queued += 1
+        if self.metrics.enabled:
+            client.stats.counters.messages_queued += 1
         return SendResult(
             SendStatus.QUEUED,
             client.client_id,
@@ -637,19 +662,26 @@ class Hub:
         return "send failed; will retry"
 
     async def _send_best_effort(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """Write now or drop (lock held); touches the client with the clock read that also
+        times the delivery."""
         reason: str | None = None
-        if client.transport is None and self._backend.shared:
-            return await self._forward(client, envelope)
         if client.transport is None:
+            if self._backend.shared:
+                client.last_seen = self.clock.now()
+                return await self._forward(client, envelope)
             reason = "client not connected"
         elif client.outbox.queue:
             reason = "behind undelivered critical messages"
         elif not client.breaker.allow():
             reason = f"circuit {client.breaker.state.value}"
         else:
-            frame = self._frame(client, envelope)
-            outcome = await self._transmit(client, frame)
+            frame = self._frame(client, envelope) if client.v1 else envelope.data
+            outcome = self._write_now(client, frame)
+            if outcome == _PENDING:
+                outcome = await self._write_awaited(client, frame)
             if outcome == _OK:
+                now = self.clock.now()
+                client.last_seen = now
                 counters = self._counters
                 counters.messages_sent += 1
                 counters.messages_delivered += 1
@@ -657,16 +689,15 @@ class Hub:
                     mine = client.stats.counters
                     mine.messages_sent += 1
                     mine.messages_delivered += 1
-                    self.metrics.latency.record(self.clock.now() - envelope.created_at)
+                    self.metrics.latency.record(now - envelope.created_at)
                 if envelope.dedup_key is not None:
                     await self._backend.remember(client, envelope.dedup_key)
                 return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
-            reason = {
-                _FAILED: "send failed",
-                _CLOSED: "connection closed",
-                _TIMEOUT: "send timeout",
-            }[outcome]
-        self._count(client, "messages_dropped")
+            reason = _WRITE_FAILURES[outcome]
+        client.last_seen = self.clock.now()
+        self._counters.messages_dropped += 1
+        if self.metrics.enabled:
+            client.stats.counters.messages_dropped += 1
         return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
 
     async def _forward(self, client: ClientSession, envelope: Envelope) -> SendResult:
@@ -706,32 +737,59 @@ class Hub:
     async def _transmit(self, client: ClientSession, frame: str | bytes) -> int:
         """Write one frame (lock held). Failures are charged to the breaker; a closed or
         stalled connection is detached."""
+        outcome = self._write_now(client, frame)
+        if outcome == _PENDING:
+            outcome = await self._write_awaited(client, frame)
+        return outcome
+
+    def _write_now(self, client: ClientSession, frame: str | bytes) -> int:
+        """The synchronous write path (lock held): `_OK` when the transport's `try_send`
+        took the frame, `_PENDING` when the write must be awaited (no `try_send`, or the
+        socket cannot take it now), or the failure. No coroutine, no timer."""
+        fast = client.try_send
+        if fast is None:
+            return _PENDING
         transport = client.transport
         if transport is None:
             return _CLOSED
         try:
-            fast = client.try_send
-            if fast is None or not fast(frame):
-                async with asyncio.timeout(self._send_timeout):
-                    await transport.send(frame)
-        except TimeoutError:
+            if not fast(frame):
+                return _PENDING
+        except Exception as exc:
+            return self._write_failed(client, transport, exc)
+        client.breaker.record_success()
+        return _OK
+
+    async def _write_awaited(self, client: ClientSession, frame: str | bytes) -> int:
+        """The awaited write path (lock held), bounded by `send_timeout`."""
+        transport = client.transport
+        if transport is None:
+            return _CLOSED
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await transport.send(frame)
+        except Exception as exc:
+            return self._write_failed(client, transport, exc)
+        client.breaker.record_success()
+        return _OK
+
+    def _write_failed(self, client: ClientSession, transport: Transport, exc: Exception) -> int:
+        """Account a failed write: charge the breaker; detach a closed or stalled connection."""
+        if isinstance(exc, TimeoutError):
             client.breaker.record_failure()
             self._count(client, "connections_timeouts")
             self._count(client, "messages_failed")
             self._detach(client, transport, failed=True)
             self._background(self._close_quietly(transport, 1011, "send timeout"))
             return _TIMEOUT
-        except TransportClosed:
+        if isinstance(exc, TransportClosed):
             client.breaker.release()
             self._detach(client, transport, failed=False)
             return _CLOSED
-        except Exception as exc:
-            client.breaker.record_failure()
-            self._count(client, "messages_failed")
-            log.debug("tether: send to %s failed: %r", client.client_id, exc)
-            return _FAILED
-        client.breaker.record_success()
-        return _OK
+        client.breaker.record_failure()
+        self._count(client, "messages_failed")
+        log.debug("tether: send to %s failed: %r", client.client_id, exc)
+        return _FAILED
 
     async def _write_head(self, client: ClientSession) -> bool:
         """Write the first unwritten outbox message (lock held; breaker already allowed)."""
@@ -739,7 +797,10 @@ class Hub:
         is_retry = envelope.attempts > 0
         if is_retry:
             self._count(client, "retry_attempts")
-        outcome = await self._transmit(client, self._frame(client, envelope))
+        frame = self._frame(client, envelope) if client.v1 else envelope.data
+        outcome = self._write_now(client, frame)
+        if outcome == _PENDING:
+            outcome = await self._write_awaited(client, frame)
         queue = client.outbox.queue
         if outcome == _OK and not (queue and queue[0] is envelope):
             outcome = _CLOSED  # detached while writing: the message went back to the queue
@@ -795,11 +856,15 @@ class Hub:
                 "tether: could not record delivery %d of %s: %s", seq, client.client_id, exc
             )
 
-    def _delivered(self, client: ClientSession, envelope: Envelope) -> None:
+    def _delivered(
+        self, client: ClientSession, envelope: Envelope, now: float | None = None
+    ) -> None:
         self._counters.messages_delivered += 1
         if self.metrics.enabled:
             client.stats.counters.messages_delivered += 1
-            self.metrics.latency.record(self.clock.now() - envelope.created_at)
+            if now is None:
+                now = self.clock.now()
+            self.metrics.latency.record(now - envelope.created_at)
         if client.drained is not None and not client.outbox:
             client.drained.set()
 
@@ -894,9 +959,10 @@ class Hub:
         done = client.outbox.ack(seq)
         if seq > client.acked:
             client.acked = seq
+        now = self.clock.now()  # one clock read times every message this ack delivers
         for envelope in done:
-            self._delivered(client, envelope)
-        self._touch(client)
+            self._delivered(client, envelope, now)
+        client.last_seen = now
         if done:
             try:
                 await self._backend.ack(client, seq)

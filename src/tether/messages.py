@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class SendStatus(StrEnum):
@@ -17,9 +17,13 @@ class SendStatus(StrEnum):
     REJECTED = "rejected"  # refused: bad payload, full outbox under `reject`, shutting down
 
 
-@dataclass(frozen=True, slots=True)
-class SendResult:
-    """The outcome of `Hub.send`: a status, and why when it is not SENT."""
+class SendResult(NamedTuple):
+    """The outcome of `Hub.send`: a status, and why when it is not SENT.
+
+    Immutable. A NamedTuple rather than a frozen dataclass because the hub makes one per
+    delivery and a frozen dataclass's `__init__` (five `object.__setattr__` calls) costs
+    about 4× as much; the attributes, `accepted` and `to_dict()` are unchanged.
+    """
 
     status: SendStatus
     client_id: str
