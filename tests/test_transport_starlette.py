@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import fastapi
 import httpx
 import orjson
 import pytest
@@ -137,7 +138,6 @@ async def test_hello_timeout(hub: Hub) -> None:
 
 
 async def test_endpoint_mounts_in_fastapi(hub: Hub) -> None:
-    fastapi = pytest.importorskip("fastapi")
     app = fastapi.FastAPI()
     app.add_api_websocket_route("/live", websocket_endpoint(hub))
     async with uvicorn_server(app) as host, Client(f"ws://{host}/live", client_id="dan") as client:
