@@ -99,7 +99,8 @@ async def test_dashboard_follows_a_running_demo(browser: Browser) -> None:
                 timeout=10_000
             )
             elapsed = time.monotonic() - started
-            assert elapsed <= 2 * REALTIME + 1.0, f"took {elapsed:.2f}s to show OPEN"
+            # Within a few real-time cadences (a loaded CI machine delays the browser too).
+            assert elapsed <= 4 * REALTIME + 1.0, f"took {elapsed:.2f}s to show OPEN"
             badge = page.locator('tr[data-client-id="victim"] [data-testid="client-state"]')
             assert await badge.get_attribute("data-state") == "open"
             assert "🔴" in (await badge.get_attribute("title") or "")

@@ -438,7 +438,19 @@ class Hub(HubInspection):
             copy = self._copy
             results = await asyncio.gather(*(deliver(c, copy(template)) for c in targets))
         else:  # a best-effort envelope is never stored or changed per client: share it
-            results = await asyncio.gather(*(deliver(c, template) for c in targets))
+            results = []
+            awaited = []
+            # Without a dedup key (checked through the backend) most deliveries finish
+            # synchronously: no task per client for those.
+            direct = self._deliver_now if template.dedup_key is None else None
+            for client in targets:
+                result = direct(client, template) if direct is not None else None
+                if result is None:
+                    awaited.append(deliver(client, template))
+                else:
+                    results.append(result)
+            if awaited:
+                results += await asyncio.gather(*awaited)
         if not critical and self._backend.shared:
             try:
                 await self._backend.publish_broadcast(template, group)
@@ -668,7 +680,6 @@ class Hub(HubInspection):
     async def _send_best_effort(self, client: ClientSession, envelope: Envelope) -> SendResult:
         """Write now or drop (lock held); touches the client with the clock read that also
         times the delivery."""
-        reason: str | None = None
         if client.transport is None:
             if self._backend.shared:
                 client.last_seen = self.clock.now()
@@ -683,21 +694,52 @@ class Hub(HubInspection):
             outcome = self._write_now(client, frame)
             if outcome == _PENDING:
                 outcome = await self._write_awaited(client, frame)
-            if outcome == _OK:
-                now = self.clock.now()
-                client.last_seen = now
-                counters = self._counters
-                counters.messages_sent += 1
-                counters.messages_delivered += 1
-                if self.metrics.enabled:
-                    mine = client.stats.counters
-                    mine.messages_sent += 1
-                    mine.messages_delivered += 1
-                    self.metrics.latency.record(now - envelope.created_at)
-                if envelope.dedup_key is not None:
-                    await self._backend.remember(client, envelope.dedup_key)
-                return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
-            reason = _WRITE_FAILURES[outcome]
+            result = self._best_effort_written(client, envelope, outcome)
+            if result.status is SendStatus.SENT and envelope.dedup_key is not None:
+                await self._backend.remember(client, envelope.dedup_key)
+            return result
+        return self._best_effort_dropped(client, envelope, reason)
+
+    def _deliver_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
+        """A best-effort delivery that completes without suspending — the common case of a
+        broadcast, done without a task per client — or None when it needs the awaited
+        path. Safe without the lock: nothing here awaits, and nothing is written unless
+        the whole delivery completes (a CLOSED breaker's allow() has no side effect)."""
+        if (
+            client.try_send is None
+            or client.lock.locked()
+            or client.transport is None
+            or client.outbox.queue
+            or client.breaker.state is not CircuitState.CLOSED
+        ):
+            return None
+        frame = self._frame(client, envelope) if client.v1 else envelope.data
+        outcome = self._write_now(client, frame)
+        if outcome == _PENDING:
+            return None
+        return self._best_effort_written(client, envelope, outcome)
+
+    def _best_effort_written(
+        self, client: ClientSession, envelope: Envelope, outcome: int
+    ) -> SendResult:
+        """Count a best-effort write's outcome; one clock read touches and times it."""
+        if outcome != _OK:
+            return self._best_effort_dropped(client, envelope, _WRITE_FAILURES[outcome])
+        now = self.clock.now()
+        client.last_seen = now
+        counters = self._counters
+        counters.messages_sent += 1
+        counters.messages_delivered += 1
+        if self.metrics.enabled:
+            mine = client.stats.counters
+            mine.messages_sent += 1
+            mine.messages_delivered += 1
+            self.metrics.latency.record(now - envelope.created_at)
+        return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
+
+    def _best_effort_dropped(
+        self, client: ClientSession, envelope: Envelope, reason: str
+    ) -> SendResult:
         client.last_seen = self.clock.now()
         self._counters.messages_dropped += 1
         if self.metrics.enabled:
