@@ -17,6 +17,7 @@ import orjson
 
 from . import protocol
 from .backends import (
+    Accepted,
     Backend,
     BackendError,
     BackendEvents,
@@ -120,6 +121,10 @@ class Hub(HubInspection):
         self._overflow_warned_at = -_WARN_EVERY
         self._overflow_unwarned = 0
         self._backend: Backend = backend if backend is not None else self._default_backend()
+        # A backend that can store without suspending lets critical fan-out skip tasks.
+        self._append_now = (
+            self._backend.append_now if isinstance(self._backend, MemoryBackend) else None
+        )
 
     def _default_backend(self) -> Backend:
         cfg = self.config
@@ -436,7 +441,17 @@ class Hub(HubInspection):
         deliver = self._deliver
         if critical:  # each client's copy gets its own seq and attempts in its outbox
             copy = self._copy
-            results = await asyncio.gather(*(deliver(c, copy(template)) for c in targets))
+            results = []
+            awaited = []
+            for client in targets:
+                envelope = copy(template)
+                result = self._accept_now(client, envelope)
+                if result is None:
+                    awaited.append(deliver(client, envelope))
+                else:
+                    results.append(result)
+            if awaited:
+                results += await asyncio.gather(*awaited)
         else:  # a best-effort envelope is never stored or changed per client: share it
             results = []
             awaited = []
@@ -598,20 +613,9 @@ class Hub(HubInspection):
                 envelope.message_id,
                 f"backend unavailable: {exc}",
             )
-        if stored is Refused.DUPLICATE:
-            return self._duplicate(client, envelope)
-        if stored is Refused.FULL:
-            self._count(client, "queue_overflows")
-            limit = f"outbox full ({outbox.max_size} messages)"
-            if outbox.policy is OverflowPolicy.REJECT:
-                self._count(client, "messages_rejected")
-                return SendResult(SendStatus.REJECTED, client.client_id, envelope.message_id, limit)
-            self._count(client, "messages_dropped")
-            return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, limit)
-        for evicted in stored.evicted:
-            self._count(client, "queue_overflows")
-            self._count(client, "messages_dropped")
-            self._warn_overflow(client, evicted)
+        refused = self._refused(client, envelope, stored)
+        if refused is not None:
+            return refused
         if not local:
             return await self._queued_elsewhere(client, envelope)
         if (
@@ -623,6 +627,34 @@ class Hub(HubInspection):
             return SendResult(
                 SendStatus.SENT, client.client_id, envelope.message_id, None, envelope.seq
             )
+        return self._queued(client, envelope)
+
+    def _refused(
+        self, client: ClientSession, envelope: Envelope, stored: Accepted | Refused
+    ) -> SendResult | None:
+        """The result of a critical message the backend did not store, else None (after
+        counting what a full outbox pushed out to make room)."""
+        if stored is Refused.DUPLICATE:
+            return self._duplicate(client, envelope)
+        if stored is Refused.FULL:
+            outbox = client.outbox
+            self._count(client, "queue_overflows")
+            limit = f"outbox full ({outbox.max_size} messages)"
+            if outbox.policy is OverflowPolicy.REJECT:
+                self._count(client, "messages_rejected")
+                return SendResult(SendStatus.REJECTED, client.client_id, envelope.message_id, limit)
+            self._count(client, "messages_dropped")
+            return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, limit)
+        assert isinstance(stored, Accepted)
+        for evicted in stored.evicted:
+            self._count(client, "queue_overflows")
+            self._count(client, "messages_dropped")
+            self._warn_overflow(client, evicted)
+        return None
+
+    def _queued(
+        self, client: ClientSession, envelope: Envelope, reason: str | None = None
+    ) -> SendResult:
         self._counters.messages_queued += 1
         if self.metrics.enabled:
             client.stats.counters.messages_queued += 1
@@ -630,9 +662,48 @@ class Hub(HubInspection):
             SendStatus.QUEUED,
             client.client_id,
             envelope.message_id,
-            self._why_queued(client),
+            reason or self._why_queued(client),
             seq=envelope.seq,
         )
+
+    def _accept_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
+        """A critical delivery done without suspending (memory backend, lock free, empty
+        queue, breaker CLOSED, socket ready), or None — then nothing was stored and the
+        awaited path takes over. Once stored, a write the socket cannot take at once
+        stays at the head of the queue and is flushed in the background."""
+        append = self._append_now
+        if (
+            append is None
+            or client.try_send is None
+            or client.lock.locked()
+            or client.transport is None
+            or client.outbox.queue
+            or client.breaker.state is not CircuitState.CLOSED
+        ):
+            return None
+        client.last_seen = self.clock.now()
+        refused = self._refused(client, envelope, append(client, envelope))
+        if refused is not None:
+            return refused
+        frame = self._frame(client, envelope) if client.v1 else envelope.data
+        outcome = self._write_now(client, frame)
+        if outcome == _OK:
+            self._head_written(client, envelope, is_retry=False)
+            return SendResult(
+                SendStatus.SENT, client.client_id, envelope.message_id, None, envelope.seq
+            )
+        if outcome == _PENDING:
+            self._background(self._flush_locked(client))
+            return self._queued(client, envelope, "waiting for the connection to drain")
+        if outcome != _CLOSED:
+            doomed = self._head_failed(client, envelope)
+            if doomed is not None:
+                self._background(self._dead_letter(client, doomed, "retries exhausted"))
+        return self._queued(client, envelope)
+
+    async def _flush_locked(self, client: ClientSession) -> None:
+        async with client.lock:
+            await self._flush(client, force=True)
 
     async def _queued_elsewhere(self, client: ClientSession, envelope: Envelope) -> SendResult:
         """Stored in the shared backend for a client not connected to this node: ring
@@ -851,31 +922,42 @@ class Hub(HubInspection):
         if outcome == _OK and not (queue and queue[0] is envelope):
             outcome = _CLOSED  # detached while writing: the message went back to the queue
         if outcome == _OK:
-            if is_retry:
-                self._count(client, "retry_successes")
-            client.outbox.mark_written(keep=client.v1)
-            if client.v1:
-                client.highest_written = max(client.highest_written, envelope.seq or 0)
-            if not envelope.written_once:
-                envelope.written_once = True
-                self._counters.messages_sent += 1
-                if self.metrics.enabled:
-                    client.stats.counters.messages_sent += 1
-            if not client.v1:
-                self._delivered(client, envelope)
-                if self._backend.durable:  # written = delivered in plain mode: trim the store
-                    await self._ack_stored(client, envelope.seq or 0)
+            self._head_written(client, envelope, is_retry=is_retry)
+            if not client.v1 and self._backend.durable:  # written = delivered: trim the store
+                await self._ack_stored(client, envelope.seq or 0)
             return True
         if is_retry:
             self._count(client, "retry_failures")
         if outcome == _CLOSED:
             return False
+        doomed = self._head_failed(client, envelope)
+        if doomed is not None:
+            await self._dead_letter(client, doomed, "retries exhausted")
+        return False
+
+    def _head_written(self, client: ClientSession, envelope: Envelope, *, is_retry: bool) -> None:
+        """The head of the queue was written: in flight (tether.v1) or delivered (plain)."""
+        if is_retry:
+            self._count(client, "retry_successes")
+        client.outbox.mark_written(keep=client.v1)
+        if client.v1:
+            client.highest_written = max(client.highest_written, envelope.seq or 0)
+        if not envelope.written_once:
+            envelope.written_once = True
+            self._counters.messages_sent += 1
+            if self.metrics.enabled:
+                client.stats.counters.messages_sent += 1
+        if not client.v1:
+            self._delivered(client, envelope)
+
+    def _head_failed(self, client: ClientSession, envelope: Envelope) -> Envelope | None:
+        """A write of the head failed: schedule its retry, or take it out of the queue
+        to be dead-lettered (returned) when its retries are used up."""
         envelope.attempts += 1
         if self._retry.exhausted(envelope.attempts):
-            await self._dead_letter(client, client.outbox.remove_head(), "retries exhausted")
-        else:
-            envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
-        return False
+            return client.outbox.remove_head()
+        envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        return None
 
     async def _flush(self, client: ClientSession, *, force: bool) -> int:
         """Write queued messages in order while the connection and breaker allow (lock

@@ -35,6 +35,10 @@ class MemoryBackend:
     async def append(
         self, session: ClientSession, envelope: Envelope, *, local: bool
     ) -> Accepted | Refused:
+        return self.append_now(session, envelope)
+
+    def append_now(self, session: ClientSession, envelope: Envelope) -> Accepted | Refused:
+        """`append` without suspending: the hub's direct (task-free) fan-out uses it."""
         key = envelope.dedup_key
         if key is not None and session.dedup is not None and session.dedup.seen(key):
             return Refused.DUPLICATE
