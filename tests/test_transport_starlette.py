@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 from support import closed_with, recv_json, until
 from tether import Hub, HubConfig, SendStatus
 from tether.client import Client, ClientState
+from tether.monitoring import BackgroundServer
 from tether.transports.starlette import websocket_endpoint, websocket_route
 
 V1 = ["tether.v1"]
@@ -30,19 +31,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @contextlib.asynccontextmanager
 async def uvicorn_server(app: Any) -> AsyncIterator[str]:
     """Run `app` with uvicorn on an ephemeral loopback port; yields `host:port`."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", ws_ping_interval=None
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        await until(lambda: server.started or task.done())
-        assert server.started, "uvicorn did not start"
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    async with BackgroundServer(
+        app, log_level="warning", lifespan="off", ws_ping_interval=None
+    ) as server:
+        yield server.url.removeprefix("http://")
 
 
 @pytest.fixture

@@ -122,8 +122,8 @@ class Hub(HubInspection):
         self._overflow_unwarned = 0
         self._backend: Backend = backend if backend is not None else self._default_backend()
         # A backend that can store without suspending lets critical fan-out skip tasks.
-        self._append_now = (
-            self._backend.append_now if isinstance(self._backend, MemoryBackend) else None
+        self._append_now: Callable[[ClientSession, Envelope], Accepted | Refused] | None = getattr(
+            self._backend, "append_now", None
         )
 
     def _default_backend(self) -> Backend:

@@ -70,6 +70,10 @@ class Backend(Protocol):
     node_id: str
     errors: int  # operations that failed, for metrics and /health
 
+    # Optional: `append_now(session, envelope) -> Accepted | Refused`, the same as `append`
+    # without suspending, for a backend that stores in process. The hub then fans critical
+    # broadcasts out without a task per client; backends without it are awaited.
+
     async def start(self, events: BackendEvents) -> None: ...
 
     async def close(self) -> None: ...

@@ -120,14 +120,19 @@ return cur
 
 # claim: this node holds the connection now; returns the previous holder (maybe "~node").
 # KEYS: presence, seq, acked, out. ARGV: node, presence_ms, keep_ms
-_CLAIM = """
-local old = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+# Keep the client's stream keys (KEYS[2..4]) alive at least ARGV[3] ms.
+_KEEP_STREAM = """
 for i = 2, 4 do
   if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
     redis.call('PEXPIRE', KEYS[i], ARGV[3])
   end
 end
+"""
+
+_CLAIM = """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+""" + _KEEP_STREAM + """
 return old
 """
 
@@ -137,11 +142,7 @@ local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] or cur == false or cur == '~' .. ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 end
-for i = 2, 4 do
-  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
-    redis.call('PEXPIRE', KEYS[i], ARGV[3])
-  end
-end
+""" + _KEEP_STREAM + """
 return cur
 """
 
