@@ -1,10 +1,20 @@
-"""Redis-mode figures: critical sends/s through a Redis-backed hub vs memory (same run), and Redis bytes per message.
+"""Redis-mode figures: critical broadcast and concurrent critical sends through a Redis-backed hub vs memory, same run.
 
-    .venv/bin/python -m benchmarks.redis_mode [--messages 5000] [--redis redis://127.0.0.1:6379/0]
+    .venv/bin/python -m benchmarks.redis_mode [--rounds 5] [--redis redis://127.0.0.1:6379/0]
+                                              [--cluster redis://127.0.0.1:PORT/0]
 
-Transports are MockWebSocket (no network to the client), so the numbers isolate what
-the backend costs: memory does no I/O; Redis does one atomic script per accepted
-critical message (plus one trim per delivery in plain mode) over loopback.
+Transports are MockWebSocket in plain mode (no network to the client), so the figures
+isolate what the backend costs: memory does no I/O; Redis stores every copy (one batched
+script call per event-loop turn, per cluster slot group) and trims it once written.
+Memory and Redis alternate round by round; each figure is the median of the rounds.
+
+- broadcast: one critical broadcast to 1,000 connected plain-mode clients, repeated;
+  deliveries/s (a delivery is a write: each copy is stored, written, then trimmed).
+- broadcast_v1: the same to tether.v1 clients, which ack every 8 broadcasts (each copy is
+  stored until acknowledged).
+- producers: 100 concurrent producers, each sending critical messages to its own
+  connected client one after another; sends/s.
+- offline: the same producers to offline clients (stored only); sends/s.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
 import uuid
 from typing import Any
@@ -19,112 +30,150 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from tether import Hub, HubConfig
-from tether.testing import MockWebSocket
+from tether.protocol import Hello
+
+CLIENTS = 1000
+PRODUCERS = 100
+ACK_EVERY = 8  # broadcasts between a client's acks (tether.Client: 64 messages or 50 ms)
 
 
-def _config(kind: str, url: str, prefix: str) -> HubConfig:
-    return HubConfig(
-        backend=kind,
-        redis_url=url,
-        redis_prefix=prefix,
-        node_id="bench",
-        max_queue_size=1_000_000,
-        dedup_mode="off",
-    )
+class _Socket:
+    """A transport whose socket always takes the frame at once (`try_send`), as an open,
+    drained WebSocket does: the figures are the hub's and the backend's, not a mock's."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def try_send(self, data: str | bytes) -> bool:
+        self.frames += 1
+        return True
+
+    async def send(self, data: str | bytes) -> None:
+        self.frames += 1
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        return None
 
 
-async def _rate(kind: str, url: str, prefix: str, messages: int, scenario: str) -> float:
-    hub = Hub(_config(kind, url, prefix))
-    await hub.start()
+def _config(kind: str, url: str, prefix: str, cluster: bool) -> HubConfig:
+    values: dict[str, Any] = {
+        "backend": kind,
+        "redis_url": url,
+        "redis_prefix": prefix,
+        "node_id": "bench",
+        "max_queue_size": 1_000_000,
+    }
+    if cluster:
+        values["redis_cluster"] = True
+    return HubConfig(**values)
+
+
+async def _connect(hub: Hub, ids: list[str], *, v1: bool = False) -> None:
+    for cid in ids:
+        await hub.connect(cid, _Socket(), hello=Hello(cid, 0) if v1 else None)
+
+
+async def _broadcast(hub: Hub, messages: int, *, v1: bool) -> dict[str, float]:
+    ids = [f"b{i}" for i in range(CLIENTS)]
+    await _connect(hub, ids, v1=v1)
+    rejected = 0
+    start = time.perf_counter()
+    for n in range(messages):
+        result = await hub.broadcast({"n": n, "text": "x" * 64}, critical=True)
+        rejected += result.rejected + result.unknown
+        if v1 and n % ACK_EVERY == ACK_EVERY - 1:
+            # Clients ack in batches (as tether.Client does), each from its own connection.
+            await asyncio.gather(*(hub.ack(cid, hub.highest_sent(cid)) for cid in ids))
+    elapsed = time.perf_counter() - start
+    return {"per_s": messages * CLIENTS / elapsed, "rejected": rejected}
+
+
+async def _producers(hub: Hub, messages: int, connected: bool) -> dict[str, float]:
+    ids = [f"p{i}" for i in range(PRODUCERS)]
+    if connected:
+        await _connect(hub, ids)
+    else:
+        await hub.start()
+    per_producer = max(1, messages // PRODUCERS)
+    rejected = 0
+
+    async def produce(cid: str) -> None:
+        nonlocal rejected
+        for n in range(per_producer):
+            result = await hub.send(cid, {"n": n, "text": "x" * 64}, critical=True)
+            rejected += not result.accepted
+
+    start = time.perf_counter()
+    await asyncio.gather(*(produce(cid) for cid in ids))
+    elapsed = time.perf_counter() - start
+    return {"per_s": per_producer * PRODUCERS / elapsed, "rejected": rejected}
+
+
+async def _one(kind: str, url: str, scenario: str, size: int, cluster: bool) -> dict[str, float]:
+    prefix = f"tether-bench-{uuid.uuid4().hex[:8]}"
+    hub = Hub(_config(kind, url, prefix, cluster))
     try:
-        if scenario == "offline":  # stored only: one script per send
-            start = time.perf_counter()
-            for n in range(messages):
-                await hub.send("off", n, critical=True)
-            return messages / (time.perf_counter() - start)
-        if scenario == "connected":  # stored, written, trimmed (plain mode)
-            ws = MockWebSocket()
-            ws.sent = _Discard()  # type: ignore[assignment]
-            await hub.connect("on", ws)
-            start = time.perf_counter()
-            for n in range(messages):
-                await hub.send("on", n, critical=True)
-            return messages / (time.perf_counter() - start)
-        # "fanout": 50 connected clients, sends to all of them concurrently
-        clients = [f"c{i}" for i in range(50)]
-        for cid in clients:
-            mock = MockWebSocket()
-            mock.sent = _Discard()  # type: ignore[assignment]
-            await hub.connect(cid, mock)
-        rounds = max(1, messages // len(clients))
-        start = time.perf_counter()
-        for n in range(rounds):
-            await asyncio.gather(*(hub.send(cid, n, critical=True) for cid in clients))
-        return rounds * len(clients) / (time.perf_counter() - start)
+        if scenario.startswith("broadcast"):
+            return await _broadcast(hub, size, v1=scenario == "broadcast_v1")
+        return await _producers(hub, size, connected=scenario == "producers")
     finally:
         await hub.shutdown(timeout=1.0)
+        if kind == "redis":
+            await _clean(url, prefix, cluster)
 
 
-async def _sizes(url: str, prefix: str) -> dict[str, Any]:
-    """Redis bytes per pending message (100-byte JSON payload) and per idle client."""
-    hub = Hub(_config("redis", url, prefix))
-    await hub.start()
-    payload = {"text": "x" * 84}  # 100 bytes of JSON
-    for _ in range(1000):
-        await hub.send("size", payload, critical=True)
+async def _clean(url: str, prefix: str, cluster: bool) -> None:
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        rc = RedisCluster.from_url(url)
+        try:
+            for node in rc.get_primaries():
+                client = rc.get_redis_connection(node)
+                keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+                for k in keys:
+                    await rc.delete(k)
+        finally:
+            await rc.aclose()
+        return
     r = aioredis.Redis.from_url(url)
     try:
-        out = await r.memory_usage(f"{prefix}:{{size}}:out", samples=0) or 0
-        seq = await r.memory_usage(f"{prefix}:{{size}}:seq") or 0
-        await hub.connect("idle", MockWebSocket())
-        presence = await r.memory_usage(f"{prefix}:{{idle}}:presence") or 0
-        dedup_key = f"{prefix}:{{size}}:dedup:i:order-12345"
-        await r.set(dedup_key, b"1", px=1000)
-        dedup = await r.memory_usage(dedup_key) or 0
+        keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+        for start in range(0, len(keys), 500):
+            await r.delete(*keys[start : start + 500])
     finally:
-        await hub.shutdown(timeout=1.0)
-        keys = [k async for k in r.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await r.delete(*keys)
         await r.aclose()
-    return {
-        "stream_bytes_per_pending_message_100B_payload": round(out / 1000, 1),
-        "seq_counter_bytes": seq,
-        "presence_bytes": presence,
-        "dedup_key_bytes": dedup,
-    }
 
 
-class _Discard(list[object]):
-    def append(self, _item: object) -> None:
-        pass
+SIZES = {"broadcast": 20, "broadcast_v1": 24, "producers": 5000, "offline": 5000}
 
 
-async def main(messages: int, url: str) -> dict[str, Any]:
-    prefix = f"tether-bench-{uuid.uuid4().hex[:8]}"
-    results: dict[str, Any] = {"messages": messages}
-    try:
-        for scenario in ("offline", "connected", "fanout"):
-            memory = await _rate("memory", url, prefix, messages, scenario)
-            redis = await _rate("redis", url, prefix, messages, scenario)
-            results[scenario] = {
-                "memory_per_s": round(memory),
-                "redis_per_s": round(redis),
-                "redis_vs_memory": round(redis / memory, 3),
-            }
-        results["sizes"] = await _sizes(url, prefix)
-    finally:
-        r = aioredis.Redis.from_url(url)
-        keys = [k async for k in r.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await r.delete(*keys)
-        await r.aclose()
+async def main(rounds: int, url: str, cluster_url: str | None) -> dict[str, Any]:
+    results: dict[str, Any] = {"clients": CLIENTS, "producer_tasks": PRODUCERS, "rounds": rounds}
+    for scenario, size in SIZES.items():
+        runs: dict[str, list[dict[str, float]]] = {"memory": [], "redis": []}
+        if cluster_url:
+            runs["cluster"] = []
+        for _ in range(rounds):  # alternate, so drift on a noisy machine hits all alike
+            runs["memory"].append(await _one("memory", url, scenario, size, False))
+            runs["redis"].append(await _one("redis", url, scenario, size, False))
+            if cluster_url:
+                runs["cluster"].append(await _one("redis", cluster_url, scenario, size, True))
+        medians = {k: statistics.median(r["per_s"] for r in v) for k, v in runs.items()}
+        entry: dict[str, Any] = {f"{k}_per_s": round(v) for k, v in medians.items()}
+        entry["redis_vs_memory"] = round(medians["redis"] / medians["memory"], 3)
+        entry["redis_rejected"] = sum(r["rejected"] for r in runs["redis"])
+        if cluster_url:
+            entry["cluster_vs_redis"] = round(medians["cluster"] / medians["redis"], 3)
+            entry["cluster_rejected"] = sum(r["rejected"] for r in runs["cluster"])
+        results[scenario] = entry
     return results
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--cluster", default=None, help="seed node URL of a Redis Cluster")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.messages, args.redis)), indent=2))
+    print(json.dumps(asyncio.run(main(args.rounds, args.redis, args.cluster)), indent=2))

@@ -84,7 +84,9 @@ async def test_offline_messages_are_in_redis_and_delivered_on_connect(
         result = await hub.send("alice", {"n": n}, critical=True)
         assert result.status is SendStatus.QUEUED and result.seq == n + 1
     assert await hub.backend.pending_count("alice") == 3
-    assert await r.xlen(f"{redis_prefix}:{{alice}}:out") == 3
+    out = hub.backend.keys.out("alice")  # type: ignore[attr-defined]
+    assert out.startswith(f"{redis_prefix}:")
+    assert await r.xlen(out) == 3
     ws = MockWebSocket()
     await hub.connect("alice", ws)
     assert ws.payloads == [{"n": 0}, {"n": 1}, {"n": 2}]

@@ -142,6 +142,7 @@ class Client:
         client_id: str | None = None,
         token: str | None = None,
         last_seq: int = 0,
+        epoch: str | None = None,
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         max_reconnect_attempts: int | None = None,
@@ -179,6 +180,7 @@ class Client:
             self.client_id,
             last_seq=last_seq,
             token=token,
+            epoch=epoch,
             ack_every=ack_every,
             ack_interval=ack_interval,
             max_message_size=max_message_size + _SIZE_SLACK,
@@ -228,6 +230,12 @@ class Client:
     def last_seq(self) -> int:
         """The highest seq delivered or reported lost; persist it to resume after a restart."""
         return self._cp.last_seq
+
+    @property
+    def epoch(self) -> str | None:
+        """The identity of the server's stream `last_seq` belongs to; persist it with
+        `last_seq` so a resume after a restart can tell a recreated stream from yours."""
+        return self._cp.epoch
 
     @property
     def connection(self) -> ClientConnection | None:

@@ -9,6 +9,7 @@ import itertools
 import logging
 import random
 import re
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -22,7 +23,9 @@ from .backends import (
     BackendError,
     BackendEvents,
     MemoryBackend,
+    OutcomeUnknown,
     Refused,
+    StoredOutbox,
     create_backend,
 )
 from .clock import Clock, SystemClock
@@ -239,7 +242,7 @@ class Hub(HubInspection):
                 client.stats.counters.connections_reconnections += 1
             client.connections += 1
             self._touch(client)
-            problem = await self._load_stored(client)
+            problem = await self._load_stored(client, hello)
             if problem is not None and hello is not None:
                 # Without the stored stream a resume would be guessed (and reported as a
                 # reset): send the client away to retry, here or on another node.
@@ -247,9 +250,21 @@ class Hub(HubInspection):
                 raise ValueError(f"backend unavailable: {problem}")
             welcome = None
             if hello is not None:
-                welcome, delivered = resume(client, hello.last_seq, self.session_id)
+                welcome, delivered = resume(client, hello.last_seq, self.session_id, hello.epoch)
                 for envelope in delivered:
                     self._delivered(client, envelope)
+                if welcome.reset:
+                    self._count(client, "streams_resets")
+                    log.warning(
+                        "tether: %s resumed from seq %d of a stream this hub cannot vouch "
+                        "for; answered with a reset",
+                        client_id,
+                        hello.last_seq,
+                    )
+                if welcome.lost:
+                    self._counters.streams_lost += welcome.lost
+                    if self.metrics.enabled:
+                        client.stats.counters.streams_lost += welcome.lost
                 if self._backend.durable and hello.last_seq and not welcome.reset:
                     await self._ack_stored(client, client.acked)  # what the client already has
                 if await self._transmit(client, protocol.encode(welcome)) != _OK:
@@ -257,15 +272,19 @@ class Hub(HubInspection):
             await self._flush(client, force=True)
         return welcome
 
-    async def _load_stored(self, client: ClientSession) -> str | None:
-        """With a shared backend the stored stream is the record: adopt it (lock held).
-        Returns why it could not be loaded, if it could not."""
+    async def _load_stored(self, client: ClientSession, hello: protocol.Hello | None) -> str | None:
+        """With a shared backend the stored stream is the record: adopt it (lock held); a
+        tether.v1 hello settles it against the client's position first. Returns why it
+        could not be loaded, if it could not."""
         backend = self._backend
         if not backend.shared:
             return None
         try:
             await backend.claim(client.client_id)
-            stored = await backend.load(client)
+            if hello is not None:
+                stored = await backend.attach(client, hello.last_seq, hello.epoch)
+            else:
+                stored = await backend.load(client)
         except BackendError as exc:
             log.warning(
                 "tether: backend unavailable while connecting %s: %s", client.client_id, exc
@@ -273,15 +292,51 @@ class Hub(HubInspection):
             return str(exc)
         if stored is None:
             return None
+        self._adopt(client, stored)
+        if stored.reset:
+            client.stream_known = False  # resume() answers with a reset, as the store did
+        return None
+
+    def _adopt(self, client: ClientSession, stored: StoredOutbox) -> None:
+        """Make the session mirror the stored stream (lock held)."""
         client.outbox.drain()
         for envelope in stored.envelopes:
-            client.outbox.push(envelope)
-        client.next_seq = max(client.next_seq, stored.next_seq)
-        client.acked = max(client.acked, stored.acked)
+            self._mirror(client, envelope)
+        if stored.epoch != client.epoch:  # another numbering: nothing of ours carries over
+            client.next_seq = stored.next_seq
+            client.acked = stored.acked
+        else:
+            client.next_seq = max(client.next_seq, stored.next_seq)
+            client.acked = max(client.acked, stored.acked)
+        client.epoch = stored.epoch
         client.stream_known = True
         for _ in stored.expired:
             self._count(client, "messages_expired")
-        return None
+
+    @staticmethod
+    def _mirror(client: ClientSession, envelope: Envelope) -> None:
+        """Put a stored message into the session's outbox. The store already applied the
+        bound, so the local copy must not refuse it."""
+        if not client.outbox.push(envelope).accepted:
+            client.outbox.queue.append(envelope)
+
+    def _stream_lost(self, client: ClientSession) -> None:
+        """The stored stream was recreated under a connected client (its keys vanished):
+        its numbering is no longer the one this connection speaks. Close the connection
+        (1012, so the client comes back at once); its resume is answered with a reset and
+        nothing is resumed over."""
+        log.warning(
+            "tether: the stored stream of %s was recreated under its connection; "
+            "closing it so that its resume reports the reset",
+            client.client_id,
+        )
+        transport = client.transport
+        client.outbox.drain()
+        client.epoch = None
+        client.stream_known = False
+        if transport is not None:
+            self._detach(client, transport, failed=False)
+            self._background(self._close_quietly(transport, 1012, "stream reset; reconnect"))
 
     async def disconnect(
         self,
@@ -439,7 +494,9 @@ class Hub(HubInspection):
         if not self._started:
             await self.start()
         deliver = self._deliver
-        if critical:  # each client's copy gets its own seq and attempts in its outbox
+        if critical and self._append_now is None:  # a store that must be awaited
+            results = await self._broadcast_stored(targets, template)
+        elif critical:  # each client's copy gets its own seq and attempts in its outbox
             copy = self._copy
             results = []
             awaited = []
@@ -485,7 +542,55 @@ class Hub(HubInspection):
             dropped=counts[SendStatus.DROPPED],
             rejected=counts[SendStatus.REJECTED],
             reasons=reasons,
+            unknown=counts[SendStatus.UNKNOWN],
         )
+
+    async def _broadcast_stored(
+        self, targets: list[ClientSession], template: Envelope
+    ) -> list[SendResult]:
+        """A critical broadcast through a store that must be awaited: every client's copy
+        is stored in one batch (one or a few round trips), then written without a task
+        per client. Clients whose lock is taken (a send in progress) keep their order by
+        going through the per-client path."""
+        free: list[ClientSession] = []
+        busy: list[ClientSession] = []
+        for client in targets:
+            if client.lock.locked() or (client.transport is not None and client.try_send is None):
+                busy.append(client)
+            else:
+                free.append(client)
+        for client in free:
+            await client.lock.acquire()  # free and nothing awaited since: never suspends
+        results: list[SendResult] = []
+        trims: list[tuple[ClientSession, int]] = []
+        try:
+            items = [(c, self._copy(template), c.transport is not None) for c in free]
+            outcomes = await self._backend.append_many(items)
+            now = self.clock.now()
+            for (client, envelope, local), outcome in zip(items, outcomes, strict=True):
+                client.last_seen = now
+                if isinstance(outcome, BackendError):
+                    results.append(self._store_failed(client, envelope, outcome))
+                    continue
+                settled = self._settle(client, envelope, outcome, local)
+                if settled is None:
+                    settled = self._write_stored_now(client, envelope, trims)
+                results.append(settled)
+        finally:
+            for client in free:
+                client.lock.release()
+        if trims:
+            self._background(self._trim_stored(trims))
+        if busy:
+            results += await asyncio.gather(*(self._deliver(c, self._copy(template)) for c in busy))
+        return results
+
+    async def _trim_stored(self, trims: list[tuple[ClientSession, int]]) -> None:
+        """Tell a durable store that plain-mode writes delivered these messages."""
+        try:
+            await self._backend.ack_many(trims)
+        except BackendError as exc:  # re-sent after a reconnect; counted by the backend
+            log.warning("tether: could not record %d deliveries: %s", len(trims), exc)
 
     def _prepare(
         self, payload: Any, critical: bool, message_id: str | None, ttl: float | None
@@ -600,27 +705,18 @@ class Hub(HubInspection):
         )
 
     async def _accept_critical(self, client: ClientSession, envelope: Envelope) -> SendResult:
-        outbox = client.outbox
         backend = self._backend
         local = client.transport is not None or not backend.shared
         try:
             stored = await backend.append(client, envelope, local=local)
         except BackendError as exc:
-            self._count(client, "messages_rejected")
-            return SendResult(
-                SendStatus.REJECTED,
-                client.client_id,
-                envelope.message_id,
-                f"backend unavailable: {exc}",
-            )
-        refused = self._refused(client, envelope, stored)
-        if refused is not None:
-            return refused
-        if not local:
-            return await self._queued_elsewhere(client, envelope)
+            return self._store_failed(client, envelope, exc)
+        settled = self._settle(client, envelope, stored, local)
+        if settled is not None:
+            return settled
         if (
             client.transport is not None
-            and len(outbox.queue) == 1
+            and len(client.outbox.queue) == 1
             and client.breaker.allow()
             and await self._write_head(client)
         ):
@@ -628,6 +724,60 @@ class Hub(HubInspection):
                 SendStatus.SENT, client.client_id, envelope.message_id, None, envelope.seq
             )
         return self._queued(client, envelope)
+
+    def _store_failed(
+        self, client: ClientSession, envelope: Envelope, exc: BackendError
+    ) -> SendResult:
+        """A critical message the backend could not store, or may have stored."""
+        if isinstance(exc, OutcomeUnknown):
+            self._count(client, "streams_unknown")
+            return SendResult(
+                SendStatus.UNKNOWN,
+                client.client_id,
+                envelope.message_id,
+                f"outcome unknown ({exc}); resend with message_id {envelope.message_id!r}: "
+                "it is looked for before it is stored again (answered duplicate if found)",
+            )
+        self._count(client, "messages_rejected")
+        return SendResult(
+            SendStatus.REJECTED,
+            client.client_id,
+            envelope.message_id,
+            f"backend unavailable: {exc}",
+        )
+
+    def _settle(
+        self,
+        client: ClientSession,
+        envelope: Envelope,
+        stored: Accepted | Refused,
+        local: bool,
+    ) -> SendResult | None:
+        """After the backend answered an append (lock held): the result when there is
+        nothing to write here, else None — then the message is in the session's outbox."""
+        refused = self._refused(client, envelope, stored)
+        if refused is not None or not self._backend.shared:
+            return refused
+        assert isinstance(stored, Accepted)
+        if local and stored.changed:
+            self._stream_lost(client)
+            return self._queued(
+                client, envelope, "stored; the client's stream was recreated, it is reconnecting"
+            )
+        if not local or client.transport is None or stored.unmirrored:
+            if client.transport is not None:  # it connected here while we stored
+                self._background(self._on_new_messages(client.client_id))
+            reason = "client not connected"
+            if stored.holder is not None and stored.holder != self._backend.node_id:
+                reason = f"delivered by node {stored.holder}"
+            return self._queued(client, envelope, reason)
+        if client.epoch is None:
+            client.epoch = stored.epoch
+        for missing in stored.gap:
+            self._mirror(client, missing)
+        self._mirror(client, envelope)
+        client.next_seq = max(client.next_seq, stored.seq + 1)
+        return None
 
     def _refused(
         self, client: ClientSession, envelope: Envelope, stored: Accepted | Refused
@@ -685,10 +835,37 @@ class Hub(HubInspection):
         refused = self._refused(client, envelope, append(client, envelope))
         if refused is not None:
             return refused
+        return self._write_stored_now(client, envelope, None)
+
+    def _write_stored_now(
+        self,
+        client: ClientSession,
+        envelope: Envelope,
+        trims: list[tuple[ClientSession, int]] | None,
+    ) -> SendResult:
+        """Write a just-stored message without suspending when it heads the queue and the
+        socket takes it; else it stays queued (a write the socket cannot take at once is
+        flushed in the background). Lock held, or free and nothing awaited since checked.
+        Plain-mode deliveries that a durable store must trim go to `trims` (or are trimmed
+        in the background when it is None)."""
+        queue = client.outbox.queue
+        if (
+            client.try_send is None
+            or client.transport is None
+            or not queue
+            or queue[0] is not envelope
+            or client.breaker.state is not CircuitState.CLOSED
+        ):
+            return self._queued(client, envelope)
         frame = self._frame(client, envelope) if client.v1 else envelope.data
         outcome = self._write_now(client, frame)
         if outcome == _OK:
             self._head_written(client, envelope, is_retry=False)
+            if not client.v1 and self._backend.durable:  # written = delivered: trim the store
+                if trims is None:
+                    self._background(self._ack_stored(client, envelope.seq or 0))
+                else:
+                    trims.append((client, envelope.seq or 0))
             return SendResult(
                 SendStatus.SENT, client.client_id, envelope.message_id, None, envelope.seq
             )
@@ -704,22 +881,6 @@ class Hub(HubInspection):
     async def _flush_locked(self, client: ClientSession) -> None:
         async with client.lock:
             await self._flush(client, force=True)
-
-    async def _queued_elsewhere(self, client: ClientSession, envelope: Envelope) -> SendResult:
-        """Stored in the shared backend for a client not connected to this node: ring
-        the node that holds its connection, if any."""
-        self._count(client, "messages_queued")
-        reason = "client not connected"
-        try:
-            node = await self._backend.owner(client.client_id)
-            if node is not None and node != self._backend.node_id:
-                await self._backend.notify(node, client.client_id)
-                reason = f"delivered by node {node}"
-        except BackendError as exc:
-            log.warning("tether: could not notify the owner of %s: %s", client.client_id, exc)
-        return SendResult(
-            SendStatus.QUEUED, client.client_id, envelope.message_id, reason, seq=envelope.seq
-        )
 
     def _warn_overflow(self, client: ClientSession, evicted: Envelope) -> None:
         """One warning per `_WARN_EVERY` seconds: a stalled client pushing out thousands of
@@ -978,11 +1139,14 @@ class Hub(HubInspection):
     async def _ack_stored(self, client: ClientSession, seq: int) -> None:
         """Tell a durable backend that everything up to `seq` was delivered."""
         try:
-            await self._backend.ack(client, seq)
+            current = await self._backend.ack(client, seq)
         except BackendError as exc:  # re-sent after a reconnect; counted by the backend
             log.warning(
                 "tether: could not record delivery %d of %s: %s", seq, client.client_id, exc
             )
+        else:
+            if not current and client.transport is not None:
+                self._stream_lost(client)
 
     def _delivered(
         self, client: ClientSession, envelope: Envelope, now: float | None = None
@@ -1049,9 +1213,12 @@ class Hub(HubInspection):
         client.last_seen = now
         if done:
             try:
-                await self._backend.ack(client, seq)
+                current = await self._backend.ack(client, seq)
             except BackendError as exc:  # re-sent on resume; the client drops the duplicate
                 log.warning("tether: could not record ack %d of %s: %s", seq, client.client_id, exc)
+            else:
+                if not current:  # the stored stream is no longer the one this ack speaks of
+                    self._stream_lost(client)
         return len(done)
 
     # ------------------------------------------------------------------ cluster events
@@ -1070,9 +1237,13 @@ class Hub(HubInspection):
                 return
             if stored is None:
                 return
+            if client.epoch is not None and stored.epoch != client.epoch:
+                self._stream_lost(client)  # recreated under this connection (keys vanished)
+                return
+            client.epoch = stored.epoch
             for envelope in stored.envelopes:
                 if (envelope.seq or 0) > known:
-                    client.outbox.push(envelope)
+                    self._mirror(client, envelope)
             client.next_seq = max(client.next_seq, stored.next_seq)
             await self._flush(client, force=False)
 
@@ -1243,6 +1414,8 @@ class Hub(HubInspection):
             dead_letter_max=cfg.dead_letter_max_size,
             now=self.clock.now(),
         )
+        if not self._backend.shared:  # the session is the record: it names its numbering
+            client.epoch = secrets.token_hex(6)
         self._clients[client_id] = client
         self._breaker_counts[CircuitState.CLOSED] += 1
         return client
@@ -1304,7 +1477,12 @@ class Hub(HubInspection):
         self._closing = True
         started = self.clock.now()
         budget = self.config.shutdown_timeout if timeout is None else timeout
-        pending_at_start = sum(len(c.outbox) for c in self._clients.values())
+        stored_at_start = await self._stored_pending_total()
+        pending_at_start = (
+            stored_at_start
+            if stored_at_start is not None
+            else sum(len(c.outbox) for c in self._clients.values())
+        )
         delivered_before = self._counters.messages_delivered
         if flush and pending_at_start:
             connected = [c for c in self._clients.values() if c.transport is not None and c.outbox]
@@ -1312,9 +1490,13 @@ class Hub(HubInspection):
                 async with asyncio.timeout(budget):
                     await asyncio.gather(*(self._drain(c) for c in connected))
         flushed = self._counters.messages_delivered - delivered_before
-        remaining = sum(len(c.outbox) for c in self._clients.values())
-        persisted = remaining if self._backend.durable and self._backend.healthy else 0
-        dropped = pending_at_start - flushed - persisted
+        stored_now = await self._stored_pending_total() if stored_at_start is not None else None
+        if stored_now is not None:  # what stays in the shared store for this node's clients
+            persisted = stored_now
+        else:
+            remaining = sum(len(c.outbox) for c in self._clients.values())
+            persisted = remaining if self._backend.durable and self._backend.healthy else 0
+        dropped = max(0, pending_at_start - flushed - persisted)
         if dropped:
             log.warning(
                 "tether: shutdown leaves %d undelivered message(s) that the %s backend "
@@ -1367,6 +1549,17 @@ class Hub(HubInspection):
         )
         log.info("tether: shutdown complete %s", self._shutdown_stats.to_dict())
         return self._shutdown_stats
+
+    async def _stored_pending_total(self) -> int | None:
+        """Messages a shared store holds for the clients this node tracks (None: the
+        sessions are the record, or the store cannot say)."""
+        if not self._backend.shared:
+            return None
+        try:
+            return await self._backend.pending_counts(list(self._clients))
+        except BackendError as exc:
+            log.warning("tether: could not count stored messages: %s", exc)
+            return None
 
     async def _drain(self, client: ClientSession) -> None:
         """Deliver everything the client has pending (in tether.v1: until acked)."""

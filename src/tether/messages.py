@@ -14,7 +14,10 @@ class SendStatus(StrEnum):
     QUEUED = "queued"  # kept in the client's outbox; delivered later, in order
     DUPLICATE = "duplicate"  # already accepted for this client within the dedup window
     DROPPED = "dropped"  # best-effort message that could not be sent now
-    REJECTED = "rejected"  # refused: bad payload, full outbox under `reject`, shutting down
+    REJECTED = "rejected"  # refused, certainly not stored: bad payload, full outbox, shutting down
+    # (critical, shared backend) the store got the write but its reply never came: it may
+    # be stored. Resend with the result's message_id: dedup answers DUPLICATE if it was.
+    UNKNOWN = "unknown"
 
 
 class SendResult(NamedTuple):
@@ -57,10 +60,13 @@ class BroadcastResult:
     dropped: int = 0
     rejected: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    unknown: int = 0
 
     @property
     def total(self) -> int:
-        return self.sent + self.queued + self.duplicate + self.dropped + self.rejected
+        return (
+            self.sent + self.queued + self.duplicate + self.dropped + self.rejected + self.unknown
+        )
 
     def count(self, status: SendStatus) -> int:
         return int(getattr(self, status.value))

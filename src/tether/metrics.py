@@ -101,6 +101,9 @@ class Counters:
     circuit_breaker_opens: int = 0
     circuit_breaker_half_opens: int = 0
     circuit_breaker_closes: int = 0
+    streams_resets: int = 0  # resumes answered with a reset: the stream was not vouched for
+    streams_lost: int = 0  # seqs reported lost to tether.v1 clients in welcomes
+    streams_unknown: int = 0  # critical sends whose store write got no reply (UNKNOWN)
 
     def as_tuple(self) -> tuple[int, ...]:
         return tuple(getattr(self, name) for name in COUNTER_FIELDS)
@@ -242,6 +245,11 @@ class MetricsSnapshot:
                 "p99_ms": round(percentile(self.latency_buckets, count, 0.99) * 1000, 3),
                 "average_ms": round(self.latency_total / count * 1000, 3) if count else 0.0,
                 "count": count,
+            },
+            "streams": {
+                "resets": c["streams_resets"],
+                "lost": c["streams_lost"],
+                "unknown": c["streams_unknown"],
             },
             "memory": {"rss_bytes": self.rss_bytes, "tracked_clients": g.tracked_clients},
             "backend": {"errors": g.backend_errors},

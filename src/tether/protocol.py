@@ -53,6 +53,7 @@ __all__ = [
 SUBPROTOCOL: Final = "tether.v1"
 MAX_CLIENT_ID_LENGTH: Final = 128
 MAX_TOKEN_LENGTH: Final = 4096
+MAX_EPOCH_LENGTH: Final = 64
 MAX_SEQ: Final = 2**53 - 1  # every integer on the wire must survive a JavaScript number
 DEFAULT_MAX_MESSAGE_SIZE: Final = 1_048_576
 
@@ -98,6 +99,7 @@ class Hello:
     client_id: str
     last_seq: int = 0
     token: str | None = None
+    epoch: str | None = None  # the stream identity last_seq belongs to (from a welcome)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,7 @@ class Welcome:
     lost_ranges: tuple[tuple[int, int], ...] = ()
     reset: bool = False
     acked: int = 0  # every seq <= acked counts as delivered to this client id
+    epoch: str | None = None  # the stream's identity: a hello names it to resume
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,8 @@ def encode(frame: Frame) -> str:
         obj = {"type": "hello", "client_id": frame.client_id, "last_seq": frame.last_seq}
         if frame.token is not None:
             obj["token"] = frame.token
+        if frame.epoch is not None:
+            obj["epoch"] = frame.epoch
     elif isinstance(frame, Welcome):
         obj = {
             "type": "welcome",
@@ -169,6 +174,8 @@ def encode(frame: Frame) -> str:
             "lost_ranges": frame.lost_ranges,
             "reset": frame.reset,
         }
+        if frame.epoch is not None:
+            obj["epoch"] = frame.epoch
     elif isinstance(frame, Publish):
         obj = {"type": "publish"}
         if frame.id is not None:
@@ -312,7 +319,10 @@ def _hello(obj: dict[str, Any]) -> Hello:
     token = _opt_str(obj, "token")
     if token is not None and len(token) > MAX_TOKEN_LENGTH:
         raise _invalid(f"token must be at most {MAX_TOKEN_LENGTH} characters")
-    return Hello(client_id, _int(obj, "last_seq", 0, 0), token)
+    epoch = _opt_str(obj, "epoch")
+    if epoch is not None and len(epoch) > MAX_EPOCH_LENGTH:
+        raise _invalid(f"epoch must be at most {MAX_EPOCH_LENGTH} characters")
+    return Hello(client_id, _int(obj, "last_seq", 0, 0), token, epoch)
 
 
 def _publish(obj: dict[str, Any]) -> Publish:
@@ -339,6 +349,7 @@ def _welcome(obj: dict[str, Any]) -> Welcome:
         ranges,
         _bool(obj, "reset", False),
         acked,
+        _opt_str(obj, "epoch"),
     )
 
 
@@ -593,6 +604,7 @@ class ClientProtocol:
         *,
         last_seq: int = 0,
         token: str | None = None,
+        epoch: str | None = None,
         ack_every: int = 64,
         ack_interval: float = 0.05,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -615,6 +627,8 @@ class ClientProtocol:
         self.state = _CLOSED
         self.welcome: Welcome | None = None
         self.last_seq = last_seq
+        # The stream identity last_seq belongs to; persist it with last_seq to resume.
+        self.epoch = epoch
         self.duplicates = 0
         self._unacked = 0  # critical msgs (duplicates too) since the last ack
         self._unacked_since = 0.0
@@ -633,7 +647,7 @@ class ClientProtocol:
         self._unacked = 0
         self._skip = []
         self._ceiling = self.last_seq
-        return encode(Hello(self.client_id, self.last_seq, self.token))
+        return encode(Hello(self.client_id, self.last_seq, self.token, self.epoch))
 
     def receive(self, raw: str | bytes, now: float) -> list[ClientEvent]:
         """Events for one frame from the server. Any `ProtocolError` closes the connection."""
@@ -660,6 +674,7 @@ class ClientProtocol:
         # A next_seq at or below last_seq means the server's numbering went backwards
         # without it saying so: its new messages would pass for duplicates. Resync.
         reset = welcome.reset or welcome.next_seq <= self.last_seq
+        self.epoch = welcome.epoch
         missed: _Ranges = []
         if reset:
             self.last_seq = self._ceiling = welcome.acked

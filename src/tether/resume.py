@@ -8,21 +8,23 @@ from .session import ClientSession
 
 
 def resume(
-    client: ClientSession, last_seq: int, session_id: str
+    client: ClientSession, last_seq: int, session_id: str, epoch: str | None = None
 ) -> tuple[protocol.Welcome, list[Envelope]]:
     """Settle a client's stream against the `last_seq` of its hello (outbox requeued).
 
     Returns the `welcome` to send and the messages the hello acknowledged (delivered).
     Every seq after the client's position that the outbox no longer holds, and that no
     earlier session acknowledged, is reported lost — never a silent gap. A `last_seq`
-    this session never numbered (a restart of a non-durable hub) is a reset: numbering
-    continues after it and the welcome says so.
+    this session never numbered (a restart of a non-durable hub), or of another stream
+    `epoch` than the session's, is a reset: numbering continues after it and the welcome
+    says so.
     """
     outbox = client.outbox
     client.highest_written = last_seq
     known = client.stream_known
     client.stream_known = True
-    if last_seq >= client.next_seq or (last_seq > 0 and not known):
+    foreign = epoch is not None and client.epoch is not None and epoch != client.epoch
+    if last_seq >= client.next_seq or (last_seq > 0 and (not known or foreign)):
         for offset, envelope in enumerate(outbox, start=last_seq + 1):
             envelope.seq = offset
         client.next_seq = last_seq + len(outbox) + 1
@@ -33,6 +35,7 @@ def resume(
             next_seq=client.next_seq,
             reset=True,
             acked=last_seq,
+            epoch=client.epoch,
         )
         return welcome, []
     delivered = outbox.ack(last_seq)
@@ -56,5 +59,6 @@ def resume(
         lost=lost,
         lost_ranges=tuple(ranges),
         acked=floor,
+        epoch=client.epoch,
     )
     return welcome, delivered

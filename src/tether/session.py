@@ -32,6 +32,7 @@ class ClientSession:
         "dead_letters",
         "dedup",
         "drained",
+        "epoch",
         "groups",
         "highest_written",
         "last_seen",
@@ -71,6 +72,9 @@ class ClientSession:
         # Whether a tether.v1 client (or a durable backend) has seen this numbering: until
         # then, a hello with last_seq > 0 speaks of a stream from before our restart.
         self.stream_known = False
+        # The identity of the numbering this session mirrors; a different one in the store
+        # (or in a client's hello) means the stream was recreated: never resume over it.
+        self.epoch: str | None = None
         self.highest_written = 0
         self.connections = 0
         self.connected_at: float | None = None

@@ -1,6 +1,14 @@
 """Where a hub keeps outboxes, sequence numbers and dedup keys: in memory, or shared in Redis."""
 
-from .base import Accepted, Backend, BackendError, BackendEvents, Refused, StoredOutbox
+from .base import (
+    Accepted,
+    Backend,
+    BackendError,
+    BackendEvents,
+    OutcomeUnknown,
+    Refused,
+    StoredOutbox,
+)
 from .memory import MemoryBackend
 
 __all__ = [
@@ -9,6 +17,7 @@ __all__ = [
     "BackendError",
     "BackendEvents",
     "MemoryBackend",
+    "OutcomeUnknown",
     "Refused",
     "StoredOutbox",
     "create_backend",

@@ -14,16 +14,34 @@ if TYPE_CHECKING:
 
 
 class BackendError(RuntimeError):
-    """The backend could not do what was asked (e.g. Redis is unreachable)."""
+    """The backend could not do what was asked (e.g. Redis is unreachable). For a write,
+    it was certainly not done: the caller may report REJECTED."""
+
+
+class OutcomeUnknown(BackendError):
+    """A write was sent but its reply never came (a timeout, a connection lost mid-call):
+    it may or may not have been stored. Report it as such, never as REJECTED."""
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """A critical message is stored; `evicted` are the older messages a full outbox
-    (policy drop_oldest) pushed out to make room."""
+    (policy drop_oldest) pushed out to make room.
+
+    From a shared backend also: `gap`, messages other nodes stored just before this one
+    (to mirror first, keeping FIFO); `changed`, the stream is no longer the epoch the
+    node's mirror belongs to (it vanished and was created anew under a connected
+    client); `epoch`, the stream's identity now; `holder`, the node holding the
+    client's connection per presence, if any (it was rung).
+    """
 
     seq: int
     evicted: tuple[Envelope, ...] = ()
+    gap: tuple[Envelope, ...] = ()
+    changed: bool = False
+    epoch: str | None = None
+    holder: str | None = None
+    unmirrored: bool = False  # stored by an attempt whose reply was lost: reload to mirror it
 
 
 class Refused(Enum):
@@ -41,6 +59,8 @@ class StoredOutbox:
     acked: int
     envelopes: list[Envelope] = field(default_factory=list)  # unacked, in seq order
     expired: list[Envelope] = field(default_factory=list)  # found past their TTL and removed
+    epoch: str | None = None  # the stream's identity; None: no stream is stored
+    reset: bool = False  # (attach) the stream could not vouch for last_seq: renumbered
 
 
 @dataclass(slots=True)
@@ -90,7 +110,31 @@ class Backend(Protocol):
         `local`, the session's outbox mirrors it too."""
         ...
 
-    async def ack(self, session: ClientSession, seq: int) -> None: ...
+    async def append_many(
+        self, items: list[tuple[ClientSession, Envelope, bool]]
+    ) -> list[Accepted | Refused | BackendError]:
+        """`append` for many clients at once (a critical broadcast): (session, envelope,
+        local) each, one outcome each, in order. Envelopes that share their data object
+        share one stored payload in transit."""
+        ...
+
+    async def ack(self, session: ClientSession, seq: int) -> bool:
+        """Record delivery up to `seq`. False when the stored stream is no longer the
+        epoch the session speaks of (then nothing was trimmed)."""
+        ...
+
+    async def ack_many(self, acks: list[tuple[ClientSession, int]]) -> list[bool]:
+        """`ack` for many clients in one batch."""
+        ...
+
+    async def attach(
+        self, session: ClientSession, last_seq: int, epoch: str | None
+    ) -> StoredOutbox | None:
+        """A tether.v1 client resumes from `last_seq` (of `epoch`, when its hello named
+        one): settle the stored stream against it and return it; a stream that cannot
+        vouch for `last_seq` is renumbered after it (`reset`). None when the session
+        itself is the record."""
+        ...
 
     async def discard(self, session: ClientSession, envelopes: list[Envelope]) -> None:
         """Forget messages that left other than by delivery (expired, dead-lettered)."""
@@ -102,7 +146,13 @@ class Backend(Protocol):
         """The client's stored stream, or None when the session itself is the record."""
         ...
 
-    async def pending_count(self, client_id: str) -> int | None: ...
+    async def pending_count(self, client_id: str) -> int | None:
+        """Messages stored for the client (cluster view); None when the session is the record."""
+        ...
+
+    async def pending_counts(self, client_ids: list[str]) -> int | None:
+        """Sum of `pending_count` over many clients in one round trip."""
+        ...
 
     # -- best-effort dedup
 

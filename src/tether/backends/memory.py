@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..messages import DeadLetter, Envelope
-from .base import Accepted, BackendEvents, Refused, StoredOutbox
+from .base import Accepted, BackendError, BackendEvents, Refused, StoredOutbox
 
 if TYPE_CHECKING:
     from ..session import ClientSession
@@ -52,7 +52,20 @@ class MemoryBackend:
             session.dedup.record(key)
         return Accepted(envelope.seq, tuple(outcome.evicted))
 
-    async def ack(self, session: ClientSession, seq: int) -> None:
+    async def append_many(
+        self, items: list[tuple[ClientSession, Envelope, bool]]
+    ) -> list[Accepted | Refused | BackendError]:
+        return [self.append_now(session, envelope) for session, envelope, _ in items]
+
+    async def ack(self, session: ClientSession, seq: int) -> bool:
+        return True
+
+    async def ack_many(self, acks: list[tuple[ClientSession, int]]) -> list[bool]:
+        return [True] * len(acks)
+
+    async def attach(
+        self, session: ClientSession, last_seq: int, epoch: str | None
+    ) -> StoredOutbox | None:
         return None
 
     async def discard(self, session: ClientSession, envelopes: list[Envelope]) -> None:
@@ -65,6 +78,9 @@ class MemoryBackend:
         return None
 
     async def pending_count(self, client_id: str) -> int | None:
+        return None
+
+    async def pending_counts(self, client_ids: list[str]) -> int | None:
         return None
 
     async def seen(self, session: ClientSession, key: str) -> bool:

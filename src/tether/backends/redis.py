@@ -1,21 +1,8 @@
 """The Redis backend: outboxes, seqs, dedup keys, presence and routing shared by many hub nodes.
 
-Key layout (every per-client key carries the client id as a hash tag, so one client's
-keys live in one Redis Cluster slot and a Lua script may touch them together):
-
-    {prefix}:{cid}:out        Stream, entry id "<seq>-0": the unacked critical messages
-    {prefix}:{cid}:seq        INCR counter: the last seq handed out
-    {prefix}:{cid}:acked      highest cumulative ack
-    {prefix}:{cid}:dedup:<k>  SET NX PX dedup_window: an accepted dedup key
-    {prefix}:{cid}:dead       List of dead letters (JSON), LTRIM'd to dead_letter_max_size
-    {prefix}:{cid}:presence   node id holding the connection (PX presence_ttl), or
-                              "~<node>" once that node let it go (a tombstone, so the
-                              next node to claim it can tell the old one to drop its cache)
-    {prefix}:clients          ZSET client id -> last seen (wall seconds): `members(None)`
-    {prefix}:group:<name>     SET of client ids: `members(group)`
-
-Pub/sub channels: {prefix}:node:<node_id> (doorbells, forwarded best-effort messages,
-kicks) and {prefix}:broadcast (best-effort broadcasts). See docs/operations.md.
+The key layout is in `redis_keys`, the scripts in `redis_scripts`, the stream-entry and
+pub/sub formats in `redis_wire`, the write batching in `redis_batch`. See
+docs/operations.md for what each failure mode costs and what Tether reports.
 """
 
 from __future__ import annotations
@@ -25,25 +12,29 @@ import base64
 import contextlib
 import logging
 import random
-import time
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..clock import Clock, SystemClock
 from ..config import HubConfig
 from ..messages import DeadLetter, Envelope
-from .base import Accepted, BackendError, BackendEvents, Refused, StoredOutbox
+from .base import Accepted, BackendError, BackendEvents, OutcomeUnknown, Refused, StoredOutbox
+from .redis_batch import Request, StreamBatcher
+from .redis_keys import RedisKeys, batch_group
+from .redis_scripts import SCRIPTS
+from .redis_wire import WireCodec
 
 if TYPE_CHECKING:
     from ..session import ClientSession
@@ -61,100 +52,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 DEAD_LETTER_TTL_MS = 7 * 86_400 * 1000  # dead letters are for inspection, not forever
-
-# append: dedup check + seq + bound + add + dedup record + TTLs, atomically.
-# KEYS: out, seq, acked, dedup (a dummy per-client key when there is no dedup key)
-# ARGV: has_dedup, dedup_ms, max_size, policy, floor, keep_ms, known,
-#       m (message id), d (data), t (type), x (expiry wall ms), c (created wall ms)
-# Returns {0} duplicate, {-1} full, or {seq, evicted entries, gap entries}.
-_APPEND = """
-local out, seqk, acked, dd = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-if ARGV[1] == '1' and redis.call('EXISTS', dd) == 1 then return {0} end
-local max = tonumber(ARGV[3])
-local evicted = {}
-local len = redis.call('XLEN', out)
-if len >= max then
-  if ARGV[4] ~= 'drop_oldest' then return {-1} end
-  evicted = redis.call('XRANGE', out, '-', '+', 'COUNT', len - max + 1)
-  for _, e in ipairs(evicted) do redis.call('XDEL', out, e[1]) end
-end
-local cur = redis.call('GET', seqk)
-local floor = tonumber(ARGV[5])
-if not cur and redis.call('EXISTS', out) == 1 then
-  -- the counter vanished but the stream did not: never hand out an id below its top
-  local info = redis.call('XINFO', 'STREAM', out)
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then
-      local top = tonumber(string.match(info[i + 1], '^(%d+)'))
-      if top > floor then floor = top end
-    end
-  end
-end
-if tonumber(cur or '0') < floor then redis.call('SET', seqk, floor) end
-local seq = redis.call('INCR', seqk)
-redis.call('XADD', out, seq .. '-0', 'm', ARGV[8], 'd', ARGV[9], 't', ARGV[10],
-           'x', ARGV[11], 'c', ARGV[12])
-if ARGV[1] == '1' then redis.call('SET', dd, '1', 'PX', ARGV[2]) end
-local keep = tonumber(ARGV[6])
-for _, k in ipairs({out, seqk, acked}) do
-  if redis.call('EXISTS', k) == 1 and redis.call('PTTL', k) < keep then
-    redis.call('PEXPIRE', k, keep)
-  end
-end
-local known = tonumber(ARGV[7])
-local gap = {}
-if known >= 0 and seq > known + 1 then
-  gap = redis.call('XRANGE', out, (known + 1) .. '-0', (seq - 1) .. '-0')
-end
-return {seq, evicted, gap}
-"""
-
-# ack: trim everything <= seq and raise the acked floor. KEYS: out, acked. ARGV: seq, keep_ms
-_ACK = """
-local seq = tonumber(ARGV[1])
-redis.call('XTRIM', KEYS[1], 'MINID', (seq + 1) .. '-0')
-local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-if seq > cur then redis.call('SET', KEYS[2], seq, 'PX', ARGV[2]) end
-return cur
-"""
-
-# claim: this node holds the connection now; returns the previous holder (maybe "~node").
-# KEYS: presence, seq, acked, out. ARGV: node, presence_ms, keep_ms
-# Keep the client's stream keys (KEYS[2..4]) alive at least ARGV[3] ms.
-_KEEP_STREAM = """
-for i = 2, 4 do
-  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
-    redis.call('PEXPIRE', KEYS[i], ARGV[3])
-  end
-end
-"""
-
-_CLAIM = """
-local old = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-""" + _KEEP_STREAM + """
-return old
-"""
-
-# refresh: keep our presence alive (never steal it back). Same KEYS/ARGV as claim.
-_REFRESH = """
-local cur = redis.call('GET', KEYS[1])
-if cur == ARGV[1] or cur == false or cur == '~' .. ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-end
-""" + _KEEP_STREAM + """
-return cur
-"""
-
-# release: leave a tombstone only if the presence is still ours. KEYS: presence.
-# ARGV: node, tombstone_ms
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
+MAX_UNKNOWN = 10_000  # appends with an unknown outcome remembered for a probing resend
 
 
 def _ms(seconds: float) -> int:
@@ -174,15 +72,37 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a failed call certainly never reached Redis (so nothing was stored): the
+    connection could not be made. Anything else after the call was written — a timeout
+    or a connection lost mid-reply — leaves the outcome unknown."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        if isinstance(seen, RedisConnectionError) and "connecting to" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class RedisBackend:
     """Shared, durable storage and routing for a cluster of hub nodes on one Redis.
 
     Failure policy: while Redis is unreachable every operation raises `BackendError`
     (counted in `errors`), so critical sends are REJECTED with "backend unavailable: …"
-    rather than accepted into a store that could lose them; connections and
-    best-effort delivery to clients on this node keep working; the pub/sub listener
-    reconnects by itself with backoff and, once back, rings every local client in
-    case a doorbell was missed.
+    rather than accepted into a store that could lose them — or, when a write was sent
+    and its reply never came, `OutcomeUnknown`; connections and best-effort delivery to
+    clients on this node keep working; the pub/sub listener reconnects by itself with
+    backoff and, once back, rings every local client in case a doorbell was missed.
+
+    Concurrency into Redis is bounded (`redis_max_connections`): callers wait for a
+    connection instead of failing, and stream writes are coalesced into pipelines by
+    `StreamBatcher`.
     """
 
     name = "redis"
@@ -206,24 +126,32 @@ class RedisBackend:
         self.config = config if config is not None else HubConfig(backend="redis")
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.errors = 0
+        self.keys = RedisKeys(prefix)
+        self.wire = WireCodec(self.clock)
         self._socket_timeout = socket_timeout
         self._connect_timeout = connect_timeout
         cfg = self.config
         self._policy = cfg.overflow_policy.value
         self._max = cfg.max_queue_size
         self._dedup_ms = _ms(cfg.dedup_window)
+        self._dedup_on = cfg.dedup_mode.value != "off"
+        self._dedup_by_id = cfg.dedup_mode.value == "id"
         self._presence_ms = _ms(cfg.presence_ttl)
         # Keys of a client outlive its last activity by client_ttl (or the message TTL):
         # an abandoned client's data goes away on its own.
-        self._keep_ms = _ms(max(cfg.client_ttl, cfg.message_ttl) + 60)
+        self._keep_ms = _ms(max(cfg.client_ttl, cfg.message_ttl))
         # A tombstone must outlive the old node's cached outbox, which lives at most a TTL.
         self._tombstone_ms = _ms(max(cfg.presence_ttl, cfg.message_ttl))
-        self._node_channel = f"{prefix}:node:{self.node_id}"
-        self._broadcast_channel = f"{prefix}:broadcast"
+        self._max_connections = int(getattr(cfg, "redis_max_connections", 64))
+        self._cluster = False
         self._events: BackendEvents | None = None
         self._redis: Redis | None = None
-        self._scripts: dict[str, Any] = {}
+        self._shas: dict[str, str] = {}
+        self._batcher: StreamBatcher | None = None
         self._claimed: set[str] = set()  # clients connected to this node
+        # (client id, message id) of appends whose outcome stayed unknown: a resend of
+        # the same message looks for it in the stream before storing it again.
+        self._unknown: dict[tuple[str, str], None] = {}
         self._bells: set[str] = set()  # doorbells scheduled but not yet handled
         self._tasks: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -233,19 +161,15 @@ class RedisBackend:
         self._closed = False
         self.listener_reconnects = 0
 
-    # ------------------------------------------------------------------ keys
-
-    def _key(self, client_id: str, part: str) -> str:
-        return f"{self.prefix}:{{{client_id}}}:{part}"
-
-    def _channel(self, node: str) -> str:
-        return f"{self.prefix}:node:{node}"
-
     # ------------------------------------------------------------------ lifecycle
 
     def _client(self) -> Redis:
-        return Redis.from_url(
+        pool = BlockingConnectionPool.from_url(
             self.url,
+            # Waits for a free connection (up to the socket timeout) instead of failing
+            # with "Too many connections" when a broadcast fans out.
+            max_connections=self._max_connections,
+            timeout=self._socket_timeout,
             socket_timeout=self._socket_timeout,
             socket_connect_timeout=self._connect_timeout,
             # No silent retries: a failure is counted by us, and a non-idempotent
@@ -255,20 +179,14 @@ class RedisBackend:
             # Named, so `CLIENT LIST` shows which node holds which connection.
             client_name=f"tether:{self.prefix}:{self.node_id}",
         )
+        return Redis(connection_pool=pool)
 
     async def start(self, events: BackendEvents) -> None:
         self._events = events
         self._redis = self._client()
-        for name, source in (
-            ("append", _APPEND),
-            ("ack", _ACK),
-            ("claim", _CLAIM),
-            ("refresh", _REFRESH),
-            ("release", _RELEASE),
-        ):
-            self._scripts[name] = self._redis.register_script(source)
+        self._batcher = StreamBatcher(self._run_pipeline)
         try:
-            await self._call("ping", self._redis.ping)
+            await self._load_scripts()
         except BackendError as exc:  # run degraded; the listener keeps trying to get in
             log.warning("tether: Redis at %s unreachable at start: %s", _redact(self.url), exc)
         self._tasks = [
@@ -276,10 +194,19 @@ class RedisBackend:
             asyncio.create_task(self._refresh_loop(), name="tether-redis-presence"),
         ]
 
+    async def _load_scripts(self) -> None:
+        async def op() -> None:
+            for name, source in SCRIPTS.items():
+                self._shas[name] = _text(await self._r.script_load(source))
+
+        await self._call("script load", op)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._batcher is not None:
+            await self._batcher.close()
         pending = {*self._tasks, *self._handlers}
         # A cancel that lands as a library-level timeout fires can be swallowed (Python
         # 3.11's timeout/uncancel race): cancel again until every task has ended.
@@ -317,6 +244,7 @@ class RedisBackend:
             "prefix": self.prefix,
             "local_clients": len(self._claimed),
             "listener_reconnects": self.listener_reconnects,
+            "pipelines": self._batcher.pipelines if self._batcher else 0,
         }
 
     # ------------------------------------------------------------------ calling Redis
@@ -326,16 +254,21 @@ class RedisBackend:
         self._ok = False
         log.warning("tether: Redis %s failed: %r", what, exc)
 
+    def _gate(self) -> None:
+        if self._redis is None:
+            raise BackendError("backend not started or closed")
+        # Real (loop) time, not the hub clock: sockets time out in real time.
+        if asyncio.get_running_loop().time() < self._fail_fast_until:
+            self.errors += 1
+            raise BackendError("Redis unreachable (retrying shortly)")
+
     async def _call(self, what: str, op: Callable[[], Awaitable[T]], *, retry: bool = True) -> T:
         """Run one Redis operation. An idempotent one gets one more try on a fresh
         connection (a connection killed under us is not an outage); two failures in a
         row mean Redis is down, and for a moment later calls fail fast instead of each
-        waiting for a connect timeout."""
-        if self._redis is None:
-            raise BackendError("backend not started or closed")
-        if time.monotonic() < self._fail_fast_until:
-            self.errors += 1
-            raise BackendError("Redis unreachable (retrying shortly)")
+        waiting for a connect timeout. A non-idempotent one (`retry=False`) that failed
+        after it was sent raises `OutcomeUnknown`."""
+        self._gate()
         attempts = 2 if retry else 1
         for attempt in range(attempts):
             try:
@@ -343,8 +276,10 @@ class RedisBackend:
             except _UNAVAILABLE as exc:
                 self._failed(what, exc)
                 if attempt + 1 == attempts:
-                    if retry:
-                        self._fail_fast_until = time.monotonic() + 0.25
+                    if not retry and not _never_sent(exc):
+                        raise OutcomeUnknown(f"Redis {what}: no reply ({exc})") from exc
+                    # Unreachable: for a moment, fail fast instead of waiting to connect.
+                    self._fail_fast_until = asyncio.get_running_loop().time() + 0.25
                     raise BackendError(f"Redis {what} failed: {exc}") from exc
                 continue
             except RedisError as exc:
@@ -354,162 +289,209 @@ class RedisBackend:
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _run_pipeline(self, requests: list[Request]) -> list[Any]:
+        """The batcher's runner: one pipeline of EVALSHA calls, replies (or per-call
+        errors) in order. Not retried as a whole: the scripts may have run."""
+        if not self._shas:
+            await self._load_scripts()
+        header = [self._max, self._policy, self._dedup_ms, self._fresh()]
+
+        async def op() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for request in requests:
+                    sha = self._shas[request.script]
+                    key = self.keys.slot_key(request.group)
+                    if request.script == "append":
+                        npay = len(request.payloads) // 2
+                        pipe.execute_command(
+                            "EVALSHA", sha, 1, key, *header, npay, *request.payloads, request.items
+                        )
+                    else:
+                        pipe.execute_command("EVALSHA", sha, 1, key, request.items)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                await self._load_scripts()  # Redis restarted: the batcher re-sends those
+            return replies
+
+        return await self._call("pipeline", op, retry=False)
+
+    @staticmethod
+    def _fresh() -> str:
+        return secrets.token_hex(6)
+
     @property
     def _r(self) -> Redis:
         if self._redis is None:
             raise BackendError("backend not started or closed")
         return self._redis
 
-    # ------------------------------------------------------------------ envelopes
-
-    def _wall(self, monotonic: float) -> int:
-        """A hub-clock deadline as wall-clock milliseconds (comparable across processes)."""
-        return int((monotonic - self.clock.now() + self.clock.wall()) * 1000)
-
-    def _local(self, wall_ms: int) -> float:
-        return wall_ms / 1000 - self.clock.wall() + self.clock.now()
-
-    @staticmethod
-    def _kind(envelope: Envelope) -> tuple[str, bytes]:
-        if isinstance(envelope.data, bytes):
-            return "b", envelope.data
-        data = envelope.data.encode("utf-8", "surrogatepass")
-        return ("j" if envelope.data_json is not None else "s"), data
-
-    @staticmethod
-    def _data(kind: str, raw: bytes) -> tuple[str | bytes, bytes | None, str | None]:
-        if kind == "b":
-            return raw, None, "base64"
-        text = raw.decode("utf-8", "surrogatepass")
-        return text, (raw if kind == "j" else None), None
-
-    def _from_entry(self, entry: Any) -> Envelope:
-        entry_id, fields = entry
-        seq = int(entry_id.split(b"-", 1)[0])
-        f = {k.decode(): v for k, v in fields.items()} if isinstance(fields, dict) else {}
-        if not f:  # RESP2 scripts return fields as a flat list
-            flat = list(fields)
-            f = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
-        data, data_json, enc = self._data(f["t"].decode(), f["d"])
-        return Envelope(
-            message_id=f["m"].decode(),
-            data=data,
-            data_json=data_json,
-            critical=True,
-            created_at=self._local(int(f["c"])),
-            expires_at=self._local(int(f["x"])),
-            enc=enc,
-            seq=seq,
-        )
-
-    def _to_wire(self, envelope: Envelope) -> dict[str, Any]:
-        kind, raw = self._kind(envelope)
-        return {
-            "i": envelope.message_id,
-            "t": kind,
-            "d": base64.b64encode(raw).decode("ascii")
-            if kind == "b"
-            else raw.decode("utf-8", "surrogatepass"),
-            "x": self._wall(envelope.expires_at),
-            "c": self._wall(envelope.created_at),
-            "k": envelope.dedup_key,
-            "q": envelope.seq,
-            "r": envelope.critical,
-        }
-
-    def _from_wire(self, wire: dict[str, Any]) -> Envelope:
-        kind = wire["t"]
-        raw = (
-            base64.b64decode(wire["d"])
-            if kind == "b"
-            else wire["d"].encode("utf-8", "surrogatepass")
-        )
-        data, data_json, enc = self._data(kind, raw)
-        return Envelope(
-            message_id=wire["i"],
-            data=data,
-            data_json=data_json,
-            critical=bool(wire.get("r", False)),
-            created_at=self._local(int(wire["c"])),
-            expires_at=self._local(int(wire["x"])),
-            enc=enc,
-            seq=wire.get("q"),
-            dedup_key=wire.get("k"),
-        )
+    @property
+    def _b(self) -> StreamBatcher:
+        if self._batcher is None:
+            raise BackendError("backend not started or closed")
+        return self._batcher
 
     # ------------------------------------------------------------------ critical messages
 
-    async def append(
-        self, session: ClientSession, envelope: Envelope, *, local: bool
-    ) -> Accepted | Refused:
+    def _dedup_key(self, session: ClientSession, envelope: Envelope) -> str | None:
+        """The dedup key recorded with a stored message."""
+        if session.dedup is None or not self._dedup_on:
+            return None
+        return envelope.dedup_key
+
+    def _entry(
+        self, session: ClientSession, envelope: Envelope, local: bool, probe: bool
+    ) -> tuple[int, str]:
+        """An append item (see `redis_scripts.APPEND`) and its batch group."""
         cid = session.client_id
-        key = envelope.dedup_key
-        kind, raw = self._kind(envelope)
+        dedup = self._dedup_key(session, envelope) or ""
         ttl_ms = _ms(max(0.001, envelope.expires_at - self.clock.now()))
         # With `local` the session mirrors the stream: seqs below its next_seq are
         # already in it, and anything between that and ours was stored by other nodes
         # (a doorbell still on its way) and comes back as the gap, to keep FIFO.
-        known = session.next_seq - 1 if local else -1
-        floor = session.next_seq - 1 if local else 0
-        keys = [
-            self._key(cid, "out"),
-            self._key(cid, "seq"),
-            self._key(cid, "acked"),
-            self._key(cid, "dedup:" + (key or "")),
-        ]
-        args: list[Any] = [
-            "1" if key is not None and session.dedup is not None else "0",
-            self._dedup_ms,
-            self._max,
-            self._policy,
-            floor,
-            max(self._keep_ms, ttl_ms),
-            known,
-            envelope.message_id,
-            raw,
-            kind,
-            self._wall(envelope.expires_at),
-            self._wall(envelope.created_at),
-        ]
-        script = self._scripts["append"]
-        # Not retried: the script may have run before the connection died, and running
-        # it twice would store the message twice. The caller gets REJECTED and may
-        # resend (with a message id, dedup makes that safe).
-        reply = await self._call("append", lambda: script(keys=keys, args=args), retry=False)
-        head = int(reply[0])
-        if head == 0:
-            return Refused.DUPLICATE
-        if head == -1:
-            return Refused.FULL
-        envelope.seq = head
-        evicted = tuple(self._from_entry(e) for e in reply[1])
         if local:
-            for missing in reply[2]:
-                self._mirror(session, self._from_entry(missing))
-            self._mirror(session, envelope)
-            session.next_seq = max(session.next_seq, head + 1)
+            floor = session.next_seq - 1
+            known, expect = floor, session.epoch or ""
+        else:
+            floor, known, expect = 0, -1, ""
+        keep = max(self._keep_ms, ttl_ms)
+        flags = 1 if dedup else 0
+        if probe or (cid, envelope.message_id) in self._unknown:
+            flags |= 2  # an attempt whose reply was lost may have stored it: look first
+        base = self.keys.base(cid)
+        item = f"{base}|{flags}|{floor}|{known}|{keep}|{expect}|{len(dedup)}|{dedup}"
+        return batch_group(cid, cluster=self._cluster), item
+
+    def _submit_appends(
+        self, items: list[tuple[ClientSession, Envelope, bool]], *, gate: bool = True
+    ) -> asyncio.Future[list[Any]]:
+        """One ticket for envelopes that share their payload (one send, or a broadcast's
+        copies)."""
+        if gate:
+            self._gate()
+        probe = not gate
+        entries = [self._entry(s, e, local, probe) for s, e, local in items]
+        return self._b.submit("append", entries, self.wire.payload_args(items[0][1]))
+
+    def _accepted(
+        self, session: ClientSession, envelope: Envelope, reply: Any
+    ) -> Accepted | Refused:
+        if isinstance(reply, list):
+            head, evicted, gap = reply
+        else:
+            head, evicted, gap = reply, (), ()
+        text = _text(head)
+        if text[0] == "D":
+            return Refused.DUPLICATE
+        if text == "F":
+            return Refused.FULL
+        seq_text, changed, epoch, holder_text = text.split("|", 3)
+        seq = envelope.seq = int(seq_text)
+        holder = holder_text or None
+        if holder is not None and holder.startswith("~"):
+            holder = None
+        key = self._dedup_key(session, envelope)
         if key is not None and session.dedup is not None:
             session.dedup.record(key)  # the local window answers best-effort checks cheaply
-        return Accepted(head, evicted)
+        accepted = Accepted(
+            seq,
+            tuple(self.wire.from_entry(e) for e in evicted),
+            tuple(self.wire.from_entry(e) for e in gap),
+            changed == "1",
+            epoch,
+            holder,
+        )
+        if holder is not None and holder != self.node_id:
+            self._spawn(self._ring(holder, session.client_id))
+        return accepted
 
-    @staticmethod
-    def _mirror(session: ClientSession, envelope: Envelope) -> None:
-        outcome = session.outbox.push(envelope)
-        if not outcome.accepted:
-            # Redis accepted it (Redis is the record and its bound already held), so the
-            # local copy must not refuse it either.
-            session.outbox.queue.append(envelope)
+    async def append(
+        self, session: ClientSession, envelope: Envelope, *, local: bool
+    ) -> Accepted | Refused:
+        """Store a critical message (in a pipeline with whatever else this event-loop turn
+        stores). Raises `BackendError` when it was certainly not stored and
+        `OutcomeUnknown` when it may have been."""
+        outcome = (await self.append_many([(session, envelope, local)]))[0]
+        if isinstance(outcome, BackendError):
+            raise outcome
+        return outcome
 
-    async def ack(self, session: ClientSession, seq: int) -> None:
-        cid = session.client_id
-        keys = [self._key(cid, "out"), self._key(cid, "acked")]
-        script = self._scripts["ack"]
-        await self._call("ack", lambda: script(keys=keys, args=[seq, self._keep_ms]))
+    async def append_many(
+        self, items: list[tuple[ClientSession, Envelope, bool]]
+    ) -> list[Accepted | Refused | BackendError]:
+        """Store many envelopes sharing one payload (a broadcast's copies) in one ticket.
+        An unknown outcome is settled by sending again: the dedup key makes that safe,
+        and a duplicate answer means the first attempt stored it."""
+        if not items:
+            return []
+        try:
+            replies = await self._submit_appends(items)
+        except OutcomeUnknown as exc:
+            return await self._resolve(items, exc)
+        except BackendError as exc:
+            return [exc] * len(items)
+        unknown = self._unknown
+        outcomes: list[Accepted | Refused | BackendError] = []
+        for (session, envelope, _), reply in zip(items, replies, strict=True):
+            if unknown:
+                unknown.pop((session.client_id, envelope.message_id), None)
+            outcomes.append(self._accepted(session, envelope, reply))
+        return outcomes
+
+    async def _resolve(
+        self, items: list[tuple[ClientSession, Envelope, bool]], unknown: OutcomeUnknown
+    ) -> list[Accepted | Refused | BackendError]:
+        """Send again, looking first: a message found already stored (its dedup key, or
+        its id among the pending entries) was stored by the attempt whose reply was lost.
+        When the second attempt fails too, the outcome stays unknown, and the next send of
+        the same message id to the same client looks first as well."""
+        try:
+            replies = await self._submit_appends(items, gate=False)
+        except BackendError as exc:
+            again = OutcomeUnknown(f"{unknown}; a second attempt failed: {exc}")
+            for session, envelope, _ in items:
+                self._remember_unknown(session.client_id, envelope.message_id)
+            return [again] * len(items)
+        outcomes: list[Accepted | Refused | BackendError] = []
+        for (session, envelope, _), reply in zip(items, replies, strict=True):
+            self._unknown.pop((session.client_id, envelope.message_id), None)
+            head = _text(reply[0] if isinstance(reply, list) else reply)
+            if head.startswith("D|"):  # the first attempt stored it
+                envelope.seq = int(head[2:])
+                outcomes.append(Accepted(envelope.seq, unmirrored=True))
+            else:
+                outcomes.append(self._accepted(session, envelope, reply))
+        return outcomes
+
+    def _remember_unknown(self, client_id: str, message_id: str) -> None:
+        unknown = self._unknown
+        unknown[(client_id, message_id)] = None
+        while len(unknown) > MAX_UNKNOWN:  # bounded: the oldest are the least likely resent
+            del unknown[next(iter(unknown))]
+
+    async def _ring(self, node: str, client_id: str) -> None:
+        with contextlib.suppress(BackendError):
+            await self.notify(node, client_id)
+
+    async def ack(self, session: ClientSession, seq: int) -> bool:
+        return (await self.ack_many([(session, seq)]))[0]
+
+    async def ack_many(self, acks: list[tuple[ClientSession, int]]) -> list[bool]:
+        cluster, keep = self._cluster, self._keep_ms
+        entries = [
+            (
+                batch_group(s.client_id, cluster=cluster),
+                f"{self.keys.base(s.client_id)}|{seq}|{keep}|{s.epoch or ''};",
+            )
+            for s, seq in acks
+        ]
+        replies = await self._b.submit("ack", entries)
+        return [int(reply) >= 0 for reply in replies]
 
     async def discard(self, session: ClientSession, envelopes: list[Envelope]) -> None:
         ids = [f"{e.seq}-0" for e in envelopes if e.seq is not None]
         if ids:
-            out = self._key(session.client_id, "out")
+            out = self.keys.out(session.client_id)
             await self._call("discard", lambda: self._r.xdel(out, *ids))
 
     async def dead_letter(self, session: ClientSession, letter: DeadLetter) -> None:
@@ -524,7 +506,7 @@ class RedisBackend:
             "data": base64.b64encode(data).decode("ascii") if isinstance(data, bytes) else data,
             "enc": "base64" if isinstance(data, bytes) else None,
         }
-        key = self._key(session.client_id, "dead")
+        key = self.keys.dead(session.client_id)
         size = self.config.dead_letter_max_size
 
         async def op() -> None:
@@ -537,86 +519,137 @@ class RedisBackend:
         await self._call("dead_letter", op)
 
     async def dead_letters(self, client_id: str) -> list[dict[str, Any]]:
-        """The client's dead letters as stored in Redis, newest first (for inspection)."""
-        key = self._key(client_id, "dead")
+        """The client's dead letters as stored in Redis (every node's), newest first."""
+        key = self.keys.dead(client_id)
         raw = await self._call("dead_letters", lambda: self._r.lrange(key, 0, -1))
         return [orjson.loads(item) for item in raw]
 
-    async def load(self, session: ClientSession, *, after: int = 0) -> StoredOutbox | None:
-        cid = session.client_id
-        out, seqk, acked = (self._key(cid, p) for p in ("out", "seq", "acked"))
-
-        async def op() -> list[Any]:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.get(seqk)
-                pipe.get(acked)
-                pipe.xrange(out, f"{after + 1}-0" if after > 0 else "-", "+")
-                result: list[Any] = await pipe.execute()
-                return result
-
-        last, floor, entries = await self._call("load", op)
+    def _stored(self, session: ClientSession, reply: list[Any], entries: Any) -> StoredOutbox:
+        epoch, last, acked = reply[0], reply[1], reply[2]
         now = self.clock.now()
         # Reuse the objects the session already holds for the same message: they keep
         # their attempt counts (for dead-lettering) and cached frames.
         cached = {(e.seq, e.message_id): e for e in session.outbox}
-        stored = StoredOutbox(next_seq=int(last or 0) + 1, acked=int(floor or 0))
+        stored = StoredOutbox(
+            next_seq=int(last or 0) + 1,
+            acked=int(acked or 0),
+            epoch=_text(epoch) if epoch else None,
+        )
         for entry in entries:
-            envelope = self._from_entry(entry)
+            envelope = self.wire.from_entry(entry)
             envelope = cached.get((envelope.seq, envelope.message_id), envelope)
             if envelope.expires_at <= now:
                 stored.expired.append(envelope)
             else:
                 stored.envelopes.append(envelope)
+        return stored
+
+    async def _drop_expired(self, session: ClientSession, stored: StoredOutbox) -> None:
         if stored.expired:
             with contextlib.suppress(BackendError):  # expired either way; retried next load
                 await self.discard(session, stored.expired)
+
+    async def load(self, session: ClientSession, *, after: int = 0) -> StoredOutbox | None:
+        cid = session.client_id
+        keys = [self.keys.meta(cid), self.keys.out(cid)]
+        sha = self._shas.get("load")
+        if sha is None:
+            await self._load_scripts()
+            sha = self._shas["load"]
+        reply = await self._call(
+            "load",
+            lambda: self._r.evalsha(sha, 2, *keys, after),
+        )
+        stored = self._stored(session, reply, reply[3])
+        await self._drop_expired(session, stored)
+        return stored
+
+    async def attach(
+        self, session: ClientSession, last_seq: int, epoch: str | None
+    ) -> StoredOutbox | None:
+        cid = session.client_id
+        keys = [self.keys.meta(cid), self.keys.out(cid)]
+        args: list[str | int] = [last_seq, epoch or "", self._fresh(), self._keep_ms]
+        sha = self._shas.get("attach")
+        if sha is None:
+            await self._load_scripts()
+            sha = self._shas["attach"]
+        # Safe to retry: a second run finds the stream attached and settles nothing new.
+        reply = await self._call(
+            "attach",
+            lambda: self._r.evalsha(sha, 2, *keys, *args),
+        )
+        stored = self._stored(session, reply, reply[4])
+        stored.reset = bool(int(reply[3]))
+        await self._drop_expired(session, stored)
         return stored
 
     async def pending_count(self, client_id: str) -> int | None:
-        out = self._key(client_id, "out")
+        out = self.keys.out(client_id)
         return int(await self._call("pending_count", lambda: self._r.xlen(out)))
+
+    async def pending_counts(self, client_ids: list[str]) -> int | None:
+        if not client_ids:
+            return 0
+
+        async def op() -> int:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for cid in client_ids:
+                    pipe.xlen(self.keys.out(cid))
+                return sum(int(n) for n in await pipe.execute())
+
+        return await self._call("pending_counts", op)
 
     # ------------------------------------------------------------------ best-effort dedup
 
     async def seen(self, session: ClientSession, key: str) -> bool:
         if session.dedup is not None and session.dedup.seen(key):
             return True  # this node accepted it: no round trip needed
-        dd = self._key(session.client_id, "dedup:" + key)
+        dd = self.keys.dedup(session.client_id, key)
         return bool(await self._call("seen", lambda: self._r.exists(dd)))
 
     async def remember(self, session: ClientSession, key: str) -> None:
         if session.dedup is not None:
             session.dedup.record(key)
-        dd = self._key(session.client_id, "dedup:" + key)
+        dd = self.keys.dedup(session.client_id, key)
         await self._call("remember", lambda: self._r.set(dd, b"1", px=self._dedup_ms))
 
     # ------------------------------------------------------------------ presence, routing
 
     def _presence_keys(self, client_id: str) -> list[str]:
-        return [self._key(client_id, p) for p in ("presence", "seq", "acked", "out")]
+        k = self.keys
+        return [k.presence(client_id), k.meta(client_id), k.out(client_id)]
 
     async def claim(self, client_id: str) -> None:
         # First: if Redis is down now, the listener's recovery still rings this client.
         self._claimed.add(client_id)
         keys = self._presence_keys(client_id)
-        script = self._scripts["claim"]
         args = [self.node_id, self._presence_ms, self._keep_ms]
 
         async def op() -> Any:
             async with self._r.pipeline(transaction=False) as pipe:
-                await script(keys=keys, args=args, client=pipe)
-                pipe.zadd(f"{self.prefix}:clients", {client_id: time.time()})
+                pipe.execute_command("EVALSHA", self._shas["claim"], len(keys), *keys, *args)
+                pipe.zadd(self.keys.clients, {client_id: self.clock.wall()})
                 return (await pipe.execute())[0]
 
-        old = await self._call("claim", op)
-        holder = old.decode() if isinstance(old, bytes) else None
+        if "claim" not in self._shas:
+            await self._load_scripts()
+        try:
+            old = await self._call("claim", op)
+        except BackendError as exc:
+            if isinstance(exc.__cause__, NoScriptError):
+                await self._load_scripts()
+                old = await self._call("claim", op)
+            else:
+                raise
+        holder = _text(old) if old else None
         if holder is not None:
             holder = holder.removeprefix("~")
             if holder != self.node_id:
                 # The previous node must close its stale connection (if any) and drop its
                 # cached outbox: this node holds the stream now.
-                message = orjson.dumps({"t": "k", "c": client_id, "n": self.node_id})
-                channel = self._channel(holder)
+                message = self.wire.kick(client_id, self.node_id)
+                channel = self.keys.node_channel(holder)
                 await self._call("kick", lambda: self._r.publish(channel, message))
 
     async def release(self, client_id: str) -> None:
@@ -624,45 +657,49 @@ class RedisBackend:
         await self._release_presence(client_id)
 
     async def _release_presence(self, client_id: str) -> None:
-        key = self._key(client_id, "presence")
-        script = self._scripts["release"]
-        args = [self.node_id, self._tombstone_ms]
-        await self._call("release", lambda: script(keys=[key], args=args))
+        key = self.keys.presence(client_id)
+        args: list[str | int] = [self.node_id, self._tombstone_ms]
+        sha = self._shas.get("release")
+        if sha is None:
+            return
+        await self._call(
+            "release",
+            lambda: self._r.evalsha(sha, 1, key, *args),
+        )
 
     async def owner(self, client_id: str) -> str | None:
-        key = self._key(client_id, "presence")
+        key = self.keys.presence(client_id)
         value = await self._call("owner", lambda: self._r.get(key))
-        if isinstance(value, bytes):
-            value = value.decode()
-        if value is None or value.startswith("~"):
+        if value is None:
             return None
-        return value
+        holder = _text(value)
+        return None if holder.startswith("~") else holder
 
     async def notify(self, node: str, client_id: str) -> None:
-        message = orjson.dumps({"t": "n", "c": client_id})
-        channel = self._channel(node)
+        message = self.wire.doorbell(client_id)
+        channel = self.keys.node_channel(node)
         await self._call("notify", lambda: self._r.publish(channel, message))
 
     async def forward(self, node: str, client_id: str, envelope: Envelope) -> None:
-        message = orjson.dumps({"t": "f", "c": client_id, "e": self._to_wire(envelope)})
-        channel = self._channel(node)
+        message = self.wire.forward(client_id, envelope)
+        channel = self.keys.node_channel(node)
         await self._call("forward", lambda: self._r.publish(channel, message))
 
     async def publish_broadcast(self, envelope: Envelope, group: str | None) -> None:
-        message = orjson.dumps({"e": self._to_wire(envelope), "g": group, "o": self.node_id})
-        channel = self._broadcast_channel
+        message = self.wire.broadcast(envelope, group, self.node_id)
+        channel = self.keys.broadcast_channel
         await self._call("publish_broadcast", lambda: self._r.publish(channel, message))
 
     async def join(self, client_id: str, group: str) -> None:
         # The hub calls join/leave in the background: report, never raise into a lost task.
-        key = f"{self.prefix}:group:{group}"
+        key = self.keys.group(group)
         try:
             await self._call("join", lambda: self._r.sadd(key, client_id))
         except BackendError as exc:
             log.warning("tether: %s not recorded in group %s: %s", client_id, group, exc)
 
     async def leave(self, client_id: str, group: str) -> None:
-        key = f"{self.prefix}:group:{group}"
+        key = self.keys.group(group)
         try:
             await self._call("leave", lambda: self._r.srem(key, client_id))
         except BackendError as exc:
@@ -670,15 +707,15 @@ class RedisBackend:
 
     async def members(self, group: str | None) -> set[str] | None:
         if group is None:
-            key = f"{self.prefix}:clients"
-            since = time.time() - self.config.client_ttl
+            key = self.keys.clients
+            since = self.clock.wall() - self.config.client_ttl
             raw: Iterable[Any] = await self._call(
                 "members", lambda: self._r.zrangebyscore(key, since, "+inf")
             )
         else:
-            gkey = f"{self.prefix}:group:{group}"
+            gkey = self.keys.group(group)
             raw = await self._call("members", lambda: self._r.smembers(gkey))
-        return {m.decode() if isinstance(m, bytes) else str(m) for m in raw}
+        return {_text(m) for m in raw}
 
     # ------------------------------------------------------------------ background loops
 
@@ -696,19 +733,29 @@ class RedisBackend:
                 log.debug("tether: presence refresh failed: %s", exc)
 
     async def _refresh(self, clients: Iterable[str]) -> None:
-        script = self._scripts["refresh"]
         args = [self.node_id, self._presence_ms, self._keep_ms]
         ids = list(clients)
-        now = time.time()
+        now = self.clock.wall()
+        if "refresh" not in self._shas:
+            await self._load_scripts()
+        sha = self._shas["refresh"]
 
-        async def op() -> None:
+        async def op() -> list[Any]:
             async with self._r.pipeline(transaction=False) as pipe:
                 for cid in ids:
-                    await script(keys=self._presence_keys(cid), args=args, client=pipe)
-                pipe.zadd(f"{self.prefix}:clients", dict.fromkeys(ids, now))
-                await pipe.execute()
+                    keys = self._presence_keys(cid)
+                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
+                pipe.zadd(self.keys.clients, dict.fromkeys(ids, now))
+                replies: list[Any] = await pipe.execute()
+                return replies
 
-        await self._call("refresh", op)
+        replies = await self._call("refresh", op)
+        for cid, holder in zip(ids, replies, strict=False):
+            if holder is None and cid in self._claimed:
+                # Our presence had vanished, and with it (expiry, restart, FLUSHALL) maybe
+                # the client's stream: ring ourselves, so the hub compares epochs and
+                # closes a connection whose stream was recreated under it.
+                self._bell(cid)
 
     async def _listen(self) -> None:
         """The pub/sub listener. It never dies quietly: any failure is counted, the
@@ -717,24 +764,31 @@ class RedisBackend:
         failures = 0
         ping_every = 2.0
         first = True
+        loop = asyncio.get_running_loop()
         while not self._closed:
             pubsub: PubSub | None = None
             try:
                 pubsub = self._r.pubsub()
-                await pubsub.subscribe(self._node_channel, self._broadcast_channel)
+                await pubsub.subscribe(
+                    self.keys.node_channel(self.node_id), self.keys.broadcast_channel
+                )
                 self._listening = True
                 self._ok = True
                 if not first:
                     self.listener_reconnects += 1
                     log.warning("tether: Redis pub/sub listener reconnected")
+                    if not self._shas:
+                        with contextlib.suppress(BackendError):
+                            await self._load_scripts()
                     self._ring_everyone()  # doorbells sent while we were away are lost
                 first = False
                 failures = 0
-                last_heard = time.monotonic()
+                # The loop's own clock: liveness of a socket is real time, not hub time.
+                last_heard = loop.time()
                 last_ping = last_heard
                 while not self._closed:
                     message = await pubsub.get_message(timeout=0.5)
-                    now = time.monotonic()
+                    now = loop.time()
                     if message is not None:
                         last_heard = now
                         if message.get("type") == "message":
@@ -799,11 +853,11 @@ class RedisBackend:
         except orjson.JSONDecodeError:
             log.warning("tether: ignoring a malformed cluster message on %r", channel)
             return
-        name = channel.decode() if isinstance(channel, bytes) else channel
-        if name == self._broadcast_channel:
+        name = _text(channel)
+        if name == self.keys.broadcast_channel:
             origin = message.get("o", "")
             if origin != self.node_id:
-                envelope = self._from_wire(message["e"])
+                envelope = self.wire.from_wire(message["e"])
                 self._spawn(events.broadcast(envelope, message.get("g"), origin))
             return
         kind, client_id = message.get("t"), message.get("c")
@@ -812,7 +866,7 @@ class RedisBackend:
         if kind == "n":
             self._bell(client_id)
         elif kind == "f":
-            self._spawn(events.forwarded(client_id, self._from_wire(message["e"])))
+            self._spawn(events.forwarded(client_id, self.wire.from_wire(message["e"])))
         elif kind == "k":
             self._spawn(self._kicked(client_id, str(message.get("n", "?"))))
 

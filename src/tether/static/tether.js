@@ -188,6 +188,7 @@ function decodeServerFrame(raw, maxSize) {
         lost,
         lostRanges: ranges,
         reset: bool(obj, "reset", false),
+        epoch: typeof obj.epoch === "string" ? obj.epoch : null,
       };
     }
     case "error":
@@ -307,6 +308,8 @@ export class TetherClient extends EventTarget {
     /** @type {TetherState} */
     this._state = "closed";
     this._lastSeq = start;
+    /** @type {string | null} */
+    this._epoch = this._storage?.getItem(this._seqKey() + ":epoch") ?? null;
     // Seqs above lastSeq already reported lost (never reported twice, across connections),
     // and those this connection's welcome announced (skipped when reached).
     /** @type {SeqRange[]} */ this._reported = [];
@@ -452,6 +455,8 @@ export class TetherClient extends EventTarget {
     /** @type {Record<string, any>} */
     const hello = { type: "hello", client_id: this.clientId, last_seq: this._lastSeq };
     if (this.token != null) hello.token = this.token;
+    // The stream identity lastSeq belongs to: a recreated stream is then reset, not resumed over.
+    if (this._epoch != null) hello.epoch = this._epoch;
     ws.send(JSON.stringify(hello));
   }
 
@@ -492,6 +497,7 @@ export class TetherClient extends EventTarget {
     // A next_seq at or below lastSeq means the server's numbering went backwards without it
     // saying so: its new messages would pass for duplicates. Resync (protocol.md §5.4).
     const reset = welcome.reset || welcome.nextSeq <= this._lastSeq;
+    this._epoch = welcome.epoch;
     /** @type {SeqRange[]} */
     let missed = [];
     if (reset) {
@@ -674,6 +680,7 @@ export class TetherClient extends EventTarget {
 
   _persist() {
     this._storage?.setItem(this._seqKey(), String(this._lastSeq));
+    if (this._epoch != null) this._storage?.setItem(this._seqKey() + ":epoch", this._epoch);
   }
 
   _setState(state) {

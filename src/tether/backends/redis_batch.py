@@ -1,0 +1,189 @@
+"""Coalesces the Redis backend's stream writes into pipelines: one round trip per event-loop turn.
+
+Every append and ack submitted while the event loop runs one batch of ready callbacks is
+sent in one pipeline when that batch is done, as one script call per key group (a
+critical broadcast to 1,000 clients is one `APPEND` call on a single Redis, and one per
+bucket on a Cluster). At most `max_in_flight` pipelines run at once; what arrives
+meanwhile waits for the next one, so batches grow with the load instead of the number of
+connections.
+
+A submission (a "ticket") is a list of items with one future: a broadcast's 1,000 copies
+cost one future, not 1,000. Items are strings (see `redis_scripts` for their format); the
+items of one call travel as one argument, since packing and parsing many small arguments
+is most of what a pipeline costs in Python.
+
+Concurrency invariant: the batcher runs on one event loop; `_queue` is only touched from
+it. A ticket's future is resolved exactly once, with one reply per item in submission
+order, or with a `BackendError` (`OutcomeUnknown` when the pipeline may have run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from .base import BackendError
+
+MAX_ITEMS_PER_CALL = 1000  # keeps one script call's run (and its reply) short
+
+
+@dataclass(slots=True)
+class _Ticket:
+    future: asyncio.Future[list[Any]]
+    replies: list[Any]
+    missing: int
+
+
+@dataclass(slots=True)
+class _Call:
+    """One script call being filled: items of one script and key group."""
+
+    script: str
+    group: Hashable
+    items: list[tuple[_Ticket, int, str, list[Any] | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the runner sends for one call: `payloads` (shared payload arguments, in
+    index order) and `items` (one string, the items joined)."""
+
+    script: str
+    group: Hashable
+    payloads: list[Any]
+    items: str
+
+
+Runner = Callable[[list[Request]], Awaitable[list[Any]]]
+
+
+class StreamBatcher:
+    """Queues script items and runs them in pipelines.
+
+    `run(requests)` executes the calls in one pipeline and returns one reply (a list, one
+    entry per item) or exception instance per call; it raises `BackendError` when the
+    pipeline as a whole failed.
+    """
+
+    def __init__(self, run: Runner, *, max_in_flight: int = 4) -> None:
+        self._run = run
+        self._max_in_flight = max_in_flight
+        self._queue: dict[tuple[str, Hashable], _Call] = {}
+        self._in_flight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.pipelines = 0  # pipelines sent, for tests and benchmarks
+        self.calls = 0  # script calls sent
+
+    def submit(
+        self,
+        script: str,
+        entries: Sequence[tuple[Hashable, str]],
+        payload: list[Any] | None = None,
+    ) -> asyncio.Future[list[Any]]:
+        """Queue items `(group, item string)`; the future gets their replies, in order.
+        `payload` (shared by these items) is sent once per call however many use it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not entries:
+            future.set_result([])
+            return future
+        ticket = _Ticket(future, [None] * len(entries), len(entries))
+        queue = self._queue
+        for index, (group, item) in enumerate(entries):
+            call = queue.get((script, group))
+            if call is None:
+                call = queue[(script, group)] = _Call(script, group)
+            call.items.append((ticket, index, item, payload))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return future
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if not self._queue or self._in_flight >= self._max_in_flight:
+            return  # a running pipeline starts the next one when it ends
+        calls, self._queue = list(self._queue.values()), {}
+        self._in_flight += 1
+        task = asyncio.ensure_future(self._flush(calls))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self, calls: list[_Call]) -> None:
+        try:
+            chunks = [
+                _Call(call.script, call.group, call.items[i : i + MAX_ITEMS_PER_CALL])
+                for call in calls
+                for i in range(0, len(call.items), MAX_ITEMS_PER_CALL)
+            ]
+            await self._send(chunks, retry_noscript=True)
+        finally:
+            self._in_flight -= 1
+            if self._queue and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._start)
+
+    async def _send(self, chunks: list[_Call], *, retry_noscript: bool) -> None:
+        requests = [self._request(chunk) for chunk in chunks]
+        self.pipelines += 1
+        self.calls += len(requests)
+        try:
+            replies = await self._run(requests)
+        except BaseException as exc:
+            failure = exc if isinstance(exc, BackendError) else BackendError(str(exc))
+            for chunk in chunks:
+                self._fail(chunk, failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        missing: list[_Call] = []
+        for chunk, reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, NoScriptError) and retry_noscript:
+                missing.append(chunk)  # nothing ran: safe to send again
+            elif isinstance(reply, Exception):
+                self._fail(chunk, BackendError(f"Redis {chunk.script} failed: {reply}"))
+            else:
+                for (ticket, index, _, _), value in zip(chunk.items, reply, strict=True):
+                    ticket.replies[index] = value
+                    ticket.missing -= 1
+                    if ticket.missing == 0 and not ticket.future.done():
+                        ticket.future.set_result(ticket.replies)
+        if missing:
+            await self._send(missing, retry_noscript=False)
+
+    @staticmethod
+    def _fail(chunk: _Call, failure: BackendError) -> None:
+        for ticket, _, _, _ in chunk.items:
+            if not ticket.future.done():
+                ticket.future.set_exception(failure)
+
+    @staticmethod
+    def _request(chunk: _Call) -> Request:
+        """The payload table (each shared payload once) and the joined items, each
+        prefixed with its payload's index when it has one."""
+        index: dict[int, int] = {}
+        payloads: list[Any] = []
+        parts: list[str] = []
+        for _, _, item, payload in chunk.items:
+            if payload is None:
+                parts.append(item)
+                continue
+            position = index.get(id(payload))
+            if position is None:
+                position = index[id(payload)] = len(index) + 1
+                payloads.extend(payload)
+            parts.append(f"{position}|{item}")
+        return Request(chunk.script, chunk.group, payloads, "".join(parts))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for call in self._queue.values():
+            self._fail(call, BackendError("backend closed"))
+        self._queue = {}

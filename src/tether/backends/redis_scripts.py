@@ -1,0 +1,300 @@
+"""The Lua scripts of the Redis backend: every multi-key change to a client's stream, atomically.
+
+Each script works on a batch of clients: one call stores a critical broadcast for every
+client of one key group (see `redis_keys`), or every send that arrived in one event-loop
+turn. Lua in Redis is 5.1: no `goto`, and a script's error aborts the whole call, so
+the scripts check instead of failing.
+
+A stream's state lives in its meta hash (`redis_keys.RedisKeys.meta`):
+
+    e   epoch: the stream's identity, new whenever the stream is created anew (its keys
+        had vanished: expiry, a Redis restart without persistence, FLUSHALL) or renumbered
+    s   the last seq handed out
+    a   the highest cumulative ack
+    v   "1" once a tether.v1 client resumed onto this epoch; a hello with last_seq > 0
+        for a stream nobody attached to speaks of an older epoch and gets a reset
+"""
+
+from __future__ import annotations
+
+# The highest entry id of a stream (0 when it has none): numbering never goes below it.
+# keep_alive: a client's keys expire together, at least `keep` ms from now; the meta
+# field k remembers the deadline last set, so most writes need no PEXPIRE at all.
+_TOP = """
+local function top_of(out)
+  if redis.call('EXISTS', out) == 0 then return 0 end
+  local info = redis.call('XINFO', 'STREAM', out)
+  for j = 1, #info, 2 do
+    if info[j] == 'last-generated-id' then
+      return tonumber(string.match(info[j + 1], '^(%d+)'))
+    end
+  end
+  return 0
+end
+local function keep_alive(keys, keep)
+  for _, k in ipairs(keys) do
+    local ttl = redis.call('PTTL', k)
+    if ttl ~= -2 and ttl < keep then redis.call('PEXPIRE', k, keep) end
+  end
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function extend(meta, out, k, keep, force)
+  if force or k < now + keep then
+    local ms = math.floor(keep * 1.25)
+    redis.call('PEXPIRE', meta, ms)
+    redis.call('PEXPIRE', out, ms)
+    redis.call('HSET', meta, 'k', now + ms)
+  end
+end
+"""
+
+# Store critical messages, one per item. Most of a pipeline's cost in Python is packing
+# and parsing arguments, so a call's items travel as one string, and a client's keys
+# derive from its base key (declared or not, they share the call's slot: see redis_keys).
+# KEYS: 1, the call's slot key. ARGV: max_size, policy, dedup_ms, fresh epoch, n_payloads,
+#   then 2 per payload: "kind|expires wall ms|created wall ms|message id", data,
+#   then the items, concatenated, each
+#   "payload index|base key|flags|floor|known|keep ms|expected epoch|dedup key length|"
+#   followed by the dedup key.
+#   flags: 1 = check and record the dedup key; 2 = probe: an earlier attempt to store this
+#          message may have succeeded without a reply, so look for its id in the stream
+#          first (a scan of the pending entries, only on this rare path)
+#   floor: numbering continues above it (the highest seq this node's mirror has seen)
+#   known: the highest seq this node's mirror holds (-1: no mirror, the client is not
+#          connected here); entries between it and the new seq (stored by other nodes)
+#          are returned, to keep FIFO
+#   expected epoch: the epoch this node's mirror belongs to ('' for none); a different
+#          one means the stream was recreated under a connected client
+# Returns per item: "D|seq it was stored with" duplicate, "F" full, or
+# "seq|changed|epoch|holder" (holder: the presence value when the client is not
+# connected here, '' otherwise, so the caller can ring that node) — or {that string,
+# evicted entries, gap entries} when either is non-empty. A broadcast's payload is sent
+# once for all its clients.
+APPEND = (
+    _TOP
+    + """
+local max, policy, dedup_ms, fresh = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local npay = tonumber(ARGV[5])
+local blob = ARGV[6 + npay * 2]
+local results, heads = {}, {}
+local pos, i = 1, 0
+while pos <= #blob do
+  i = i + 1
+  local pi, base, flags, floor, known, keep, expect, dlen, at = string.match(blob,
+    '^(%d+)|([^|]*)|(%d)|(%-?%d+)|(%-?%d+)|(%d+)|([^|]*)|(%d+)|()', pos)
+  dlen = tonumber(dlen)
+  local dkey = string.sub(blob, at, at + dlen - 1)
+  pos = at + dlen
+  local p = 6 + (tonumber(pi) - 1) * 2
+  local head = heads[p]
+  if not head then
+    head = {string.match(ARGV[p], '^([^|]*)|(%d+)|(%d+)|(.*)$')}
+    heads[p] = head
+  end
+  local kind, x, c, mid = head[1], head[2], head[3], head[4]
+  local data = ARGV[p + 1]
+  floor, known, keep = tonumber(floor), tonumber(known), tonumber(keep)
+  local meta, out = base .. ':m', base .. ':o'
+  local dd = base .. ':d:' .. dkey
+  local dflag = flags == '1' or flags == '3'
+  local prior = false
+  if dflag then prior = redis.call('GET', dd) end
+  if not prior and (flags == '2' or flags == '3') then
+    for _, e in ipairs(redis.call('XRANGE', out, '-', '+')) do
+      local f = e[2]
+      for j = 1, #f, 2 do
+        if f[j] == 'm' and f[j + 1] == mid then prior = string.match(e[1], '^(%d+)') end
+      end
+    end
+  end
+  if prior then
+    results[i] = 'D|' .. prior
+  else
+    local state = redis.call('HMGET', meta, 'e', 's', 'k')
+    local epoch, s, k = state[1], tonumber(state[2] or '0'), tonumber(state[3] or '0')
+    if not epoch then
+      epoch = fresh
+      s = math.max(floor, top_of(out))
+      k = 0
+      redis.call('HSET', meta, 'e', epoch, 's', s, 'a', s, 'v', '0')
+    end
+    local evicted = {}
+    local len = redis.call('XLEN', out)
+    local full = false
+    if len >= max then
+      if policy ~= 'drop_oldest' then
+        full = true
+      else
+        evicted = redis.call('XRANGE', out, '-', '+', 'COUNT', len - max + 1)
+        for _, e in ipairs(evicted) do redis.call('XDEL', out, e[1]) end
+      end
+    end
+    if full then
+      results[i] = 'F'
+    else
+      if s < floor then s = floor end
+      s = s + 1
+      local added = redis.pcall('XADD', out, s .. '-0', 'm', mid, 'd', data, 't', kind,
+                                'x', x, 'c', c)
+      if type(added) == 'table' and added.err then
+        -- the counter is behind the stream (rolled back by a failover): stay above it
+        s = top_of(out) + 1
+        redis.call('XADD', out, s .. '-0', 'm', mid, 'd', data, 't', kind, 'x', x, 'c', c)
+      end
+      redis.call('HSET', meta, 's', s)
+      if dflag then redis.call('SET', dd, s, 'PX', dedup_ms) end
+      -- an empty stream may have been created just now, without an expiry
+      extend(meta, out, k, keep, len == 0)
+      local changed = '0'
+      if expect ~= '' and expect ~= epoch then changed = '1' end
+      local gap = {}
+      if known >= 0 and changed == '0' and s > known + 1 then
+        gap = redis.call('XRANGE', out, (known + 1) .. '-0', (s - 1) .. '-0')
+      end
+      local holder = ''
+      if known < 0 then holder = redis.call('GET', base .. ':p') or '' end
+      local head = s .. '|' .. changed .. '|' .. epoch .. '|' .. holder
+      if #evicted > 0 or #gap > 0 then
+        results[i] = {head, evicted, gap}
+      else
+        results[i] = head
+      end
+    end
+  end
+end
+return results
+"""
+)
+
+# Acknowledge: trim everything <= seq and raise the acked floor, unless the stream is no
+# longer the epoch the acking connection speaks of (then nothing is trimmed).
+# KEYS: 1, the call's slot key. ARGV: the items, concatenated, each
+# "base key|seq|keep ms|expected epoch;".
+# Returns per item: the previous acked floor, or -1 when the epoch differs or vanished.
+ACK = (
+    _TOP
+    + """
+local results = {}
+local blob = ARGV[1]
+local pos, i = 1, 0
+while pos <= #blob do
+  i = i + 1
+  local base, seq, keep, expect, at = string.match(blob,
+    '^([^|]*)|(%d+)|(%d+)|([^;]*);()', pos)
+  pos = at
+  seq, keep = tonumber(seq), tonumber(keep)
+  local meta, out = base .. ':m', base .. ':o'
+  local state = redis.call('HMGET', meta, 'e', 'a', 'k')
+  local epoch = state[1]
+  if not epoch or (expect ~= '' and epoch ~= expect) then
+    results[i] = -1
+  else
+    redis.call('XTRIM', out, 'MINID', (seq + 1) .. '-0')
+    local cur = tonumber(state[2] or '0')
+    if seq > cur then redis.call('HSET', meta, 'a', seq) end
+    extend(meta, out, tonumber(state[3] or '0'), keep, false)
+    results[i] = cur
+  end
+end
+return results
+"""
+)
+
+# A tether.v1 client resumes from `last_seq`: settle its stream against it.
+# KEYS: meta, out. ARGV: last_seq, the hello's epoch ('' when it sent none), fresh epoch,
+# keep ms. A stream that cannot vouch for last_seq (no record of it, never attached, another
+# epoch, or numbered below it) is reset: its pending entries are renumbered after
+# last_seq under a fresh epoch, so nothing new is mistaken for something already seen.
+# Returns {epoch, s, a, reset, entries}.
+ATTACH = (
+    _TOP
+    + """
+local meta, out = KEYS[1], KEYS[2]
+local last, said, fresh, keep = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
+local epoch = redis.call('HGET', meta, 'e')
+local s = tonumber(redis.call('HGET', meta, 's') or '0')
+local a = tonumber(redis.call('HGET', meta, 'a') or '0')
+local attached = redis.call('HGET', meta, 'v') == '1'
+local reset = 0
+if last > 0 then
+  if not epoch or not attached or (said ~= '' and said ~= epoch) or last > s then
+    reset = 1
+  end
+end
+local entries = redis.call('XRANGE', out, '-', '+')
+if reset == 1 then
+  redis.call('DEL', out)
+  local n = last
+  for _, e in ipairs(entries) do
+    n = n + 1
+    redis.call('XADD', out, n .. '-0', unpack(e[2]))
+  end
+  epoch, s, a = fresh, n, last
+  entries = redis.call('XRANGE', out, '-', '+')
+elseif not epoch then
+  epoch = fresh
+  s = math.max(s, top_of(out))
+end
+redis.call('HSET', meta, 'e', epoch, 's', s, 'a', a, 'v', '1')
+keep_alive({meta, out}, keep)
+return {epoch, s, a, reset, entries}
+"""
+)
+
+# Read a stream for a (re)connection or a doorbell. KEYS: meta, out. ARGV: after.
+# Returns {epoch or false, s, a, entries after `after`}.
+LOAD = """
+local meta, out = KEYS[1], KEYS[2]
+local after = tonumber(ARGV[1])
+local state = redis.call('HMGET', meta, 'e', 's', 'a')
+local start = '-'
+if after > 0 then start = (after + 1) .. '-0' end
+return {state[1], tonumber(state[2] or '0'), tonumber(state[3] or '0'),
+        redis.call('XRANGE', out, start, '+')}
+"""
+
+# Presence. claim: this node holds the connection now; returns the previous holder
+# (maybe a "~node" tombstone). KEYS: presence, meta, out. ARGV: node, presence ms, keep ms.
+CLAIM = (
+    _TOP
+    + """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+keep_alive({KEYS[2], KEYS[3]}, tonumber(ARGV[3]))
+return old
+"""
+)
+
+# refresh: keep our presence alive (never steal it back). Same KEYS/ARGV as claim.
+REFRESH = (
+    _TOP
+    + """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] or cur == false or cur == '~' .. ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+keep_alive({KEYS[2], KEYS[3]}, tonumber(ARGV[3]))
+return cur
+"""
+)
+
+# release: leave a tombstone only if the presence is still ours. KEYS: presence.
+# ARGV: node, tombstone ms.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+SCRIPTS: dict[str, str] = {
+    "append": APPEND,
+    "ack": ACK,
+    "attach": ATTACH,
+    "load": LOAD,
+    "claim": CLAIM,
+    "refresh": REFRESH,
+    "release": RELEASE,
+}

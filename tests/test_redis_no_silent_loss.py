@@ -1,0 +1,293 @@
+"""Redis mode never loses an accepted message silently: vanished streams, big broadcasts, lost replies, shutdown counts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from websockets.asyncio.server import serve
+
+from redis_server import OwnRedis, ReplyDropper
+from support import until
+from tether import Client, Hub, HubConfig, SendStatus
+from tether.backends.redis import RedisBackend
+from tether.client import Lost
+from tether.protocol import Hello
+from tether.testing import MockWebSocket
+from tether.transports import websockets as tw
+
+pytestmark = pytest.mark.redis
+
+Factory = Callable[..., Hub]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis("--maxclients", "64", "--enable-debug-command", "yes").start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest_asyncio.fixture
+async def nodes(own_redis: OwnRedis) -> AsyncIterator[Factory]:
+    """`nodes("a", **config)`: a Hub on the test-owned Redis (backend options via `backend=`)."""
+    hubs: list[Hub] = []
+
+    def factory(node_id: str, *, socket_timeout: float = 2.0, **values: Any) -> Hub:
+        values.setdefault("presence_ttl", 5)
+        config = HubConfig(
+            backend="redis", redis_url=own_redis.url, redis_prefix="t", node_id=node_id, **values
+        )
+        backend = RedisBackend(
+            own_redis.url, "t", node_id, config, socket_timeout=socket_timeout
+        )
+        hub = Hub(config, backend=backend)
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        await hub.shutdown(timeout=1.0)
+
+
+@pytest_asyncio.fixture
+async def r(own_redis: OwnRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(own_redis.url)
+    yield client
+    with contextlib.suppress(Exception):
+        await client.aclose()
+
+
+def frames(ws: MockWebSocket) -> list[dict[str, Any]]:
+    return [json.loads(f) for f in ws.sent if isinstance(f, str)]
+
+
+def msgs(ws: MockWebSocket) -> list[dict[str, Any]]:
+    return [f for f in frames(ws) if f.get("type") == "msg"]
+
+
+async def acked_fifty(hub: Hub, cid: str) -> str:
+    """A tether.v1 client receives 50 critical messages, acks them and goes away; returns
+    the epoch its welcome named."""
+    ws = MockWebSocket()
+    welcome = await hub.connect(cid, ws, hello=Hello(cid, 0))
+    assert welcome is not None and welcome.epoch
+    for n in range(50):
+        assert (await hub.send(cid, {"n": n}, critical=True)).status is SendStatus.SENT
+    assert [m["seq"] for m in msgs(ws)] == list(range(1, 51))
+    assert await hub.ack(cid, 50) == 50
+    await hub.disconnect(cid)
+    return welcome.epoch
+
+
+async def resume_and_check(hub: Hub, cid: str, epoch: str | None, count: int) -> None:
+    """The client comes back from seq 50: it must be told of a reset (never resumed over a
+    gap) and receive every queued message, renumbered after 50, in order."""
+    ws = MockWebSocket()
+    welcome = await hub.connect(cid, ws, hello=Hello(cid, 50, epoch=epoch))
+    assert welcome is not None
+    assert welcome.reset and not welcome.resumed, welcome
+    assert welcome.acked == 50 and welcome.next_seq == 51 + count
+    got = msgs(ws)
+    assert [m["seq"] for m in got] == list(range(51, 51 + count))
+    assert [m["data"] for m in got] == [{"late": n} for n in range(count)]
+    assert hub.metrics.snapshot().to_dict()["streams"]["resets"] == 1
+
+
+# ------------------------------------------------------------ 1. a stream vanishes
+
+
+@pytest.mark.parametrize("with_epoch", [True, False], ids=["v1-client", "old-client"])
+async def test_expired_stream_is_reset_not_resumed_over(
+    nodes: Factory, r: aioredis.Redis, with_epoch: bool
+) -> None:
+    a = nodes("a", client_ttl=0.5, message_ttl=0.5)
+    b = nodes("b", client_ttl=0.5, message_ttl=0.5)
+    epoch = await acked_fifty(a, "x")
+    meta = a.backend.keys.meta("x")  # type: ignore[attr-defined]
+    for _ in range(400):  # the keys expire after client_ttl (Redis' own clock)
+        if not await r.exists(meta):
+            break
+        await asyncio.sleep(0.01)
+    assert not await r.exists(meta)
+    await b.start()
+    for n in range(100):  # through a node that holds no copy of x's stream
+        result = await b.send("x", {"late": n}, critical=True, ttl=120)
+        assert result.status is SendStatus.QUEUED, result
+    await resume_and_check(a, "x", epoch if with_epoch else None, 100)
+
+
+async def test_redis_restart_without_persistence_is_reset(
+    nodes: Factory, own_redis: OwnRedis
+) -> None:
+    a, b = nodes("a"), nodes("b")
+    epoch = await acked_fifty(a, "x")
+    await b.start()
+    own_redis.restart()
+    for n in range(100):
+        result = await b.send("x", {"late": n}, critical=True, message_id=f"late-{n}")
+        for _ in range(20):  # the first write after a restart may fail; resend by id
+            if result.status in (SendStatus.QUEUED, SendStatus.DUPLICATE):
+                break
+            await asyncio.sleep(0.05)
+            result = await b.send("x", {"late": n}, critical=True, message_id=f"late-{n}")
+        assert result.status is SendStatus.QUEUED, result
+    await resume_and_check(a, "x", epoch, 100)
+
+
+async def test_stream_vanishing_under_a_connected_client_is_reported(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """x is connected to node b (real socket, real tether.Client); the producer posts to
+    node a; the keys vanish mid-stream. x gets everything once, in order, and a reset."""
+    a = nodes("a", presence_ttl=0.6)
+    b = nodes("b", presence_ttl=0.6)
+    await a.start()
+    await b.start()
+    handler = tw.handler(b)
+    async with serve(handler, "127.0.0.1", 0, **tw.server_options(b)) as server:
+        port = server.sockets[0].getsockname()[1]
+        losses: list[Lost] = []
+        received: list[Any] = []
+        async with Client(f"ws://127.0.0.1:{port}", client_id="x", backoff_base=0.05) as client:
+            client.on_lost(losses.append)
+
+            async def read() -> None:
+                async for message in client:
+                    received.append(message.data)
+
+            reader = asyncio.create_task(read())
+            try:
+                for n in range(20):
+                    result = await a.send("x", {"n": n}, critical=True)
+                    assert result.status is SendStatus.QUEUED
+                await until(lambda: len(received) == 20, timeout=10)
+                await r.flushall()
+                for n in range(20, 50):
+                    result = await a.send("x", {"n": n}, critical=True)
+                    assert result.accepted, result
+                await until(lambda: len(received) >= 50, timeout=15)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+        assert received == [{"n": n} for n in range(50)]
+        assert any(lost.reset for lost in losses)
+        assert b.metrics.snapshot().to_dict()["streams"]["resets"] >= 1
+
+
+# ------------------------------------------------------------ 2. broadcast to 1,000
+
+
+async def test_critical_broadcast_to_a_thousand_clients_rejects_none(nodes: Factory) -> None:
+    hub = nodes("a")
+    mocks = [MockWebSocket() for _ in range(1000)]
+    for i, ws in enumerate(mocks):
+        await hub.connect(f"c{i}", ws)
+    backend: RedisBackend = hub.backend  # type: ignore[assignment]
+    for round_ in range(3):
+        before = backend.describe()["pipelines"]
+        result = await hub.broadcast({"round": round_}, critical=True)
+        assert result.rejected == 0 and result.unknown == 0, result.reasons
+        assert result.sent == 1000, result
+        # one batch stores every copy: a few round trips, not one per client
+        assert backend.describe()["pipelines"] - before <= 3
+    for ws in mocks:
+        assert ws.payloads == [{"round": n} for n in range(3)]
+
+
+async def test_concurrent_producers_share_round_trips(nodes: Factory) -> None:
+    hub = nodes("a")
+    await hub.start()
+    backend: RedisBackend = hub.backend  # type: ignore[assignment]
+    before = backend.describe()["pipelines"]
+    results = await asyncio.gather(
+        *(hub.send(f"p{i}", {"i": i}, critical=True) for i in range(100))
+    )
+    assert all(r.status is SendStatus.QUEUED for r in results)
+    assert backend.describe()["pipelines"] - before <= 4
+    assert await backend.pending_counts([f"p{i}" for i in range(100)]) == 100
+
+
+# ------------------------------------------------------------ 4. a reply that never came
+
+
+async def test_lost_reply_is_unknown_and_a_resend_is_a_duplicate(own_redis: OwnRedis) -> None:
+    """Redis runs the append but its replies are lost (a proxy swallows them): the
+    producer is told the outcome is unknown (not REJECTED), with the id to resend with;
+    the resend is a DUPLICATE and the client gets the message once."""
+    proxy = await ReplyDropper(own_redis.port).start()
+    config = HubConfig(
+        backend="redis", redis_url=proxy.url, redis_prefix="t", node_id="a", presence_ttl=5
+    )
+    hub = Hub(config, backend=RedisBackend(proxy.url, "t", "a", config, socket_timeout=0.3))
+    try:
+        await hub.start()
+        assert (await hub.send("warm", 0, critical=True)).accepted  # connections are open
+        proxy.dropping = True
+        result = await hub.send("y", {"text": "no id"}, critical=True)
+        proxy.dropping = False
+        assert result.status is SendStatus.UNKNOWN, result
+        assert result.message_id and result.message_id in (result.reason or "")
+        assert "unknown" in (result.reason or "")
+        again = await hub.send("y", {"text": "no id"}, critical=True, message_id=result.message_id)
+        assert again.status is SendStatus.DUPLICATE, again
+        ws = MockWebSocket()
+        await hub.connect("y", ws)
+        assert ws.payloads == [{"text": "no id"}]
+        assert hub.metrics.snapshot().to_dict()["streams"]["unknown"] == 1
+    finally:
+        await hub.shutdown(timeout=1.0)
+        await proxy.close()
+
+
+async def test_one_lost_reply_is_resolved_by_the_dedup_key(own_redis: OwnRedis) -> None:
+    """Only the first reply is lost: the hub sends the append again, the dedup key says
+    the first one was stored, and the producer gets QUEUED with its seq — no duplicate."""
+    proxy = await ReplyDropper(own_redis.port).start()
+    config = HubConfig(
+        backend="redis", redis_url=proxy.url, redis_prefix="t", node_id="a", presence_ttl=5
+    )
+    backend = RedisBackend(proxy.url, "t", "a", config, socket_timeout=0.3)
+    hub = Hub(config, backend=backend)
+    try:
+        await hub.start()
+        assert (await hub.send("warm", 0, critical=True)).accepted  # connections are open
+        proxy.dropping = True
+        sending = asyncio.create_task(hub.send("z", "once", critical=True))
+        await until(lambda: backend.errors >= 1, timeout=5)  # the first reply timed out
+        proxy.dropping = False
+        result = await sending
+        assert result.status is SendStatus.QUEUED and result.seq == 1, result
+        ws = MockWebSocket()
+        await hub.connect("z", ws)
+        assert ws.payloads == ["once"]
+    finally:
+        await hub.shutdown(timeout=1.0)
+        await proxy.close()
+
+
+# ------------------------------------------------------------ 5. shutdown counts
+
+
+async def test_shutdown_counts_what_redis_keeps(nodes: Factory) -> None:
+    a = nodes("a")
+    for i in range(5):
+        for n in range(100):
+            assert (await a.send(f"o{i}", n, critical=True)).status is SendStatus.QUEUED
+    stats = await a.shutdown(timeout=1.0)
+    assert stats.pending_messages_persisted == 500, stats
+    assert stats.pending_messages_dropped == 0 and stats.pending_messages_flushed == 0
+    b = nodes("b")
+    for i in range(5):
+        ws = MockWebSocket()
+        await b.connect(f"o{i}", ws)
+        assert ws.payloads == list(range(100))
