@@ -14,8 +14,8 @@ from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from starlette.applications import Starlette
 
 from tether import CircuitState, Hub, HubConfig
+from tether.demo import DEMO_CONFIG, DemoSimulation
 from tether.monitoring import BackgroundServer, create_app
-from tether.monitoring.demo import DEMO_CONFIG, DemoSimulation
 from tether.testing import MockWebSocket
 
 pytestmark = pytest.mark.browser
