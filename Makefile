@@ -3,7 +3,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo serve test lint bench bench-quick chromium clean
+.PHONY: demo serve test test-fast lint format-check bench bench-quick chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,9 +26,19 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The quick inner loop: everything but the browser, slow and benchmark tests (markers in
+# pyproject.toml); needs no Chromium. `make test` runs the whole suite, as CI does.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "not browser and not slow and not benchmark" $(PYTEST_ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy --strict src/tether
+
+# Formatting, checked without rewriting anything. Not yet part of `lint`: the tree gets one
+# `ruff format` pass first, then `lint` calls this too.
+format-check: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/tether bench

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._common import validate_result
+
 # The order `tether bench` runs them in: cheap, pure ones first, sockets last.
 BENCHMARKS: tuple[str, ...] = (
     "hash_performance",
@@ -14,4 +16,4 @@ BENCHMARKS: tuple[str, ...] = (
     "recovery",
 )
 
-__all__ = ["BENCHMARKS"]
+__all__ = ["BENCHMARKS", "validate_result"]

@@ -144,7 +144,9 @@ class Figures:
 
 
 @dataclass
-class _Peer:
+class Peer:
+    """What one soak client was sent (`expected` ids) and what its application received."""
+
     client: Client
     expected: set[str] = field(default_factory=set)
     delivered: Counter[str] = field(default_factory=Counter)
@@ -179,7 +181,7 @@ class Soak:
         self.hub = self._new_hub()
         self.server: Server | None = None
         self.port = 0
-        self.peers: dict[str, _Peer] = {}
+        self.peers: dict[str, Peer] = {}
         self.client_ids = [f"soak-{n}" for n in range(clients)]
         self.send_lock = asyncio.Lock()  # a restart waits for the send in progress
         self.stop = asyncio.Event()
@@ -228,7 +230,7 @@ class Soak:
                 ):
                     self.violation(f"a soak task failed: {result!r}")
         await self._drain()
-        self._verify()
+        self.verify()
         for peer in self.peers.values():
             await peer.client.close()
             if peer.consumer is not None:
@@ -260,7 +262,7 @@ class Soak:
             ping_interval=None,
             rng=random.Random(self.rng.random()),
         )
-        peer = _Peer(client)
+        peer = Peer(client)
         self.peers[client_id] = peer
 
         def on_lost(lost: Lost) -> None:
@@ -271,7 +273,7 @@ class Soak:
         await client.connect()
         peer.consumer = asyncio.create_task(self._consume(peer), name=f"soak-{client_id}")
 
-    async def _consume(self, peer: _Peer) -> None:
+    async def _consume(self, peer: Peer) -> None:
         try:
             async for message in peer.client:
                 if message.seq is None:
@@ -460,7 +462,9 @@ class Soak:
                 return
             await asyncio.sleep(0.05)
 
-    def _verify(self) -> None:
+    def verify(self) -> None:
+        """Tally each peer's deliveries into the figures; record duplicates, strays and
+        critical messages missing without a loss report as violations."""
         f = self.figures
         for client_id, peer in self.peers.items():
             delivered = set(peer.delivered)

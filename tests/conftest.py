@@ -15,6 +15,8 @@ from playwright.async_api import Browser, async_playwright
 from tether import Hub, HubConfig
 from tether.clock import ManualClock
 
+pytest_plugins = ["tether.testing.plugin"]  # opt-in: the clock, hub and mock_ws fixtures
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import BENCHMARKS  # noqa: E402
-from benchmarks._common import validate_result  # noqa: E402
+from benchmarks import BENCHMARKS, validate_result  # noqa: E402
+
+pytestmark = pytest.mark.benchmark
 
 RESULT_KEYS = {"name", "params", "results", "targets", "machine"}
 

@@ -73,7 +73,6 @@ async def test_5000_critical_messages_survive_server_kills_and_a_client_drop(see
                     return None
                 return session
 
-            started = asyncio.get_running_loop().time()
             for n in range(1, N + 1):
                 await hub.send("chaos", {"n": n}, critical=True)
                 # A producer that stays at most ~WINDOW messages ahead of the consumer,
@@ -104,7 +103,6 @@ async def test_5000_critical_messages_survive_server_kills_and_a_client_drop(see
                 gap = next((i + 1 for i, s in enumerate(seqs) if s != i + 1), len(seqs) + 1)
                 pytest.fail(f"received {len(seqs)} of {N}; seq {gap} never arrived in order")
             consumer.result()
-            elapsed = asyncio.get_running_loop().time() - started
 
         assert len(killed) == SERVER_KILLS
         seqs = [m.seq for m in received]
@@ -114,4 +112,3 @@ async def test_5000_critical_messages_survive_server_kills_and_a_client_drop(see
         assert client.reconnects >= SERVER_KILLS + 1
         await until(lambda: hub.pending("chaos") == 0)  # everything acknowledged
         assert hub.dead_letters("chaos") == []
-        assert elapsed < 20

@@ -4,18 +4,18 @@ colours, charts, filtering, drill-down, phone width, token prompt and recovery a
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from starlette.applications import Starlette
 
 from tether import CircuitState, Hub, HubConfig
+from tether.demo import DEMO_CONFIG, DemoSimulation
 from tether.monitoring import BackgroundServer, create_app
-from tether.monitoring.demo import DEMO_CONFIG, DemoSimulation
 from tether.testing import MockWebSocket
 
 pytestmark = pytest.mark.browser
@@ -91,16 +91,18 @@ async def test_dashboard_follows_a_running_demo(browser: Browser) -> None:
                 timeout=10_000,
             )
 
-            # A client forced OPEN turns red within the real-time cadence (plus one tick of slack).
-            started = time.monotonic()
+            # A client forced OPEN turns red from the live feed, without a reload, within a
+            # few real-time cadences (a loaded CI machine delays the browser too).
             await force_open(hub, "victim")
-            await page.locator('#open-clients li[data-client-id="victim"]').wait_for(timeout=10_000)
-            await page.locator('tr[data-client-id="victim"][data-state="open"]').wait_for(
-                timeout=10_000
+            shown_open = (
+                "() => document.querySelector('#open-clients li[data-client-id=victim]') !== null"
+                " && document.querySelector('tr[data-client-id=victim][data-state=open]') !== null"
             )
-            elapsed = time.monotonic() - started
-            # Within a few real-time cadences (a loaded CI machine delays the browser too).
-            assert elapsed <= 4 * REALTIME + 1.0, f"took {elapsed:.2f}s to show OPEN"
+            bound = 4 * REALTIME + 1.0
+            try:
+                await page.wait_for_function(shown_open, timeout=bound * 1000)
+            except PlaywrightTimeoutError:
+                pytest.fail(f"the dashboard did not show the OPEN client within {bound:g} s")
             badge = page.locator('tr[data-client-id="victim"] [data-testid="client-state"]')
             assert await badge.get_attribute("data-state") == "open"
             assert "🔴" in (await badge.get_attribute("title") or "")

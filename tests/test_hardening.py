@@ -539,6 +539,7 @@ async def test_stalled_client_is_cut_off_and_its_memory_is_bounded_by_its_outbox
 # ---------------------------------------------------------------------------- leaks
 
 
+@pytest.mark.slow
 async def test_connect_disconnect_cycles_and_churn_leave_no_state_behind() -> None:
     clock = ManualClock()
     hub = Hub(HubConfig(client_ttl=60, backend="memory"), clock=clock)

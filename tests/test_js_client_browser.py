@@ -18,6 +18,7 @@ import orjson
 import pytest
 from playwright.async_api import Browser, Page
 from playwright.async_api import Error as PlaywrightError
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 
 from support import until
 from tether import Hub, HubConfig, SendStatus, protocol
@@ -141,8 +142,6 @@ async def test_5000_critical_messages_survive_server_kills_and_a_page_drop(
             conns = live_ws(server)
             return conns[0] if len(conns) == 1 and hub.is_connected("chaos") else None
 
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         for n in range(1, N + 1):
             result = await hub.send("chaos", {"n": n}, critical=True)
             assert result.status in (SendStatus.SENT, SendStatus.QUEUED)
@@ -160,8 +159,11 @@ async def test_5000_critical_messages_survive_server_kills_and_a_page_drop(
                 await until(lambda: live() is not None)
                 await page.wait_for_function("() => window.client.state === 'connected'")
                 await page.evaluate("() => window.client._ws.close(4000, 'page drops it')")
-        await page.wait_for_function(f"() => window.got.length >= {N}", timeout=20_000)
-        elapsed = loop.time() - started
+        try:
+            await page.wait_for_function(f"() => window.got.length >= {N}", timeout=20_000)
+        except PlaywrightTimeoutError:
+            got = await page.evaluate("() => window.got.length")
+            pytest.fail(f"the page received {got} of {N} messages within 20 s of the last send")
 
         log = await page.evaluate("() => window.log")
         counters = await page.evaluate("() => window.client.counters")
@@ -181,7 +183,6 @@ async def test_5000_critical_messages_survive_server_kills_and_a_page_drop(
         await until(lambda: hub.pending("chaos") == 0)  # everything acknowledged
         assert hub.dead_letters("chaos") == []
         assert page.js_errors == []  # type: ignore[attr-defined]
-        assert elapsed < 25
 
 
 async def test_plain_native_websocket_receives_sent_and_broadcast_messages(

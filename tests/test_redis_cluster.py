@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from tether.client import Client
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]  # several server processes
 
 
 class Node:

@@ -7,12 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.soak import report, run_soak  # noqa: E402
 
 
+@pytest.mark.benchmark
+@pytest.mark.slow
 async def test_short_soak_delivers_exactly_once_or_reports_loss() -> None:
     figures = await run_soak(duration=14, clients=6, seed=11, restarts=1, rate=250)
     print(report(figures))
@@ -27,6 +31,8 @@ async def test_short_soak_delivers_exactly_once_or_reports_loss() -> None:
     assert figures.tracked_clients_after_cleanup == 0
 
 
+@pytest.mark.benchmark
+@pytest.mark.slow
 def test_tether_soak_command_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     done = subprocess.run(
@@ -59,16 +65,16 @@ def test_tether_soak_command_writes_json(tmp_path: Path) -> None:
 
 
 def test_the_check_catches_duplicates_silent_loss_and_strays() -> None:
-    from benchmarks.soak import Soak, _Peer
+    from benchmarks.soak import Peer, Soak
 
     soak = Soak(duration=1, clients=1, seed=1, restarts=0, rate=1)
-    peer = _Peer(client=None)  # type: ignore[arg-type]
+    peer = Peer(client=None)  # type: ignore[arg-type]
     peer.client = type("C", (), {"duplicates": 0, "reconnects": 0})()  # type: ignore[assignment]
     peer.expected = {"a", "b", "c", "d"}
     peer.delivered.update({"a": 2, "b": 1, "x": 1})
     peer.lost = 1  # one of c, d reported lost; the other vanished silently
     soak.peers = {"soak-0": peer}
-    soak._verify()
+    soak.verify()
     text = "\n".join(soak.figures.violations)
     assert "delivered twice: ['a']" in text
     assert "never accepted: ['x']" in text

@@ -1,5 +1,6 @@
 """Tether: resilient WebSocket delivery for asyncio — acked, ordered, resumable."""
 
+from ._version import __version__
 from .client import (
     Client,
     ClientState,
@@ -16,8 +17,6 @@ from .hub import Hub, HubClosedError
 from .messages import BroadcastResult, DeadLetter, SendResult, SendStatus, ShutdownStats
 from .resilience import CircuitState
 from .transports.base import Transport, TransportClosed
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendKind",

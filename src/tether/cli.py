@@ -12,7 +12,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
-from . import __version__
+from ._version import __version__
 from .bench import add_bench_parser
 from .config import ConfigError, HubConfig
 from .hub import Hub
@@ -145,7 +145,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .monitoring.demo import DEMO_CONFIG, DemoSimulation
+    from .demo import DEMO_CONFIG, DemoSimulation
 
     def simulate(hub: Hub) -> DemoSimulation:
         return DemoSimulation(hub, clients=args.clients, rate=args.rate, seed=args.seed)

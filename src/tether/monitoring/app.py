@@ -27,12 +27,13 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .. import __version__
+from .._version import __version__
+from ..access import origin_allowed, origin_patterns
 from ..config import ConfigError
 from ..hub import CLIENT_ID_PATTERN, Hub
 from ..metrics import MetricsSnapshot
 from ..resilience import CircuitState
-from ..transports.session import Authenticate, origin_allowed, origin_patterns
+from ..transports.session import Authenticate
 
 log = logging.getLogger("tether.monitoring")
 

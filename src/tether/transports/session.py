@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -144,23 +143,6 @@ def connection_counter(hub: Hub) -> ConnectionCounter:
     if counter is None:
         counter = _COUNTERS[hub] = ConnectionCounter()
     return counter
-
-
-def origin_patterns(allowed: Iterable[str]) -> list[re.Pattern[str]]:
-    """Compiled `allowed_origins`: exact matches, case-insensitive, trailing slash ignored."""
-    return [re.compile(re.escape(origin.rstrip("/")), re.IGNORECASE) for origin in allowed]
-
-
-def origin_allowed(origin: str | None, patterns: list[re.Pattern[str]]) -> bool:
-    """Whether a handshake with this `Origin` header may proceed.
-
-    No patterns: every origin. No header: allowed, since only browsers send one and
-    non-browser clients could forge it anyway; the check exists to stop other sites'
-    pages from opening a connection with a user's cookies or network position.
-    """
-    if not patterns or origin is None:
-        return True
-    return any(p.fullmatch(origin) is not None for p in patterns)
 
 
 def anonymous_id() -> str:

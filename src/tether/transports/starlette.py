@@ -30,6 +30,7 @@ from typing import Any
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
+from ..access import origin_allowed, origin_patterns
 from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
@@ -39,8 +40,6 @@ from .session import (
     ConnectionInfo,
     PeerGone,
     Session,
-    origin_allowed,
-    origin_patterns,
 )
 
 __all__ = ["StarletteTransport", "websocket_endpoint", "websocket_route"]

@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from ..access import origin_patterns
 from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
@@ -43,7 +44,6 @@ from .session import (
     PeerGone,
     Session,
     TooBig,
-    origin_patterns,
 )
 
 __all__ = [

@@ -11,8 +11,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..hub import Hub
-from ..testing.mock import MockWebSocket
+from .hub import Hub
+from .testing.mock import MockWebSocket
 
 log = logging.getLogger("tether.demo")
 
