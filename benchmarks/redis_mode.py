@@ -13,7 +13,10 @@ Memory and Redis alternate round by round; each figure is the median of the roun
 - broadcast_v1: the same to tether.v1 clients, which ack every 8 broadcasts (each copy is
   stored until acknowledged).
 - producers: 100 concurrent producers, each sending critical messages to its own
-  connected client one after another; sends/s.
+  connected plain-mode client one after another; sends/s. (A plain-mode client with
+  nothing queued is written to at once: written is delivered, nothing to store.)
+- producers_v1: the same to tether.v1 clients acking every 64 messages (each message is
+  stored until acknowledged).
 - offline: the same producers to offline clients (stored only); sends/s.
 """
 
@@ -88,10 +91,10 @@ async def _broadcast(hub: Hub, messages: int, *, v1: bool) -> dict[str, float]:
     return {"per_s": messages * CLIENTS / elapsed, "rejected": rejected}
 
 
-async def _producers(hub: Hub, messages: int, connected: bool) -> dict[str, float]:
+async def _producers(hub: Hub, messages: int, connected: bool, v1: bool) -> dict[str, float]:
     ids = [f"p{i}" for i in range(PRODUCERS)]
     if connected:
-        await _connect(hub, ids)
+        await _connect(hub, ids, v1=v1)
     else:
         await hub.start()
     per_producer = max(1, messages // PRODUCERS)
@@ -102,6 +105,8 @@ async def _producers(hub: Hub, messages: int, connected: bool) -> dict[str, floa
         for n in range(per_producer):
             result = await hub.send(cid, {"n": n, "text": "x" * 64}, critical=True)
             rejected += not result.accepted
+            if v1 and n % 64 == 63:  # the client acks every 64 messages
+                await hub.ack(cid, hub.highest_sent(cid))
 
     start = time.perf_counter()
     await asyncio.gather(*(produce(cid) for cid in ids))
@@ -115,7 +120,8 @@ async def _one(kind: str, url: str, scenario: str, size: int, cluster: bool) -> 
     try:
         if scenario.startswith("broadcast"):
             return await _broadcast(hub, size, v1=scenario == "broadcast_v1")
-        return await _producers(hub, size, connected=scenario == "producers")
+        connected = scenario.startswith("producers")
+        return await _producers(hub, size, connected, v1=scenario == "producers_v1")
     finally:
         await hub.shutdown(timeout=1.0)
         if kind == "redis":
@@ -145,7 +151,13 @@ async def _clean(url: str, prefix: str, cluster: bool) -> None:
         await r.aclose()
 
 
-SIZES = {"broadcast": 20, "broadcast_v1": 24, "producers": 5000, "offline": 5000}
+SIZES = {
+    "broadcast": 20,
+    "broadcast_v1": 24,
+    "producers": 5000,
+    "producers_v1": 5000,
+    "offline": 5000,
+}
 
 
 async def main(rounds: int, url: str, cluster_url: str | None) -> dict[str, Any]:

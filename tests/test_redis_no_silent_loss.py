@@ -198,8 +198,9 @@ async def test_critical_broadcast_to_a_thousand_clients_rejects_none(nodes: Fact
         result = await hub.broadcast({"round": round_}, critical=True)
         assert result.rejected == 0 and result.unknown == 0, result.reasons
         assert result.sent == 1000, result
-        # one batch stores every copy: a few round trips, not one per client
-        assert backend.describe()["pipelines"] - before <= 3
+        # batches store every copy (and trim it once written): a few round trips (pipelines
+        # of at most 256 items), not one per client
+        assert backend.describe()["pipelines"] - before <= 12
     for ws in mocks:
         assert ws.payloads == [{"round": n} for n in range(3)]
 

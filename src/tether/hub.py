@@ -62,6 +62,7 @@ CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _OK, _FAILED, _CLOSED, _TIMEOUT, _PENDING = 0, 1, 2, 3, 4
 _WRITE_FAILURES = {_FAILED: "send failed", _CLOSED: "connection closed", _TIMEOUT: "send timeout"}
 _WARN_EVERY = 10.0  # seconds between repeated warnings of one kind
+_STORE_SLICE = 256  # a broadcast's copies per store request (see redis_batch.PIPELINE_ITEMS)
 
 
 class HubClosedError(RuntimeError):
@@ -564,18 +565,30 @@ class Hub(HubInspection):
         results: list[SendResult] = []
         trims: list[tuple[ClientSession, int]] = []
         try:
-            items = [(c, self._copy(template), c.transport is not None) for c in free]
-            outcomes = await self._backend.append_many(items)
-            now = self.clock.now()
-            for (client, envelope, local), outcome in zip(items, outcomes, strict=True):
-                client.last_seen = now
-                if isinstance(outcome, BackendError):
-                    results.append(self._store_failed(client, envelope, outcome))
-                    continue
-                settled = self._settle(client, envelope, outcome, local)
-                if settled is None:
-                    settled = self._write_stored_now(client, envelope, trims)
-                results.append(settled)
+            items = []
+            for client in free:
+                envelope = self._copy(template)
+                through = self._write_through(client, envelope)
+                if through is None:
+                    items.append((client, envelope, client.transport is not None))
+                else:
+                    results.append(through)
+            # In slices, all sent at once: the store works on the next slice while this
+            # process writes the copies of the first.
+            slices = [items[i : i + _STORE_SLICE] for i in range(0, len(items), _STORE_SLICE)]
+            stored = [asyncio.ensure_future(self._backend.append_many(part)) for part in slices]
+            for part, pending in zip(slices, stored, strict=True):
+                outcomes = await pending
+                now = self.clock.now()
+                for (client, envelope, local), outcome in zip(part, outcomes, strict=True):
+                    client.last_seen = now
+                    if isinstance(outcome, BackendError):
+                        results.append(self._store_failed(client, envelope, outcome))
+                        continue
+                    settled = self._settle(client, envelope, outcome, local)
+                    if settled is None:
+                        settled = self._write_stored_now(client, envelope, trims)
+                    results.append(settled)
         finally:
             for client in free:
                 client.lock.release()
@@ -706,6 +719,10 @@ class Hub(HubInspection):
 
     async def _accept_critical(self, client: ClientSession, envelope: Envelope) -> SendResult:
         backend = self._backend
+        if backend.shared:
+            through = self._write_through(client, envelope)
+            if through is not None:
+                return through
         local = client.transport is not None or not backend.shared
         try:
             stored = await backend.append(client, envelope, local=local)
@@ -724,6 +741,31 @@ class Hub(HubInspection):
                 SendStatus.SENT, client.client_id, envelope.message_id, None, envelope.seq
             )
         return self._queued(client, envelope)
+
+    def _write_through(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
+        """A critical message for a plain-mode client connected here, with nothing queued
+        for it, written at once (lock held or free): written is delivered in plain mode,
+        so a shared store has nothing to keep. None — nothing written — when it must be
+        stored first: tether.v1 (kept until acked), a dedup key to check across nodes,
+        anything queued, a breaker not CLOSED, or a socket that cannot take it now."""
+        if (
+            client.v1
+            or client.try_send is None
+            or client.transport is None
+            or client.outbox.queue
+            or client.breaker.state is not CircuitState.CLOSED
+            or (envelope.dedup_key is not None and client.dedup is not None)
+        ):
+            return None
+        if self._write_now(client, envelope.data) != _OK:
+            return None  # nothing was written (a failure is charged): store and retry
+        envelope.written_once = True
+        self._counters.messages_sent += 1
+        if self.metrics.enabled:
+            client.stats.counters.messages_sent += 1
+        self._delivered(client, envelope)
+        client.last_seen = self.clock.now()
+        return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
 
     def _store_failed(
         self, client: ClientSession, envelope: Envelope, exc: BackendError

@@ -205,6 +205,15 @@ class RedisBackend:
         if self._closed:
             return
         self._closed = True
+        if self._redis is not None and self._batcher is not None and self._claimed:
+            # Leave tombstones for our clients so other nodes stop naming us as owner.
+            entries = [
+                (batch_group(cid, cluster=self._cluster), self.keys.base(cid) + ";")
+                for cid in self._claimed
+            ]
+            with contextlib.suppress(BackendError):
+                await self._batcher.submit("release", entries)
+        self._claimed.clear()
         if self._batcher is not None:
             await self._batcher.close()
         pending = {*self._tasks, *self._handlers}
@@ -219,11 +228,6 @@ class RedisBackend:
             await asyncio.wait(pending, timeout=0.1)
         self._tasks = []
         if self._redis is not None:
-            # Leave tombstones for our clients so other nodes stop naming us as owner.
-            with contextlib.suppress(BackendError):
-                for client_id in list(self._claimed):
-                    await self._release_presence(client_id)
-            self._claimed.clear()
             with contextlib.suppress(Exception):
                 await self._redis.aclose()
             self._redis = None
@@ -305,6 +309,10 @@ class RedisBackend:
                         npay = len(request.payloads) // 2
                         pipe.execute_command(
                             "EVALSHA", sha, 1, key, *header, npay, *request.payloads, request.items
+                        )
+                    elif request.script == "release":
+                        pipe.execute_command(
+                            "EVALSHA", sha, 1, key, self.node_id, self._tombstone_ms, request.items
                         )
                     else:
                         pipe.execute_command("EVALSHA", sha, 1, key, request.items)
@@ -657,15 +665,9 @@ class RedisBackend:
         await self._release_presence(client_id)
 
     async def _release_presence(self, client_id: str) -> None:
-        key = self.keys.presence(client_id)
-        args: list[str | int] = [self.node_id, self._tombstone_ms]
-        sha = self._shas.get("release")
-        if sha is None:
-            return
-        await self._call(
-            "release",
-            lambda: self._r.evalsha(sha, 1, key, *args),
-        )
+        """Tombstone our presence (batched with the other releases of this turn)."""
+        group = batch_group(client_id, cluster=self._cluster)
+        await self._b.submit("release", [(group, self.keys.base(client_id) + ";")])
 
     async def owner(self, client_id: str) -> str | None:
         key = self.keys.presence(client_id)

@@ -1,11 +1,11 @@
 """Coalesces the Redis backend's stream writes into pipelines: one round trip per event-loop turn.
 
 Every append and ack submitted while the event loop runs one batch of ready callbacks is
-sent in one pipeline when that batch is done, as one script call per key group (a
-critical broadcast to 1,000 clients is one `APPEND` call on a single Redis, and one per
-bucket on a Cluster). At most `max_in_flight` pipelines run at once; what arrives
-meanwhile waits for the next one, so batches grow with the load instead of the number of
-connections.
+sent when that batch is done, as one script call per key group (one for everything on a
+single Redis, one per bucket on a Cluster), in pipelines of at most `PIPELINE_ITEMS`
+items. New pipelines start only while fewer than `max_in_flight` run; what arrives
+meanwhile waits for the next turn, so batches grow with the load instead of the number
+of connections.
 
 A submission (a "ticket") is a list of items with one future: a broadcast's 1,000 copies
 cost one future, not 1,000. Items are strings (see `redis_scripts` for their format); the
@@ -28,7 +28,9 @@ from redis.exceptions import NoScriptError
 
 from .base import BackendError
 
-MAX_ITEMS_PER_CALL = 1000  # keeps one script call's run (and its reply) short
+# A turn's work beyond this many items goes out as several pipelines on several
+# connections: Redis runs the next while this process handles the replies of the first.
+PIPELINE_ITEMS = 256
 
 
 @dataclass(slots=True)
@@ -109,18 +111,24 @@ class StreamBatcher:
         if not self._queue or self._in_flight >= self._max_in_flight:
             return  # a running pipeline starts the next one when it ends
         calls, self._queue = list(self._queue.values()), {}
-        self._in_flight += 1
-        task = asyncio.ensure_future(self._flush(calls))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        pipelines: list[list[_Call]] = [[]]
+        size = 0
+        for call in calls:
+            for i in range(0, len(call.items), PIPELINE_ITEMS):
+                part = call.items[i : i + PIPELINE_ITEMS]
+                if size and size + len(part) > PIPELINE_ITEMS:
+                    pipelines.append([])
+                    size = 0
+                pipelines[-1].append(_Call(call.script, call.group, part))
+                size += len(part)
+        for chunks in pipelines:
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._flush(chunks))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _flush(self, calls: list[_Call]) -> None:
+    async def _flush(self, chunks: list[_Call]) -> None:
         try:
-            chunks = [
-                _Call(call.script, call.group, call.items[i : i + MAX_ITEMS_PER_CALL])
-                for call in calls
-                for i in range(0, len(call.items), MAX_ITEMS_PER_CALL)
-            ]
             await self._send(chunks, retry_noscript=True)
         finally:
             self._in_flight -= 1

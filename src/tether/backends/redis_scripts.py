@@ -279,14 +279,26 @@ return cur
 """
 )
 
-# release: leave a tombstone only if the presence is still ours. KEYS: presence.
-# ARGV: node, tombstone ms.
+# release: leave a tombstone where the presence is still ours (the client left this node).
+# KEYS: 1, the call's slot key. ARGV: node, tombstone ms, then the items, concatenated,
+# each "base key;". Returns per item 1 (tombstoned) or 0 (someone else holds it).
 RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[2])
-  return 1
+local results = {}
+local pos, i = 1, 0
+local blob = ARGV[3]
+while pos <= #blob do
+  i = i + 1
+  local base, at = string.match(blob, '^([^;]*);()', pos)
+  pos = at
+  local key = base .. ':p'
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('SET', key, '~' .. ARGV[1], 'PX', ARGV[2])
+    results[i] = 1
+  else
+    results[i] = 0
+  end
 end
-return 0
+return results
 """
 
 SCRIPTS: dict[str, str] = {
