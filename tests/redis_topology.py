@@ -241,8 +241,9 @@ class ClusterTopology:
             time.sleep(0.05)
 
     def node_for_slot(self, slot: int) -> RedisProcess:
-        """The node that serves `slot` (asked of the cluster, not assumed)."""
-        client = redis.Redis(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=1)
+        """The node that serves `slot`, as a live node of the cluster sees it."""
+        asked = next(node for node in self.nodes if node.alive)
+        client = redis.Redis(host="127.0.0.1", port=asked.port, socket_timeout=1)
         try:
             for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
                 if int(start) <= slot <= int(end):
@@ -359,22 +360,6 @@ class SentinelTopology:
         address = self.master.address
         self.master.kill()
         return address
-
-    async def master_address(self) -> tuple[str, int] | None:
-        """What a majority-free, first-answer poll of the sentinels says the master is."""
-        for host, port in self.sentinel_addresses:
-            client = aioredis.Redis(host=host, port=port, socket_timeout=1)
-            try:
-                reply = await client.sentinel_get_master_addr_by_name(self.service)
-            except (redis.RedisError, OSError):
-                continue
-            finally:
-                await client.aclose()
-            if reply:
-                host_reply, port_reply = reply
-                text = host_reply.decode() if isinstance(host_reply, bytes) else host_reply
-                return (text, int(port_reply))
-        return None
 
     async def wait_for_promotion(self, timeout: float = 30.0) -> tuple[str, int]:
         """Poll the sentinels until every one names a master other than the killed one and

@@ -13,8 +13,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    TimeoutError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisClusterException, TimeoutError
 
 from redis_topology import ClusterTopology, SentinelTopology
 from tether import HubConfig
@@ -413,6 +418,65 @@ async def test_cluster_pubsub_survives_its_node_being_killed(
             await other.aclose()
     finally:
         await pubsub.aclose()
+        await connections.aclose()
+
+
+async def test_a_dead_master_fails_only_its_own_calls_of_a_batch(
+    fresh_redis_cluster: ClusterTopology, prefix: str
+) -> None:
+    connections = RedisConnections(
+        HubConfig(redis_url=fresh_redis_cluster.seed_url, redis_cluster=True)
+    )
+    calls = [(_client_keys(prefix, i), ["x"]) for i in range(30)]
+    try:
+        assert await connections.run_script_batch(APPEND, calls) == [1] * 30
+        victim = fresh_redis_cluster.node_for_slot(slot_of(calls[0][0][0]))
+        victim.kill()
+
+        results = await connections.run_script_batch(APPEND, calls)
+        for (keys, _), result in zip(calls, results, strict=True):
+            if fresh_redis_cluster.node_for_slot(slot_of(keys[0])) is victim:
+                assert isinstance(result, RedisConnectionError | TimeoutError), result
+            else:  # ran on a live master - unless the cluster already declared itself down
+                assert result == 2 or isinstance(result, ClusterDownError), result
+    finally:
+        await connections.aclose()
+
+
+async def test_a_call_to_a_moved_slot_is_redirected_and_runs_once(
+    fresh_redis_cluster: ClusterTopology, prefix: str
+) -> None:
+    connections = RedisConnections(
+        HubConfig(redis_url=fresh_redis_cluster.seed_url, redis_cluster=True)
+    )
+    keys = _client_keys(prefix, 7)
+    slot = slot_of(keys[0])
+    try:
+        await connections.load_script(APPEND)
+        assert await connections.run_script_batch(APPEND, [(_client_keys(prefix, 1), ["x"])])
+        owner = fresh_redis_cluster.node_for_slot(slot)
+        target = next(node for node in fresh_redis_cluster.nodes if node is not owner)
+        # Reshard the (still empty) slot behind the client's back: its map is now stale.
+        admin = aioredis.Redis(host="127.0.0.1", port=target.port)
+        try:
+            target_id = (await admin.execute_command("CLUSTER MYID")).decode()
+            for node in fresh_redis_cluster.nodes:
+                each = aioredis.Redis(host="127.0.0.1", port=node.port)
+                try:
+                    await each.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+                finally:
+                    await each.aclose()
+        finally:
+            await admin.aclose()
+        assert fresh_redis_cluster.node_for_slot(slot) is target
+
+        assert await connections.run_script_batch(APPEND, [(keys, ["x"])]) == [1]
+        direct = aioredis.Redis(host="127.0.0.1", port=target.port)
+        try:
+            assert await direct.hget(keys[0], "n") == b"1"  # ran once, on the new owner
+        finally:
+            await direct.aclose()
+    finally:
         await connections.aclose()
 
 
