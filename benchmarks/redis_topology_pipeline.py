@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,7 +28,7 @@ from tether import HubConfig
 from tether.backends.redis_connection import LuaScript, RedisConnections, ScriptCall
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from redis_topology import ClusterTopology, RedisProcess, free_port
+from redis_topology import ClusterTopology, SingleTopology
 
 APPEND = LuaScript(
     "local n = redis.call('HINCRBY', KEYS[1], 'n', 1)\n"
@@ -102,17 +100,10 @@ async def _interleaved(
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="tether-bench-single-"))
-    port = free_port()
-    single = RedisProcess(
-        "single",
-        port,
-        workdir,
-        ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-    )
+    single = SingleTopology()
     cluster = ClusterTopology()
     try:
-        single.start().wait_ready()
+        single.start()
         cluster.start()
         cluster_config = HubConfig(redis_url=cluster.seed_url, redis_cluster=True)
         rates = await _interleaved(
@@ -124,9 +115,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             args,
         )
     finally:
-        single.stop()
+        single.close()
         cluster.close()
-        shutil.rmtree(workdir, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     single_rate = medians["single"]
     return {

@@ -6,6 +6,7 @@ dir, stopped and removed after use. A missing `redis-server` / `redis-cli` fails
 
 Fixtures (registered in conftest.py):
 
+    redis_single         session scope: the URL of a private plain redis-server
     redis_cluster        session scope: the seed URL of a shared, healthy 3-master cluster
     fresh_redis_cluster  function scope: a `ClusterTopology` of its own, for tests that kill nodes
     redis_sentinel       function scope: a `SentinelTopology` (master, replica, 3 sentinels);
@@ -406,6 +407,43 @@ class SentinelTopology:
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+class SingleTopology:
+    """One plain `redis-server` of the session's own (tests may flush its script cache)."""
+
+    def __init__(self) -> None:
+        require_binaries()
+        self.workdir = Path(tempfile.mkdtemp(prefix="tether-single-"))
+        port = free_port()
+        self.server = RedisProcess("single", port, self.workdir, _server_args(port))
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> SingleTopology:
+        try:
+            self.server.start().wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        self.server.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_single() -> Iterator[str]:
+    """URL of a private single Redis server (not the shared one on 6379), same flags as
+    the cluster's nodes."""
+    topology = SingleTopology().start()
+    try:
+        yield topology.url
+    finally:
+        topology.close()
 
 
 @pytest.fixture(scope="session")

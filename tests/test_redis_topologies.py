@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import pytest_asyncio
@@ -47,7 +48,7 @@ TOPOLOGIES = ["single", "cluster", "sentinel"]
 
 def _config(kind: str, request: pytest.FixtureRequest, **values: Any) -> HubConfig:
     if kind == "single":
-        return HubConfig(redis_url=request.getfixturevalue("redis_url"), **values)
+        return HubConfig(redis_url=request.getfixturevalue("redis_single"), **values)
     if kind == "cluster":
         return HubConfig(
             redis_url=request.getfixturevalue("redis_cluster"), redis_cluster=True, **values
@@ -214,7 +215,7 @@ async def test_unbounded_default_pools_fail_where_the_bound_waits(
 ) -> None:
     """The contrast: redis-py's default pools at the same size raise instead of waiting."""
     counter = f"{prefix}:{{counter}}"
-    single = aioredis.Redis.from_url(request.getfixturevalue("redis_url"), max_connections=8)
+    single = aioredis.Redis.from_url(request.getfixturevalue("redis_single"), max_connections=8)
     cluster = RedisCluster.from_url(request.getfixturevalue("redis_cluster"), max_connections=8)
     sentinel_topology: SentinelTopology = request.getfixturevalue("shared_redis_sentinel")
     sentinel = Sentinel(sentinel_topology.sentinel_addresses)
@@ -265,20 +266,20 @@ def test_describe_names_the_topology_without_the_password() -> None:
 # --------------------------------------------------------------------------- no silent retries
 
 
-async def test_a_failed_command_is_sent_once_and_never_retried(redis_url: str, prefix: str) -> None:
+async def test_a_failed_command_is_sent_once_and_never_retried(
+    redis_single: str, prefix: str
+) -> None:
     """A proxy in front of the real server cuts the connection as an INCR passes: the
     command is tried exactly once (redis-py's default client re-sends it up to 10 times,
     and a command cut after the server got it would then run twice)."""
-    target = aioredis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    target = urlsplit(redis_single)
     incr_seen = 0
 
     async def relay(
         client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
         nonlocal incr_seen
-        server_reader, server_writer = await asyncio.open_connection(
-            target.get("host", "127.0.0.1"), target.get("port", 6379)
-        )
+        server_reader, server_writer = await asyncio.open_connection(target.hostname, target.port)
 
         async def replies() -> None:
             while data := await server_reader.read(65536):

@@ -110,7 +110,12 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
-from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool, parse_url
+from redis.asyncio.connection import (
+    BlockingConnectionPool,
+    ConnectionPool,
+    SSLConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -319,7 +324,7 @@ class RedisConnections:
     def _cluster_client(self, url_options: dict[str, Any]) -> RedisCluster:
         options = {**self._connection_options}
         options.pop("db", None)  # db 0 only; the config refuses anything else
-        if options.pop("connection_class", None) is not None:
+        if options.pop("connection_class", None) is SSLConnection:
             options["ssl"] = True  # rediss://
         return _BoundedRedisCluster(concurrency=self.max_connections, **options)
 
@@ -329,7 +334,7 @@ class RedisConnections:
             for key, value in self._connection_options.items()
             if key not in ("host", "port", "path", "connection_class")
         }
-        if self._connection_options.get("connection_class") is not None:
+        if self._connection_options.get("connection_class") is SSLConnection:
             master_options["ssl"] = True  # rediss://: TLS to the master
         self._master_options = master_options
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
