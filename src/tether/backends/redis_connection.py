@@ -10,13 +10,15 @@ until first used:
     Redis Cluster  `redis.asyncio.cluster.RedisCluster` from the seed URL
     Sentinel       `Sentinel(...).master_for(service)` on a blocking Sentinel pool
 
-Concurrency is bounded and waits, never fails: at most `redis_max_connections` commands
-or pipelines are in flight per node (the pool size on the single server and Sentinel; on
-Cluster a bound across the whole command client, hence per node too, and per node for
-`run_script_batch`), and the rest wait their turn instead of raising "Too many
-connections" (`MaxConnectionsError`, which redis-py's own pools and cluster nodes raise).
-The wait is bounded only by `pool_timeout` (None: until a connection frees up; callers
-bound it with their own timeout).
+Concurrency is bounded and waits, never fails: beyond `redis_max_connections` (N)
+commands or pipelines in flight, the next one waits for a free connection instead of
+raising "Too many connections" (`MaxConnectionsError`, which redis-py's own pools and
+cluster nodes raise). Single server and Sentinel: a blocking pool of N connections.
+Cluster: at most N commands / pipelines in flight across the command client (so at most
+N + 4 connections per node, the 4 for topology discovery), and `run_script_batch` keeps
+its own blocking pool of N per node. The wait is bounded only by `pool_timeout` (None:
+until a connection frees up; callers bound it with their own timeout). Pub/sub
+connections are extra, one each.
 
 No silent retries. Every client is built so that a failed command raises at once and is
 never re-sent behind the caller's back (a non-idempotent script must not run twice):
@@ -51,11 +53,12 @@ and benchmarks/redis_topology_pipeline.py show them):
 - A cluster pipeline groups its commands by node and sends the per-node pipelines
   concurrently (one task per node, `asyncio.gather`); results come back in call order.
   But it routes every command in Python twice (the slot of every key, per command):
-  10,000 EVALSHA in pipelines of 500 ran at 0.71x a single server's rate on a 3-master
-  cluster on one host. `run_script_batch` groups the calls by the cluster's slot map
-  itself and sends one plain pipeline per master, concurrently: 1.01x the single server
-  (same run). It re-runs MOVED / ASK / TRYAGAIN calls through the cluster client, which
-  follows the redirection and fixes its map (the node refused them unrun, so it is safe).
+  10,000 EVALSHA in pipelines of 500 ran at 0.65-0.73x a single server's rate on a
+  3-master cluster on the same host (three runs). `run_script_batch` groups the calls by
+  the cluster's slot map itself and sends one plain pipeline per master, concurrently:
+  0.78-1.01x the single server in the same runs. It re-runs MOVED / ASK / TRYAGAIN calls
+  through the cluster client, which follows the redirection and fixes its slot map (the
+  node refused them unrun, so that is safe).
 - EVALSHA of an unknown script in a pipeline yields `NoScriptError` for those calls only
   (with `raise_on_error=False`); the script did not run, so loading it and re-running
   just those calls is safe (`run_script_batch` does). There is no automatic NOSCRIPT
