@@ -22,7 +22,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from redis_topology import ClusterTopology, SentinelTopology
+from redis_topology import ClusterTopology, SentinelTopology, free_port
 from tether import HubConfig
 from tether.backends.redis_connection import (
     LuaScript,
@@ -337,6 +337,27 @@ def _resp_command(parts: list[bytes]) -> bytes:
 
 
 # --------------------------------------------------------------------------- Cluster
+
+
+async def test_an_unreachable_cluster_is_a_connection_error(prefix: str) -> None:
+    """Not redis-py's RedisClusterException, which is not even a RedisError."""
+    nobody = free_port()
+    connections = RedisConnections(
+        HubConfig(redis_url=f"redis://127.0.0.1:{nobody}/0", redis_cluster=True)
+    )
+    try:
+        with pytest.raises(RedisConnectionError, match="cannot be connected"):
+            await connections.commands.get(f"{prefix}:k")
+        with pytest.raises(RedisConnectionError):
+            await connections.pubsub()
+        with pytest.raises(RedisConnectionError):
+            await connections.run_script_batch(APPEND, [(_client_keys(prefix, 1), ["x"])])
+        with pytest.raises(RedisConnectionError):
+            async with connections.commands.pipeline() as pipe:
+                pipe.set(f"{prefix}:{{a}}", "1")
+                await pipe.execute()
+    finally:
+        await connections.aclose()
 
 
 async def test_slot_of_agrees_with_the_cluster(redis_cluster: str) -> None:

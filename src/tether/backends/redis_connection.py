@@ -70,6 +70,9 @@ and benchmarks/redis_topology_pipeline.py show them):
   `ConnectionError` results if its connection was already open, but raises
   `ConnectionError` for the whole pipeline if it had to connect - and then the other
   nodes' calls ran or not (unknown). `run_script_batch` fails only the dead node's calls.
+- With no cluster node reachable, redis-py raises `RedisClusterException` ("Redis Cluster
+  cannot be connected"), which is not a `RedisError`; the client here raises
+  `ConnectionError` instead (the original as its cause).
 - redis-py's cluster client routes the commands it gets before it has discovered the
   slots to a random node; under concurrency the MOVED replies make it close every
   connection under the in-flight commands ("Connection closed by server", "Error UNKNOWN
@@ -123,7 +126,13 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, NoScriptError, RedisError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -226,6 +235,16 @@ class _BoundedRedisCluster(RedisCluster):
             finally:
                 _holding.reset(token)
 
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        """Discover the topology; no reachable node raises `ConnectionError` (redis-py
+        raises `RedisClusterException`, which is not even a `RedisError`)."""
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            if isinstance(exc.__cause__, _UNREACHABLE):
+                raise RedisConnectionError(str(exc)) from exc
+            raise
+
     def pipeline(
         self, transaction: Any | None = None, shard_hint: Any | None = None
     ) -> ClusterPipeline:
@@ -311,7 +330,7 @@ class RedisConnections:
         self._commands: CommandClient
         if config.redis_cluster:
             self.topology = Topology.CLUSTER
-            self._commands = self._cluster_client(url_options)
+            self._commands = self._cluster_client()
         elif config.redis_sentinels:
             self.topology = Topology.SENTINEL
             self._sentinel, self._commands = self._sentinel_client(pool_timeout)
@@ -324,7 +343,7 @@ class RedisConnections:
             )
             self._commands = Redis.from_pool(pool)
 
-    def _cluster_client(self, url_options: dict[str, Any]) -> RedisCluster:
+    def _cluster_client(self) -> RedisCluster:
         options = {**self._connection_options}
         options.pop("db", None)  # db 0 only; the config refuses anything else
         if options.pop("connection_class", None) is SSLConnection:
