@@ -147,3 +147,17 @@ async def bhub(make_hub: MakeHub) -> AsyncIterator[Hub]:
     await instance.start()
     await asyncio.sleep(0)
     yield instance
+
+
+# --------------------------------------------------------------------------- Redis topologies
+# (added for issue 10) Real Redis Cluster and Sentinel deployments on loopback ports:
+# `redis_single` (a private server's URL, session), `redis_cluster` (seed URL, session),
+# `fresh_redis_cluster` and `redis_sentinel` (function scope: tests may kill servers),
+# `shared_redis_sentinel` (session; do not kill).
+from redis_topology import (  # noqa: E402, F401 - pytest finds fixtures by name
+    fresh_redis_cluster,
+    redis_cluster,
+    redis_sentinel,
+    redis_single,
+    shared_redis_sentinel,
+)

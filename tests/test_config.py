@@ -117,3 +117,71 @@ def test_config_is_immutable() -> None:
     config = HubConfig()
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError
         config.max_queue_size = 5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- Redis topology
+
+
+def test_redis_topology_defaults_to_one_server() -> None:
+    config = HubConfig()
+    assert config.redis_cluster is False
+    assert config.redis_sentinels == ()
+    assert config.redis_sentinel_service == "mymaster"
+    assert config.redis_max_connections == 64
+
+
+def test_redis_topology_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_REDIS_SENTINELS", "10.0.0.1:26379, sentinel-b:26380,[::1]:5000")
+    monkeypatch.setenv("TETHER_REDIS_SENTINEL_SERVICE", "tether-primary")
+    monkeypatch.setenv("TETHER_REDIS_MAX_CONNECTIONS", "8")
+    config = HubConfig()
+    assert config.redis_sentinels == (
+        ("10.0.0.1", 26379),
+        ("sentinel-b", 26380),
+        ("::1", 5000),
+    )
+    assert config.redis_sentinel_service == "tether-primary"
+    assert config.redis_max_connections == 8
+
+
+def test_redis_cluster_flag_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("TETHER_REDIS_URL", "redis://10.0.0.7:7000/0")
+    config = HubConfig()
+    assert config.redis_cluster is True
+    assert config.redis_url == "redis://10.0.0.7:7000/0"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TETHER_REDIS_SENTINELS", "sentinel-without-port"),
+        ("TETHER_REDIS_SENTINELS", "10.0.0.1:26379,10.0.0.2:notaport"),
+        ("TETHER_REDIS_SENTINELS", "10.0.0.1:0"),
+        ("TETHER_REDIS_SENTINELS", ":26379"),
+        ("TETHER_REDIS_SENTINEL_SERVICE", "two words"),
+        ("TETHER_REDIS_MAX_CONNECTIONS", "0"),
+        ("TETHER_REDIS_CLUSTER", "sometimes"),
+    ],
+)
+def test_bad_redis_topology_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as excinfo:
+        HubConfig()
+    assert variable in str(excinfo.value)
+
+
+def test_cluster_and_sentinel_together_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("TETHER_REDIS_SENTINELS", "127.0.0.1:26379")
+    with pytest.raises(ConfigError) as excinfo:
+        HubConfig()
+    assert "TETHER_REDIS_CLUSTER" in str(excinfo.value)
+    assert "TETHER_REDIS_SENTINELS" in str(excinfo.value)
+
+
+def test_cluster_mode_refuses_a_unix_socket_url() -> None:
+    with pytest.raises(ConfigError, match="TETHER_REDIS_URL"):
+        HubConfig(redis_cluster=True, redis_url="unix:///run/redis.sock")

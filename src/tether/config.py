@@ -103,6 +103,16 @@ class HubConfig(BaseSettings):
     redis_prefix: str = Field("tether", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     node_id: str | None = Field(None, min_length=1, max_length=128)
     presence_ttl: PositiveSeconds = 30.0
+    # Redis topology (see tether.backends.redis_connection): one server by default; true
+    # makes redis_url any seed node of a Redis Cluster; sentinels set => Sentinel mode,
+    # where redis_url contributes only credentials and db.
+    redis_cluster: bool = False
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
+    redis_sentinel_service: str = Field(
+        "mymaster", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$"
+    )
+    # Bound on commands in flight (and so connections) per Redis node; more wait their turn.
+    redis_max_connections: int = Field(64, ge=1, le=10_000)
 
     # serving and monitoring
     host: str = "127.0.0.1"
@@ -128,6 +138,15 @@ class HubConfig(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _parse_sentinels(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(_sentinel_address(item) for item in value)
+        return value
+
     @field_validator("monitor_token", "api_token")
     @classmethod
     def _non_empty_token(cls, value: str | None) -> str | None:
@@ -147,6 +166,13 @@ class HubConfig(BaseSettings):
     def _check_relations(self) -> HubConfig:
         if self.retry_max_delay < self.retry_base_delay:
             raise ValueError("retry_max_delay must be >= retry_base_delay")
+        if self.redis_cluster and self.redis_sentinels:
+            raise ValueError(
+                "TETHER_REDIS_CLUSTER=true and TETHER_REDIS_SENTINELS are exclusive: "
+                "a Redis Cluster fails over by itself, without Sentinel"
+            )
+        if self.redis_cluster and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ValueError("TETHER_REDIS_URL must be redis:// or rediss:// in cluster mode")
         return self
 
     def __init__(self, **values: Any) -> None:
@@ -159,6 +185,24 @@ class HubConfig(BaseSettings):
     def heartbeat_deadline(self) -> float:
         """How long a silent connection may live: interval plus timeout."""
         return self.heartbeat_interval + self.heartbeat_timeout
+
+
+def _sentinel_address(item: Any) -> tuple[str, int]:
+    """One Sentinel address from "host:port" (or "[v6]:port", or a (host, port) pair)."""
+    if isinstance(item, list | tuple) and len(item) == 2:
+        host, port = str(item[0]), item[1]
+    elif isinstance(item, str) and ":" in item:
+        host, _, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+    else:
+        raise ValueError(f"expected host:port, got {item!r}")
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad port in {item!r}") from None
+    if not host or not 0 < number <= 65535:
+        raise ValueError(f"expected host:port with a port in 1..65535, got {item!r}")
+    return (host, number)
 
 
 def env_name(field: str) -> str:

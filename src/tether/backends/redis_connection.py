@@ -1,0 +1,597 @@
+"""Connections to one Redis server, a Redis Cluster or a Sentinel-managed master, via redis-py.
+
+The command client, pub/sub connections and batched script calls, for each topology.
+
+`RedisConnections(config)` picks the topology from `HubConfig` (`redis_cluster`,
+`redis_sentinels`) and builds redis-py's own client for it; nothing here talks to Redis
+until first used:
+
+    single server  `redis.asyncio.Redis` on a `BlockingConnectionPool(max_connections=N)`
+    Redis Cluster  `redis.asyncio.cluster.RedisCluster` from the seed URL
+    Sentinel       `Sentinel(...).master_for(service)` on a blocking Sentinel pool
+
+Concurrency is bounded and waits, never fails: beyond `redis_max_connections` (N)
+commands or pipelines in flight, the next one waits for a free connection instead of
+raising "Too many connections" (`MaxConnectionsError`, which redis-py's own pools and
+cluster nodes raise). Single server and Sentinel: a blocking pool of N connections.
+Cluster: at most N commands / pipelines in flight across the command client (so at most
+N + 4 connections per node, the 4 for topology discovery), and `run_script_batch` keeps
+its own blocking pool of N per node. The wait is bounded only by `pool_timeout` (None:
+until a connection frees up; callers bound it with their own timeout). Pub/sub
+connections are extra, one each.
+
+No silent retries. Every client is built so that a failed command raises at once and is
+never re-sent behind the caller's back (a non-idempotent script must not run twice):
+
+    Redis        `retry=Retry(NoBackoff(), 0)`. The default (redis-py 8) retries a
+                 command - and a whole pipeline - up to 10 times on ConnectionError /
+                 TimeoutError with jittered backoff, after reconnecting.
+    RedisCluster `retry=Retry(NoBackoff(), 0)`: the cluster-level retry count (default
+                 10) that re-runs a command, or a pipeline's failed and *falsy-result*
+                 commands, after re-discovering the topology. Per-node connections never
+                 retry (redis-py hard-codes 0 there). Redirections are still followed -
+                 MOVED / ASK / TRYAGAIN (up to 16 hops): the server refused those
+                 commands without running them, so following them is safe.
+    Sentinel     the master client as Redis above; the sentinel clients too, else a dead
+                 sentinel costs ~10 backoff retries on every master lookup. A connection
+                 asks the sentinels for the master each time it connects, and a command
+                 that reaches a demoted master (READONLY) drops the connection and raises
+                 `ConnectionError`, so the next command follows the promotion by itself.
+
+A failure therefore surfaces exactly once, as `redis.exceptions.ConnectionError` or
+`TimeoutError` (outcome of what was in flight: unknown) or `ResponseError` (the server
+answered: the command ran and failed, or never ran - NOSCRIPT, MOVED, CLUSTERDOWN).
+
+Findings the backend relies on (redis-py 8.1, Redis 7.0; tests/test_redis_topologies.py
+and benchmarks/redis_topology_pipeline.py show them):
+
+- A `register_script` object cannot be called with a cluster pipeline as `client`:
+  `ClusterPipeline.evalsha` is on redis-py's blocked list and raises
+  `RedisClusterException` at once. `pipe.execute_command("EVALSHA", sha, nkeys, *keys,
+  *args)` works and is routed by the call's keys (all keys of one call must share a
+  slot: hash-tag them).
+- A cluster pipeline groups its commands by node and sends the per-node pipelines
+  concurrently (one task per node, `asyncio.gather`); results come back in call order.
+  But it routes every command in Python twice (the slot of every key, per command):
+  10,000 EVALSHA in pipelines of 500 ran at 0.65-0.73x a single server's rate on a
+  3-master cluster on the same host (three runs). `run_script_batch` groups the calls by
+  the cluster's slot map itself and sends one plain pipeline per master, concurrently:
+  0.78-1.01x the single server in the same runs. It re-runs MOVED / ASK / TRYAGAIN calls
+  through the cluster client, which follows the redirection and fixes its slot map (the
+  node refused them unrun, so that is safe).
+- EVALSHA of an unknown script in a pipeline yields `NoScriptError` for those calls only
+  (with `raise_on_error=False`); the script did not run, so loading it and re-running
+  just those calls is safe (`run_script_batch` does). There is no automatic NOSCRIPT
+  fallback in any pipeline; a single-server `Pipeline` handed a script object instead runs
+  `SCRIPT EXISTS` (one extra round trip) before every `execute`. Scripts are not
+  replicated: a replica promoted by Sentinel or Cluster failover, or a restarted server,
+  answers NOSCRIPT.
+- When a node dies, redis-py's cluster pipeline reports the calls routed to it as
+  `ConnectionError` results if its connection was already open, but raises
+  `ConnectionError` for the whole pipeline if it had to connect - and then the other
+  nodes' calls ran or not (unknown). `run_script_batch` fails only the dead node's calls.
+- With no cluster node reachable, redis-py raises `RedisClusterException` ("Redis Cluster
+  cannot be connected"), which is not a `RedisError`; the client here raises
+  `ConnectionError` instead (the original as its cause).
+- redis-py's cluster client routes the commands it gets before it has discovered the
+  slots to a random node; under concurrency the MOVED replies make it close every
+  connection under the in-flight commands ("Connection closed by server", "Error UNKNOWN
+  while writing to socket"). The bounded client here discovers first. A CLUSTERDOWN or
+  uncovered-slot reply also makes redis-py close every connection of the client (in-flight
+  commands on healthy nodes then fail with `ConnectionError`: unknown outcome); MOVED
+  would too, every 5th time, unless `reinitialize_steps=0`, which this client sets.
+- A single-server or Sentinel pipeline whose connection breaks mid-flight raises
+  `ConnectionError` ("Connection closed by server." or "Error while reading from ...
+  Connection reset by peer"); a prefix of it may have been applied and even replicated
+  (one run: 217 of 500 INCRs of the cut pipeline were on the promoted replica, another: 0).
+  Killing the Sentinel master: in-flight pipeline -> `ConnectionError`; then
+  `ConnectionError` ("Error 111 connecting", ~1 s) while the sentinels still name the
+  dead master, `MasterNotFoundError` (a `ConnectionError` subclass) while it is marked
+  down, and writes succeed on the promoted replica ~2.3 s after the kill (down-after 1 s).
+- Pub/sub on Cluster: a classic PUBLISH on any node reaches subscribers on every node (the
+  cluster bus forwards it), but PUBLISH's reply counts only the receiving node's
+  subscribers. PUBLISH through the cluster client goes to its default node; when that
+  node dies one PUBLISH fails with `ConnectionError` before it moves on. redis-py's
+  `RedisCluster.pubsub()` pins its connection to the node owning the first channel's slot
+  and borrows it from that node's command pool; once that node dies it can only reconnect
+  to the dead node. `pubsub()` here connects to any live node on a dedicated connection
+  instead; after that node dies, `get_message` raises and the next `pubsub()` lands on a
+  live node (messages published in between are lost).
+- redis-py 8 speaks RESP3 by default (HELLO 3) and sends INCR as INCRBY key 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import (
+    BlockingConnectionPool,
+    ConnectionPool,
+    SSLConnection,
+    parse_url,
+)
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..config import HubConfig
+
+__all__ = [
+    "CommandClient",
+    "LuaScript",
+    "RedisConnections",
+    "ScriptCall",
+    "Topology",
+    "redact_url",
+    "slot_of",
+]
+
+K = TypeVar("K", str, bytes)
+
+CommandClient = Redis | RedisCluster
+"""What `RedisConnections.commands` is: both share the command methods and `pipeline()`."""
+
+# A node that could not be reached (as opposed to one that answered with an error).
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+# Connections a cluster node may open beyond the command bound: topology discovery
+# (CLUSTER SLOTS) borrows one from the node it asks while commands hold the rest.
+_NODE_HEADROOM = 4
+
+
+class Topology(StrEnum):
+    """Which kind of Redis deployment the connections talk to."""
+
+    SINGLE = "single"
+    CLUSTER = "cluster"
+    SENTINEL = "sentinel"
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def slot_of(key: str | bytes) -> int:
+    """The Redis Cluster hash slot (0..16383) of `key`, honouring `{hash tags}`."""
+    return int(key_slot(key.encode() if isinstance(key, str) else key))
+
+
+def redact_url(url: str) -> str:
+    """`url` without its password, for logs and `describe()`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+# --------------------------------------------------------------------------- bounded clients
+
+
+class _BlockingSentinelConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A Sentinel master pool that waits for a free connection instead of raising
+    "Too many connections" (redis-py ships only the non-blocking Sentinel pool)."""
+
+
+# Set while a task holds a bounded cluster client's permit, so commands the client issues
+# on its own behalf inside that call (redirection fallbacks of a pipeline) do not wait for
+# a second permit and deadlock when every permit is taken.
+_holding: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "tether_redis_cluster_permit", default=None
+)
+
+
+class _BoundedRedisCluster(RedisCluster):
+    """`RedisCluster` with at most `concurrency` commands and pipelines in flight; the
+    rest wait (redis-py's cluster raises `MaxConnectionsError` instead)."""
+
+    def __init__(self, *args: Any, concurrency: int = 64, **kwargs: Any) -> None:
+        kwargs["max_connections"] = concurrency + _NODE_HEADROOM
+        # 0: a MOVED reply only re-points its slot. Every 5th MOVED (the default) would
+        # close every connection of the client, failing the commands in flight on the
+        # healthy nodes too - with an unknown outcome.
+        kwargs.setdefault("reinitialize_steps", 0)
+        super().__init__(*args, **kwargs)
+        self._permits = asyncio.Semaphore(concurrency)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if _holding.get() is self:
+            return await super().execute_command(*args, **kwargs)
+        if self._initialize:
+            # Discover the slots before routing: redis-py resolves a command's routing
+            # before its own lazy discovery, so the first commands of a fresh (or reset)
+            # client go to a random node, bounce with MOVED and, several at once, make it
+            # close every connection under the others' feet ("Connection closed by server").
+            await self.initialize()
+        async with self._permits:
+            token = _holding.set(self)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            finally:
+                _holding.reset(token)
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        """Discover the topology; no reachable node raises `ConnectionError` (redis-py
+        raises `RedisClusterException`, which is not even a `RedisError`)."""
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            if isinstance(exc.__cause__, _UNREACHABLE):
+                raise RedisConnectionError(str(exc)) from exc
+            raise
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:  # same refusal as the base class
+            return super().pipeline(transaction, shard_hint)
+        return _BoundedClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _BoundedClusterPipeline(ClusterPipeline):
+    """A cluster pipeline whose `execute` takes one permit of its client's bound."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, _BoundedRedisCluster)
+        if _holding.get() is client:
+            return await super().execute(raise_on_error, allow_redirections)
+        async with client._permits:
+            token = _holding.set(client)
+            try:
+                return await super().execute(raise_on_error, allow_redirections)
+            finally:
+                _holding.reset(token)
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    """A Lua script by source and SHA1, for `RedisConnections.run_script_batch`."""
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+ScriptCall = tuple[Sequence[Any], Sequence[Any]]
+"""One script invocation: (keys, args). All keys of one call must share a cluster slot."""
+
+
+# --------------------------------------------------------------------------- connections
+
+
+class RedisConnections:
+    """The command client and pub/sub connections for the Redis deployment in `config`.
+
+    `commands` is redis-py's own client (`Redis` or `RedisCluster`), bounded and without
+    silent retries (see the module docstring). Construction does no I/O; the first
+    command connects. Raises `ValueError` for a URL redis-py cannot use.
+    """
+
+    def __init__(
+        self,
+        config: HubConfig,
+        *,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        client_name: str | None = None,
+        pool_timeout: float | None = None,
+    ) -> None:
+        self.config = config
+        self.max_connections = config.redis_max_connections
+        self._url = config.redis_url
+        url_options: dict[str, Any] = dict(parse_url(config.redis_url))
+        url_options.pop("max_connections", None)  # the configured bound wins
+        # URL query options win over ours, as in redis-py's from_url.
+        self._connection_options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "retry": _no_retry(),
+            "health_check_interval": 0,
+            "client_name": client_name,
+            **url_options,
+        }
+        self._sentinel: Sentinel | None = None
+        self._master_options: dict[str, Any] = {}
+        self._node_clients: dict[str, Redis] = {}
+        self._pool_timeout = pool_timeout
+        self._commands: CommandClient
+        if config.redis_cluster:
+            self.topology = Topology.CLUSTER
+            self._commands = self._cluster_client()
+        elif config.redis_sentinels:
+            self.topology = Topology.SENTINEL
+            self._sentinel, self._commands = self._sentinel_client(pool_timeout)
+        else:
+            self.topology = Topology.SINGLE
+            pool = BlockingConnectionPool(
+                max_connections=self.max_connections,
+                timeout=pool_timeout,
+                **self._connection_options,
+            )
+            self._commands = Redis.from_pool(pool)
+
+    def _cluster_client(self) -> RedisCluster:
+        options = {**self._connection_options}
+        options.pop("db", None)  # db 0 only; the config refuses anything else
+        if options.pop("connection_class", None) is SSLConnection:
+            options["ssl"] = True  # rediss://
+        return _BoundedRedisCluster(concurrency=self.max_connections, **options)
+
+    def _sentinel_client(self, pool_timeout: float | None) -> tuple[Sentinel, Redis]:
+        master_options = {
+            key: value
+            for key, value in self._connection_options.items()
+            if key not in ("host", "port", "path", "connection_class")
+        }
+        if self._connection_options.get("connection_class") is SSLConnection:
+            master_options["ssl"] = True  # rediss://: TLS to the master
+        self._master_options = master_options
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(self.config.redis_sentinels),
+            sentinel_kwargs={
+                "socket_timeout": self._connection_options["socket_timeout"],
+                "socket_connect_timeout": self._connection_options["socket_connect_timeout"],
+                "retry": _no_retry(),
+            },
+        )
+        master = sentinel.master_for(
+            self.config.redis_sentinel_service,
+            connection_pool_class=_BlockingSentinelConnectionPool,
+            max_connections=self.max_connections,
+            timeout=pool_timeout,
+            **master_options,
+        )
+        return sentinel, master
+
+    # ------------------------------------------------------------------ surface
+
+    @property
+    def commands(self) -> CommandClient:
+        """The bounded command client (`Redis` or `RedisCluster`)."""
+        return self._commands
+
+    def describe(self) -> str:
+        """Where the connections go, without secrets, e.g. for logs and `/health`."""
+        url = redact_url(self._url)
+        if self.topology is Topology.CLUSTER:
+            assert isinstance(self._commands, RedisCluster)
+            known = len(self._commands.get_nodes())
+            seen = f", {known} nodes known" if known else ""
+            return f"Redis Cluster via seed {url}{seen}"
+        if self.topology is Topology.SENTINEL:
+            sentinels = ",".join(f"{host}:{port}" for host, port in self.config.redis_sentinels)
+            parts = urlsplit(url)
+            db = parts.path.lstrip("/") or "0"
+            return (
+                f"Redis Sentinel service {self.config.redis_sentinel_service!r} via "
+                f"{sentinels} (db {db})"
+            )
+        return f"Redis {url}"
+
+    async def pubsub(self) -> PubSub:
+        """A connected pub/sub connection of its own (not taken from the command bound).
+
+        Single server: to the server. Sentinel: to the master the sentinels name now.
+        Cluster: to a live node, tried in random order. It does not reconnect by itself:
+        when its node fails, `get_message` raises `ConnectionError`; close it and call
+        `pubsub()` again, which finds the current master / a live node. Raises
+        `redis.exceptions.ConnectionError` or `TimeoutError` when no node is reachable.
+        """
+        if self.topology is Topology.CLUSTER:
+            return await self._cluster_pubsub()
+        pool: ConnectionPool
+        if self._sentinel is not None:
+            # Its own Sentinel pool: it asks the sentinels for the master as it connects.
+            pool = SentinelConnectionPool(  # type: ignore[no-untyped-call]
+                self.config.redis_sentinel_service,
+                self._sentinel,
+                is_master=True,
+                max_connections=1,
+                **self._master_options,
+            )
+        else:
+            pool = ConnectionPool(max_connections=1, **self._connection_options)
+        return await self._connected(PubSub(connection_pool=pool))
+
+    async def _cluster_pubsub(self) -> PubSub:
+        cluster = self._commands
+        assert isinstance(cluster, RedisCluster)
+        nodes = [(node.host, node.port) for node in cluster.get_nodes()]
+        if not nodes:
+            await cluster.initialize()  # first use: discover the nodes from the seed
+            nodes = [(node.host, node.port) for node in cluster.get_nodes()]
+        random.shuffle(nodes)
+        options = {**self._connection_options}
+        options.pop("db", None)
+        last_error: Exception | None = None
+        for host, port in nodes:
+            pool = ConnectionPool(max_connections=1, **{**options, "host": host, "port": port})
+            try:
+                return await self._connected(PubSub(connection_pool=pool))
+            except (RedisError, OSError) as exc:
+                last_error = exc
+        if last_error is None:
+            raise RedisConnectionError("no Redis Cluster node is known")
+        raise last_error
+
+    @staticmethod
+    async def _connected(pubsub: PubSub) -> PubSub:
+        try:
+            await pubsub.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            raise
+        return pubsub
+
+    async def group_by_node(self, keys: Iterable[K]) -> dict[str, list[K]]:
+        """`keys` grouped by the node ("host:port") serving them, in their given order.
+
+        One group on a single server or Sentinel (named by the configured URL's address;
+        the master may change). On Cluster the topology is discovered first if needed
+        (raises `ConnectionError` when no node answers).
+        """
+        items = list(keys)
+        if not isinstance(self._commands, RedisCluster):
+            return {self._server_name(): items} if items else {}
+        cluster = self._commands
+        if not cluster.get_nodes():
+            await cluster.initialize()
+        groups: dict[str, list[K]] = {}
+        for key in items:
+            node = cluster.nodes_manager.get_node_from_slot(slot_of(key))
+            groups.setdefault(node.name, []).append(key)
+        return groups
+
+    def _server_name(self) -> str:
+        if self.topology is Topology.SENTINEL:
+            return f"sentinel:{self.config.redis_sentinel_service}"
+        host = self._connection_options.get("host", "127.0.0.1")
+        return f"{host}:{self._connection_options.get('port', 6379)}"
+
+    async def load_script(self, script: LuaScript) -> None:
+        """Load `script` into the script cache (of every primary, on Cluster)."""
+        await self._commands.script_load(script.source)
+
+    async def run_script_batch(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Run `script` once per (keys, args) call, all in one pipeline round: split per
+        node and sent concurrently on Cluster.
+
+        Returns one entry per call, in order: the script's reply, or the exception that
+        call got - a `ResponseError` means the script ran and raised (or the server refused
+        the call without running it); a `ConnectionError` / `TimeoutError` entry means
+        that call's outcome is unknown. Calls answered NOSCRIPT (a node that never saw the
+        script: restarted, freshly promoted) did not run; they are loaded and re-run once,
+        which is why this never double-applies. Raises `ConnectionError` / `TimeoutError`
+        when the round failed as a whole: then every call's outcome is unknown.
+        """
+        if not calls:
+            return []
+        results = await self._evalsha_round(script, calls)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            await self.load_script(script)
+            retried = await self._evalsha_round(script, [calls[i] for i in missing])
+            for index, result in zip(missing, retried, strict=True):
+                results[index] = result
+        return results
+
+    async def _evalsha_round(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+        if isinstance(self._commands, RedisCluster):
+            return await self._evalsha_round_per_node(self._commands, script, calls)
+        async with self._commands.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def _evalsha_round_per_node(
+        self, cluster: RedisCluster, script: LuaScript, calls: Sequence[ScriptCall]
+    ) -> list[Any]:
+        """One plain pipeline per master, sent concurrently, routed by the cluster's slot
+        map. Cheaper than redis-py's ClusterPipeline (which routes every command twice),
+        and a dead node fails only its own calls, not the whole round."""
+        if not cluster.get_nodes():
+            await cluster.initialize()
+        nodes: dict[str, ClusterNode] = {}
+        groups: dict[str, list[int]] = {}
+        for index, (keys, _) in enumerate(calls):
+            node = (
+                cluster.nodes_manager.get_node_from_slot(slot_of(keys[0]))
+                if keys
+                else cluster.get_random_node()
+            )
+            nodes[node.name] = node
+            groups.setdefault(node.name, []).append(index)
+
+        async def run(name: str, indices: list[int]) -> list[Any]:
+            async with self._node_client(nodes[name]).pipeline(transaction=False) as pipe:
+                for index in indices:
+                    keys, args = calls[index]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return list(await pipe.execute(raise_on_error=False))
+
+        outcomes = await asyncio.gather(
+            *(run(name, indices) for name, indices in groups.items()), return_exceptions=True
+        )
+        results: list[Any] = [None] * len(calls)
+        node_failed = False
+        for indices, outcome in zip(groups.values(), outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                node_failed = node_failed or isinstance(outcome, _UNREACHABLE)
+                for index in indices:
+                    results[index] = outcome  # this node's calls: outcome unknown
+            else:
+                for index, result in zip(indices, outcome, strict=True):
+                    results[index] = result
+        if node_failed:
+            with contextlib.suppress(RedisError, OSError):
+                await cluster.nodes_manager.initialize()  # re-read the slot map
+        # MOVED / ASK / TRYAGAIN: the node refused without running the call (resharding,
+        # failover); redis-py's own client follows the redirection and fixes its map.
+        for index, result in enumerate(results):
+            if isinstance(result, AskError | TryAgainError):
+                keys, args = calls[index]
+                try:
+                    results[index] = await cluster.execute_command(
+                        "EVALSHA", script.sha, len(keys), *keys, *args
+                    )
+                except Exception as exc:
+                    results[index] = exc
+        return results
+
+    def _node_client(self, node: ClusterNode) -> Redis:
+        """A plain client of one cluster node, bounded like the rest (per node)."""
+        client = self._node_clients.get(node.name)
+        if client is None:
+            options = {**self._connection_options, "host": node.host, "port": node.port}
+            options.pop("db", None)
+            pool = BlockingConnectionPool(
+                max_connections=self.max_connections, timeout=self._pool_timeout, **options
+            )
+            client = self._node_clients[node.name] = Redis.from_pool(pool)
+        return client
+
+    async def aclose(self) -> None:
+        """Close every connection (the sentinel clients too). Idempotent."""
+        try:
+            await self._commands.aclose()
+            for client in self._node_clients.values():
+                await client.aclose()
+            self._node_clients.clear()
+        finally:
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
