@@ -104,10 +104,32 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         client.close()
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=[pytest.mark.redis, pytest.mark.slow]),
+        pytest.param("redis-sentinel", marks=[pytest.mark.redis, pytest.mark.slow]),
+    ]
+)
 def backend_kind(request: pytest.FixtureRequest) -> str:
-    """Run a test once per backend (the hub suite must hold on Redis too)."""
+    """Run a test once per backend (the hub suite must hold on Redis too, on one server,
+    a real 3-master Cluster and a Sentinel-managed master alike)."""
     return str(request.param)
+
+
+def redis_topology_values(kind: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The HubConfig values that point a hub at the `kind` of Redis deployment."""
+    if kind == "redis-cluster":
+        return {"redis_url": request.getfixturevalue("redis_cluster"), "redis_cluster": True}
+    if kind == "redis-sentinel":
+        topology = request.getfixturevalue("shared_redis_sentinel")
+        return {
+            "redis_url": "redis://127.0.0.1:6379/0",
+            "redis_sentinels": topology.sentinels_setting,
+            "redis_sentinel_service": topology.service,
+        }
+    return {"redis_url": REDIS_URL}
 
 
 MakeHub = Callable[..., Hub]
@@ -119,7 +141,10 @@ async def make_hub(
 ) -> AsyncIterator[MakeHub]:
     """`make_hub(**HubConfig fields, clock=..., rng=...)`: a Hub on the parametrised
     backend (a private Redis prefix for redis), shut down after the test."""
-    prefix = request.getfixturevalue("redis_prefix") if backend_kind == "redis" else "tether"
+    shared = backend_kind.startswith("redis")
+    prefix = f"tether-test-{uuid.uuid4().hex[:12]}" if shared else "tether"
+    if backend_kind == "redis":
+        prefix = request.getfixturevalue("redis_prefix")
     hubs: list[Hub] = []
 
     def factory(config: HubConfig | None = None, **options: Any) -> Hub:
@@ -127,9 +152,10 @@ async def make_hub(
         rng = options.pop("rng", None)
         values = dict(config.model_dump(exclude_unset=True)) if config is not None else {}
         values.update(options)
-        values["backend"] = backend_kind
-        if backend_kind == "redis":
-            values.setdefault("redis_url", REDIS_URL)
+        values["backend"] = "redis" if shared else backend_kind
+        if shared:
+            for key, value in redis_topology_values(backend_kind, request).items():
+                values.setdefault(key, value)
             values.setdefault("redis_prefix", prefix)
         hub = Hub(HubConfig(**values), clock=hub_clock, rng=rng)
         hubs.append(hub)

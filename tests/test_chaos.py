@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 from websockets.asyncio.server import Server, serve
 
+from conftest import MakeHub
 from support import until
 from tether import Hub, HubConfig
 from tether.client import Client, ClientState, Message
@@ -40,11 +41,23 @@ async def ws_server(hub: Hub) -> AsyncIterator[Served]:
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [20240601, 7, 1234])
 async def test_5000_critical_messages_survive_server_kills_and_a_client_drop(seed: int) -> None:
+    await chaos(Hub(HubConfig(max_queue_size=N, send_timeout=2.0)), seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "backend_kind", ["redis", "redis-cluster", "redis-sentinel"], indirect=True
+)
+async def test_chaos_on_each_redis_topology(make_hub: MakeHub) -> None:
+    """The same cuts with the stream in Redis: one server, a Cluster, Sentinel."""
+    await chaos(make_hub(max_queue_size=N, send_timeout=2.0), 20240601)
+
+
+async def chaos(hub: Hub, seed: int) -> None:
     rng = random.Random(seed)
     points = rng.sample(range(20, N - 20), SERVER_KILLS + 1)
     server_kills = set(points[:SERVER_KILLS])
     client_drop = points[SERVER_KILLS]
-    hub = Hub(HubConfig(max_queue_size=N, send_timeout=2.0))
     async with hub, ws_server(hub) as srv:
         client = Client(
             srv.url,

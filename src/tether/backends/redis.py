@@ -19,10 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -32,6 +29,7 @@ from ..config import HubConfig
 from ..messages import DeadLetter, Envelope
 from .base import Accepted, BackendError, BackendEvents, OutcomeUnknown, Refused, StoredOutbox
 from .redis_batch import Request, StreamBatcher
+from .redis_connection import CommandClient, LuaScript, RedisConnections
 from .redis_keys import RedisKeys, batch_group
 from .redis_scripts import SCRIPTS
 from .redis_wire import WireCodec
@@ -52,6 +50,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 DEAD_LETTER_TTL_MS = 7 * 86_400 * 1000  # dead letters are for inspection, not forever
+_LUA = {name: LuaScript(source) for name, source in SCRIPTS.items()}
 MAX_UNKNOWN = 10_000  # appends with an unknown outcome remembered for a probing resend
 
 
@@ -143,10 +142,11 @@ class RedisBackend:
         # A tombstone must outlive the old node's cached outbox, which lives at most a TTL.
         self._tombstone_ms = _ms(max(cfg.presence_ttl, cfg.message_ttl))
         self._max_connections = int(getattr(cfg, "redis_max_connections", 64))
-        self._cluster = False
+        self._cluster = bool(getattr(cfg, "redis_cluster", False))
+        self._conn: RedisConnections | None = None
         self._events: BackendEvents | None = None
-        self._redis: Redis | None = None
-        self._shas: dict[str, str] = {}
+        self._redis: CommandClient | None = None
+        self._shas = {name: script.sha for name, script in _LUA.items()}
         self._batcher: StreamBatcher | None = None
         self._claimed: set[str] = set()  # clients connected to this node
         # (client id, message id) of appends whose outcome stayed unknown: a resend of
@@ -163,27 +163,27 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _client(self) -> Redis:
-        pool = BlockingConnectionPool.from_url(
-            self.url,
-            # Waits for a free connection (up to the socket timeout) instead of failing
-            # with "Too many connections" when a broadcast fans out.
-            max_connections=self._max_connections,
-            timeout=self._socket_timeout,
+    def _connect(self) -> RedisConnections:
+        """redis-py's own client for the configured topology (one server, Cluster or
+        Sentinel): bounded, waiting for a free connection instead of failing with
+        "Too many connections", and never retrying silently — a non-idempotent script
+        (append) must never run twice behind our back. See `redis_connection`."""
+        config = self.config
+        if config.redis_url != self.url:
+            config = config.model_copy(update={"redis_url": self.url})
+        return RedisConnections(
+            config,
             socket_timeout=self._socket_timeout,
-            socket_connect_timeout=self._connect_timeout,
-            # No silent retries: a failure is counted by us, and a non-idempotent
-            # script (append) must never run twice behind the caller's back.
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+            connect_timeout=self._connect_timeout,
             # Named, so `CLIENT LIST` shows which node holds which connection.
             client_name=f"tether:{self.prefix}:{self.node_id}",
+            pool_timeout=self._socket_timeout,
         )
-        return Redis(connection_pool=pool)
 
     async def start(self, events: BackendEvents) -> None:
         self._events = events
-        self._redis = self._client()
+        self._conn = self._connect()
+        self._redis = self._conn.commands
         self._batcher = StreamBatcher(self._run_pipeline)
         try:
             await self._load_scripts()
@@ -195,11 +195,28 @@ class RedisBackend:
         ]
 
     async def _load_scripts(self) -> None:
+        """Load every script (into every primary, on a Cluster). Needed again after a
+        restart or a failover: scripts are not replicated."""
+
         async def op() -> None:
-            for name, source in SCRIPTS.items():
-                self._shas[name] = _text(await self._r.script_load(source))
+            assert self._conn is not None
+            for script in _LUA.values():
+                await self._conn.load_script(script)
 
         await self._call("script load", op)
+
+    async def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """One script call (NOSCRIPT: loaded and run again — it did not run)."""
+        sha = self._shas[name]
+
+        async def op() -> Any:
+            try:
+                return await self._r.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self._r.script_load(_LUA[name].source)
+                return await self._r.evalsha(sha, len(keys), *keys, *args)
+
+        return await self._call(name, op)
 
     async def close(self) -> None:
         if self._closed:
@@ -229,7 +246,8 @@ class RedisBackend:
         self._tasks = []
         if self._redis is not None:
             with contextlib.suppress(Exception):
-                await self._redis.aclose()
+                assert self._conn is not None
+                await self._conn.aclose()
             self._redis = None
 
     @property
@@ -244,7 +262,8 @@ class RedisBackend:
             "node_id": self.node_id,
             "healthy": self.healthy,
             "errors": self.errors,
-            "url": _redact(self.url),
+            "url": self._conn.describe() if self._conn is not None else _redact(self.url),
+            "topology": self._conn.topology.value if self._conn is not None else None,
             "prefix": self.prefix,
             "local_clients": len(self._claimed),
             "listener_reconnects": self.listener_reconnects,
@@ -294,31 +313,39 @@ class RedisBackend:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _run_pipeline(self, requests: list[Request]) -> list[Any]:
-        """The batcher's runner: one pipeline of EVALSHA calls, replies (or per-call
-        errors) in order. Not retried as a whole: the scripts may have run."""
-        if not self._shas:
-            await self._load_scripts()
+        """The batcher's runner: every call in one round (per node, concurrently, on a
+        Cluster), replies or per-call errors in order. Not retried as a whole: the
+        scripts may have run. A call answered NOSCRIPT did not run and is re-sent."""
         header = [self._max, self._policy, self._dedup_ms, self._fresh()]
+        by_script: dict[str, list[int]] = {}
+        calls: list[tuple[list[str], list[Any]]] = []
+        for index, request in enumerate(requests):
+            key = [self.keys.slot_key(request.group)]
+            if request.script == "append":
+                npay = len(request.payloads) // 2
+                args = [*header, npay, *request.payloads, request.items]
+            elif request.script == "release":
+                args = [self.node_id, self._tombstone_ms, request.items]
+            else:
+                args = [request.items]
+            calls.append((key, args))
+            by_script.setdefault(request.script, []).append(index)
 
         async def op() -> list[Any]:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for request in requests:
-                    sha = self._shas[request.script]
-                    key = self.keys.slot_key(request.group)
-                    if request.script == "append":
-                        npay = len(request.payloads) // 2
-                        pipe.execute_command(
-                            "EVALSHA", sha, 1, key, *header, npay, *request.payloads, request.items
-                        )
-                    elif request.script == "release":
-                        pipe.execute_command(
-                            "EVALSHA", sha, 1, key, self.node_id, self._tombstone_ms, request.items
-                        )
-                    else:
-                        pipe.execute_command("EVALSHA", sha, 1, key, request.items)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-            if any(isinstance(reply, NoScriptError) for reply in replies):
-                await self._load_scripts()  # Redis restarted: the batcher re-sends those
+            assert self._conn is not None
+            conn = self._conn
+            rounds = await asyncio.gather(
+                *(
+                    conn.run_script_batch(_LUA[name], [calls[i] for i in indices])
+                    for name, indices in by_script.items()
+                )
+            )
+            replies: list[Any] = [None] * len(requests)
+            for indices, results in zip(by_script.values(), rounds, strict=True):
+                for index, result in zip(indices, results, strict=True):
+                    replies[index] = result
+            if any(isinstance(r, _UNAVAILABLE) for r in replies):
+                self._failed("pipeline", next(r for r in replies if isinstance(r, _UNAVAILABLE)))
             return replies
 
         return await self._call("pipeline", op, retry=False)
@@ -328,7 +355,7 @@ class RedisBackend:
         return secrets.token_hex(6)
 
     @property
-    def _r(self) -> Redis:
+    def _r(self) -> CommandClient:
         if self._redis is None:
             raise BackendError("backend not started or closed")
         return self._redis
@@ -518,7 +545,7 @@ class RedisBackend:
         size = self.config.dead_letter_max_size
 
         async def op() -> None:
-            async with self._r.pipeline(transaction=True) as pipe:
+            async with self._r.pipeline(transaction=False) as pipe:
                 pipe.lpush(key, orjson.dumps(record))
                 pipe.ltrim(key, 0, size - 1)
                 pipe.pexpire(key, DEAD_LETTER_TTL_MS)
@@ -559,15 +586,7 @@ class RedisBackend:
 
     async def load(self, session: ClientSession, *, after: int = 0) -> StoredOutbox | None:
         cid = session.client_id
-        keys = [self.keys.meta(cid), self.keys.out(cid)]
-        sha = self._shas.get("load")
-        if sha is None:
-            await self._load_scripts()
-            sha = self._shas["load"]
-        reply = await self._call(
-            "load",
-            lambda: self._r.evalsha(sha, 2, *keys, after),
-        )
+        reply = await self._eval("load", [self.keys.meta(cid), self.keys.out(cid)], [after])
         stored = self._stored(session, reply, reply[3])
         await self._drop_expired(session, stored)
         return stored
@@ -576,16 +595,11 @@ class RedisBackend:
         self, session: ClientSession, last_seq: int, epoch: str | None
     ) -> StoredOutbox | None:
         cid = session.client_id
-        keys = [self.keys.meta(cid), self.keys.out(cid)]
-        args: list[str | int] = [last_seq, epoch or "", self._fresh(), self._keep_ms]
-        sha = self._shas.get("attach")
-        if sha is None:
-            await self._load_scripts()
-            sha = self._shas["attach"]
         # Safe to retry: a second run finds the stream attached and settles nothing new.
-        reply = await self._call(
+        reply = await self._eval(
             "attach",
-            lambda: self._r.evalsha(sha, 2, *keys, *args),
+            [self.keys.meta(cid), self.keys.out(cid)],
+            [last_seq, epoch or "", self._fresh(), self._keep_ms],
         )
         stored = self._stored(session, reply, reply[4])
         stored.reset = bool(int(reply[3]))
@@ -631,25 +645,13 @@ class RedisBackend:
     async def claim(self, client_id: str) -> None:
         # First: if Redis is down now, the listener's recovery still rings this client.
         self._claimed.add(client_id)
-        keys = self._presence_keys(client_id)
-        args = [self.node_id, self._presence_ms, self._keep_ms]
-
-        async def op() -> Any:
-            async with self._r.pipeline(transaction=False) as pipe:
-                pipe.execute_command("EVALSHA", self._shas["claim"], len(keys), *keys, *args)
-                pipe.zadd(self.keys.clients, {client_id: self.clock.wall()})
-                return (await pipe.execute())[0]
-
-        if "claim" not in self._shas:
-            await self._load_scripts()
-        try:
-            old = await self._call("claim", op)
-        except BackendError as exc:
-            if isinstance(exc.__cause__, NoScriptError):
-                await self._load_scripts()
-                old = await self._call("claim", op)
-            else:
-                raise
+        old = await self._eval(
+            "claim",
+            self._presence_keys(client_id),
+            [self.node_id, self._presence_ms, self._keep_ms],
+        )
+        seen = self.clock.wall()
+        await self._call("clients", lambda: self._r.zadd(self.keys.clients, {client_id: seen}))
         holder = _text(old) if old else None
         if holder is not None:
             holder = holder.removeprefix("~")
@@ -738,18 +740,14 @@ class RedisBackend:
         args = [self.node_id, self._presence_ms, self._keep_ms]
         ids = list(clients)
         now = self.clock.wall()
-        if "refresh" not in self._shas:
-            await self._load_scripts()
-        sha = self._shas["refresh"]
 
         async def op() -> list[Any]:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for cid in ids:
-                    keys = self._presence_keys(cid)
-                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
-                pipe.zadd(self.keys.clients, dict.fromkeys(ids, now))
-                replies: list[Any] = await pipe.execute()
-                return replies
+            assert self._conn is not None
+            replies = await self._conn.run_script_batch(
+                _LUA["refresh"], [(self._presence_keys(cid), args) for cid in ids]
+            )
+            await self._r.zadd(self.keys.clients, dict.fromkeys(ids, now))
+            return replies
 
         replies = await self._call("refresh", op)
         for cid, holder in zip(ids, replies, strict=False):
@@ -770,7 +768,8 @@ class RedisBackend:
         while not self._closed:
             pubsub: PubSub | None = None
             try:
-                pubsub = self._r.pubsub()
+                assert self._conn is not None
+                pubsub = await self._conn.pubsub()
                 await pubsub.subscribe(
                     self.keys.node_channel(self.node_id), self.keys.broadcast_channel
                 )
@@ -779,9 +778,8 @@ class RedisBackend:
                 if not first:
                     self.listener_reconnects += 1
                     log.warning("tether: Redis pub/sub listener reconnected")
-                    if not self._shas:
-                        with contextlib.suppress(BackendError):
-                            await self._load_scripts()
+                    with contextlib.suppress(BackendError):
+                        await self._load_scripts()  # a failover or restart forgets them
                     self._ring_everyone()  # doorbells sent while we were away are lost
                 first = False
                 failures = 0

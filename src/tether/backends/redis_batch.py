@@ -24,9 +24,14 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import BackendError
+from .base import BackendError, OutcomeUnknown
+
+# A call that failed with one of these was sent, and may have run (a node died mid-call).
+_IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 # A turn's work beyond this many items goes out as several pipelines on several
 # connections: Redis runs the next while this process handles the replies of the first.
@@ -153,6 +158,8 @@ class StreamBatcher:
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, NoScriptError) and retry_noscript:
                 missing.append(chunk)  # nothing ran: safe to send again
+            elif isinstance(reply, _IN_DOUBT):
+                self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script}: no reply ({reply})"))
             elif isinstance(reply, Exception):
                 self._fail(chunk, BackendError(f"Redis {chunk.script} failed: {reply}"))
             else:
