@@ -1279,8 +1279,12 @@ class Hub(HubInspection):
                 return
             if stored is None:
                 return
-            if client.epoch is not None and stored.epoch != client.epoch:
-                self._stream_lost(client)  # recreated under this connection (keys vanished)
+            if client.epoch is not None and (
+                stored.epoch != client.epoch or stored.next_seq < client.next_seq
+            ):
+                # recreated under this connection (keys vanished), or rolled back (a
+                # failover lost the last writes, whose numbers may now be reused)
+                self._stream_lost(client)
                 return
             client.epoch = stored.epoch
             for envelope in stored.envelopes:

@@ -65,7 +65,9 @@ end
 #          connected here); entries between it and the new seq (stored by other nodes)
 #          are returned, to keep FIFO
 #   expected epoch: the epoch this node's mirror belongs to ('' for none); a different
-#          one means the stream was recreated under a connected client
+#          one means the stream was recreated under a connected client, and a counter
+#          below `floor` in the same epoch that it was rolled back (a failover lost writes):
+#          either way the item says `changed`
 # Returns per item: "D|seq it was stored with" duplicate, "F" full, or
 # "seq|changed|epoch|holder" (holder: the presence value when the client is not
 # connected here, '' otherwise, so the caller can ring that node) — or {that string,
@@ -133,6 +135,9 @@ while pos <= #blob do
     if full then
       results[i] = 'F'
     else
+      -- Behind this node's mirror of the same epoch: the stream was rolled back (a
+      -- failover lost the last writes) and some numbers may be reused. Say so.
+      local rolled_back = expect ~= '' and expect == epoch and s < floor
       if s < floor then s = floor end
       s = s + 1
       local added = redis.pcall('XADD', out, s .. '-0', 'm', mid, 'd', data, 't', kind,
@@ -147,7 +152,7 @@ while pos <= #blob do
       -- an empty stream may have been created just now, without an expiry
       extend(meta, out, k, keep, len == 0)
       local changed = '0'
-      if expect ~= '' and expect ~= epoch then changed = '1' end
+      if (expect ~= '' and expect ~= epoch) or rolled_back then changed = '1' end
       local gap = {}
       if known >= 0 and changed == '0' and s > known + 1 then
         gap = redis.call('XRANGE', out, (known + 1) .. '-0', (s - 1) .. '-0')
@@ -171,7 +176,8 @@ return results
 # longer the epoch the acking connection speaks of (then nothing is trimmed).
 # KEYS: 1, the call's slot key. ARGV: the items, concatenated, each
 # "base key|seq|keep ms|expected epoch;".
-# Returns per item: the previous acked floor, or -1 when the epoch differs or vanished.
+# Returns per item: the previous acked floor, or -1 when the epoch differs or vanished, or
+# the ack is beyond the stream's last seq (rolled back by a failover).
 ACK = (
     _TOP
     + """
@@ -185,9 +191,10 @@ while pos <= #blob do
   pos = at
   seq, keep = tonumber(seq), tonumber(keep)
   local meta, out = base .. ':m', base .. ':o'
-  local state = redis.call('HMGET', meta, 'e', 'a', 'k')
+  local state = redis.call('HMGET', meta, 'e', 'a', 'k', 's')
   local epoch = state[1]
-  if not epoch or (expect ~= '' and epoch ~= expect) then
+  -- an ack beyond the last seq handed out speaks of writes a failover lost
+  if not epoch or (expect ~= '' and epoch ~= expect) or seq > tonumber(state[4] or '0') then
     results[i] = -1
   else
     redis.call('XTRIM', out, 'MINID', (seq + 1) .. '-0')
