@@ -588,3 +588,54 @@ async def test_live_feed_without_the_token_answers_401_like_other_guarded_routes
         assert refused.value.response.status_code == 401
         async with connect(server.ws_url + "/ws/live?token=monitor-token-2") as ws:
             assert (await recv_json(ws))["type"] == "hello"
+
+
+JS_TOKEN_CLIENT = """
+async ([url, clientId]) => {
+  const { TetherClient } = await import("/static/tether.js");
+  const client = new TetherClient(url, { clientId, token: () => window.freshToken() });
+  window.client = client;
+  window.got = [];
+  client.addEventListener("message", (e) => window.got.push(e.detail.data));
+  await client.connect();
+  return client.state;
+}
+"""
+
+
+@pytest.mark.browser
+async def test_js_client_with_a_token_function_stays_connected_through_three_expiries(
+    browser: Any,
+) -> None:
+    issued: list[str] = []
+
+    def fresh_token() -> str:
+        issued.append(short_token("js-carol"))
+        return issued[-1]
+
+    async with authed("uvicorn") as (hub, url):
+        page = await browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.expose_function("freshToken", fresh_token)
+        await page.goto(url.replace("ws://", "http://").removesuffix("/ws") + "/static/tether.js")
+        assert await page.evaluate(JS_TOKEN_CLIENT, [url, "js-carol"]) == "connected"
+        first_expiry = token_expires_at(issued[0]) or 0
+
+        async def refreshed() -> bool:
+            count = await page.evaluate("() => window.client.tokenRefreshes")
+            return bool(count >= 3 and time.time() > first_expiry)
+
+        async with asyncio.timeout(30):
+            while not await refreshed():
+                await asyncio.sleep(0.1)
+        counters = await page.evaluate("() => window.client.counters")
+        assert counters["reconnects"] == 0
+        assert await page.evaluate("() => window.client.state") == "connected"
+        assert (await hub.send("js-carol", {"n": 1}, critical=True)).status is SendStatus.SENT
+        async with asyncio.timeout(10):
+            while await page.evaluate("() => window.got.length") < 1:
+                await asyncio.sleep(0.05)
+        assert await page.evaluate("() => window.got") == [{"n": 1}]
+        assert errors == []
+        await page.close()

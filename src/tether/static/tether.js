@@ -332,7 +332,9 @@ export class TetherClient extends EventTarget {
     this.maxMessageSize = maxMessageSize + SIZE_SLACK;
 
     /** @type {TetherCounters} */
-    this.counters = { received: 0, duplicates: 0, reconnects: 0, lost: 0, tokenRefreshes: 0 };
+    this.counters = { received: 0, duplicates: 0, reconnects: 0, lost: 0 };
+    /** Fresh tokens sent in `auth` frames (token function only). */
+    this.tokenRefreshes = 0;
     /** The last welcome frame the server sent (parsed), or null. */
     this.welcome = null;
 
@@ -505,7 +507,7 @@ export class TetherClient extends EventTarget {
       return; // the close event follows
     }
     this.token = fresh;
-    this.counters.tokenRefreshes++;
+    this.tokenRefreshes++;
     this._scheduleRefresh(ws);
   }
 
