@@ -26,6 +26,7 @@ import httpx
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import serve as websockets_serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from support import closed_with, hello, hello_frame, recv_json, until
@@ -34,6 +35,7 @@ from tether.auth import sign_token, token_expires_at
 from tether.client import TetherRejected
 from tether.monitoring import BackgroundServer, create_app
 from tether.protocol import MAX_RESUME_SEQ, MAX_SEQ
+from tether.transports.websockets import handler, server_options
 from tether.transports.websockets import serve as ws_serve
 
 SECRET = "round-two-secret-0123456789"
@@ -639,3 +641,44 @@ async def test_js_client_with_a_token_function_stays_connected_through_three_exp
         assert await page.evaluate("() => window.got") == [{"n": 1}]
         assert errors == []
         await page.close()
+
+
+@contextlib.asynccontextmanager
+async def guarded_server(adapter: str, hub: Hub) -> AsyncIterator[tuple[int, Any]]:
+    """A server of `hub` and the guard of its connections."""
+    if adapter == "uvicorn":
+        async with app_server(hub) as server:
+            yield server.port, server.guard
+    else:
+        options = server_options(hub)
+        guard = options["create_connection"].guard
+        async with hub, websockets_serve(handler(hub), "127.0.0.1", 0, **options) as server:
+            yield next(iter(server.sockets)).getsockname()[1], guard
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_waiting_connections_are_capped_oldest_dropped_first(adapter: str) -> None:
+    hub = Hub(HubConfig(max_connections=64))  # a quarter may wait: 16
+    async with guarded_server(adapter, hub) as (port, guard):
+        assert guard.pending_limit == 16
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(40)]
+        await until(lambda: guard.stats.handshakes_evicted >= 40 - 16, timeout=10)
+        # The oldest were dropped (the server closed them); the newest still wait.
+        async with asyncio.timeout(10):
+            assert await idle[0][0].read() == b""
+        assert guard.pending == 16
+        async with await v1(
+            f"ws://127.0.0.1:{port}" + ("/ws" if adapter == "uvicorn" else "")
+        ) as ws:
+            await hello(ws, "newcomer")
+        for _, writer in idle:
+            writer.close()
+
+
+async def test_websockets_adapter_drops_a_silent_connection_after_the_handshake_timeout() -> None:
+    hub = Hub(HubConfig(handshake_timeout=0.5))
+    async with guarded_server("websockets", hub) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(5):  # the library's default open_timeout is 10 s
+            assert await reader.read() == b""
+        writer.close()

@@ -48,6 +48,7 @@ from .transports.session import Authenticate, ConnectionInfo, Identity
 
 __all__ = [
     "MIN_SECRET_LENGTH",
+    "Identity",
     "auth_from_config",
     "forbidden_client_id",
     "sign_token",

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.config import Config
@@ -33,6 +31,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from uvicorn.server import ServerState
 
+from ..transports.guard import ConnectionGuard, GuardStats
 from ..transports.session import (
     CONTROL_FRAME_BURST,
     CONTROL_FRAME_RATE,
@@ -51,78 +50,6 @@ __all__ = [
     "TetherWebSocketProtocol",
     "guard_of",
 ]
-
-
-@dataclass(slots=True)
-class GuardStats:
-    """What the guard refused, by reason (running totals)."""
-
-    handshake_timeouts: int = 0  # no request within handshake_timeout
-    handshakes_evicted: int = 0  # dropped to make room (pending_limit or the fd budget)
-    refused: int = 0  # closed at accept: the fd budget was full of served connections
-    accept_errors: int = 0  # accept() failed: out of file descriptors (EMFILE/ENFILE)
-    flood_closes: int = 0  # pings/pongs over budget, or a write buffer over its bound
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "handshake_timeouts": self.handshake_timeouts,
-            "handshakes_evicted": self.handshakes_evicted,
-            "refused": self.refused,
-            "accept_errors": self.accept_errors,
-            "flood_closes": self.flood_closes,
-        }
-
-
-class ConnectionGuard:
-    """Bounds one server's connections: how long and how many may wait for a request,
-    and how many there may be at all (`max_total`, below the file-descriptor limit)."""
-
-    def __init__(
-        self,
-        *,
-        handshake_timeout: float = 10.0,
-        max_total: int | None = None,
-        pending_limit: int | None = None,
-    ) -> None:
-        if handshake_timeout <= 0:
-            raise ValueError("handshake_timeout must be positive")
-        self.handshake_timeout = handshake_timeout
-        self.max_total = max_total
-        self.pending_limit = pending_limit
-        self.stats = GuardStats()
-        # Connections waiting for their request, oldest first (insertion order).
-        self._pending: OrderedDict[TetherH11Protocol, None] = OrderedDict()
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def admit(self, conn: TetherH11Protocol, open_connections: int) -> bool:
-        """Register a new connection (already counted in `open_connections`); False when
-        it must be closed at once because every slot holds a served connection."""
-        full = self.max_total is not None and open_connections > self.max_total
-        if full and not self._evict_oldest():
-            self.stats.refused += 1
-            return False
-        self.wait(conn)
-        if self.pending_limit is not None and len(self._pending) > self.pending_limit:
-            self._evict_oldest()
-        return True
-
-    def wait(self, conn: TetherH11Protocol) -> None:
-        self._pending[conn] = None
-        self._pending.move_to_end(conn)
-
-    def done(self, conn: TetherH11Protocol) -> None:
-        self._pending.pop(conn, None)
-
-    def _evict_oldest(self) -> bool:
-        if not self._pending:
-            return False
-        oldest, _ = self._pending.popitem(last=False)
-        self.stats.handshakes_evicted += 1
-        oldest.drop()
-        return True
 
 
 def guard_of(config: Config) -> ConnectionGuard:
@@ -175,9 +102,7 @@ class TetherH11Protocol(H11Protocol):
 
     def _timed_out(self) -> None:
         self.handshake_timer = None
-        self.guard.done(self)
-        self.guard.stats.handshake_timeouts += 1
-        self.drop()
+        self.guard.timed_out(self)
 
     def drop(self) -> None:
         """Close at once, discarding anything unsent: the peer never made a request."""

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import resource
 import socket
 import time
 from collections.abc import Iterator
@@ -18,54 +17,14 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from ..config import HubConfig
+from ..transports.guard import ConnectionGuard, GuardStats, connection_guard
 from ..transports.session import OVERSIZE_SLACK
-from .protocols import ConnectionGuard, GuardStats, TetherH11Protocol, TetherWebSocketProtocol
+from .protocols import TetherH11Protocol, TetherWebSocketProtocol
 
 log = logging.getLogger("tether.server")
 
-# File descriptors kept out of the connection budget: the listening socket, the event
-# loop, logs, a backend's connections, files the app opens.
-FD_RESERVE = 64
-# Of the connection budget, at most this share may wait for their first request.
-PENDING_SHARE = 4
 # At most one "out of file descriptors" warning per this many seconds.
 EMFILE_WARNING_INTERVAL = 10.0
-
-
-def fd_limit(wanted: int | None = None) -> int:
-    """This process's file-descriptor limit (`RLIMIT_NOFILE`, soft), first raised towards
-    `wanted` (never beyond the hard limit) when it is lower."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if wanted is not None and soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
-
-
-def connection_guard(config: HubConfig) -> ConnectionGuard:
-    """The limits for a server of `config`: `handshake_timeout`, and a connection budget
-    under the file-descriptor limit (raised towards what `max_connections` needs). Warns
-    when `max_connections` does not fit under it."""
-    pending = max(16, config.max_connections // PENDING_SHARE)
-    limit = fd_limit(config.max_connections + pending + FD_RESERVE)
-    budget = max(16, limit - FD_RESERVE)
-    if config.max_connections > budget:
-        log.warning(
-            "tether: TETHER_MAX_CONNECTIONS=%d does not fit under the file-descriptor limit "
-            "(RLIMIT_NOFILE=%d, %d kept in reserve): at most %d connections can be open. "
-            "Raise the limit (ulimit -n, LimitNOFILE=) or lower TETHER_MAX_CONNECTIONS.",
-            config.max_connections,
-            limit,
-            FD_RESERVE,
-            budget,
-        )
-    return ConnectionGuard(
-        handshake_timeout=config.handshake_timeout,
-        max_total=budget,
-        pending_limit=max(16, min(pending, budget // PENDING_SHARE)),
-    )
 
 
 def uvicorn_options(config: HubConfig, guard: ConnectionGuard | None = None) -> dict[str, Any]:

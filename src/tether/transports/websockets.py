@@ -25,10 +25,11 @@ connection's write buffer is bounded (`write_limit` 64 KiB); the session enforce
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection
@@ -42,6 +43,7 @@ from websockets.typing import Subprotocol
 from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
+from .guard import ConnectionGuard, connection_guard
 from .session import (
     CONTROL_FRAME_BURST,
     CONTROL_FRAME_RATE,
@@ -63,6 +65,7 @@ __all__ = [
     "GuardedServerConnection",
     "Handler",
     "WebSocketsTransport",
+    "guarded_connection",
     "handler",
     "select_subprotocol",
     "serve",
@@ -134,16 +137,47 @@ class GuardedServerConnection(ServerConnection):
     pongs spend a per-connection budget (`CONTROL_FRAME_RATE` per second, bursts of
     `CONTROL_FRAME_BURST`), and a connection whose write buffer exceeds
     `write_buffer_bound` is closed (1008) and dropped at once, freeing the buffer.
+
+    With a `guard` (`serve()` sets one per server), connections that have not sent their
+    handshake request are capped and the total stays under the file-descriptor budget:
+    the oldest waiting connection is dropped to make room (`tether.transports.guard`).
     """
+
+    guard: ClassVar[ConnectionGuard | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.counted = False
         self.control_budget = TokenBucket(CONTROL_FRAME_RATE, CONTROL_FRAME_BURST)
         max_size = getattr(self.protocol, "max_message_size", None) or 1 << 20
         self.buffer_bound = write_buffer_bound(max_size)
         self.cut_reason: str | None = None
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        guard = self.guard
+        if guard is None:
+            return
+        guard.open += 1
+        self.counted = True
+        if not guard.admit(self, guard.open):
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        guard = self.guard
+        if guard is not None and self.counted:
+            self.counted = False
+            guard.open -= 1
+            guard.done(self)
+        super().connection_lost(exc)
+
+    def drop(self) -> None:
+        """Close at once: the peer has not even sent its handshake request."""
+        self.transport.abort()
+
     def process_event(self, event: Event) -> None:
+        if isinstance(event, Request) and self.guard is not None:
+            self.guard.done(self)  # the request arrived; `open_timeout` covers the rest
         if (
             isinstance(event, Frame)
             and event.opcode in _CONTROL_OPCODES
@@ -170,6 +204,8 @@ class GuardedServerConnection(ServerConnection):
         if self.cut_reason is not None:
             return
         self.cut_reason = reason
+        if self.guard is not None:
+            self.guard.stats.flood_closes += 1
         log.warning("tether: closing %s: %s (close 1008)", self.remote_address, reason)
         if self.protocol.state is State.OPEN:
             self.protocol.fail(1008, reason)
@@ -180,6 +216,11 @@ class GuardedServerConnection(ServerConnection):
         else:
             transport.close()
             self.loop.call_later(self.close_timeout or 5.0, transport.abort)
+
+
+def guarded_connection(guard: ConnectionGuard) -> type[GuardedServerConnection]:
+    """A `GuardedServerConnection` class whose connections share `guard` (one per server)."""
+    return type("GuardedServerConnection", (GuardedServerConnection,), {"guard": guard})
 
 
 def host_check(
@@ -328,7 +369,7 @@ def server_options(hub: Hub) -> dict[str, Any]:
     options: dict[str, Any] = {
         # Every TCP connection must finish its opening handshake in this time.
         "open_timeout": cfg.handshake_timeout,
-        "create_connection": GuardedServerConnection,
+        "create_connection": guarded_connection(connection_guard(cfg)),
         "subprotocols": [Subprotocol(SUBPROTOCOL)],
         "select_subprotocol": select_subprotocol,
         "ping_interval": cfg.heartbeat_interval,
