@@ -90,9 +90,7 @@ class TetherH11Protocol(H11Protocol):
         self.guard.wait(self)
         if self.handshake_timer is not None:
             self.handshake_timer.cancel()
-        self.handshake_timer = self.loop.call_later(
-            self.guard.handshake_timeout, self._timed_out
-        )
+        self.handshake_timer = self.loop.call_later(self.guard.handshake_timeout, self._timed_out)
 
     def _disarm(self) -> None:
         self.guard.done(self)
