@@ -1,11 +1,11 @@
-"""Origin checks for WebSocket and HTTP handshakes from browsers (`allowed_origins`)."""
+"""Host and Origin checks for HTTP and WebSocket handshakes (`allowed_hosts`, `allowed_origins`)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
 
-__all__ = ["origin_allowed", "origin_patterns"]
+__all__ = ["host_allowed", "host_of", "origin_allowed", "origin_patterns"]
 
 
 def origin_patterns(allowed: Iterable[str]) -> list[re.Pattern[str]]:
@@ -23,3 +23,36 @@ def origin_allowed(origin: str | None, patterns: list[re.Pattern[str]]) -> bool:
     if not patterns or origin is None:
         return True
     return any(p.fullmatch(origin) is not None for p in patterns)
+
+
+_HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\[\]:/@\s]+))(?::\d{1,5})?")
+
+
+def host_of(header: str | None) -> str | None:
+    """The host of a `Host` header, lower-cased, brackets kept for IPv6; None if malformed."""
+    if header is None:
+        return None
+    match = _HOST_HEADER.fullmatch(header.strip())
+    if match is None:
+        return None
+    if match["ipv6"] is not None:
+        return f"[{match['ipv6'].lower()}]"
+    return str(match["name"]).lower()
+
+
+def host_allowed(header: str | None, allowed: Iterable[str]) -> bool:
+    """Whether a request's `Host` header names an allowed host (any port).
+
+    The same rule as Starlette's `TrustedHostMiddleware`: exact names, `*.example.com`
+    for subdomains, `*` for any; no allowlist means no check. A missing or malformed
+    header is refused when there is an allowlist (DNS rebinding sends the attacker's name).
+    """
+    patterns = [p.lower() for p in allowed]
+    if not patterns or "*" in patterns:
+        return True
+    host = host_of(header)
+    if host is None:
+        return False
+    return any(
+        host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns
+    )

@@ -24,6 +24,12 @@ Refusals (an `error` frame in `tether.v1`, then the close code):
 - `unauthorized` / 1008: no token, an unknown or forged token, an expired token;
 - `forbidden_client_id` / 1008: the client named an id other than its token's.
 
+A signed token's expiry also holds on the open connection: at that moment the server
+sends `error` code `token_expired` and closes with 1008, unless the client sent a fresh
+token in an `auth` frame first (`tether.Client(token=callable)` and the JS client do that
+on their own, ahead of expiry). Hooks of your own get the same by returning
+`Identity(client_id, expires_in=seconds)`.
+
 Every comparison of secret material uses `hmac.compare_digest`.
 """
 
@@ -38,15 +44,17 @@ from collections.abc import Callable, Mapping
 
 from .hub import CLIENT_ID_PATTERN
 from .protocol import MAX_TOKEN_LENGTH, CloseCode, Hello, ProtocolError
-from .transports.session import Authenticate, ConnectionInfo
+from .transports.session import Authenticate, ConnectionInfo, Identity
 
 __all__ = [
     "MIN_SECRET_LENGTH",
+    "Identity",
     "auth_from_config",
     "forbidden_client_id",
     "sign_token",
     "signed_token_authenticator",
     "static_tokens",
+    "token_expires_at",
     "token_from",
     "unauthorized",
     "verify_token",
@@ -172,10 +180,24 @@ def verify_token(secret: str | bytes, token: str, *, now: float) -> str:
     """The client id a signed token names; raises `ProtocolError("unauthorized")` when the
     token is malformed, forged or expired at `now` (epoch seconds)."""
     key = _secret_bytes(secret)
-    return _verify(key, token, now)
+    return _verify(key, token, now)[0]
 
 
-def _verify(key: bytes, token: str, now: float) -> str:
+def token_expires_at(token: str) -> float | None:
+    """The expiry (epoch seconds) a `sign_token` token carries, read WITHOUT verifying it;
+    None for a token of another format. For clients that schedule a refresh: never use it
+    to decide whether to trust a token."""
+    body, dot, _ = token.partition(".")
+    if not dot or len(token) > MAX_TOKEN_LENGTH:
+        return None
+    try:
+        expiry_text, colon, _ = _unb64(body).decode("utf-8").partition(":")
+        return float(int(expiry_text)) if colon else None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _verify(key: bytes, token: str, now: float) -> tuple[str, int]:
     # The length bound (the protocol's limit on `hello.token`) caps the work per handshake.
     if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:
         raise unauthorized("malformed token")
@@ -197,7 +219,7 @@ def _verify(key: bytes, token: str, now: float) -> str:
         raise unauthorized("token expired")
     if CLIENT_ID_PATTERN.fullmatch(client_id) is None:
         raise unauthorized("malformed token")
-    return client_id
+    return client_id, expires_at
 
 
 def signed_token_authenticator(
@@ -209,16 +231,19 @@ def signed_token_authenticator(
     """An `authenticate` hook accepting tokens made by `sign_token(secret, ...)`.
 
     `clock` gives epoch seconds (inject one in tests). The client id served is the
-    token's; a client naming another one is refused with `forbidden_client_id`.
+    token's; a client naming another one is refused with `forbidden_client_id`. The
+    connection ends at the token's expiry unless an `auth` frame renews it.
     """
     key = _secret_bytes(secret)
 
-    async def authenticate(info: ConnectionInfo, hello: Hello | None) -> str:
+    async def authenticate(info: ConnectionInfo, hello: Hello | None) -> Identity:
         token = token_from(info, hello)
         if token is None:
             raise unauthorized("a token is required")
-        client_id = _verify(key, token, clock())
-        return _check_asked(_asked_id(info, hello, client_id_param), client_id)
+        now = clock()
+        client_id, expires_at = _verify(key, token, now)
+        asked = _check_asked(_asked_id(info, hello, client_id_param), client_id)
+        return Identity(asked, expires_in=expires_at - now)
 
     return authenticate
 

@@ -198,10 +198,8 @@ async def _serve(
         config.port,
         log_level=log_level,
         access_log=log_level == "debug",
-        # ASGI gives the app no ping/pong, so uvicorn runs the heartbeats with the hub's timing
-        ws_ping_interval=config.heartbeat_interval,
-        ws_ping_timeout=config.heartbeat_timeout,
-        ws_max_size=max(config.max_message_size * 2, 1 << 16),
+        # heartbeats, frame size, handshake timeout and connection limits come from
+        # `uvicorn_options(config)`, which BackgroundServer applies to a hub's app
     )
     stop = asyncio.Event()
     signals = _SignalWatch(stop, server)

@@ -12,6 +12,12 @@ iteration, just before the first message after the gap is yielded (or when the
 iteration reaches that point), and `client.lost` counts them as soon as they are known.
 Non-critical messages (`msg.seq is None`) are best-effort.
 
+`token` is a string, or a function (sync or async) returning a fresh one: it is called
+before every connection and, for tokens with an expiry (Tether's signed tokens), again
+ahead of that expiry, the fresh token going to the server in an `auth` frame so the
+connection stays open. A `token_expired` close then only happens if the refresh failed,
+and with a function the client reconnects with a fresh token instead of stopping.
+
 The connection is re-established with exponential backoff and full jitter
 (`backoff_base`, `backoff_max`, `max_reconnect_attempts`). A rejection by the server
 (an `error` frame followed by close 1002/1003/1007/1008/1009, or HTTP 401/403 at the
@@ -27,6 +33,7 @@ import enum
 import inspect
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,6 +113,12 @@ class TetherConnectionError(TetherError):
 
 
 LostCallback = Callable[[Lost], "Awaitable[None] | None"]
+TokenSource = Callable[[], "str | Awaitable[str]"]
+
+# Refresh a token when this share of its remaining lifetime is left (at least
+# `_REFRESH_MIN_AHEAD` seconds, but never more than half of what is left).
+_REFRESH_SHARE = 0.25
+_REFRESH_MIN_AHEAD = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +136,8 @@ class Client:
     """A tether.v1 client with exactly-once, in-order delivery of critical messages.
 
     `url` may be a list of URLs of hub nodes that share a backend: after a failed
-    attempt the client tries the next one. Options: `token` (sent in `hello`);
+    attempt the client tries the next one. Options: `token` (a string sent in `hello`,
+    or a sync/async function returning a fresh one, refreshed ahead of expiry);
     `last_seq` (resume point persisted by the app from `client.last_seq`);
     `backoff_base` / `backoff_max` seconds and `max_reconnect_attempts` (consecutive
     failed attempts; None = forever); `ack_every` messages / `ack_interval` seconds
@@ -140,7 +154,7 @@ class Client:
         url: str | Sequence[str],
         *,
         client_id: str | None = None,
-        token: str | None = None,
+        token: str | TokenSource | None = None,
         last_seq: int = 0,
         epoch: str | None = None,
         backoff_base: float = 0.5,
@@ -176,10 +190,11 @@ class Client:
         self.urls = urls
         self.url = urls[0]
         self.client_id = client_id if client_id is not None else "py-" + uuid.uuid4().hex[:16]
+        self._token_source: TokenSource | None = token if callable(token) else None
         self._cp = protocol.ClientProtocol(
             self.client_id,
             last_seq=last_seq,
-            token=token,
+            token=token if isinstance(token, str) else None,
             epoch=epoch,
             ack_every=ack_every,
             ack_interval=ack_interval,
@@ -201,6 +216,7 @@ class Client:
         self.received = 0
         self.reconnects = 0
         self.lost = 0
+        self.token_refreshes = 0  # fresh tokens sent in `auth` frames
         self.welcome: protocol.Welcome | None = None
         self._state = ClientState.CLOSED
         self._ws: ClientConnection | None = None
@@ -375,8 +391,54 @@ class Client:
             error.__cause__ = exc
             self._finish(error)
 
+    async def _fresh_token(self) -> str:
+        """A token from the application's token function (sync or async)."""
+        assert self._token_source is not None
+        token = self._token_source()
+        if inspect.isawaitable(token):
+            token = await token
+        if not isinstance(token, str):
+            raise TypeError(f"the token function returned {type(token).__name__}, not str")
+        return token
+
+    async def _refresh_loop(self, ws: ClientConnection) -> None:
+        """Send a fresh token in an `auth` frame ahead of the current one's expiry."""
+        from .auth import token_expires_at  # the client needs it only with a token function
+
+        while True:
+            token = self._cp.token
+            expires = token_expires_at(token) if token else None
+            if expires is None:
+                return  # a token without a readable expiry: refreshed on reconnection only
+            left = expires - time.time()
+            ahead = min(max(left * _REFRESH_SHARE, _REFRESH_MIN_AHEAD), left / 2)
+            await asyncio.sleep(max(0.05, left - ahead))
+            try:
+                fresh = await self._fresh_token()
+            except Exception:
+                log.exception("tether client: the token function failed; retrying")
+                continue
+            fresh_expiry = token_expires_at(fresh)
+            if fresh == token or (fresh_expiry is not None and fresh_expiry <= expires):
+                # Nothing fresher yet: ask again shortly, until the old one runs out.
+                await asyncio.sleep(max(0.05, min(ahead / 4, expires - time.time())))
+                if time.time() >= expires:
+                    return  # the server closes with token_expired; we reconnect
+                continue
+            try:
+                await ws.send(self._cp.auth(fresh))
+            except (ConnectionClosed, protocol.ProtocolError):
+                return
+            self.token_refreshes += 1
+
     async def _connection(self) -> bool:
         """One connection from handshake to close. Returns whether a welcome came."""
+        if self._token_source is not None:
+            try:
+                self._cp.token = await self._fresh_token()
+            except Exception as exc:
+                log.warning("tether client: the token function failed: %r", exc)
+                return False
         try:
             ws = await connect(
                 self.url, subprotocols=[Subprotocol(protocol.SUBPROTOCOL)], **self._connect_options
@@ -401,6 +463,7 @@ class Client:
         welcomed = False
         rejection: protocol.ServerRejected | None = None
         acker = asyncio.create_task(self._ack_loop(ws))
+        refresher: asyncio.Task[None] | None = None
         loop = asyncio.get_running_loop()
         try:
             await ws.send(self._cp.hello())
@@ -415,6 +478,8 @@ class Client:
                     elif isinstance(event, protocol.Welcomed):
                         welcomed = True
                         self._on_welcome(event.welcome)
+                        if self._token_source is not None and refresher is None:
+                            refresher = asyncio.create_task(self._refresh_loop(ws))
                     else:
                         rejection = event
                 if rejection is not None:
@@ -432,6 +497,8 @@ class Client:
             raise _Fatal(TetherProtocolError(f"server broke tether.v1: {error}")) from None
         finally:
             acker.cancel()
+            if refresher is not None:
+                refresher.cancel()
             self._cp.close()
             self._ws = None
             self._connected.clear()
@@ -456,6 +523,9 @@ class Client:
             async with asyncio.timeout(5):
                 await ws.wait_closed()
         code = ws.close_code
+        if rejection.code == "token_expired" and self._token_source is not None:
+            log.info("tether client: token expired before a refresh; reconnecting")
+            return
         if code in _FATAL_CLOSES or (code is None and rejection.code in _AUTH_CODES):
             kind = TetherAuthError if rejection.code in _AUTH_CODES else TetherRejected
             raise _Fatal(kind(rejection.code, rejection.reason, code))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -90,6 +91,10 @@ class HubConfig(BaseSettings):
     max_clients: int = Field(100_000, ge=1, le=100_000_000)
     max_inbound_rate: float = Field(1000.0, gt=0, le=1_000_000)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Host header allowlist (DNS rebinding): empty means the loopback names when bound to
+    # loopback, and no check when bound beyond it (see `effective_allowed_hosts`).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    handshake_timeout: PositiveSeconds = 10.0
 
     # housekeeping
     client_ttl: PositiveSeconds = 3600.0
@@ -124,7 +129,7 @@ class HubConfig(BaseSettings):
     # client's id comes from its token and it can never choose one itself.
     auth_secret: str | None = Field(None, repr=False)
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator("allowed_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -182,6 +187,14 @@ class HubConfig(BaseSettings):
             raise ConfigError(describe_validation_error(exc)) from None
 
     @property
+    def effective_allowed_hosts(self) -> list[str]:
+        """The Host names (no port) requests must carry: `allowed_hosts`, or the loopback
+        names when unset and bound to loopback; empty (no check) when bound beyond it."""
+        if self.allowed_hosts:
+            return list(self.allowed_hosts)
+        return list(LOOPBACK_HOSTS) if _is_loopback_bind(self.host) else []
+
+    @property
     def heartbeat_deadline(self) -> float:
         """How long a silent connection may live: interval plus timeout."""
         return self.heartbeat_interval + self.heartbeat_timeout
@@ -203,6 +216,18 @@ def _sentinel_address(item: Any) -> tuple[str, int]:
     if not host or not 0 < number <= 65535:
         raise ValueError(f"expected host:port with a port in 1..65535, got {item!r}")
     return (host, number)
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _is_loopback_bind(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def env_name(field: str) -> str:

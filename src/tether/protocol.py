@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
@@ -20,10 +21,12 @@ import orjson
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_CLIENT_ID_LENGTH",
+    "MAX_RESUME_SEQ",
     "MAX_SEQ",
     "MAX_TOKEN_LENGTH",
     "SUBPROTOCOL",
     "Ack",
+    "Auth",
     "ClientEvent",
     "ClientFrame",
     "ClientProtocol",
@@ -55,6 +58,13 @@ MAX_CLIENT_ID_LENGTH: Final = 128
 MAX_TOKEN_LENGTH: Final = 4096
 MAX_EPOCH_LENGTH: Final = 64
 MAX_SEQ: Final = 2**53 - 1  # every integer on the wire must survive a JavaScript number
+# The highest `hello.last_seq` a server accepts: a stream resumed there still has room for
+# 2^32 more messages before its seqs would leave the range every peer can represent.
+MAX_RESUME_SEQ: Final = MAX_SEQ - 2**32
+# orjson parses integers of at most 64 bits; a longer one is an out-of-range number, not
+# malformed JSON, so it gets `invalid_frame` (see `_load`).
+_INT64_MIN: Final = -(2**63)
+_UINT64_MAX: Final = 2**64 - 1
 DEFAULT_MAX_MESSAGE_SIZE: Final = 1_048_576
 
 _CLIENT_ID = re.compile(rf"[A-Za-z0-9._:@-]{{1,{MAX_CLIENT_ID_LENGTH}}}")
@@ -137,13 +147,20 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
+class Auth:
+    """A fresh token for an open connection (client -> server), sent before the old expires."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     code: str
     reason: str
 
 
-Frame: TypeAlias = Hello | Welcome | Msg | Ack | Publish | Error
-ClientFrame: TypeAlias = Hello | Ack | Publish
+Frame: TypeAlias = Hello | Welcome | Msg | Ack | Publish | Auth | Error
+ClientFrame: TypeAlias = Hello | Ack | Publish | Auth
 ServerFrame: TypeAlias = Welcome | Msg | Error
 
 
@@ -176,6 +193,8 @@ def encode(frame: Frame) -> str:
         }
         if frame.epoch is not None:
             obj["epoch"] = frame.epoch
+    elif isinstance(frame, Auth):
+        obj = {"type": "auth", "token": frame.token}
     elif isinstance(frame, Publish):
         obj = {"type": "publish"}
         if frame.id is not None:
@@ -237,10 +256,45 @@ def _load(raw: str | bytes, max_size: int) -> dict[str, Any]:
     try:
         obj = orjson.loads(raw)
     except ValueError:
+        if _has_huge_int(raw):
+            raise _invalid("a number is out of range (integers must fit in 64 bits)") from None
         raise ProtocolError("invalid_json", "frame is not valid JSON") from None
     if type(obj) is not dict:
         raise ProtocolError("invalid_json", "frame is not a JSON object")
     return obj
+
+
+class _HugeInt(Exception):
+    pass
+
+
+def _refuse_huge(text: str) -> int:
+    # Checked on the digits, before int(): a 400-digit number must not cost a conversion.
+    if len(text.lstrip("-")) > 20:
+        raise _HugeInt
+    value = int(text)
+    if not _INT64_MIN <= value <= _UINT64_MAX:
+        raise _HugeInt
+    return value
+
+
+def _has_huge_int(raw: str) -> bool:
+    """Whether text that orjson refused is valid JSON apart from an integer beyond 64 bits.
+
+    Only runs on the error path (the connection is closing anyway), with the frame
+    already bounded by `max_size`.
+    """
+    try:
+        json.loads(raw, parse_int=_refuse_huge, parse_constant=_refuse_constant)
+    except _HugeInt:
+        return True
+    except (ValueError, RecursionError):  # malformed, or nested deeper than orjson allows
+        return False
+    return False
+
+
+def _refuse_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
 
 
 def _int(obj: dict[str, Any], key: str, low: int, default: int | None = None) -> int:
@@ -322,7 +376,20 @@ def _hello(obj: dict[str, Any]) -> Hello:
     epoch = _opt_str(obj, "epoch")
     if epoch is not None and len(epoch) > MAX_EPOCH_LENGTH:
         raise _invalid(f"epoch must be at most {MAX_EPOCH_LENGTH} characters")
-    return Hello(client_id, _int(obj, "last_seq", 0, 0), token, epoch)
+    last_seq = _int(obj, "last_seq", 0, 0)
+    if last_seq > MAX_RESUME_SEQ:
+        raise _invalid(
+            f"last_seq must be at most {MAX_RESUME_SEQ}: a stream resumed beyond it "
+            "could not be continued"
+        )
+    return Hello(client_id, last_seq, token, epoch)
+
+
+def _auth(obj: dict[str, Any]) -> Auth:
+    token = _str(obj, "token")
+    if not token or len(token) > MAX_TOKEN_LENGTH:
+        raise _invalid(f"token must be 1..{MAX_TOKEN_LENGTH} characters")
+    return Auth(token)
 
 
 def _publish(obj: dict[str, Any]) -> Publish:
@@ -366,7 +433,7 @@ def _error(obj: dict[str, Any]) -> Error:
 
 
 _SERVER_TYPES: Final = frozenset({"welcome", "msg", "error"})
-_CLIENT_TYPES: Final = frozenset({"hello", "ack", "publish"})
+_CLIENT_TYPES: Final = frozenset({"hello", "ack", "publish", "auth"})
 
 
 def _wrong_type(
@@ -392,6 +459,8 @@ def decode_client_frame(
         return _publish(obj)
     if frame_type == "hello":
         return _hello(obj)
+    if frame_type == "auth":
+        return _auth(obj)
     raise _wrong_type(frame_type, _CLIENT_TYPES, _SERVER_TYPES)
 
 
@@ -470,7 +539,7 @@ class ServerProtocol:
                     if frame.seq > self.acked:
                         self.acked = frame.seq
                     return frame
-                if type(frame) is Publish:
+                if type(frame) is Publish or type(frame) is Auth:
                     return frame
                 raise ProtocolError("unexpected_frame", "hello was already received")
             if self.hello is not None:
@@ -762,6 +831,21 @@ class ClientProtocol:
     def _ack(self) -> str:
         self._unacked = 0
         return f'{{"type":"ack","seq":{min(self.last_seq, self._ceiling)}}}'
+
+    def auth(self, token: str) -> str:
+        """The `auth` text that hands the server a fresh token on the open connection.
+
+        The token is also kept for the `hello` of the next connection. Raises ValueError
+        for an empty or over-long token, `ProtocolError` when the connection is not open.
+        """
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
+            raise ValueError(f"token must be 1..{MAX_TOKEN_LENGTH} characters")
+        self.token = token
+        if self.state is not _OPEN:
+            if self.state is _CLOSED:
+                raise _closed()
+            raise _internal("auth before welcome")
+        return encode(Auth(token))
 
     def publish(self, data: Any, *, id: str | None = None) -> str:
         """The text of a `publish` frame; bytes are sent base64 with enc "base64"."""

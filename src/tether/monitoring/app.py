@@ -21,6 +21,8 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
@@ -28,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._version import __version__
-from ..access import origin_allowed, origin_patterns
+from ..access import host_allowed, origin_allowed, origin_patterns
 from ..config import ConfigError
 from ..hub import CLIENT_ID_PATTERN, Hub
 from ..metrics import MetricsSnapshot
@@ -119,12 +121,16 @@ def _bearer(conn: HTTPConnection, *, allow_query: bool) -> str | None:
     return None
 
 
-def _cross_origin(conn: HTTPConnection, allowed: list[re.Pattern[str]]) -> bool:
+def _cross_origin(
+    conn: HTTPConnection, allowed: list[re.Pattern[str]], hosts: list[str] | None = None
+) -> bool:
     """True when a browser sent this request from another site's page.
 
     Browsers send `Origin` with every POST and WebSocket handshake; a page elsewhere
     could otherwise publish through (or watch) a server that trusts loopback callers,
     since the victim's browser *is* on loopback. Non-browser clients send no Origin.
+    Same-origin means the Origin equals the Host *and* names an allowed host: a DNS
+    rebinding page controls both headers, but not the allowlist.
     """
     origin = conn.headers.get("origin")
     if origin is None:
@@ -132,7 +138,10 @@ def _cross_origin(conn: HTTPConnection, allowed: list[re.Pattern[str]]) -> bool:
     if allowed and origin_allowed(origin, allowed):
         return False
     host = conn.headers.get("host", "")
-    return urlsplit(origin).netloc.lower() != host.lower()
+    netloc = urlsplit(origin).netloc
+    if netloc.lower() != host.lower():
+        return True
+    return bool(hosts) and not host_allowed(netloc, hosts or [])
 
 
 def _token_ok(given: str | None, expected: str) -> bool:
@@ -453,6 +462,7 @@ class _Access:
     api_token: str | None
     public_bind: bool  # bound beyond loopback
     origins: list[re.Pattern[str]]  # allowed_origins, besides the app's own
+    hosts: list[str] | None = None  # allowed Host names (empty: any)
 
     def monitor(self, conn: HTTPConnection, *, allow_query: bool = False) -> Response | None:
         """None when the caller may read monitoring data, else the refusal."""
@@ -468,7 +478,7 @@ class _Access:
         return None
 
     def publish(self, conn: HTTPConnection) -> Response | None:
-        if _cross_origin(conn, self.origins):
+        if _cross_origin(conn, self.origins, self.hosts):
             return _error(403, "forbidden", "cross-origin publishing is refused")
         if self.api_token is not None:
             if not _token_ok(_bearer(conn, allow_query=False), self.api_token):
@@ -523,7 +533,10 @@ def create_app(
     cadence = LiveCadence(realtime_interval, performance_interval, aggregate_interval)
     if min(realtime_interval, performance_interval, aggregate_interval) <= 0:
         raise ValueError("live update intervals must be positive")
-    access = _Access(monitor or None, api or None, public, origin_patterns(cfg.allowed_origins))
+    hosts = cfg.effective_allowed_hosts
+    access = _Access(
+        monitor or None, api or None, public, origin_patterns(cfg.allowed_origins), hosts
+    )
     feed = LiveFeed(hub, cadence)
     checker = HealthCheck(hub, health or HealthThresholds())
 
@@ -715,12 +728,13 @@ def create_app(
 
     async def live(websocket: WebSocket) -> None:
         refusal = access.monitor(websocket, allow_query=True)
-        if refusal is None and _cross_origin(websocket, access.origins):
+        if refusal is None and _cross_origin(websocket, access.origins, access.hosts):
             # another site's page in an operator's browser must not watch the feed
             refusal = _error(403, "forbidden", "cross-origin")
         if refusal is not None:
-            # 1008 (policy violation) tells the dashboard to ask for a token, not retry blindly
-            await websocket.close(1008, "unauthorized" if access.monitor_token else "forbidden")
+            # Refused before the handshake with the same HTTP status (and body) as the
+            # other guarded routes: 401 asks for the token, 403 is final.
+            await websocket.send_denial_response(refusal)
             return
         await websocket.accept()
         queue = feed.subscribe()
@@ -778,7 +792,14 @@ def create_app(
             if shutdown_hub:
                 await hub.shutdown()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    # DNS rebinding: a page on evil.example re-pointed at 127.0.0.1 sends `Host:
+    # evil.example`; only the names this server is reachable as are served.
+    middleware = (
+        [Middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)]
+        if hosts
+        else []
+    )
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.hub = hub
     app.state.live_feed = feed
     app.state.health = checker

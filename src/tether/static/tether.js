@@ -48,7 +48,9 @@ const STORAGE_PREFIX = "tether:";
  *
  * @typedef {object} TetherOptions
  * @property {string} [clientId]  the client's identity; default: from `storage`, else "js-" + 16 random hex digits
- * @property {string} [token]  credentials for the server's authentication hook, sent in `hello`
+ * @property {string | (() => string | Promise<string>)} [token]  credentials for the server's
+ *   authentication hook, sent in `hello`; or a function returning a fresh token: called before
+ *   every connection and ahead of a signed token's expiry (the fresh one goes in an `auth` frame)
  * @property {number} [lastSeq=0]  resume point persisted by the application (ignored when `storage` holds one)
  * @property {number} [backoffBase=250]  ms; reconnect delays are uniform in [0, min(backoffMax, backoffBase * 2^(n-1))]
  * @property {number} [backoffMax=10000]  ms
@@ -219,6 +221,34 @@ function toBase64(bytes) {
   return btoa(binary);
 }
 
+function validToken(token) {
+  return typeof token === "string" && token.length > 0 && token.length <= MAX_TOKEN_LENGTH;
+}
+
+// Refresh a token when this share of its remaining lifetime is left (at least
+// REFRESH_MIN_AHEAD seconds, never more than half of what is left).
+const REFRESH_SHARE = 0.25;
+const REFRESH_MIN_AHEAD = 1;
+
+/**
+ * The expiry (epoch seconds) of a Tether signed token, read WITHOUT verifying it (only to
+ * schedule a refresh): the part before "." is base64url of "<expires_at>:<client_id>".
+ * @param {string} token
+ * @returns {number | null}
+ */
+function tokenExpiresAt(token) {
+  const dot = token.indexOf(".");
+  if (dot <= 0) return null;
+  try {
+    const body = token.slice(0, dot).replace(/-/g, "+").replace(/_/g, "/");
+    const text = atob(body + "=".repeat((4 - (body.length % 4)) % 4));
+    const match = /^(\d{1,15}):/.exec(text);
+    return match ? Number(match[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
 function randomHex(n) {
   const bytes = new Uint8Array(Math.ceil(n / 2));
   crypto.getRandomValues(bytes);
@@ -271,7 +301,7 @@ export class TetherClient extends EventTarget {
     if (!(ackEvery >= 1) || !(ackIntervalMs >= 0)) {
       throw new RangeError("ackEvery must be >= 1 and ackIntervalMs >= 0");
     }
-    if (token != null && (typeof token !== "string" || token.length > MAX_TOKEN_LENGTH)) {
+    if (token != null && typeof token !== "function" && !validToken(token)) {
       throw new RangeError(`token must be a string of at most ${MAX_TOKEN_LENGTH} characters`);
     }
     /** @readonly */
@@ -293,7 +323,9 @@ export class TetherClient extends EventTarget {
     const stored = this._storage?.getItem(this._seqKey());
     if (stored != null && /^\d+$/.test(stored) && isInt(Number(stored), 0)) start = Number(stored);
     if (!isInt(start, 0)) throw new RangeError(`lastSeq must be an integer in 0..${MAX_SEQ}`);
-    this.token = token ?? null;
+    this.token = typeof token === "string" ? token : null;
+    this._tokenSource = typeof token === "function" ? token : null;
+    this._refreshTimer = null;
     this.backoffBase = backoffBase;
     this.backoffMax = backoffMax;
     this.ackEvery = ackEvery;
@@ -302,6 +334,8 @@ export class TetherClient extends EventTarget {
 
     /** @type {TetherCounters} */
     this.counters = { received: 0, duplicates: 0, reconnects: 0, lost: 0 };
+    /** Fresh tokens sent in `auth` frames (token function only). */
+    this.tokenRefreshes = 0;
     /** The last welcome frame the server sent (parsed), or null. */
     this.welcome = null;
 
@@ -421,6 +455,82 @@ export class TetherClient extends EventTarget {
   _open_() {
     this._retryTimer = null;
     if (this._ended) return;
+    if (this._tokenSource === null) {
+      this._dial();
+      return;
+    }
+    // A fresh token for every connection; a failing token function counts as a failed attempt.
+    this._freshToken().then(
+      (token) => {
+        if (this._ended) return;
+        this.token = token;
+        this._dial();
+      },
+      () => this._retryLater(),
+    );
+  }
+
+  async _freshToken() {
+    const token = await this._tokenSource();
+    if (!validToken(token)) throw new RangeError("the token function must return a non-empty string");
+    return token;
+  }
+
+  /** Send a fresh token in an `auth` frame ahead of the current one's expiry (protocol.md, auth). */
+  _scheduleRefresh(ws) {
+    this._cancelRefresh();
+    if (this._tokenSource === null || this.token === null) return;
+    const expires = tokenExpiresAt(this.token);
+    if (expires === null) return; // no readable expiry: refreshed on reconnection only
+    const left = expires - Date.now() / 1000;
+    const ahead = Math.min(Math.max(left * REFRESH_SHARE, REFRESH_MIN_AHEAD), left / 2);
+    this._refreshTimer = setTimeout(() => this._refresh(ws, expires, ahead), Math.max(50, (left - ahead) * 1000));
+  }
+
+  async _refresh(ws, expires, ahead) {
+    this._refreshTimer = null;
+    let fresh = null;
+    try {
+      fresh = await this._freshToken();
+    } catch {
+      /* asked again below */
+    }
+    if (ws !== this._ws || !this._open) return;
+    const freshExpiry = fresh === null ? null : tokenExpiresAt(fresh);
+    if (fresh === null || fresh === this.token || (freshExpiry !== null && freshExpiry <= expires)) {
+      // Nothing fresher yet: ask again shortly, until the old one runs out (then the
+      // server closes with token_expired and the client reconnects with a new token).
+      const wait = Math.min(ahead / 4, expires - Date.now() / 1000);
+      if (wait > 0) this._refreshTimer = setTimeout(() => this._refresh(ws, expires, ahead), Math.max(50, wait * 1000));
+      return;
+    }
+    try {
+      ws.send(JSON.stringify({ type: "auth", token: fresh }));
+    } catch {
+      return; // the close event follows
+    }
+    this.token = fresh;
+    this.tokenRefreshes++;
+    this._scheduleRefresh(ws);
+  }
+
+  _cancelRefresh() {
+    if (this._refreshTimer !== null) {
+      clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
+    }
+  }
+
+  _retryLater() {
+    if (this._ended) return;
+    this._setState(this.welcome !== null ? "reconnecting" : "connecting");
+    this._failures++;
+    // Exponential backoff with full jitter: no thundering herd after a server restart.
+    const cap = Math.min(this.backoffMax, this.backoffBase * 2 ** (this._failures - 1));
+    this._retryTimer = setTimeout(() => this._open_(), Math.random() * cap);
+  }
+
+  _dial() {
     let ws;
     try {
       ws = new WebSocket(this.url, [SUBPROTOCOL]);
@@ -471,6 +581,7 @@ export class TetherClient extends EventTarget {
       } else if (frame.type === "welcome") {
         if (this._open) throw new ProtocolViolation("unexpected_frame", "welcome was already received");
         this._onWelcome(frame);
+        this._scheduleRefresh(ws);
       } else {
         // The server closes next; the close code decides whether to come back (_onClose).
         this._rejection = frame;
@@ -624,6 +735,7 @@ export class TetherClient extends EventTarget {
     this._ws = null;
     this._open = false;
     this._cancelAckTimer();
+    this._cancelRefresh();
     if (this._ended) return;
     const violation = this._violation;
     const rejection = this._rejection;
@@ -635,7 +747,8 @@ export class TetherClient extends EventTarget {
       });
       return;
     }
-    if (FATAL_CLOSES.has(code)) {
+    const expired = rejection?.code === "token_expired" && this._tokenSource !== null;
+    if (FATAL_CLOSES.has(code) && !expired) {
       // A rejection (auth, protocol): coming back would fail the same way (protocol.md §7).
       this._stop({
         code: rejection ? rejection.code : "closed",
@@ -644,11 +757,7 @@ export class TetherClient extends EventTarget {
       });
       return;
     }
-    this._setState(this.welcome !== null ? "reconnecting" : "connecting");
-    this._failures++;
-    // Exponential backoff with full jitter: no thundering herd after a server restart.
-    const cap = Math.min(this.backoffMax, this.backoffBase * 2 ** (this._failures - 1));
-    this._retryTimer = setTimeout(() => this._open_(), Math.random() * cap);
+    this._retryLater();
   }
 
   _stop(error) {
@@ -663,6 +772,7 @@ export class TetherClient extends EventTarget {
     if (this._retryTimer !== null) clearTimeout(this._retryTimer);
     this._retryTimer = null;
     this._cancelAckTimer();
+    this._cancelRefresh();
     this._ws = null;
     this._open = false;
     this._setState("closed");

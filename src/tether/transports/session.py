@@ -46,6 +46,23 @@ BURST_FACTOR = 2.0
 WRITE_LIMIT = 64 * 1024
 
 
+# Pings and pongs a peer may send: `CONTROL_FRAME_RATE` per second, bursts up to
+# `CONTROL_FRAME_BURST`. Each ping makes the server queue a pong, so without a budget a
+# peer that pings and never reads grows the server's write buffer without bound.
+CONTROL_FRAME_RATE = 10.0
+CONTROL_FRAME_BURST = 50.0
+
+# Beyond what a send may legitimately leave unsent (the write-limit plus one frame), this
+# much more in a connection's write buffer means the peer is not reading while it makes
+# the server write (pongs): the connection is closed and its buffer dropped.
+WRITE_BUFFER_SLACK = 256 * 1024
+
+
+def write_buffer_bound(max_frame_size: int) -> int:
+    """The most a connection's outgoing buffer may hold before it is cut off."""
+    return WRITE_LIMIT + max_frame_size + WRITE_BUFFER_SLACK
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
     """What an `authenticate` hook may look at: the handshake request of the connection."""
@@ -58,11 +75,23 @@ class ConnectionInfo:
     extra: Mapping[str, object] = field(default_factory=dict)
 
 
-Authenticate = Callable[[ConnectionInfo, "protocol.Hello | None"], Awaitable[str]]
-"""`async (info, hello) -> client_id`: return the client id to serve (it may differ from the
-one the client asked for), or raise. A `protocol.ProtocolError` is reported as is; any
-other exception becomes an `unauthorized` error with close code 1008. `hello` is None in
-plain mode."""
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What an `authenticate` hook may return instead of a bare client id: the id and
+    how many seconds its credentials remain valid (None: no expiry), measured on the
+    hook's own clock. When they run out the server ends the connection (`error` code
+    `token_expired`, close 1008) unless the client sent a fresh token in an `auth` frame."""
+
+    client_id: str
+    expires_in: float | None = None
+
+
+Authenticate = Callable[[ConnectionInfo, "protocol.Hello | None"], Awaitable["str | Identity"]]
+"""`async (info, hello) -> client_id | Identity`: return the client id to serve (it may
+differ from the one the client asked for), or raise. A `protocol.ProtocolError` is
+reported as is; any other exception becomes an `unauthorized` error with close code 1008.
+`hello` is None in plain mode. The hook runs again for every `auth` frame (with a hello
+carrying the connection's client id and the fresh token); it must name the same id."""
 
 
 class PeerGone(Exception):
@@ -186,6 +215,8 @@ class Session:
         self.try_send: Callable[[str | bytes], bool] | None = getattr(conn, "try_send", None)
         self.client_id: str | None = None
         self.failed = False
+        # When the connection's credentials expire, in loop time (None: never).
+        self.expires_at: float | None = None
         cfg = hub.config
         self.bucket = TokenBucket(cfg.max_inbound_rate, cfg.max_inbound_rate * BURST_FACTOR)
 
@@ -229,8 +260,17 @@ class Session:
         await self._close(error.close_code, error.reason)
 
     async def _recv(self) -> str | bytes:
-        """The next frame, charged to the connection's inbound rate."""
-        data = await self.conn.recv()
+        """The next frame, charged to the connection's inbound rate; raises `_Expired`
+        when the connection's token expires first."""
+        if self.expires_at is None:
+            data = await self.conn.recv()
+        else:
+            try:
+                # Cancelling a receive is safe in both adapters (nothing is consumed).
+                async with asyncio.timeout_at(self.expires_at):
+                    data = await self.conn.recv()
+            except TimeoutError:
+                raise _Expired from None
         if not self.bucket.take():
             raise _RateLimited
         return data
@@ -271,6 +311,9 @@ class Session:
                 return
             except _RateLimited:
                 await self._plain_refuse(1008, self._rate_reason())
+                return
+            except _Expired:
+                await self._plain_refuse(1008, "token_expired: the token expired")
                 return
             if len(data) > limit or (
                 isinstance(data, str) and len(data) * 4 > limit and len(data.encode()) > limit
@@ -343,6 +386,8 @@ class Session:
                     await self.hub.ack(client_id, frame.seq)
                 elif isinstance(frame, protocol.Publish):
                     await self.hub.receive(client_id, protocol.decode_data(frame))
+                elif isinstance(frame, protocol.Auth):
+                    await self._reauthenticate(client_id, frame.token)
         except _Ended:
             return
         except protocol.ProtocolError as error:
@@ -354,6 +399,12 @@ class Session:
         except _RateLimited:
             raise protocol.ProtocolError(
                 "rate_limited", self._rate_reason(), protocol.CloseCode.POLICY_VIOLATION
+            ) from None
+        except _Expired:
+            raise protocol.ProtocolError(
+                "token_expired",
+                "the token expired; send a fresh one in an auth frame before it does",
+                protocol.CloseCode.POLICY_VIOLATION,
             ) from None
         except PeerGone as gone:
             sp.close()
@@ -398,11 +449,42 @@ class Session:
         if self.on_connected is not None:
             self.on_connected(self)
 
+    async def _reauthenticate(self, client_id: str, token: str) -> None:
+        """An `auth` frame: check the fresh token and move the expiry; raises
+        `ProtocolError` (close 1008) when it is refused or names another client id."""
+        if self.authenticate is None:
+            return  # nothing expires without an authenticate hook
+        try:
+            identity = await self.authenticate(self.info, protocol.Hello(client_id, 0, token))
+        except protocol.ProtocolError:
+            raise
+        except Exception as exc:
+            raise protocol.ProtocolError(
+                "unauthorized", str(exc) or "authentication failed", 1008
+            ) from None
+        renewed = identity.client_id if isinstance(identity, Identity) else identity
+        if renewed != client_id:
+            raise protocol.ProtocolError(
+                "forbidden_client_id",
+                "the fresh token names another client id",
+                protocol.CloseCode.POLICY_VIOLATION,
+            )
+        self._set_expiry(identity)
+
+    def _set_expiry(self, identity: str | Identity) -> None:
+        remaining = identity.expires_in if isinstance(identity, Identity) else None
+        if remaining is None:
+            self.expires_at = None
+            return
+        self.expires_at = asyncio.get_running_loop().time() + remaining
+
     async def _authenticated(self, hello: protocol.Hello | None) -> str | None:
         """Run the `authenticate` hook; on refusal report it and return None."""
         assert self.authenticate is not None
         try:
-            client_id = await self.authenticate(self.info, hello)
+            identity = await self.authenticate(self.info, hello)
+            self._set_expiry(identity)
+            client_id = identity.client_id if isinstance(identity, Identity) else identity
         except protocol.ProtocolError as error:
             rejection = error
         except Exception as exc:
@@ -444,6 +526,10 @@ class Session:
 
 class _Ended(Exception):
     """The peer went away: nothing to report, just detach."""
+
+
+class _Expired(Exception):
+    """The connection's token expired and no `auth` frame renewed it."""
 
 
 class _RateLimited(Exception):

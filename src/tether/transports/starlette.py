@@ -15,10 +15,13 @@ ws_ping_timeout=20)`. Frames are limited by uvicorn's `ws_max_size` (16 MiB by d
 and then by the hub's `max_message_size`, which an oversize frame is answered with an
 `error` frame (tether.v1) or close code 1009 (plain).
 
-Hardening (see docs/security.md): a handshake from a browser origin not in
-`allowed_origins` is refused before it is accepted (uvicorn answers HTTP 403); the
-session enforces `max_connections`, `max_inbound_rate`, `max_message_size` and
-`hello_timeout`. uvicorn bounds each connection's write buffer itself. With no
+Hardening (see docs/security.md): a handshake whose `Host` is not an allowed host
+(`allowed_hosts`) or from a browser origin not in `allowed_origins` is refused before it
+is accepted (uvicorn answers HTTP 403; `create_app` answers a bad Host with 400 from
+`TrustedHostMiddleware` before this endpoint runs); the session enforces
+`max_connections`, `max_inbound_rate`, `max_message_size`, `hello_timeout` and token
+expiry. Pings and the write buffer are bounded by the uvicorn protocol classes in
+`tether.monitoring.protocols` (`tether serve` uses them; see `uvicorn_options`). With no
 `authenticate` hook given and `auth_secret` set, clients need tokens signed with it.
 """
 
@@ -30,7 +33,7 @@ from typing import Any
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from ..access import origin_allowed, origin_patterns
+from ..access import host_allowed, origin_allowed, origin_patterns
 from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
@@ -96,8 +99,12 @@ def websocket_endpoint(
     if authenticate is None:
         authenticate = auth_from_config(hub.config.auth_secret)
     origins = origin_patterns(hub.config.allowed_origins)
+    hosts = hub.config.effective_allowed_hosts
 
     async def endpoint(websocket: WebSocket) -> None:
+        if not host_allowed(websocket.headers.get("host"), hosts):
+            await websocket.close(1008, "host not allowed")
+            return
         if not origin_allowed(websocket.headers.get("origin"), origins):
             # Closing before accept makes the server refuse the handshake (uvicorn: 403).
             await websocket.close(1008, "origin not allowed")

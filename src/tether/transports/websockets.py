@@ -12,30 +12,42 @@ Clients that offer the `tether.v1` subprotocol get the resumable protocol; any o
 client is served in plain mode (payloads written as-is, client id from `?client_id=`).
 Heartbeats are the library's ping/pong (`heartbeat_interval` / `heartbeat_timeout`).
 
-Hardening (see docs/security.md): a handshake from a browser origin not in
-`allowed_origins` gets HTTP 403; each connection's write buffer is bounded (`write_limit`
-64 KiB); the session enforces `max_connections` (1013), `max_inbound_rate` (1008),
-`max_message_size` (1009) and `hello_timeout` (1008). With no `authenticate` hook given
-and `auth_secret` set, clients must present a token signed with it (`tether.auth`).
+Hardening (see docs/security.md): a request whose `Host` is not an allowed host
+(`allowed_hosts`, DNS rebinding) gets HTTP 400, and a handshake from a browser origin not in
+`allowed_origins` HTTP 403; the opening handshake must finish within `handshake_timeout`
+(`open_timeout`); pings and pongs have a per-connection budget and a connection whose
+write buffer outgrows its bound is cut off (`GuardedServerConnection`); each
+connection's write buffer is bounded (`write_limit` 64 KiB); the session enforces
+`max_connections` (1013), `max_inbound_rate` (1008), `max_message_size` (1009),
+`hello_timeout` (1008) and token expiry (1008). With no `authenticate` hook given and
+`auth_secret` set, clients must present a token signed with it (`tether.auth`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Event, State
 from websockets.typing import Subprotocol
 
-from ..access import origin_patterns
+from ..access import host_allowed, origin_patterns
 from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
+from .guard import ConnectionGuard, connection_guard
 from .session import (
+    CONTROL_FRAME_BURST,
+    CONTROL_FRAME_RATE,
     OVERSIZE_SLACK,
     SUBPROTOCOL,
     WRITE_LIMIT,
@@ -43,12 +55,16 @@ from .session import (
     ConnectionInfo,
     PeerGone,
     Session,
+    TokenBucket,
     TooBig,
+    write_buffer_bound,
 )
 
 __all__ = [
+    "GuardedServerConnection",
     "Handler",
     "WebSocketsTransport",
+    "guarded_connection",
     "handler",
     "select_subprotocol",
     "serve",
@@ -107,6 +123,134 @@ class WebSocketsTransport:
         self.ws.transport.abort()
 
 
+log = logging.getLogger("tether.transports")
+
+_CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG})
+
+
+class GuardedServerConnection(ServerConnection):
+    """A `websockets` server connection whose pings cannot grow the server's memory.
+
+    The library answers every ping with a pong as it reads, whether or not the peer
+    reads what it is sent, and pings never count against `max_queue`. Here pings and
+    pongs spend a per-connection budget (`CONTROL_FRAME_RATE` per second, bursts of
+    `CONTROL_FRAME_BURST`), and a connection whose write buffer exceeds
+    `write_buffer_bound` is closed (1008) and dropped at once, freeing the buffer.
+
+    With a `guard` (`serve()` sets one per server), connections that have not sent their
+    handshake request are capped and the total stays under the file-descriptor budget:
+    the oldest waiting connection is dropped to make room (`tether.transports.guard`).
+    """
+
+    guard: ClassVar[ConnectionGuard | None] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.counted = False
+        self.control_budget = TokenBucket(CONTROL_FRAME_RATE, CONTROL_FRAME_BURST)
+        max_size = getattr(self.protocol, "max_message_size", None) or 1 << 20
+        self.buffer_bound = write_buffer_bound(max_size)
+        self.cut_reason: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        guard = self.guard
+        if guard is None:
+            return
+        guard.open += 1
+        self.counted = True
+        if not guard.admit(self, guard.open):
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        guard = self.guard
+        if guard is not None and self.counted:
+            self.counted = False
+            guard.open -= 1
+            guard.done(self)
+        super().connection_lost(exc)
+
+    def drop(self) -> None:
+        """Close at once: the peer has not even sent its handshake request."""
+        self.transport.abort()
+
+    def process_event(self, event: Event) -> None:
+        if isinstance(event, Request) and self.guard is not None:
+            self.guard.done(self)  # the request arrived; `open_timeout` covers the rest
+        if (
+            isinstance(event, Frame)
+            and event.opcode in _CONTROL_OPCODES
+            and not self.control_budget.take()
+        ):
+            self.cut(f"more than {CONTROL_FRAME_RATE:g} pings/pongs per second")
+            return
+        super().process_event(event)
+
+    def data_received(self, data: bytes) -> None:
+        if self.cut_reason is not None:
+            return
+        super().data_received(data)
+        transport = self.transport
+        if (
+            self.cut_reason is None
+            and transport is not None
+            and transport.get_write_buffer_size() > self.buffer_bound
+        ):
+            self.cut(f"write buffer over {self.buffer_bound} bytes: the peer does not read")
+
+    def cut(self, reason: str) -> None:
+        """Close with 1008 and `reason`; drop the TCP connection now if its buffer is large."""
+        if self.cut_reason is not None:
+            return
+        self.cut_reason = reason
+        if self.guard is not None:
+            self.guard.stats.flood_closes += 1
+        log.warning("tether: closing %s: %s (close 1008)", self.remote_address, reason)
+        if self.protocol.state is State.OPEN:
+            self.protocol.fail(1008, reason)
+            self.send_data()
+        transport = self.transport
+        if transport.get_write_buffer_size() > WRITE_LIMIT:
+            transport.abort()  # a peer that does not read would never take the close frame
+        else:
+            transport.close()
+            self.loop.call_later(self.close_timeout or 5.0, transport.abort)
+
+
+def guarded_connection(guard: ConnectionGuard) -> type[GuardedServerConnection]:
+    """A `GuardedServerConnection` class whose connections share `guard` (one per server)."""
+    return type("GuardedServerConnection", (GuardedServerConnection,), {"guard": guard})
+
+
+def host_check(
+    allowed_hosts: Sequence[str],
+) -> Callable[[ServerConnection, Request], Response | None]:
+    """A `process_request` hook answering HTTP 400 when `Host` is not an allowed host."""
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        if host_allowed(request.headers.get("Host"), allowed_hosts):
+            return None
+        return connection.respond(HTTPStatus.BAD_REQUEST, "Invalid host header\n")
+
+    return process_request
+
+
+def _chain(
+    first: Callable[[ServerConnection, Request], Response | None],
+    then: Callable[[ServerConnection, Request], Awaitable[Response | None] | Response | None],
+) -> Callable[[ServerConnection, Request], Awaitable[Response | None]]:
+    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        refusal = first(connection, request)
+        if refusal is not None:
+            return refusal
+        result = then(connection, request)
+        if isinstance(result, Awaitable):
+            return await result
+        return result
+
+    return process_request
+
+
 def select_subprotocol(
     connection: ServerConnection, subprotocols: Sequence[Subprotocol]
 ) -> Subprotocol | None:
@@ -133,6 +277,12 @@ class Handler:
 
     async def __call__(self, ws: ServerConnection) -> None:
         request = ws.request
+        hosts = self.hub.config.effective_allowed_hosts
+        if request is not None and not host_allowed(request.headers.get("Host"), hosts):
+            # `serve()` refuses these with HTTP 400 before the handshake; this covers a
+            # handler installed in a server configured by hand.
+            await ws.close(1008, "host not allowed")
+            return
         target = urlsplit(request.path if request is not None else "/")
         info = ConnectionInfo(
             path=target.path,
@@ -196,7 +346,11 @@ def serve(
     override these defaults (for example `write_limit`, or `ping_interval=None`).
     """
     options = server_options(hub)
+    own_check = options.get("process_request")
+    theirs = kwargs.get("process_request")
     options.update(kwargs)
+    if own_check is not None and theirs is not None:
+        options["process_request"] = _chain(own_check, theirs)
     return ws_serve(
         handler(hub, client_id_param=client_id_param, authenticate=authenticate),
         host,
@@ -208,9 +362,13 @@ def serve(
 def server_options(hub: Hub) -> dict[str, Any]:
     """The `websockets.asyncio.server.serve` keyword arguments `serve()` derives from
     `hub.config`: subprotocol negotiation, heartbeats, the frame size limit, the write
-    buffer bound and the allowed origins."""
+    buffer bound, the handshake timeout, the allowed hosts and origins, and the
+    connection class that budgets pings."""
     cfg = hub.config
     options: dict[str, Any] = {
+        # Every TCP connection must finish its opening handshake in this time.
+        "open_timeout": cfg.handshake_timeout,
+        "create_connection": guarded_connection(connection_guard(cfg)),
         "subprotocols": [Subprotocol(SUBPROTOCOL)],
         "select_subprotocol": select_subprotocol,
         "ping_interval": cfg.heartbeat_interval,
@@ -224,6 +382,9 @@ def server_options(hub: Hub) -> dict[str, Any]:
         # off by `send_timeout` instead of growing a buffer without bound.
         "write_limit": WRITE_LIMIT,
     }
+    hosts = cfg.effective_allowed_hosts
+    if hosts:
+        options["process_request"] = host_check(hosts)
     if cfg.allowed_origins:
         # The library answers any other browser origin with HTTP 403 before the
         # handshake completes; None admits clients that send no Origin (non-browsers).

@@ -1,0 +1,684 @@
+"""Hardening, second round, over real sockets: ping floods, half-open handshakes, DNS
+rebinding, expiring tokens, the last_seq bound and the small points of issue 12.
+
+Memory is measured from outside the server process (/proc/<pid>/status), so the servers
+whose memory matters run as child processes: `tether serve` as users run it, and a small
+script around the `websockets` adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import serve as websockets_serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from support import closed_with, hello, hello_frame, recv_json, until
+from tether import Client, Hub, HubConfig, SendStatus
+from tether.auth import sign_token, token_expires_at
+from tether.client import TetherRejected
+from tether.monitoring import BackgroundServer, create_app
+from tether.protocol import MAX_RESUME_SEQ, MAX_SEQ
+from tether.transports.websockets import handler, server_options
+from tether.transports.websockets import serve as ws_serve
+
+SECRET = "round-two-secret-0123456789"
+MiB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+class ChildServer:
+    """A server in a child process: its pid, its port and its log file."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.log = log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+def _env(**settings: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env.update({f"TETHER_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+@contextlib.contextmanager
+def child_server(
+    tmp_path: Path, argv: list[str], port: int, ready: str, **settings: Any
+) -> Iterator[ChildServer]:
+    """Run `argv` with TETHER_* `settings`; yields once `ready` appears in its log."""
+    log = tmp_path / f"server-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=_env(port=port, **settings)
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while ready not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        yield ChildServer(proc, port, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def tether_serve(tmp_path: Path, *, prefix: list[str] | None = None, **settings: Any) -> Any:
+    port = free_port()
+    tether = str(Path(sys.executable).with_name("tether"))
+    argv = [*(prefix or []), tether, "serve", "--log-level", "warning"]
+    return child_server(tmp_path, argv, port, "Press Ctrl-C", **settings)
+
+
+WS_ADAPTER_SCRIPT = """
+import asyncio
+from tether import Hub, HubConfig
+from tether.transports.websockets import serve
+
+async def main():
+    hub = Hub(HubConfig())
+    async with hub, serve(hub, "127.0.0.1", hub.config.port) as server:
+        print("websockets adapter ready", flush=True)
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def websockets_adapter(tmp_path: Path, **settings: Any) -> Any:
+    port = free_port()
+    argv = [sys.executable, "-c", WS_ADAPTER_SCRIPT]
+    return child_server(tmp_path, argv, port, "websockets adapter ready", **settings)
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (RFC 6455 §5.2), payload under 64 KiB."""
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    length = len(payload)
+    if length < 126:
+        header = bytes([0x80 | opcode, 0x80 | length])
+    else:
+        header = bytes([0x80 | opcode, 0x80 | 126]) + length.to_bytes(2, "big")
+    return header + mask + masked
+
+
+def upgrade_status(port: int, path: str, host: str) -> int:
+    """The HTTP status a WebSocket handshake with this `Host` header gets."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tether.v1\r\n\r\n"
+            ).encode()
+        )
+        status_line = sock.makefile("rb").readline()
+    return int(status_line.split()[1])
+
+
+def raw_upgrade(port: int, *, host: str | None = None, rcvbuf: int | None = None) -> socket.socket:
+    """A TCP connection that completed a tether.v1 WebSocket handshake by hand."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: {host or f'127.0.0.1:{port}'}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: tether.v1\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, "closed during the handshake"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def ping_flood(server: ChildServer, seconds: float) -> tuple[bool, int]:
+    """Send 125-byte pings without ever reading, for at most `seconds`.
+
+    Returns (whether the server cut the connection off, the peak server RSS seen)."""
+    sock = raw_upgrade(server.port, rcvbuf=4096)
+    sock.sendall(ws_frame(0x1, hello_frame("flooder").encode()))
+    batch = ws_frame(0x9, b"p" * 125) * 200
+    peak = rss_bytes(server.proc.pid)
+    sock.settimeout(1.0)
+    deadline = time.monotonic() + seconds
+    sampled = 0.0
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):  # the server paused reading: keep pushing
+                sock.sendall(batch)
+            if time.monotonic() - sampled > 0.2:
+                peak = max(peak, rss_bytes(server.proc.pid))
+                sampled = time.monotonic()
+        return False, peak
+    except (BrokenPipeError, ConnectionResetError):
+        return True, max(peak, rss_bytes(server.proc.pid))
+    finally:
+        sock.close()
+
+
+async def health_ok(url: str, timeout: float = 15.0) -> None:
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        response = await http.get(url + "/health")
+    assert response.status_code == 200, response.text
+
+
+async def still_serves(ws_url: str, client_id: str = "bystander") -> None:
+    """A real tether.v1 client connects and is welcomed (bounded waits)."""
+    async with connect(ws_url + "/ws", subprotocols=["tether.v1"], open_timeout=15) as ws:  # type: ignore[list-item]
+        welcome = await hello(ws, client_id)
+        assert welcome["next_seq"] >= 1
+
+
+@contextlib.asynccontextmanager
+async def app_server(hub: Hub, **create: Any) -> AsyncIterator[BackgroundServer]:
+    async with hub, BackgroundServer(create_app(hub, **create)) as server:
+        yield server
+
+
+async def v1(url: str, **kwargs: Any) -> ClientConnection:
+    return await connect(url, subprotocols=["tether.v1"], **kwargs)  # type: ignore[list-item]
+
+
+# ----------------------------------------------------------------------------- 1. ping floods
+
+
+@pytest.mark.parametrize("server_kind", ["tether serve", "websockets adapter"])
+def test_ping_flood_is_cut_off_and_server_memory_stays_flat(
+    tmp_path: Path, server_kind: str
+) -> None:
+    start = tether_serve if server_kind == "tether serve" else websockets_adapter
+    with start(tmp_path) as server:
+        asyncio.run(still_serves(server.ws_url, "before"))
+        before = rss_bytes(server.proc.pid)
+        cut, peak = ping_flood(server, seconds=30)
+        assert cut, "the flooder was still connected after 30 s"
+        assert peak - before < 50 * MiB, f"RSS grew {(peak - before) / MiB:.1f} MiB"
+        # The flooder alone was closed: everyone else is still served.
+        asyncio.run(still_serves(server.ws_url, "after"))
+        assert rss_bytes(server.proc.pid) - before < 50 * MiB
+        log = server.log.read_text()
+        assert "pings/pongs per second" in log and "close 1008" in log
+
+
+async def test_pings_within_the_budget_are_answered() -> None:
+    hub = Hub(HubConfig())
+    async with app_server(hub) as server, await v1(server.ws_url + "/ws") as ws:
+        await hello(ws, "pinger")
+        for _ in range(20):  # under the burst: a chatty but honest client
+            pong = await ws.ping()
+            async with asyncio.timeout(5):
+                await pong
+        assert hub.is_connected("pinger")
+
+
+# ----------------------------------------------------------------------------- 2. half-open
+
+
+def test_half_open_flood_on_a_1024_fd_server_leaves_it_serving(tmp_path: Path) -> None:
+    prlimit = shutil.which("prlimit")
+    assert prlimit is not None, "prlimit (util-linux) is needed for this test"
+    with tether_serve(
+        tmp_path, prefix=[prlimit, "--nofile=1024:1024"], max_connections=900
+    ) as server:
+        attackers: list[socket.socket] = []
+        try:
+            for _ in range(1100):  # never send a byte: half-open handshakes
+                sock = socket.socket()
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect(("127.0.0.1", server.port))
+                attackers.append(sock)
+            # The real client and /health get through while every attacker is still open.
+            asyncio.run(still_serves(server.ws_url))
+            asyncio.run(health_ok(server.url))
+            metrics = httpx.get(server.url + "/metrics", timeout=15).text
+        finally:
+            for sock in attackers:
+                sock.close()
+        evicted = _metric(metrics, "tether_connections_handshakes_evicted_total")
+        assert evicted >= 1100 - 1024, metrics
+        assert server.log.stat().st_size < 1 * MiB
+        assert "Traceback" not in server.log.read_text()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_a_connection_that_sends_no_request_is_dropped_after_the_handshake_timeout() -> None:
+    hub = Hub(HubConfig(handshake_timeout=0.5))
+    async with app_server(hub) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finishes
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed by the server, nothing answered
+        writer.close()
+        assert server.guard is not None and server.guard.stats.handshake_timeouts == 1
+        # A keep-alive connection gets the same deadline for its next request.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+            await reader.read()  # ...then closed (keep-alive or handshake timeout)
+        writer.close()
+
+
+def test_max_connections_beyond_the_fd_limit_warns_at_start_up(tmp_path: Path) -> None:
+    prlimit = shutil.which("prlimit")
+    assert prlimit is not None
+    with tether_serve(tmp_path, prefix=[prlimit, "--nofile=256:256"]) as server:
+        log = server.log.read_text()
+    assert "TETHER_MAX_CONNECTIONS=10000 does not fit" in log, log
+
+
+def test_emfile_is_one_counted_warning_not_a_traceback_per_accept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from tether.monitoring.protocols import GuardStats
+    from tether.monitoring.server import AcceptErrorHandler
+
+    stats = GuardStats()
+    loop = asyncio.new_event_loop()
+    try:
+        handler = AcceptErrorHandler(stats, None)
+        error = OSError(24, "Too many open files")
+        with caplog.at_level("WARNING"):
+            for _ in range(50):
+                handler(
+                    loop, {"message": "socket.accept() out of system resource", "exception": error}
+                )
+    finally:
+        loop.close()
+    assert stats.accept_errors == 50
+    warnings = [r for r in caplog.records if "cannot accept" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+
+
+# ----------------------------------------------------------------------------- 3. DNS rebinding
+
+
+async def test_dns_rebinding_requests_are_refused_on_a_loopback_server() -> None:
+    hub = Hub(HubConfig())
+    async with app_server(hub) as server:
+        evil_host = f"evil.example:{server.port}"
+        rebinding = {"Host": evil_host, "Origin": f"http://{evil_host}"}
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            body = {"client_id": "alice", "data": "x", "critical": True}
+            response = await http.post("/api/send", json=body, headers=rebinding)
+            assert response.status_code in (400, 403, 421)
+            response = await http.get("/api/dead-letters", headers=rebinding)
+            assert response.status_code in (400, 403, 421)
+            assert (await http.get("/health", headers={"Host": evil_host})).status_code == 400
+            # The names this server really is reachable as still work, any port.
+            for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", "localhost"):
+                same = {"Host": host, "Origin": f"http://{host}"}
+                response = await http.post("/api/send", json=body, headers=same)
+                assert response.status_code == 200, (host, response.text)
+        assert hub.pending("alice") == 3  # queued by the three allowed requests only
+        status = await asyncio.to_thread(upgrade_status, server.port, "/ws", evil_host)
+        assert status in (400, 403, 421)
+        local = f"localhost:{server.port}"
+        assert await asyncio.to_thread(upgrade_status, server.port, "/ws", local) == 101
+
+
+async def test_dns_rebinding_is_refused_by_the_websockets_adapter() -> None:
+    hub = Hub(HubConfig())
+    async with hub, ws_serve(hub, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        evil = await asyncio.to_thread(upgrade_status, port, "/", f"evil.example:{port}")
+        assert evil == 400
+        assert await asyncio.to_thread(upgrade_status, port, "/", f"[::1]:{port}") == 101
+        async with await v1(f"ws://localhost:{port}") as ws:
+            await hello(ws, "local")
+
+
+async def test_allowed_hosts_setting_replaces_the_loopback_default() -> None:
+    hub = Hub(HubConfig(allowed_hosts="tether.example,*.tether.example"))
+    async with app_server(hub) as server, httpx.AsyncClient(base_url=server.url) as http:
+        assert (await http.get("/health", headers={"Host": "a.tether.example"})).status_code == 200
+        assert (await http.get("/health", headers={"Host": "tether.example:1"})).status_code == 200
+        assert (await http.get("/health")).status_code == 400  # 127.0.0.1 is not listed
+
+
+# ----------------------------------------------------------------------------- 4. token lifetime
+
+
+@contextlib.asynccontextmanager
+async def authed(adapter: str) -> AsyncIterator[tuple[Hub, str]]:
+    hub = Hub(HubConfig(auth_secret=SECRET, hello_timeout=5))
+    if adapter == "uvicorn":
+        async with app_server(hub) as server:
+            yield hub, server.ws_url + "/ws"
+    else:
+        async with hub, ws_serve(hub, "127.0.0.1", 0) as ws_server:
+            port = next(iter(ws_server.sockets)).getsockname()[1]
+            yield hub, f"ws://127.0.0.1:{port}"
+
+
+def short_token(client_id: str, seconds: float = 2.0) -> str:
+    # Signed expiries are whole seconds: this token lives between seconds-1 and seconds.
+    return sign_token(SECRET, client_id, expires_at=time.time() + seconds)
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_an_expired_token_ends_delivery_with_token_expired_1008(adapter: str) -> None:
+    async with authed(adapter) as (hub, url), await v1(url) as ws:
+        token = short_token("alice")
+        expiry = token_expires_at(token)
+        assert expiry is not None
+        await hello(ws, "alice", token=token)
+        sent = 0
+        frames: list[dict[str, Any]] = []
+        with contextlib.suppress(ConnectionClosed):
+            async with asyncio.timeout(10):
+                while True:
+                    result = await hub.send("alice", {"n": sent}, critical=True)
+                    assert result.status in (SendStatus.SENT, SendStatus.QUEUED)
+                    sent += 1
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            frames.append(orjson.loads(await ws.recv()))
+        assert ws.close_code == 1008
+        assert frames[-1] == {
+            "type": "error",
+            "code": "token_expired",
+            "reason": frames[-1]["reason"],
+        }
+        assert any(f["type"] == "msg" for f in frames[:-1])  # it was delivering before
+        # Delivery stopped: nothing more reaches alice; critical sends wait in her outbox.
+        assert not hub.is_connected("alice")
+        after = await hub.send("alice", {"n": "late"}, critical=True)
+        assert after.status is SendStatus.QUEUED
+
+
+async def test_an_auth_frame_with_a_fresh_token_keeps_the_connection() -> None:
+    async with authed("uvicorn") as (hub, url), await v1(url) as ws:
+        first = short_token("bob")
+        await hello(ws, "bob", token=first)
+        for round_ in range(3):  # each token (1-2 s) renewed before it ends
+            await asyncio.sleep(0.8)
+            await ws.send(orjson.dumps({"type": "auth", "token": short_token("bob")}).decode())
+            await until(lambda: hub.is_connected("bob"))
+            result = await hub.send("bob", {"round": round_}, critical=True)
+            assert result.status is SendStatus.SENT
+            assert (await recv_json(ws))["data"] == {"round": round_}
+        assert time.time() > (token_expires_at(first) or 0)  # outlived the first token
+        # A fresh token for someone else is refused, and ends the connection.
+        await ws.send(orjson.dumps({"type": "auth", "token": short_token("eve", 60)}).decode())
+        error = await recv_json(ws)
+        assert error["code"] == "forbidden_client_id"
+        assert await closed_with(ws) == 1008
+
+
+async def test_client_with_a_token_function_stays_connected_through_three_expiries() -> None:
+    issued: list[str] = []
+
+    async def fresh_token() -> str:
+        issued.append(short_token("carol"))
+        return issued[-1]
+
+    async with (
+        authed("uvicorn") as (hub, url),
+        Client(url, client_id="carol", token=fresh_token) as client,
+    ):
+        first = client.connection
+        first_expiry = token_expires_at(issued[0]) or 0
+        await until(lambda: client.token_refreshes >= 3 and time.time() > first_expiry, timeout=30)
+        # Tokens expired meanwhile, yet it is the same connection, never closed.
+        assert client.connection is first and client.reconnects == 0
+        result = await hub.send("carol", {"still": "here"}, critical=True)
+        assert result.status is SendStatus.SENT
+        async with asyncio.timeout(5):
+            message = await anext(aiter(client))
+        assert message.data == {"still": "here"}
+
+
+async def test_client_with_a_fixed_expiring_token_is_told_token_expired() -> None:
+    async with authed("uvicorn") as (_, url):
+        client = Client(url, client_id="dave", token=short_token("dave"))
+        await client.connect()
+        with pytest.raises(TetherRejected) as rejected:
+            async with asyncio.timeout(10):
+                async for _ in client:
+                    pass
+        await client.close()
+        assert rejected.value.code == "token_expired" and rejected.value.close_code == 1008
+
+
+async def test_plain_mode_connection_is_closed_1008_at_token_expiry() -> None:
+    async with authed("uvicorn") as (hub, url):
+        token = short_token("erin")
+        async with connect(f"{url}?client_id=erin&token={token}") as ws:
+            await until(lambda: hub.is_connected("erin"))
+            assert await closed_with(ws, timeout=10) == 1008
+            assert ws.close_reason is not None and "token_expired" in ws.close_reason
+
+
+# ----------------------------------------------------------------------------- 6. last_seq bound
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+@pytest.mark.parametrize(
+    "raw_last_seq",
+    [str(MAX_SEQ), str(MAX_RESUME_SEQ + 1), "9" * 400],
+    ids=["2^53-1", "bound+1", "400 digits"],
+)
+async def test_a_last_seq_that_cannot_be_continued_is_invalid_frame(
+    adapter: str, raw_last_seq: str
+) -> None:
+    hub = Hub(HubConfig())
+    if adapter == "uvicorn":
+        context: Any = _app_url(hub)
+    else:
+        context = _ws_adapter(hub)
+    async with context as url, await v1(url) as ws:
+        await ws.send(f'{{"type":"hello","client_id":"far","last_seq":{raw_last_seq}}}')
+        error = await recv_json(ws)
+        assert error["type"] == "error" and error["code"] == "invalid_frame", error
+        assert await closed_with(ws) in (1002, 1008)
+        # The id was never taken on: a later send is not numbered beyond the range.
+        assert not hub.is_connected("far")
+        async with await v1(url) as again:
+            welcome = await hello(again, "far", last_seq=MAX_RESUME_SEQ)
+            assert welcome["next_seq"] <= MAX_SEQ
+
+
+@contextlib.asynccontextmanager
+async def _ws_adapter(hub: Hub) -> AsyncIterator[str]:
+    async with hub, ws_serve(hub, "127.0.0.1", 0) as server:
+        yield f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def _app_url(hub: Hub) -> AsyncIterator[str]:
+    async with app_server(hub) as server:
+        yield server.ws_url + "/ws"
+
+
+# ----------------------------------------------------------------------------- 8. small points
+
+
+async def test_frames_far_over_the_limit_are_cut_off_by_uvicorn_at_limit_plus_64k() -> None:
+    hub = Hub(HubConfig(max_message_size=64 * 1024))
+    async with app_server(hub) as server, await v1(server.ws_url + "/ws", max_size=None) as ws:
+        await hello(ws, "big")
+        # Between the limit and limit + 64 KiB: read, and explained with an error frame.
+        await ws.send('{"type":"publish","data":"' + "x" * (80 * 1024) + '"}')
+        assert (await recv_json(ws))["code"] == "too_big"
+        assert await closed_with(ws) == 1009
+    async with (
+        app_server(Hub(HubConfig(max_message_size=64 * 1024))) as server,
+        await v1(server.ws_url + "/ws", max_size=None) as ws,
+    ):
+        await hello(ws, "bigger")
+        # 1.5 x the limit is beyond limit + 64 KiB: uvicorn refuses it before reading it all.
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send('{"type":"publish","data":"' + "x" * (136 * 1024) + '"}')
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(5):
+                await ws.recv()  # no error frame: the library closed first
+        assert ws.close_code == 1009
+
+
+async def test_live_feed_without_the_token_answers_401_like_other_guarded_routes() -> None:
+    hub = Hub(HubConfig(monitor_token="monitor-token-2"))
+    async with app_server(hub) as server:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.get("/api/metrics")).status_code == 401
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(server.ws_url + "/ws/live")
+        assert refused.value.response.status_code == 401
+        async with connect(server.ws_url + "/ws/live?token=monitor-token-2") as ws:
+            assert (await recv_json(ws))["type"] == "hello"
+
+
+JS_TOKEN_CLIENT = """
+async ([url, clientId]) => {
+  const { TetherClient } = await import("/static/tether.js");
+  const client = new TetherClient(url, { clientId, token: () => window.freshToken() });
+  window.client = client;
+  window.got = [];
+  client.addEventListener("message", (e) => window.got.push(e.detail.data));
+  await client.connect();
+  return client.state;
+}
+"""
+
+
+@pytest.mark.browser
+async def test_js_client_with_a_token_function_stays_connected_through_three_expiries(
+    browser: Any,
+) -> None:
+    issued: list[str] = []
+
+    def fresh_token() -> str:
+        issued.append(short_token("js-carol"))
+        return issued[-1]
+
+    async with authed("uvicorn") as (hub, url):
+        page = await browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await page.expose_function("freshToken", fresh_token)
+        await page.goto(url.replace("ws://", "http://").removesuffix("/ws") + "/static/tether.js")
+        assert await page.evaluate(JS_TOKEN_CLIENT, [url, "js-carol"]) == "connected"
+        first_expiry = token_expires_at(issued[0]) or 0
+
+        async def refreshed() -> bool:
+            count = await page.evaluate("() => window.client.tokenRefreshes")
+            return bool(count >= 3 and time.time() > first_expiry)
+
+        async with asyncio.timeout(30):
+            while not await refreshed():
+                await asyncio.sleep(0.1)
+        counters = await page.evaluate("() => window.client.counters")
+        assert counters["reconnects"] == 0
+        assert await page.evaluate("() => window.client.state") == "connected"
+        assert (await hub.send("js-carol", {"n": 1}, critical=True)).status is SendStatus.SENT
+        async with asyncio.timeout(10):
+            while await page.evaluate("() => window.got.length") < 1:
+                await asyncio.sleep(0.05)
+        assert await page.evaluate("() => window.got") == [{"n": 1}]
+        assert errors == []
+        await page.close()
+
+
+@contextlib.asynccontextmanager
+async def guarded_server(adapter: str, hub: Hub) -> AsyncIterator[tuple[int, Any]]:
+    """A server of `hub` and the guard of its connections."""
+    if adapter == "uvicorn":
+        async with app_server(hub) as server:
+            yield server.port, server.guard
+    else:
+        options = server_options(hub)
+        guard = options["create_connection"].guard
+        async with hub, websockets_serve(handler(hub), "127.0.0.1", 0, **options) as server:
+            yield next(iter(server.sockets)).getsockname()[1], guard
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_waiting_connections_are_capped_oldest_dropped_first(adapter: str) -> None:
+    hub = Hub(HubConfig(max_connections=64))  # a quarter may wait: 16
+    async with guarded_server(adapter, hub) as (port, guard):
+        assert guard.pending_limit == 16
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(40)]
+        await until(lambda: guard.stats.handshakes_evicted >= 40 - 16, timeout=10)
+        # The oldest were dropped (the server closed them); the newest still wait.
+        async with asyncio.timeout(10):
+            assert await idle[0][0].read() == b""
+        assert guard.pending == 16
+        async with await v1(
+            f"ws://127.0.0.1:{port}" + ("/ws" if adapter == "uvicorn" else "")
+        ) as ws:
+            await hello(ws, "newcomer")
+        for _, writer in idle:
+            writer.close()
+
+
+async def test_websockets_adapter_drops_a_silent_connection_after_the_handshake_timeout() -> None:
+    hub = Hub(HubConfig(handshake_timeout=0.5))
+    async with guarded_server("websockets", hub) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(5):  # the library's default open_timeout is 10 s
+            assert await reader.read() == b""
+        writer.close()
