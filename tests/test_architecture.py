@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tether.transports.websockets",
             "tether.transports.starlette",
             "tether.transports.session",
+            "tether.transports.guard",
             "tether.auth",
             "tether.client",
         ],

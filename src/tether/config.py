@@ -118,6 +118,10 @@ class HubConfig(BaseSettings):
     )
     # Bound on commands in flight (and so connections) per Redis node; more wait their turn.
     redis_max_connections: int = Field(64, ge=1, le=10_000)
+    # Acknowledge a critical send only once this many replicas have its write (Redis WAIT):
+    # then a failover cannot lose an accepted message. 0: the master's word is enough.
+    redis_min_replicas: int = Field(0, ge=0, le=64)
+    redis_replica_timeout: PositiveSeconds = 0.25
 
     # serving and monitoring
     host: str = "127.0.0.1"

@@ -23,6 +23,11 @@ class OutcomeUnknown(BackendError):
     it may or may not have been stored. Report it as such, never as REJECTED."""
 
 
+class NotReplicated(OutcomeUnknown):
+    """A write is on the master, but not confirmed by the required replicas: a failover
+    could still lose it. Not accepted: reported like an unknown outcome."""
+
+
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """A critical message is stored; `evicted` are the older messages a full outbox

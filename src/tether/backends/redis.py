@@ -27,7 +27,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..clock import Clock, SystemClock
 from ..config import HubConfig
 from ..messages import DeadLetter, Envelope
-from .base import Accepted, BackendError, BackendEvents, OutcomeUnknown, Refused, StoredOutbox
+from .base import (
+    Accepted,
+    BackendError,
+    BackendEvents,
+    NotReplicated,
+    OutcomeUnknown,
+    Refused,
+    StoredOutbox,
+)
 from .redis_batch import Request, StreamBatcher
 from .redis_connection import CommandClient, LuaScript, RedisConnections
 from .redis_keys import RedisKeys, batch_group
@@ -141,7 +149,8 @@ class RedisBackend:
         self._keep_ms = _ms(max(cfg.client_ttl, cfg.message_ttl))
         # A tombstone must outlive the old node's cached outbox, which lives at most a TTL.
         self._tombstone_ms = _ms(max(cfg.presence_ttl, cfg.message_ttl))
-        self._max_connections = int(getattr(cfg, "redis_max_connections", 64))
+        self._replicas = cfg.redis_min_replicas
+        self._replica_timeout_ms = _ms(cfg.redis_replica_timeout)
         self._cluster = bool(getattr(cfg, "redis_cluster", False))
         self._conn: RedisConnections | None = None
         self._events: BackendEvents | None = None
@@ -336,7 +345,12 @@ class RedisBackend:
             conn = self._conn
             rounds = await asyncio.gather(
                 *(
-                    conn.run_script_batch(_LUA[name], [calls[i] for i in indices])
+                    conn.run_script_batch(
+                        _LUA[name],
+                        [calls[i] for i in indices],
+                        replicas=self._replicas if name == "append" else 0,
+                        replica_timeout_ms=self._replica_timeout_ms,
+                    )
                     for name, indices in by_script.items()
                 )
             )
@@ -461,6 +475,10 @@ class RedisBackend:
             return []
         try:
             replies = await self._submit_appends(items)
+        except NotReplicated as exc:  # stored on the master only: not accepted
+            for session, envelope, _ in items:
+                self._remember_unknown(session.client_id, envelope.message_id)
+            return [exc] * len(items)
         except OutcomeUnknown as exc:
             return await self._resolve(items, exc)
         except BackendError as exc:

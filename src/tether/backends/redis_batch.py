@@ -28,7 +28,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import BackendError, OutcomeUnknown
+from .base import BackendError, NotReplicated, OutcomeUnknown
+from .redis_connection import ReplicationShortfall
 
 # A call that failed with one of these was sent, and may have run (a node died mid-call).
 _IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
@@ -158,6 +159,8 @@ class StreamBatcher:
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, NoScriptError) and retry_noscript:
                 missing.append(chunk)  # nothing ran: safe to send again
+            elif isinstance(reply, ReplicationShortfall):
+                self._fail(chunk, NotReplicated(f"Redis {chunk.script}: {reply}"))
             elif isinstance(reply, _IN_DOUBT):
                 self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script}: no reply ({reply})"))
             elif isinstance(reply, Exception):

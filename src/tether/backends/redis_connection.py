@@ -285,6 +285,11 @@ class LuaScript:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
+class ReplicationShortfall(RedisError):
+    """The call ran on the master, but fewer replicas than required confirmed its writes
+    within the timeout (WAIT): a failover now could lose it."""
+
+
 ScriptCall = tuple[Sequence[Any], Sequence[Any]]
 """One script invocation: (keys, args). All keys of one call must share a cluster slot."""
 
@@ -485,7 +490,14 @@ class RedisConnections:
         """Load `script` into the script cache (of every primary, on Cluster)."""
         await self._commands.script_load(script.source)
 
-    async def run_script_batch(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def run_script_batch(
+        self,
+        script: LuaScript,
+        calls: Sequence[ScriptCall],
+        *,
+        replicas: int = 0,
+        replica_timeout_ms: int = 0,
+    ) -> list[Any]:
         """Run `script` once per (keys, args) call, all in one pipeline round: split per
         node and sent concurrently on Cluster.
 
@@ -496,28 +508,42 @@ class RedisConnections:
         script: restarted, freshly promoted) did not run; they are loaded and re-run once,
         which is why this never double-applies. Raises `ConnectionError` / `TimeoutError`
         when the round failed as a whole: then every call's outcome is unknown.
+
+        With `replicas`, each pipeline ends with `WAIT replicas replica_timeout_ms`; the
+        calls of a pipeline that fewer replicas confirmed come back as
+        `ReplicationShortfall` (they ran on the master). It costs one round of
+        replication latency per pipeline, not per call.
         """
         if not calls:
             return []
-        results = await self._evalsha_round(script, calls)
+        wait = (replicas, replica_timeout_ms) if replicas > 0 else None
+        results = await self._evalsha_round(script, calls, wait)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             await self.load_script(script)
-            retried = await self._evalsha_round(script, [calls[i] for i in missing])
+            retried = await self._evalsha_round(script, [calls[i] for i in missing], wait)
             for index, result in zip(missing, retried, strict=True):
                 results[index] = result
         return results
 
-    async def _evalsha_round(self, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+    async def _evalsha_round(
+        self, script: LuaScript, calls: Sequence[ScriptCall], wait: tuple[int, int] | None
+    ) -> list[Any]:
         if isinstance(self._commands, RedisCluster):
-            return await self._evalsha_round_per_node(self._commands, script, calls)
+            return await self._evalsha_round_per_node(self._commands, script, calls, wait)
         async with self._commands.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+            if wait is not None:
+                pipe.execute_command("WAIT", *wait)
+            return _confirmed(list(await pipe.execute(raise_on_error=False)), wait)
 
     async def _evalsha_round_per_node(
-        self, cluster: RedisCluster, script: LuaScript, calls: Sequence[ScriptCall]
+        self,
+        cluster: RedisCluster,
+        script: LuaScript,
+        calls: Sequence[ScriptCall],
+        wait: tuple[int, int] | None = None,
     ) -> list[Any]:
         """One plain pipeline per master, sent concurrently, routed by the cluster's slot
         map. Cheaper than redis-py's ClusterPipeline (which routes every command twice),
@@ -540,7 +566,9 @@ class RedisConnections:
                 for index in indices:
                     keys, args = calls[index]
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return list(await pipe.execute(raise_on_error=False))
+                if wait is not None:
+                    pipe.execute_command("WAIT", *wait)
+                return _confirmed(list(await pipe.execute(raise_on_error=False)), wait)
 
         outcomes = await asyncio.gather(
             *(run(name, indices) for name, indices in groups.items()), return_exceptions=True
@@ -595,3 +623,17 @@ class RedisConnections:
         finally:
             if self._sentinel is not None:
                 await self._sentinel.aclose()
+
+
+def _confirmed(results: list[Any], wait: tuple[int, int] | None) -> list[Any]:
+    """A pipeline's call results without its trailing WAIT reply; with fewer replicas
+    than asked, the calls that ran become `ReplicationShortfall`."""
+    if wait is None:
+        return results
+    acked, results = results[-1], results[:-1]
+    if isinstance(acked, int) and acked >= wait[0]:
+        return results
+    shortfall = ReplicationShortfall(
+        f"not confirmed by {wait[0]} replica(s) within {wait[1]} ms (got {acked!r})"
+    )
+    return [r if isinstance(r, Exception) else shortfall for r in results]
