@@ -17,6 +17,7 @@ from redis_server import OwnRedis, ReplyDropper
 from support import until
 from tether import Client, Hub, HubConfig, SendStatus
 from tether.backends.redis import RedisBackend
+from tether.backends.redis_batch import PIPELINE_ITEMS
 from tether.client import Lost
 from tether.protocol import Hello
 from tether.testing import MockWebSocket
@@ -198,9 +199,9 @@ async def test_critical_broadcast_to_a_thousand_clients_rejects_none(nodes: Fact
         result = await hub.broadcast({"round": round_}, critical=True)
         assert result.rejected == 0 and result.unknown == 0, result.reasons
         assert result.sent == 1000, result
-        # batches store every copy (and trim it once written): a few round trips (pipelines
-        # of at most 256 items), not one per client
-        assert backend.describe()["pipelines"] - before <= 12
+        # batches store every copy: pipelines of PIPELINE_ITEMS copies (and a few more for
+        # trims), not one round trip per client
+        assert backend.describe()["pipelines"] - before <= 1000 // PIPELINE_ITEMS + 5
     for ws in mocks:
         assert ws.payloads == [{"round": n} for n in range(3)]
 

@@ -555,6 +555,7 @@ class Hub(HubInspection):
         going through the per-client path."""
         free: list[ClientSession] = []
         busy: list[ClientSession] = []
+        unwritten: list[ClientSession] = []
         for client in targets:
             if client.lock.locked() or (client.transport is not None and client.try_send is None):
                 busy.append(client)
@@ -568,11 +569,8 @@ class Hub(HubInspection):
             items = []
             for client in free:
                 envelope = self._copy(template)
-                through = self._write_through(client, envelope)
-                if through is None:
-                    items.append((client, envelope, client.transport is not None))
-                else:
-                    results.append(through)
+                envelope.direct = self._may_write_directly(client)
+                items.append((client, envelope, client.transport is not None))
             # In slices, all sent at once: the store works on the next slice while this
             # process writes the copies of the first.
             slices = [items[i : i + _STORE_SLICE] for i in range(0, len(items), _STORE_SLICE)]
@@ -585,6 +583,14 @@ class Hub(HubInspection):
                     if isinstance(outcome, BackendError):
                         results.append(self._store_failed(client, envelope, outcome))
                         continue
+                    if isinstance(outcome, Accepted) and outcome.direct:
+                        if self._write_now(client, envelope.data) == _OK:
+                            results.append(self._written_directly(client, envelope))
+                        else:  # the socket did not take it: store it after all (below)
+                            envelope.direct = False
+                            envelope.dedup_key = None  # recorded by the direct answer
+                            unwritten.append(client)
+                        continue
                     settled = self._settle(client, envelope, outcome, local)
                     if settled is None:
                         settled = self._write_stored_now(client, envelope, trims)
@@ -594,9 +600,19 @@ class Hub(HubInspection):
                 client.lock.release()
         if trims:
             self._background(self._trim_stored(trims))
-        if busy:
-            results += await asyncio.gather(*(self._deliver(c, self._copy(template)) for c in busy))
+        if busy or unwritten:
+            results += await asyncio.gather(
+                *(self._deliver(c, self._copy(template)) for c in busy),
+                *(self._deliver(c, self._stored_copy(template)) for c in unwritten),
+            )
         return results
+
+    def _stored_copy(self, template: Envelope) -> Envelope:
+        """A copy whose dedup key the store already recorded (a direct write that the
+        socket did not take): stored without a second dedup check."""
+        envelope = self._copy(template)
+        envelope.dedup_key = None
+        return envelope
 
     async def _trim_stored(self, trims: list[tuple[ClientSession, int]]) -> None:
         """Tell a durable store that plain-mode writes delivered these messages."""
@@ -717,23 +733,26 @@ class Hub(HubInspection):
             "duplicate within the dedup window",
         )
 
-    async def _accept_critical(self, client: ClientSession, envelope: Envelope) -> SendResult:
+    async def _accept_critical(
+        self, client: ClientSession, envelope: Envelope, *, direct: bool = True
+    ) -> SendResult:
         backend = self._backend
-        if backend.shared:
-            through = self._write_through(client, envelope)
-            if through is not None:
-                return through
         local = client.transport is not None or not backend.shared
+        if direct and backend.shared and self._may_write_directly(client):
+            envelope.direct = True
         try:
             stored = await backend.append(client, envelope, local=local)
         except BackendError as exc:
             return self._store_failed(client, envelope, exc)
+        if isinstance(stored, Accepted) and stored.direct:
+            return await self._write_directly(client, envelope)
         settled = self._settle(client, envelope, stored, local)
         if settled is not None:
             return settled
         if (
             client.transport is not None
             and len(client.outbox.queue) == 1
+            and envelope.attempts == 0  # else its retry is scheduled
             and client.breaker.allow()
             and await self._write_head(client)
         ):
@@ -742,23 +761,35 @@ class Hub(HubInspection):
             )
         return self._queued(client, envelope)
 
-    def _write_through(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
-        """A critical message for a plain-mode client connected here, with nothing queued
-        for it, written at once (lock held or free): written is delivered in plain mode,
-        so a shared store has nothing to keep. None — nothing written — when it must be
-        stored first: tether.v1 (kept until acked), a dedup key to check across nodes,
-        anything queued, a breaker not CLOSED, or a socket that cannot take it now."""
-        if (
-            client.v1
-            or client.try_send is None
-            or client.transport is None
-            or client.outbox.queue
-            or client.breaker.state is not CircuitState.CLOSED
-            or (envelope.dedup_key is not None and client.dedup is not None)
-        ):
-            return None
-        if self._write_now(client, envelope.data) != _OK:
-            return None  # nothing was written (a failure is charged): store and retry
+    @staticmethod
+    def _may_write_directly(client: ClientSession) -> bool:
+        """A plain-mode client connected here with nothing queued and a CLOSED breaker: a
+        critical message for it may be written without being stored (written is
+        delivered in plain mode), once the store confirmed that no other node holds
+        anything for it (cross-node FIFO) and recorded its dedup key."""
+        return (
+            not client.v1
+            and client.transport is not None
+            and not client.outbox.queue
+            and client.breaker.state is CircuitState.CLOSED
+        )
+
+    async def _write_directly(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """Write a message the store cleared for direct delivery (lock held); if the socket
+        does not take it, store it after all and deliver it in order later."""
+        outcome = self._write_now(client, envelope.data)
+        if outcome == _PENDING:
+            outcome = await self._write_awaited(client, envelope.data)
+        if outcome == _OK:
+            return self._written_directly(client, envelope)
+        envelope.direct = False
+        envelope.dedup_key = None  # already recorded by the store's direct answer
+        if outcome != _CLOSED:  # that was its first delivery attempt: retried with backoff
+            envelope.attempts += 1
+            envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        return await self._accept_critical(client, envelope, direct=False)
+
+    def _written_directly(self, client: ClientSession, envelope: Envelope) -> SendResult:
         envelope.written_once = True
         self._counters.messages_sent += 1
         if self.metrics.enabled:

@@ -115,6 +115,9 @@ class Envelope:
     dedup_key: str | None = None
     written: bool = False  # written on the current connection (awaiting ack in tether.v1)
     written_once: bool = False  # written at least once on any connection
+    # (shared stores) may be written without being stored, if the store finds nothing of
+    # the client's held anywhere: see Hub._may_write_directly
+    direct: bool = False
 
     @property
     def size(self) -> int:

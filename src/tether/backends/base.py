@@ -47,6 +47,7 @@ class Accepted:
     epoch: str | None = None
     holder: str | None = None
     unmirrored: bool = False  # stored by an attempt whose reply was lost: reload to mirror it
+    direct: bool = False  # not stored: nothing is held for the client, write it directly
 
 
 class Refused(Enum):

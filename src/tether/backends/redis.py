@@ -14,14 +14,14 @@ import logging
 import random
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..clock import Clock, SystemClock
@@ -38,7 +38,7 @@ from .base import (
 )
 from .redis_batch import Request, StreamBatcher
 from .redis_connection import CommandClient, LuaScript, RedisConnections
-from .redis_keys import RedisKeys, batch_group
+from .redis_keys import RedisKeys, bucket_of
 from .redis_scripts import SCRIPTS
 from .redis_wire import WireCodec
 
@@ -151,7 +151,8 @@ class RedisBackend:
         self._tombstone_ms = _ms(max(cfg.presence_ttl, cfg.message_ttl))
         self._replicas = cfg.redis_min_replicas
         self._replica_timeout_ms = _ms(cfg.redis_replica_timeout)
-        self._cluster = bool(getattr(cfg, "redis_cluster", False))
+        self._cluster = cfg.redis_cluster
+        self._node_keys: dict[str, str] = {}  # a key served by each Cluster node
         self._conn: RedisConnections | None = None
         self._events: BackendEvents | None = None
         self._redis: CommandClient | None = None
@@ -233,10 +234,7 @@ class RedisBackend:
         self._closed = True
         if self._redis is not None and self._batcher is not None and self._claimed:
             # Leave tombstones for our clients so other nodes stop naming us as owner.
-            entries = [
-                (batch_group(cid, cluster=self._cluster), self.keys.base(cid) + ";")
-                for cid in self._claimed
-            ]
+            entries = [(self._group(cid), self.keys.base(cid) + ";") for cid in self._claimed]
             with contextlib.suppress(BackendError):
                 await self._batcher.submit("release", entries)
         self._claimed.clear()
@@ -329,7 +327,8 @@ class RedisBackend:
         by_script: dict[str, list[int]] = {}
         calls: list[tuple[list[str], list[Any]]] = []
         for index, request in enumerate(requests):
-            key = [self.keys.slot_key(request.group)]
+            group = request.group
+            key = [self._node_keys.get(group, group) if isinstance(group, str) else "-"]
             if request.script == "append":
                 npay = len(request.payloads) // 2
                 args = [*header, npay, *request.payloads, request.items]
@@ -360,6 +359,8 @@ class RedisBackend:
                     replies[index] = result
             if any(isinstance(r, _UNAVAILABLE) for r in replies):
                 self._failed("pipeline", next(r for r in replies if isinstance(r, _UNAVAILABLE)))
+            if any(isinstance(r, ResponseError) and "non local key" in str(r) for r in replies):
+                await conn.refresh_slots()  # a slot moved: the next batches group anew
             return replies
 
         return await self._call("pipeline", op, retry=False)
@@ -388,9 +389,22 @@ class RedisBackend:
             return None
         return envelope.dedup_key
 
+    def _group(self, client_id: str) -> Hashable:
+        """The script call a client's item joins: one per Cluster node (the batched
+        scripts may touch many slots of one node), one for everything on a single Redis."""
+        if not self._cluster:
+            return 0
+        key = self.keys.slot_key(bucket_of(client_id))
+        assert self._conn is not None
+        node = self._conn.node_of(key)
+        if node is None:  # slot map not known yet: one call per bucket is always right
+            return key
+        self._node_keys[node] = key  # any key of that node routes the call there
+        return node
+
     def _entry(
         self, session: ClientSession, envelope: Envelope, local: bool, probe: bool
-    ) -> tuple[int, str]:
+    ) -> tuple[Hashable, str]:
         """An append item (see `redis_scripts.APPEND`) and its batch group."""
         cid = session.client_id
         dedup = self._dedup_key(session, envelope) or ""
@@ -407,9 +421,11 @@ class RedisBackend:
         flags = 1 if dedup else 0
         if probe or (cid, envelope.message_id) in self._unknown:
             flags |= 2  # an attempt whose reply was lost may have stored it: look first
+        if envelope.direct and local:
+            flags |= 4  # write it directly if nothing of the client's is held anywhere
         base = self.keys.base(cid)
         item = f"{base}|{flags}|{floor}|{known}|{keep}|{expect}|{len(dedup)}|{dedup}"
-        return batch_group(cid, cluster=self._cluster), item
+        return self._group(cid), item
 
     def _submit_appends(
         self, items: list[tuple[ClientSession, Envelope, bool]], *, gate: bool = True
@@ -430,6 +446,8 @@ class RedisBackend:
         else:
             head, evicted, gap = reply, (), ()
         text = _text(head)
+        if text == "W":
+            return Accepted(0, direct=True)
         if text[0] == "D":
             return Refused.DUPLICATE
         if text == "F":
@@ -439,13 +457,14 @@ class RedisBackend:
         holder = holder_text or None
         if holder is not None and holder.startswith("~"):
             holder = None
-        key = self._dedup_key(session, envelope)
-        if key is not None and session.dedup is not None:
+        key = envelope.dedup_key
+        if key is not None and session.dedup is not None and self._dedup_on:
             session.dedup.record(key)  # the local window answers best-effort checks cheaply
+        from_entry = self.wire.from_entry
         accepted = Accepted(
             seq,
-            tuple(self.wire.from_entry(e) for e in evicted),
-            tuple(self.wire.from_entry(e) for e in gap),
+            tuple(from_entry(e) for e in evicted) if evicted else (),
+            tuple(from_entry(e) for e in gap) if gap else (),
             changed == "1",
             epoch,
             holder,
@@ -509,7 +528,9 @@ class RedisBackend:
         for (session, envelope, _), reply in zip(items, replies, strict=True):
             self._unknown.pop((session.client_id, envelope.message_id), None)
             head = _text(reply[0] if isinstance(reply, list) else reply)
-            if head.startswith("D|"):  # the first attempt stored it
+            if head == "D|0" and envelope.direct:  # the first attempt was cleared, not stored
+                outcomes.append(Accepted(0, direct=True))
+            elif head.startswith("D|"):  # the first attempt stored it
                 envelope.seq = int(head[2:])
                 outcomes.append(Accepted(envelope.seq, unmirrored=True))
             else:
@@ -530,10 +551,10 @@ class RedisBackend:
         return (await self.ack_many([(session, seq)]))[0]
 
     async def ack_many(self, acks: list[tuple[ClientSession, int]]) -> list[bool]:
-        cluster, keep = self._cluster, self._keep_ms
+        keep = self._keep_ms
         entries = [
             (
-                batch_group(s.client_id, cluster=cluster),
+                self._group(s.client_id),
                 f"{self.keys.base(s.client_id)}|{seq}|{keep}|{s.epoch or ''};",
             )
             for s, seq in acks
@@ -686,7 +707,7 @@ class RedisBackend:
 
     async def _release_presence(self, client_id: str) -> None:
         """Tombstone our presence (batched with the other releases of this turn)."""
-        group = batch_group(client_id, cluster=self._cluster)
+        group = self._group(client_id)
         await self._b.submit("release", [(group, self.keys.base(client_id) + ";")])
 
     async def owner(self, client_id: str) -> str | None:

@@ -36,7 +36,7 @@ _IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 # A turn's work beyond this many items goes out as several pipelines on several
 # connections: Redis runs the next while this process handles the replies of the first.
-PIPELINE_ITEMS = 256
+PIPELINE_ITEMS = 64
 
 
 @dataclass(slots=True)
@@ -161,7 +161,10 @@ class StreamBatcher:
                 missing.append(chunk)  # nothing ran: safe to send again
             elif isinstance(reply, ReplicationShortfall):
                 self._fail(chunk, NotReplicated(f"Redis {chunk.script}: {reply}"))
-            elif isinstance(reply, _IN_DOUBT):
+            elif isinstance(reply, _IN_DOUBT) or (
+                isinstance(reply, Exception) and "non local key" in str(reply)
+            ):
+                # sent, and maybe partly run (a slot moved under a batched call)
                 self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script}: no reply ({reply})"))
             elif isinstance(reply, Exception):
                 self._fail(chunk, BackendError(f"Redis {chunk.script} failed: {reply}"))

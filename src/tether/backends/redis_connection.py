@@ -461,6 +461,22 @@ class RedisConnections:
             raise
         return pubsub
 
+    def node_of(self, key: str) -> str | None:
+        """The cluster node ("host:port") serving `key` by the current slot map; None on a
+        single server or Sentinel, or before the map is known."""
+        if not isinstance(self._commands, RedisCluster):
+            return None
+        try:
+            return str(self._commands.nodes_manager.get_node_from_slot(slot_of(key)).name)
+        except Exception:  # not discovered yet, or the slot is not covered right now
+            return None
+
+    async def refresh_slots(self) -> None:
+        """Re-read the cluster's slot map (after a call found its keys elsewhere)."""
+        if isinstance(self._commands, RedisCluster):
+            with contextlib.suppress(RedisError, OSError):
+                await self._commands.nodes_manager.initialize()
+
     async def group_by_node(self, keys: Iterable[K]) -> dict[str, list[K]]:
         """`keys` grouped by the node ("host:port") serving them, in their given order.
 

@@ -40,14 +40,20 @@ def bucket_of(client_id: str) -> int:
 class RedisKeys:
     """Key names under one prefix."""
 
-    __slots__ = ("clients", "prefix")
+    __slots__ = ("_bases", "clients", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.clients = f"{prefix}:clients"
+        self._bases: dict[str, str] = {}  # hot: every stream write names its client's base
 
     def base(self, client_id: str) -> str:
-        return f"{self.prefix}:{{b{bucket_of(client_id)}}}:{client_id}"
+        base = self._bases.get(client_id)
+        if base is None:
+            if len(self._bases) >= 100_000:  # bounded; rebuilt on demand
+                self._bases.clear()
+            base = self._bases[client_id] = f"{self.prefix}:{{b{bucket_of(client_id)}}}:{client_id}"
+        return base
 
     def meta(self, client_id: str) -> str:
         return self.base(client_id) + ":m"
@@ -78,9 +84,3 @@ class RedisKeys:
     @property
     def broadcast_channel(self) -> str:
         return f"{self.prefix}:broadcast"
-
-
-def batch_group(client_id: str, *, cluster: bool) -> int:
-    """Which script call a client's item joins: one per bucket on a Cluster (a script's
-    keys must share a slot), one for everything on a single Redis."""
-    return bucket_of(client_id) if cluster else 0

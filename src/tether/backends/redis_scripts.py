@@ -20,6 +20,10 @@ from __future__ import annotations
 # The highest entry id of a stream (0 when it has none): numbering never goes below it.
 # keep_alive: a client's keys expire together, at least `keep` ms from now; the meta
 # field k remembers the deadline last set, so most writes need no PEXPIRE at all.
+# The batched scripts take many clients of one Cluster node per call, from many slots
+# (the shebang flag allows that; every key of a call must still live on that node).
+_BATCH = "#!lua flags=allow-cross-slot-keys\n"
+
 _TOP = """
 local function top_of(out)
   if redis.call('EXISTS', out) == 0 then return 0 end
@@ -59,7 +63,10 @@ end
 #   followed by the dedup key.
 #   flags: 1 = check and record the dedup key; 2 = probe: an earlier attempt to store this
 #          message may have succeeded without a reply, so look for its id in the stream
-#          first (a scan of the pending entries, only on this rare path)
+#          first (a scan of the pending entries, only on this rare path); 4 = direct: a
+#          plain-mode client connected to the calling node with nothing queued there; if
+#          the stream holds nothing beyond the node's mirror, answer "W" (write it, do
+#          not store it)
 #   floor: numbering continues above it (the highest seq this node's mirror has seen)
 #   known: the highest seq this node's mirror holds (-1: no mirror, the client is not
 #          connected here); entries between it and the new seq (stored by other nodes)
@@ -68,13 +75,14 @@ end
 #          one means the stream was recreated under a connected client, and a counter
 #          below `floor` in the same epoch that it was rolled back (a failover lost writes):
 #          either way the item says `changed`
-# Returns per item: "D|seq it was stored with" duplicate, "F" full, or
+# Returns per item: "D|seq it was stored with" duplicate, "W" write directly, "F" full, or
 # "seq|changed|epoch|holder" (holder: the presence value when the client is not
 # connected here, '' otherwise, so the caller can ring that node) — or {that string,
 # evicted entries, gap entries} when either is non-empty. A broadcast's payload is sent
 # once for all its clients.
 APPEND = (
-    _TOP
+    _BATCH
+    + _TOP
     + """
 local max, policy, dedup_ms, fresh = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local npay = tonumber(ARGV[5])
@@ -99,10 +107,12 @@ while pos <= #blob do
   floor, known, keep = tonumber(floor), tonumber(known), tonumber(keep)
   local meta, out = base .. ':m', base .. ':o'
   local dd = base .. ':d:' .. dkey
-  local dflag = flags == '1' or flags == '3'
+  local fl = tonumber(flags)
+  local dflag = fl % 2 == 1
+  local direct = fl >= 4
   local prior = false
   if dflag then prior = redis.call('GET', dd) end
-  if not prior and (flags == '2' or flags == '3') then
+  if not prior and math.floor(fl / 2) % 2 == 1 then
     for _, e in ipairs(redis.call('XRANGE', out, '-', '+')) do
       local f = e[2]
       for j = 1, #f, 2 do
@@ -110,10 +120,17 @@ while pos <= #blob do
       end
     end
   end
+  local state = prior or redis.call('HMGET', meta, 'e', 's', 'k')
   if prior then
     results[i] = 'D|' .. prior
+  elseif direct and (state[1] or '') == expect and tonumber(state[2] or '0') == known
+      and redis.call('XLEN', out) == 0 then
+    -- Nothing of this client's is held anywhere beyond what the node has: it writes the
+    -- message directly (plain mode: written is delivered). Its dedup key is recorded,
+    -- with seq 0 for "delivered directly, never stored".
+    if dflag then redis.call('SET', dd, '0', 'PX', dedup_ms) end
+    results[i] = 'W'
   else
-    local state = redis.call('HMGET', meta, 'e', 's', 'k')
     local epoch, s, k = state[1], tonumber(state[2] or '0'), tonumber(state[3] or '0')
     if not epoch then
       epoch = fresh
@@ -179,7 +196,8 @@ return results
 # Returns per item: the previous acked floor, or -1 when the epoch differs or vanished, or
 # the ack is beyond the stream's last seq (rolled back by a failover).
 ACK = (
-    _TOP
+    _BATCH
+    + _TOP
     + """
 local results = {}
 local blob = ARGV[1]
@@ -289,7 +307,9 @@ return cur
 # release: leave a tombstone where the presence is still ours (the client left this node).
 # KEYS: 1, the call's slot key. ARGV: node, tombstone ms, then the items, concatenated,
 # each "base key;". Returns per item 1 (tombstoned) or 0 (someone else holds it).
-RELEASE = """
+RELEASE = (
+    _BATCH
+    + """
 local results = {}
 local pos, i = 1, 0
 local blob = ARGV[3]
@@ -307,6 +327,7 @@ while pos <= #blob do
 end
 return results
 """
+)
 
 SCRIPTS: dict[str, str] = {
     "append": APPEND,
