@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import __version__
-from ..config import ConfigError
+from ..config import ConfigError, format_bytes
 from ..hub import CLIENT_ID_PATTERN, Hub
 from ..metrics import MetricsSnapshot
 from ..resilience import CircuitState
@@ -64,6 +64,38 @@ class JSONResponse(Response):
 def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
     headers = {"WWW-Authenticate": 'Bearer realm="tether"'} if status == 401 else None
     return JSONResponse({"error": error, "message": message, **extra}, status, headers=headers)
+
+
+_MESSAGE_ID_FIELD = re.compile(rb'"message_id"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+_PAYLOAD_SIZE = re.compile(r"payload is (\d+) bytes, over max_message_size")
+
+
+def _peek_message_id(head: bytes) -> str | None:
+    """The `message_id` of a body cut off for size, when it appears in what was read."""
+    match = _MESSAGE_ID_FIELD.search(head[:65536])
+    if match is None:
+        return None
+    with contextlib.suppress(orjson.JSONDecodeError):
+        value = orjson.loads(b'"' + match.group(1) + b'"')
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _payload_too_large(message_id: str, reasons: list[str], limit: int) -> JSONResponse | None:
+    """HTTP 413 naming the message and the limit, when the hub refused it for its size."""
+    for reason in reasons:
+        match = _PAYLOAD_SIZE.search(reason)
+        if match is not None:
+            size = format_bytes(int(match.group(1)))
+            return _error(
+                413,
+                "too_large",
+                f"message {message_id!r}: payload is {size}, over the {format_bytes(limit)} "
+                "limit (TETHER_MAX_MESSAGE_SIZE)",
+                message_id=message_id,
+                limit_bytes=limit,
+            )
+    return None
 
 
 # --------------------------------------------------------------------------- settings
@@ -660,7 +692,16 @@ def create_app(
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                return None, _error(413, "too_large", f"request body over {limit} bytes")
+                message_id = _peek_message_id(b"".join(chunks) + chunk)
+                named = f"message {message_id!r}: " if message_id else ""
+                return None, _error(
+                    413,
+                    "too_large",
+                    f"{named}request body over {format_bytes(limit)}; payloads are limited to "
+                    f"{format_bytes(cfg.max_message_size)} (TETHER_MAX_MESSAGE_SIZE)",
+                    message_id=message_id,
+                    limit_bytes=cfg.max_message_size,
+                )
             chunks.append(chunk)
         try:
             return orjson.loads(b"".join(chunks)), None
@@ -694,7 +735,10 @@ def create_app(
             message_id=body.message_id,
             ttl=body.ttl,
         )
-        return JSONResponse(result.to_dict())
+        too_large = _payload_too_large(
+            result.message_id, [result.reason or ""], cfg.max_message_size
+        )
+        return too_large or JSONResponse(result.to_dict())
 
     async def api_broadcast(request: Request) -> Response:
         body = await publish_body(request, BroadcastRequest)
@@ -708,7 +752,10 @@ def create_app(
             ttl=body.ttl,
             exclude=body.exclude,
         )
-        return JSONResponse(result.to_dict())
+        too_large = _payload_too_large(
+            result.message_id, list(result.reasons), cfg.max_message_size
+        )
+        return too_large or JSONResponse(result.to_dict())
 
     # ---- live
 
