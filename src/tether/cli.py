@@ -214,7 +214,9 @@ async def _serve(
             simulation = simulate(hub)
             await simulation.start()
             print(
-                f"Simulating {len(simulation.clients)} clients at ~{simulation.rate:g} msg/s.",
+                f"Simulating {len(simulation.clients)} clients at ~{simulation.rate:g} msg/s, plus "
+                f"short-lived guest-* clients (listed until {config.client_ttl:g} s after they "
+                "leave).",
                 file=out,
             )
         print("Press Ctrl-C to stop.", file=out, flush=True)

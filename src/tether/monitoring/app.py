@@ -33,6 +33,7 @@ from ..hub import CLIENT_ID_PATTERN, Hub
 from ..metrics import MetricsSnapshot
 from ..resilience import CircuitState
 from ..transports.session import Authenticate, origin_allowed, origin_patterns
+from .history import SampleHistory
 
 log = logging.getLogger("tether.monitoring")
 
@@ -244,6 +245,7 @@ class LiveFeed:
         self._history: deque[dict[str, Any]] = deque(maxlen=history)
         self._perf_base: MetricsSnapshot | None = None
         self._aggr_base: MetricsSnapshot | None = None
+        self.health: HealthCheck | None = None  # set by create_app: health in every realtime
 
     # ---- payloads
 
@@ -269,6 +271,10 @@ class LiveFeed:
             "retry": data["retry"],
             "memory": data["memory"],
             "closing": self.hub.closing,
+            # header, totals and health come from this same snapshot, so the page agrees
+            "uptime_seconds": data["uptime_seconds"],
+            "messages": data["messages"],
+            "health": self.health.evaluate(data) if self.health is not None else None,
         }
 
     def performance(self) -> dict[str, Any]:
@@ -398,8 +404,10 @@ class HealthCheck:
         self._backend_errors = 0
         self._backend_error_at: float | None = None
 
-    def evaluate(self) -> dict[str, Any]:
-        data = self.hub.metrics.snapshot().to_dict()
+    def evaluate(self, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """ok / degraded / failing, from `data` (a snapshot's `to_dict()`) or a fresh one."""
+        if data is None:
+            data = self.hub.metrics.snapshot().to_dict()
         t = self.t
         failing: list[str] = []
         degraded: list[str] = []
@@ -527,6 +535,7 @@ def create_app(
     shutdown_hub: bool = False,
     include_ws: bool = True,
     authenticate: Authenticate | None = None,
+    history: SampleHistory | None = None,
 ) -> Starlette:
     """A Starlette app serving `hub`: the delivery WebSocket at `ws_path` and monitoring.
 
@@ -536,7 +545,9 @@ def create_app(
     client. Without `monitor_token` the monitoring routes then answer loopback callers
     only. Mounted in FastAPI the lifespan may not run; the hub starts on first use.
     `authenticate` is the `/ws` hook (see `tether.auth`); without one, `auth_secret`
-    (TETHER_AUTH_SECRET) turns on signed tokens.
+    (TETHER_AUTH_SECRET) turns on signed tokens. `history` (default: a new
+    `SampleHistory(hub)`) is sampled from app start-up, dashboard open or not, and
+    served at `/api/history`.
     """
     cfg = hub.config
     monitor = cfg.monitor_token if monitor_token is _UNSET else monitor_token
@@ -557,6 +568,8 @@ def create_app(
     access = _Access(monitor or None, api or None, public, origin_patterns(cfg.allowed_origins))
     feed = LiveFeed(hub, cadence)
     checker = HealthCheck(hub, health or HealthThresholds())
+    feed.health = checker
+    samples = history if history is not None else SampleHistory(hub)
 
     def guarded(handler: Handler, *, allow_query: bool = False) -> Handler:
         async def endpoint(request: Request) -> Response:
@@ -578,6 +591,18 @@ def create_app(
 
     async def api_metrics(request: Request) -> Response:
         return JSONResponse(hub.metrics.snapshot().to_dict())
+
+    async def api_history(request: Request) -> Response:
+        samples.start()  # mounted without a lifespan: sampling starts with the first reader
+        q = request.query_params
+        cadence = q.get("cadence", "fine")
+        if cadence not in samples.rings:
+            return _error(400, "bad_request", f"cadence must be one of {', '.join(samples.rings)}")
+        try:
+            since = float(q["since"]) if "since" in q else None
+        except ValueError:
+            return _error(400, "bad_request", "since must be a number (wall-clock seconds)")
+        return JSONResponse(samples.to_dict(cadence, since))
 
     async def api_clients(request: Request) -> Response:
         q = request.query_params
@@ -680,6 +705,9 @@ def create_app(
             return _error(404, "not_found", "no such asset")
         return FileResponse(DASHBOARD_DIR / name, headers=_PAGE_HEADERS)
 
+    async def favicon(request: Request) -> Response:
+        return FileResponse(CLIENT_STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     async def root(request: Request) -> Response:
         return RedirectResponse(str(request.url_for("dashboard")), 307)
 
@@ -769,6 +797,7 @@ def create_app(
             await websocket.close(1008, "unauthorized" if access.monitor_token else "forbidden")
             return
         await websocket.accept()
+        samples.start()
         queue = feed.subscribe()
 
         async def pump() -> None:
@@ -800,6 +829,8 @@ def create_app(
         Route("/health", guarded(health_route), methods=["GET"]),
         Route("/metrics", guarded(prometheus), methods=["GET"]),
         Route("/api/metrics", guarded(api_metrics), methods=["GET"]),
+        Route("/api/history", guarded(api_history), methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/api/clients", guarded(api_clients), methods=["GET"]),
         Route("/api/clients/{client_id:str}", guarded(api_client), methods=["GET"]),
         Route("/api/dead-letters", guarded(api_dead_letters), methods=["GET"]),
@@ -818,9 +849,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if start_hub:
             await hub.start()
+        samples.start()
         try:
             yield
         finally:
+            await samples.stop()
             if shutdown_hub:
                 await hub.shutdown()
 
@@ -828,6 +861,7 @@ def create_app(
     app.state.hub = hub
     app.state.live_feed = feed
     app.state.health = checker
+    app.state.history = samples
     return app
 
 
