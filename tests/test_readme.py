@@ -66,7 +66,9 @@ async def test_fastapi_example_delivers_to_a_tether_client() -> None:
         async with client, httpx.AsyncClient(base_url=server.url) as http:
             await client.wait_connected()
             first = (await http.post(curl_path())).json()
-            assert first["status"] == SendStatus.SENT and first["message_id"] == "order-1234-shipped"
+            assert (
+                first["status"] == SendStatus.SENT and first["message_id"] == "order-1234-shipped"
+            )
             # another order to the same user is another message, not a "duplicate"
             second = (await http.post("/orders/1235/shipped?user=alice")).json()
             assert second["status"] == SendStatus.SENT

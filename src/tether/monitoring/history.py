@@ -222,9 +222,7 @@ class SampleHistory:
     def start(self) -> None:
         """Start sampling in the background (idempotent); needs a running event loop."""
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self.run(), name="tether-history"
-            )
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="tether-history")
 
     @property
     def running(self) -> bool:
