@@ -88,3 +88,17 @@ async def test_sampler_is_owned_by_the_app_and_a_missed_tick_leaves_a_longer_int
     intervals = [row[1] for row in history.to_dict()["rows"]]
     assert intervals[:3] == [1.0, 1.0, 1.0] and intervals[3] >= 30.0
     await hub.shutdown(timeout=1.0)
+
+
+async def test_history_needs_the_monitoring_token() -> None:
+    hub = Hub(HubConfig(), clock=ManualClock())
+    token = "monitor-secret-1"
+    app = create_app(hub, monitor_token=token, api_token="api-secret-12345")
+    async with (
+        BackgroundServer(app) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=5) as http,
+    ):
+        assert (await http.get("/api/history")).status_code == 401
+        good = await http.get("/api/history", headers={"Authorization": f"Bearer {token}"})
+        assert good.status_code == 200 and good.json()["cadence"] == "fine"
+    await hub.shutdown(timeout=1.0)

@@ -1023,6 +1023,22 @@ def openapi_spec(ws_path: str = "/ws") -> dict[str, Any]:
                     "responses": {"200": ok(obj), "401": error, "403": error},
                 }
             },
+            "/api/history": {
+                "get": {
+                    "summary": "Recent samples (rates, latency, clients) in fixed rings",
+                    "description": (
+                        "Recorded every second by the app whether or not a dashboard is "
+                        "open: `fine` keeps 15 minutes at 1 s, `coarse` 24 hours at 60 s. "
+                        "`rows` are lists in the order of `fields`, oldest first."
+                    ),
+                    "security": monitor_sec,
+                    "parameters": [
+                        q("cadence", {"enum": ["fine", "coarse"], "default": "fine"}, "Ring"),
+                        q("since", {"type": "number"}, "Only samples after this wall time"),
+                    ],
+                    "responses": {"200": ok(obj), "400": error, "401": error, "403": error},
+                }
+            },
             "/api/clients": {
                 "get": {
                     "summary": "Tracked clients, filtered, sorted and paginated",
