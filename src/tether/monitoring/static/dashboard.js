@@ -288,7 +288,8 @@ function addRows(cadence, body) {
   const lastTs = list.length ? list[list.length - 1].ts : -Infinity;
   for (const row of rows) if (row.ts > lastTs) list.push(row);
   // keep what the window shows: older samples (a previous server's too) fall off
-  const horizon = Date.now() / 1000 - body.step_seconds * body.keep;
+  const newest = list.length ? list[list.length - 1].ts : Date.now() / 1000;
+  const horizon = Math.max(Date.now() / 1000, newest) - body.step_seconds * body.keep;
   const firstKept = list.findIndex((r) => r.ts >= horizon);
   if (firstKept > 0) list.splice(0, firstKept);
   else if (firstKept === -1) list.length = 0;
@@ -317,7 +318,9 @@ async function refreshHistory(full) {
 function lastMinuteRate(name) {
   // the same samples the throughput chart draws: total over the last minute / its length
   const rows = state.history.fine;
-  const since = Date.now() / 1000 - 60;
+  if (!rows.length) return null;
+  // measured on the server's clock (the newest sample), not the browser's
+  const since = rows[rows.length - 1].ts - 60;
   let count = 0;
   let seconds = 0;
   for (const r of rows) {
