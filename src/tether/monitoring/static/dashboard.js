@@ -95,6 +95,13 @@ function fmtBytes(n, digits = 1) {
   return `${n.toFixed(i ? digits : 0)} ${units[i]}`;
 }
 
+// latency: milliseconds below a second, seconds above, so axis labels stay short
+function fmtMs(ms, digits = 1) {
+  if (ms === null || ms === undefined) return "–";
+  if (ms >= 1000) return `${fmtNum(ms / 1000, ms >= 10000 ? 0 : 1)} s`;
+  return `${fmtNum(ms, ms < 1 ? 1 : digits)} ms`;
+}
+
 function fmtAge(seconds) {
   if (seconds === null || seconds === undefined) return "–";
   if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
@@ -208,7 +215,8 @@ function drawChart(svg, rows, series, { format, floor = 1, scale = "linear", emp
     svg.append(label);
   }
   const xOf = (ts) => left + ((ts - t0) / span) * w;
-  for (let i = 0; i <= 3; i += 1) {
+  const marks = w < 320 ? [0, 3] : [0, 1, 2, 3]; // a narrow chart: its ends only
+  for (const i of marks) {
     const ts = t0 + (span * i) / 3;
     const anchor = i === 0 ? "start" : i === 3 ? "end" : "middle";
     const label = svgEl("text", { x: xOf(ts), y: height - 3, "text-anchor": anchor, "font-size": 10, fill: "#8391a1" });
@@ -253,7 +261,7 @@ function drawCharts() {
     { value: (r) => r.p50_ms },
     { value: (r) => r.p95_ms },
     { value: (r) => r.p99_ms },
-  ], { format: (v) => (v < 1 ? `${fmtNum(v, 1)} ms` : `${fmtInt(v)} ms`), scale: "log", floor: 10, empty: "no deliveries yet" });
+  ], { format: (v) => fmtMs(v, 0), scale: "log", floor: 10, empty: "no deliveries yet" });
   drawChart($("throughput-chart"), rows, [
     { value: (r) => r.delivered_per_s },
     { value: (r) => r.queued_per_s },
@@ -268,15 +276,13 @@ function drawCharts() {
   ], { format: fmtInt, floor: 4 });
   const last = rows[rows.length - 1];
   if (last) {
-    setText("lat-p50", last.p50_ms === null ? "–" : `${fmtNum(last.p50_ms, 2)} ms`);
-    setText("lat-p95", last.p95_ms === null ? "–" : `${fmtNum(last.p95_ms, 2)} ms`);
-    setText("lat-p99", last.p99_ms === null ? "–" : `${fmtNum(last.p99_ms, 2)} ms`);
+    setText("lat-p50", fmtMs(last.p50_ms, 2));
+    setText("lat-p95", fmtMs(last.p95_ms, 2));
+    setText("lat-p99", fmtMs(last.p99_ms, 2));
     for (const k of ["delivered", "queued", "failed", "dropped"]) setText(`tp-${k}`, fmtNum(last[`${k}_per_s`], 1));
-    // a chart's legend shows its own newest sample, never a value from another source
+    // a chart's legend shows its own newest sample; the client counts are not repeated
+    // here, so they are read in one place only (the panels above, from the live frame)
     setText("mem-rss", fmtBytes(last.rss_bytes));
-    setText("mem-clients", fmtInt(last.tracked_clients));
-    setText("mem-connected", fmtInt(last.connected));
-    setText("mem-open", fmtInt(last.breakers_open));
   }
 }
 
