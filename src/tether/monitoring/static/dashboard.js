@@ -170,7 +170,7 @@ function clockTime(seconds, withSeconds) {
 // missing (a gap longer than two steps) or a value is null. `scale` "log" spaces decades
 // evenly so small values (p50) stay readable beside large ones (p99). Sized to the
 // element's pixels, so text is crisp; redrawn on resize.
-function drawChart(svg, rows, series, { format, floor = 1, scale = "linear", empty = "no samples yet" }) {
+function drawChart(svg, rows, series, { format, floor = 1, scale = "linear", integer = false, empty = "no samples yet" }) {
   const width = Math.max(120, Math.round(svg.clientWidth || 600));
   const height = Math.max(80, Math.round(svg.clientHeight || 180));
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
@@ -200,6 +200,7 @@ function drawChart(svg, rows, series, { format, floor = 1, scale = "linear", emp
     for (let e = lo; e <= hi; e += 1) ticks.push(10 ** e);
   } else {
     max = niceMax(max, floor);
+    if (integer) max = Math.ceil(max / 4) * 4; // counts: every grid line on a whole number
     yOf = (v) => top + h - (Math.min(v, max) / max) * h;
     for (let i = 0; i <= 4; i += 1) ticks.push((max * i) / 4);
   }
@@ -273,7 +274,7 @@ function drawCharts() {
     { value: (r) => r.tracked_clients, cls: "s1" },
     { value: (r) => r.connected, cls: "s3" },
     { value: (r) => r.breakers_open, cls: "s2" },
-  ], { format: fmtInt, floor: 4 });
+  ], { format: fmtInt, floor: 4, integer: true });
   const last = rows[rows.length - 1];
   if (last) {
     setText("lat-p50", fmtMs(last.p50_ms, 2));
