@@ -475,6 +475,8 @@ async def test_empty_dashboard_has_sensible_axes(browser: Browser, shots: Path) 
                 "0 B", "256 KiB", "512 KiB", "768 KiB", "1 MiB",
             ]  # fmt: skip
             assert await y_labels(page, "clients-chart") == ["0", "1", "2", "3", "4"]
+            # grid lines at quarters are labelled with their true values, not rounded ones
+            assert await y_labels(page, "throughput-chart") == ["0", "0.25", "0.5", "0.75", "1"]
             await page.screenshot(path=str(shots / "desktop-empty.png"))
         finally:
             await page.close()

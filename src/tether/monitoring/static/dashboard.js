@@ -268,7 +268,7 @@ function drawCharts() {
     { value: (r) => r.queued_per_s },
     { value: (r) => r.failed_per_s },
     { value: (r) => r.dropped_per_s },
-  ], { format: (v) => fmtNum(v, 1), floor: 1 });
+  ], { format: (v) => fmtNum(v, 2), floor: 1 });
   drawChart($("memory-chart"), rows, [{ value: (r) => r.rss_bytes }], { format: (v) => fmtBytes(v, 0), floor: 1 << 20 });
   drawChart($("clients-chart"), rows, [
     { value: (r) => r.tracked_clients, cls: "s1" },
