@@ -1,6 +1,11 @@
-"""HubConfig: contract defaults, TETHER_* environment parsing, and errors that name the variable."""
+"""HubConfig: contract defaults, TETHER_* environment and `.env` parsing, unknown names refused
+with a suggestion, and errors that name the source of a bad value (keyword, flag, variable, file)."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,12 +44,13 @@ CONTRACT_DEFAULTS = {
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import os
 
     for key in list(os.environ):
-        if key.startswith("TETHER_"):
+        if key.upper().startswith("TETHER_"):
             monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)  # a working directory with no `.env` unless a test writes one
 
 
 def test_every_contract_variable_has_its_seed_default() -> None:
@@ -108,9 +114,133 @@ def test_inconsistent_retry_delays_are_refused() -> None:
         HubConfig(retry_base_delay=10, retry_max_delay=5)
 
 
-def test_unknown_keyword_is_refused() -> None:
-    with pytest.raises(ConfigError, match="TETHER_MAX_QUEUE"):
+def test_unknown_keyword_is_refused_blaming_the_keyword() -> None:
+    with pytest.raises(ConfigError) as excinfo:
         HubConfig(max_queue=5)  # type: ignore[call-arg]
+    message = str(excinfo.value)
+    assert "HubConfig(max_queue=...): no such setting; did you mean max_queue_size?" in message
+    assert "TETHER_" not in message  # no environment variable was involved
+
+
+def test_unknown_environment_variable_is_refused_with_the_closest_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TETHER_MAX_QUEUE", "5")
+    monkeypatch.setenv("TETHER_SEND_TIMOUT", "3")
+    with pytest.raises(ConfigError) as excinfo:
+        HubConfig()
+    message = str(excinfo.value)
+    assert (
+        "TETHER_MAX_QUEUE (environment variable): no such setting; "
+        "did you mean TETHER_MAX_QUEUE_SIZE?" in message
+    )
+    assert "did you mean TETHER_SEND_TIMEOUT?" in message
+
+
+def test_unknown_name_far_from_every_setting_points_to_the_guide(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TETHER_XYZZY", "1")
+    with pytest.raises(ConfigError, match=r"TETHER_XYZZY .*see docs/configuration\.md"):
+        HubConfig()
+
+
+def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "# comments and other programs' variables are fine\n"
+        "DATABASE_URL=postgres://example\n"
+        "TETHER_MAX_QUEUE_SIZE=7\n"
+        "TETHER_OVERFLOW_POLICY=reject\n"
+    )
+    config = HubConfig()
+    assert config.max_queue_size == 7
+    assert config.overflow_policy.value == "reject"
+
+
+def test_environment_wins_over_dotenv_and_keywords_win_over_both(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text("TETHER_MAX_QUEUE_SIZE=7\n")
+    monkeypatch.setenv("TETHER_MAX_QUEUE_SIZE", "9")
+    assert HubConfig().max_queue_size == 9
+    assert HubConfig(max_queue_size=3).max_queue_size == 3
+
+
+def test_bad_value_in_dotenv_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("TETHER_MAX_QUEUE_SIZE=-5\n")
+    with pytest.raises(ConfigError) as excinfo:
+        HubConfig()
+    assert f"TETHER_MAX_QUEUE_SIZE (in {tmp_path / '.env'}): " in str(excinfo.value)
+    assert "(got '-5')" in str(excinfo.value)
+
+
+def test_unknown_name_in_dotenv_is_refused(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("TETHER_MAX_QUEUE=5\n")
+    with pytest.raises(ConfigError) as excinfo:
+        HubConfig()
+    assert (
+        f"TETHER_MAX_QUEUE (in {tmp_path / '.env'}): no such setting; "
+        "did you mean TETHER_MAX_QUEUE_SIZE?" in str(excinfo.value)
+    )
+
+
+def test_bad_keyword_value_blames_the_keyword(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_PORT", "8000")  # valid, and not the culprit
+    with pytest.raises(ConfigError) as excinfo:
+        HubConfig(port=70000)
+    assert "HubConfig(port=...): Input should be less than or equal to 65535 (got 70000)" in str(
+        excinfo.value
+    )
+    assert "TETHER_PORT" not in str(excinfo.value)
+
+
+def test_bad_environment_value_names_the_variable_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_PORT", "70000")
+    with pytest.raises(ConfigError, match=r"TETHER_PORT \(environment variable\): "):
+        HubConfig()
+
+
+def test_flag_value_blames_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TETHER_PORT", "8000")
+    with pytest.raises(ConfigError) as excinfo:
+        HubConfig.from_flags({"port": ("--port", 70000)})
+    assert "--port (command-line flag): " in str(excinfo.value)
+    assert "TETHER_PORT" not in str(excinfo.value)
+    assert HubConfig.from_flags({"port": ("--port", 9000)}).port == 9000  # flag beats env
+
+
+def test_tether_serve_blames_its_port_flag(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TETHER_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "tether", "serve", "--port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "TETHER_PORT": "8000"},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "--port (command-line flag): Input should be less than or equal to 65535" in done.stderr
+
+
+def test_tether_serve_refuses_an_unknown_variable_before_listening(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("TETHER_")}
+    (tmp_path / ".env").write_text("TETHER_MAX_QUEUE_SIZE=-5\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "tether", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "TETHER_MAX_QUEUE": "5"},
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "did you mean TETHER_MAX_QUEUE_SIZE?" in done.stderr
+    assert "listening" not in done.stdout
 
 
 def test_config_is_immutable() -> None:

@@ -4,6 +4,7 @@ colours, charts, filtering, drill-down, phone width, token prompt and recovery a
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from playwright.async_api import Browser, ConsoleMessage, Page
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from starlette.applications import Starlette
 
-from tether import CircuitState, Hub, HubConfig
+from tether import CircuitState, Hub, HubConfig, ManualClock
 from tether.demo import DEMO_CONFIG, DemoSimulation
 from tether.monitoring import BackgroundServer, create_app
+from tether.monitoring.history import FIELDS, SampleHistory
 from tether.testing import MockWebSocket
 
 pytestmark = pytest.mark.browser
@@ -24,6 +26,15 @@ REALTIME = 0.5
 PERFORMANCE = 1.0
 AGGREGATE = 2.0
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+# Where the history test leaves its desktop and phone screenshots for a person to look at.
+# (Not a TETHER_* name: those must all be settings, or HubConfig() refuses to start.)
+SHOTS = Path(os.environ.get("DASHBOARD_SHOTS_DIR", "/tmp/tether-dashboard-shots"))
+
+
+@pytest.fixture
+def shots() -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    return SHOTS
 
 
 @dataclass
@@ -106,9 +117,13 @@ async def test_dashboard_follows_a_running_demo(browser: Browser) -> None:
             badge = page.locator('tr[data-client-id="victim"] [data-testid="client-state"]')
             assert await badge.get_attribute("data-state") == "open"
             assert "🔴" in (await badge.get_attribute("title") or "")
-            dot = badge.locator(".dot")
-            assert (
-                await dot.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(248, 81, 73)"
+            # the table is redrawn every tick: read the dot of the current row in one go
+            await page.wait_for_function(
+                """() => {
+                    const dot = document.querySelector('tr[data-client-id="victim"] .dot');
+                    return dot && getComputedStyle(dot).backgroundColor === 'rgb(248, 81, 73)';
+                }""",
+                timeout=5_000,
             )
             open_count = int(await page.get_by_test_id("breaker-open-count").text_content() or 0)
             assert open_count >= 1
@@ -121,9 +136,9 @@ async def test_dashboard_follows_a_running_demo(browser: Browser) -> None:
             )
             assert await points(page, "throughput-chart") >= before + 2
             assert await points(page, "memory-chart") >= before + 2
-            assert await page.locator("#latency-chart polyline").count() == 3
+            assert await page.locator("#latency-chart path.series").count() == 3
 
-            if os.environ.get("TETHER_SCREENSHOT") == "1":
+            if os.environ.get("UPDATE_DASHBOARD_PNG") == "1":
                 await page.wait_for_function(
                     "() => Number(document.getElementById('latency-chart').dataset.points) >= 8",
                     timeout=20_000,
@@ -263,6 +278,209 @@ async def test_phone_width_and_token_prompt(browser: Browser) -> None:
                 assert "token" not in fresh.url
             finally:
                 await fresh.close()
+        finally:
+            await page.close()
+    await hub.shutdown(timeout=1.0)
+
+
+# --------------------------------------------------------------------------- history
+
+
+def synthetic_history(hub: Hub, now: float) -> SampleHistory:
+    """Fifteen minutes of samples with a hole in the middle: what a restarted
+    dashboard must draw from the server's memory, gaps as gaps."""
+    history = SampleHistory(hub)
+
+    def row(ts: float, step: float, i: int) -> tuple[float, ...]:
+        wave = (i % 60) / 60
+        values = {
+            "ts": ts,
+            "interval_seconds": step,
+            "p50_ms": 0.4 + 0.2 * wave,
+            "p95_ms": 30 + 20 * wave,
+            "p99_ms": 600 + 300 * wave,
+            "deliveries": 40,
+            "delivered_per_s": 38 + 6 * wave,
+            "queued_per_s": 5 + 3 * wave,
+            "failed_per_s": 1 + wave,
+            "dropped_per_s": 0.5,
+            "rss_bytes": 80 * 2**20 + i * 4096,
+            "tracked_clients": 14,
+            "connected": 11 + (i // 30) % 3,
+            "breakers_open": (i // 45) % 2,
+            "breakers_half_open": 0,
+            "pending": 20,
+            "oldest_pending_seconds": 2.0,
+        }
+        return tuple(float(values[name]) for name in FIELDS)
+
+    for i in range(120):  # 8 to 6 minutes ago
+        history.fine.append(row(now - 480 + i, 1.0, i))
+    for i in range(240):  # the last 4 minutes; nothing between: the server was down
+        history.fine.append(row(now - 240 + i, 1.0, i))
+    for i in range(60):  # coarse: 3 hours, a gap, then the last 2 hours
+        history.coarse.append(row(now - 6 * 3600 + i * 60, 60.0, i))
+    for i in range(120):
+        history.coarse.append(row(now - 2 * 3600 + i * 60, 60.0, i))
+    return history
+
+
+async def y_labels(page: Page, chart: str) -> list[str]:
+    labels: list[str] = await page.evaluate(
+        """id => [...document.querySelectorAll('#' + id + ' text[text-anchor=end]')]
+                 .filter(t => t.textContent !== 'now').map(t => t.textContent)""",
+        chart,
+    )
+    return labels
+
+
+async def test_dashboard_draws_the_servers_history_with_gaps_log_latency_and_labels(
+    browser: Browser, shots: Path
+) -> None:
+    now = time.time()
+    clock = ManualClock(wall_start=now)  # the sampler waits on this clock: only our samples
+    hub = Hub(HubConfig(**{**DEMO_CONFIG, "recovery_timeout": 60.0}), clock=clock)
+    for i in range(12):
+        await hub.connect(f"phone-{i:02d}", MockWebSocket())
+    await force_open(hub, "tunnel-7")
+    history = synthetic_history(hub, now)
+    # performance and aggregate frames once an hour: header, panels and totals must not need them
+    app = create_app(
+        hub,
+        history=history,
+        realtime_interval=REALTIME,
+        performance_interval=3600,
+        aggregate_interval=3600,
+    )
+    async with BackgroundServer(app) as server:
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        console = Console()
+        console.attach(page)
+        try:
+            await page.goto(server.url + "/dashboard")
+            # the past is there as soon as the page opens
+            await page.wait_for_function(
+                "() => document.getElementById('latency-chart').dataset.points === '360'",
+                timeout=10_000,
+            )
+            for chart in ("latency-chart", "throughput-chart", "memory-chart", "clients-chart"):
+                segments = await page.get_by_test_id(chart).get_attribute("data-segments")
+                assert segments == "2", f"{chart}: the 4-minute hole must break the line"
+
+            # log latency axis: p50 (~0.5 ms) is well clear of the floor beside p99 (~800 ms)
+            assert await page.get_by_test_id("latency-chart").get_attribute("data-scale") == "log"
+            labels = await y_labels(page, "latency-chart")
+            assert labels == ["0.1 ms", "1 ms", "10 ms", "100 ms", "1 s"]  # decades, short labels
+            lift = await page.evaluate(
+                r"""() => {
+                    const svg = document.getElementById('latency-chart');
+                    const ys = [...svg.querySelector('path.s0').getAttribute('d')
+                        .matchAll(/[ML][\d.]+,([\d.]+)/g)].map(m => Number(m[1]));
+                    const grid = [...svg.querySelectorAll('line.grid-line')].map(l => Number(l.getAttribute('y1')));
+                    const bottom = Math.max(...grid), top = Math.min(...grid);
+                    return (bottom - Math.max(...ys)) / (bottom - top);
+                }"""
+            )
+            assert lift > 0.1, f"p50 sits at {lift:.0%} of the axis: unreadable"
+
+            # one frame feeds header, breaker panel, health pill and totals: they agree
+            await page.wait_for_function(
+                """() => document.getElementById('uptime').textContent !== '–'
+                    && document.querySelector('#totals-body tr[data-metric=sent]')""",
+                timeout=5_000,
+            )
+            agreed = await page.evaluate(
+                """() => ({
+                    open: document.getElementById('breaker-open').textContent,
+                    health: document.getElementById('health').textContent,
+                    status: document.getElementById('health').dataset.status,
+                })"""
+            )
+            assert agreed["open"] == "1" and agreed["status"] == "degraded"
+            # the totals' rates are the throughput chart's samples over the last minute
+            await page.wait_for_function(
+                """() => Number(document.querySelector(
+                    '#totals-body tr[data-metric=delivered] td:last-child').textContent) > 38""",
+                timeout=5_000,
+            )
+            assert "1 of 13 client circuit breakers open" in agreed["health"]
+
+            # words for the symbols: "breaker" and "connected" columns, with a legend
+            headers = await page.locator("table[data-testid=clients-table] th").all_text_contents()
+            assert headers[:3] == ["client", "breaker", "connected"]
+            legend = await page.get_by_test_id("clients-legend").text_content() or ""
+            assert "breaker" in legend and "connected" in legend and "○ no" in legend
+            cell = page.locator('tr[data-client-id="tunnel-7"] [data-testid=client-connected]')
+            assert (await cell.text_content() or "").strip() == "● yes"
+
+            await page.screenshot(path=str(shots / "desktop-15min.png"), full_page=True)
+            await page.get_by_test_id("range-coarse").click()
+            await page.wait_for_function(
+                "() => document.getElementById('clients-chart').dataset.points === '180'",
+                timeout=5_000,
+            )
+            assert await page.get_by_test_id("clients-chart").get_attribute("data-segments") == "2"
+            await page.screenshot(path=str(shots / "desktop-24h.png"))
+            assert console.errors == []
+        finally:
+            await page.close()
+
+        phone = await browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+        try:
+            await phone.goto(server.url + "/dashboard")
+            await phone.locator('tr[data-client-id="tunnel-7"]').wait_for(timeout=10_000)
+            overflow = await phone.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0
+            # every column of a client is on screen, labelled: a card per client
+            cells = await phone.locator('tr[data-client-id="tunnel-7"] td').evaluate_all(
+                """tds => tds.map(td => {
+                    const r = td.getBoundingClientRect();
+                    return {label: td.dataset.label, left: r.left, right: r.right,
+                            shown: r.width > 0 && r.height > 0};
+                })"""
+            )
+            assert [c["label"] for c in cells] == [
+                "client", "breaker", "connected", "pending", "sent", "delivered", "failed",
+                "dead", "last activity",
+            ]  # fmt: skip
+            assert all(c["shown"] and c["left"] >= 0 and c["right"] <= 390 for c in cells), cells
+            assert await phone.locator("table[data-testid=clients-table] thead").is_hidden()
+            await phone.locator("#panel-clients").screenshot(path=str(shots / "phone-clients.png"))
+            await phone.screenshot(path=str(shots / "phone.png"), full_page=True)
+            for name, top in (("phone-top.png", 0), ("phone-charts.png", 1100)):
+                clip = {"x": 0, "y": top, "width": 390, "height": 1100}
+                await phone.screenshot(path=str(shots / name), full_page=True, clip=clip)
+        finally:
+            await phone.close()
+    await hub.shutdown(timeout=1.0)
+
+
+async def test_empty_dashboard_has_sensible_axes(browser: Browser, shots: Path) -> None:
+    clock = ManualClock(wall_start=time.time())
+    hub = Hub(HubConfig(), clock=clock)  # no sample is ever taken: the clock never moves
+    async with BackgroundServer(dashboard_app(hub)) as server:
+        page = await browser.new_page(viewport={"width": 1280, "height": 800})
+        try:
+            await page.goto(server.url + "/dashboard")
+            await page.wait_for_function(
+                "() => document.getElementById('live-status').dataset.state === 'live'",
+                timeout=10_000,
+            )
+            await page.wait_for_timeout(300)  # the first history fetch has been drawn
+            latency = await page.get_by_test_id("latency-chart").text_content() or ""
+            assert "no deliveries yet" in latency
+            for chart in ("latency-chart", "throughput-chart", "memory-chart", "clients-chart"):
+                labels = await y_labels(page, chart)
+                assert len(labels) == len(set(labels)) >= 3, f"{chart}: {labels}"
+            assert await y_labels(page, "memory-chart") == [
+                "0 B", "256 KiB", "512 KiB", "768 KiB", "1 MiB",
+            ]  # fmt: skip
+            assert await y_labels(page, "clients-chart") == ["0", "1", "2", "3", "4"]
+            # grid lines at quarters are labelled with their true values, not rounded ones
+            assert await y_labels(page, "throughput-chart") == ["0", "0.25", "0.5", "0.75", "1"]
+            await page.screenshot(path=str(shots / "desktop-empty.png"))
         finally:
             await page.close()
     await hub.shutdown(timeout=1.0)

@@ -2,10 +2,15 @@
 
 Then open http://127.0.0.1:8000/ (the page, examples/browser/index.html, uses the JS
 client served at /static/tether.js). Every second the server sends a numbered critical
-message to every client that has connected; drop the connection from the page, stop
-this server's network with the browser's devtools ("Offline"), or reload the page: the
-page gets every number once, in order, or is told exactly which ones were lost. The
-dashboard is at http://127.0.0.1:8000/dashboard.
+message to every client that has connected, and it echoes back whatever the page
+publishes; drop the connection from the page, stop this server's network with the
+browser's devtools ("Offline"), or reload the page: the page gets every number once, in
+order, or is told exactly which ones were lost. The dashboard is at
+http://127.0.0.1:8000/dashboard.
+
+Ctrl-C or SIGTERM stops it the way `tether serve` stops: pending messages are flushed,
+the page is closed with 1001 "going away" (it reconnects when the server is back), and
+the shutdown statistics are printed.
 """
 
 from __future__ import annotations
@@ -13,16 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import signal
 from pathlib import Path
+from typing import Any
 
-import uvicorn
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from tether import Hub, HubConfig
-from tether.monitoring import create_app
+from tether.monitoring import BackgroundServer, create_app
 
 PAGE = Path(__file__).resolve().parent / "index.html"
 log = logging.getLogger("tether.example")
@@ -44,21 +51,41 @@ async def tick(hub: Hub) -> None:
             log.debug("tick %d to %s: %s", n, client_id, result.status.value)
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event set by the first SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still works
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def main(port: int) -> None:
     hub = Hub(HubConfig(message_ttl=60.0))  # a tick older than a minute is reported as lost
+
+    @hub.on_message
+    async def echo(client_id: str, data: Any) -> None:
+        """The page's Publish box: say back what it published, as a critical message."""
+        text = data.get("text") if isinstance(data, dict) else data
+        await hub.send(client_id, {"text": f"you said: {text}"}, critical=True)
+
     app = create_app(hub)
     app.router.routes.insert(0, Route("/", page, methods=["GET"]))  # the page instead of the
-    # dashboard redirect; /ws, /static/tether.js and /dashboard come from create_app
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info"))
-    async with hub:
-        ticker = asyncio.create_task(tick(hub))
-        try:
-            print(f"open http://127.0.0.1:{port}/")
-            await server.serve()
-        finally:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+    # dashboard redirect; /ws, /static/tether.js, /favicon.ico and /dashboard come from create_app
+    server = BackgroundServer(app, "127.0.0.1", port, log_level="info")
+    stop = stop_on_signals()
+    await server.start()
+    ticker = asyncio.create_task(tick(hub))
+    print(f"open http://127.0.0.1:{server.port}/", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        ticker.cancel()
+        # the hub first (it flushes and closes the page with 1001), then the HTTP server
+        stats = await hub.shutdown()
+        await server.stop()
+    print("shutdown stats: " + json.dumps(stats.to_dict()), flush=True)
 
 
 if __name__ == "__main__":

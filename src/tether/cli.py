@@ -161,13 +161,13 @@ def _run(
     duration: float | None = None,
 ) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    overrides = dict(config_overrides)
+    flags: dict[str, tuple[str, Any]] = {}
     if args.host is not None:
-        overrides["host"] = args.host
+        flags["host"] = ("--host", args.host)
     if args.port is not None:
-        overrides["port"] = args.port
+        flags["port"] = ("--port", args.port)
     try:
-        config = HubConfig(**overrides)
+        config = HubConfig.from_flags(flags, **config_overrides)
     except ConfigError as exc:
         print(f"tether: {exc}", file=sys.stderr)
         return 2
@@ -212,7 +212,9 @@ async def _serve(
             simulation = simulate(hub)
             await simulation.start()
             print(
-                f"Simulating {len(simulation.clients)} clients at ~{simulation.rate:g} msg/s.",
+                f"Simulating {len(simulation.clients)} clients at ~{simulation.rate:g} msg/s, plus "
+                f"short-lived guest-* clients (listed until {config.client_ttl:g} s after they "
+                "leave).",
                 file=out,
             )
         print("Press Ctrl-C to stop.", file=out, flush=True)

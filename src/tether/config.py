@@ -1,15 +1,23 @@
-"""HubConfig: every setting of a hub, read from TETHER_* environment variables and validated."""
+"""HubConfig: every setting of a hub, from keywords, TETHER_* variables and `.env`, validated."""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import ipaddress
+import os
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "TETHER_"
+ENV_FILE = ".env"  # read from the working directory of the process, if it exists
 
 
 class ConfigError(ValueError):
@@ -45,15 +53,23 @@ PositiveSeconds = Annotated[float, Field(gt=0, le=86_400 * 365)]
 class HubConfig(BaseSettings):
     """Settings of a `Hub`.
 
-    `HubConfig()` reads `TETHER_*` environment variables (and a `.env` file if present);
-    keyword arguments win over the environment. A bad value raises `ConfigError` naming
-    the variable, so a misconfigured process fails at start-up rather than at 3 a.m.
+    Each value comes from the first of: a keyword argument, a `TETHER_*` environment
+    variable, a `TETHER_*` line of `.env` in the working directory, the default.
+
+    Raises `ConfigError` when a value is invalid (the message names where it came from:
+    the keyword, the command-line flag, the environment variable or the `.env` file), or
+    when a keyword or a `TETHER_*` variable names no setting (with the closest valid
+    name), so a misconfigured process fails at start-up rather than at 3 a.m.
     """
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
+        env_file=ENV_FILE,
+        env_file_encoding="utf-8",
         case_sensitive=False,
-        extra="forbid",
+        # Unknown keywords and TETHER_* names are refused by `ValueSources.unknown_names`
+        # (with a suggestion); "ignore" lets a shared `.env` hold other programs' variables.
+        extra="ignore",
         validate_default=True,
         frozen=True,
     )
@@ -185,10 +201,26 @@ class HubConfig(BaseSettings):
         return self
 
     def __init__(self, **values: Any) -> None:
+        sources = ValueSources.gather(values)
+        unknown = sources.unknown_names()
+        if unknown:
+            raise ConfigError("\n".join(["invalid Tether configuration:", *unknown]))
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc)) from None
+            raise ConfigError(describe_validation_error(exc, sources)) from None
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, tuple[str, Any]], **values: Any) -> HubConfig:
+        """A config where some values come from command-line flags.
+
+        `flags` maps a field to `(flag, value)`, e.g. `{"port": ("--port", 70000)}`; the
+        flag wins over keywords and the environment, and an error blames the flag.
+        Raises `ConfigError` as `HubConfig()` does.
+        """
+        merged = {**values, **{field: value for field, (_, value) in flags.items()}}
+        with _flag_names({field: flag for field, (flag, _) in flags.items()}):
+            return cls(**merged)
 
     @property
     def effective_allowed_hosts(self) -> list[str]:
@@ -243,13 +275,111 @@ def env_name(field: str) -> str:
 SECRET_FIELDS = frozenset({"monitor_token", "api_token", "auth_secret"})
 
 
-def describe_validation_error(exc: ValidationError) -> str:
+# Set by `HubConfig.from_flags` while it builds a config: field -> the flag that set it.
+_FLAGS: ContextVar[Mapping[str, str] | None] = ContextVar("tether_config_flags", default=None)
+
+
+@contextlib.contextmanager
+def _flag_names(names: Mapping[str, str]) -> Iterator[None]:
+    token = _FLAGS.set(names)
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    # compared without the shared prefix, which would make every TETHER_* name look close
+    bare = {v.removeprefix(ENV_PREFIX).lower(): v for v in valid}
+    match = difflib.get_close_matches(
+        name.removeprefix(ENV_PREFIX).lower(), list(bare), n=1, cutoff=0.6
+    )
+    return f"; did you mean {bare[match[0]]}?" if match else "; see docs/configuration.md"
+
+
+class ValueSources:
+    """Where each value of one `HubConfig(...)` call comes from, for exact error messages."""
+
+    def __init__(
+        self,
+        keywords: Mapping[str, Any],
+        flags: Mapping[str, str],
+        environ: Mapping[str, str],
+        dotenv: Mapping[str, str | None],
+        dotenv_path: Path,
+    ) -> None:
+        self.keywords = keywords
+        self.flags = flags
+        # pydantic-settings matches names case-insensitively (case_sensitive=False)
+        self.environ = {k.upper(): k for k in environ if k.upper().startswith(ENV_PREFIX)}
+        self.dotenv = {k.upper(): k for k in dotenv if k.upper().startswith(ENV_PREFIX)}
+        self.dotenv_path = dotenv_path
+
+    @classmethod
+    def gather(cls, keywords: Mapping[str, Any]) -> ValueSources:
+        """Read the environment and `.env` (in the working directory) as pydantic-settings will."""
+        path = Path.cwd() / ENV_FILE
+        dotenv = dotenv_values(path, encoding="utf-8") if path.is_file() else {}
+        return cls(keywords, _FLAGS.get() or {}, os.environ, dotenv, path)
+
+    def unknown_names(self) -> list[str]:
+        """One line per keyword or `TETHER_*` variable that names no setting."""
+        fields = list(HubConfig.model_fields)
+        variables = [env_name(f) for f in fields]
+        lines = []
+        for key in self.keywords:
+            if key not in HubConfig.model_fields:
+                where = self.flags.get(key) or f"HubConfig({key}=...)"
+                lines.append(f"  {where}: no such setting{_closest(key, fields)}")
+        for upper, original in sorted(self.environ.items()):
+            if upper not in variables:
+                lines.append(
+                    f"  {original} (environment variable): no such setting"
+                    f"{_closest(upper, variables)}"
+                )
+        for upper, original in sorted(self.dotenv.items()):
+            if upper not in variables:
+                lines.append(
+                    f"  {original} (in {self.dotenv_path}): no such setting"
+                    f"{_closest(upper, variables)}"
+                )
+        return lines
+
+    def describe(self, field: str) -> str:
+        """Where `field`'s value came from, as the user would name it."""
+        if field in self.flags:
+            return f"{self.flags[field]} (command-line flag)"
+        if field in self.keywords:
+            return f"HubConfig({field}=...)"
+        variable = env_name(field)
+        if variable in self.environ:
+            return f"{self.environ[variable]} (environment variable)"
+        if variable in self.dotenv:
+            return f"{self.dotenv[variable]} (in {self.dotenv_path})"
+        return f"{variable} (default)"
+
+
+def describe_validation_error(exc: ValidationError, sources: ValueSources | None = None) -> str:
+    """The lines of a `ConfigError`: each bad value, where it came from, and why."""
+    sources = sources or ValueSources({}, {}, os.environ, {}, Path(ENV_FILE))
     lines = ["invalid Tether configuration:"]
     for error in exc.errors():
         location = [str(part) for part in error.get("loc", ()) if part != "__root__"]
-        name = env_name(location[0]) if location else "TETHER_* (combination)"
+        name = sources.describe(location[0]) if location else "TETHER_* (combination)"
         value = error.get("input")
         secret = bool(location) and location[0] in SECRET_FIELDS
         shown = "" if isinstance(value, dict) or value is None or secret else f" (got {value!r})"
         lines.append(f"  {name}: {error.get('msg', 'invalid value')}{shown}")
     return "\n".join(lines)
+
+
+def format_bytes(size: int) -> str:
+    """A size for people: 1048576 -> "1 MiB", 1536 -> "1.5 KiB", 100 -> "100 bytes"."""
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            if unit == "bytes":
+                return f"{size} bytes"
+            return f"{value:.1f}".rstrip("0").rstrip(".") + f" {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -436,7 +436,7 @@ class Hub(HubInspection):
             return SendResult(
                 SendStatus.REJECTED,
                 client_id,
-                self._explicit_id(payload, message_id),
+                self._explicit_id(payload, message_id) or f"{self._id_prefix}-{next(self._ids)}",
                 rejected.reason,
             )
         return await self._deliver(client, envelope)
@@ -488,7 +488,7 @@ class Hub(HubInspection):
         except _Rejected as rejected:
             self._counters.messages_rejected += len(targets)
             return BroadcastResult(
-                self._explicit_id(payload, message_id),
+                self._explicit_id(payload, message_id) or f"{self._id_prefix}-{next(self._ids)}",
                 rejected=len(targets),
                 reasons={rejected.reason: len(targets)} if targets else {},
             )

@@ -31,11 +31,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._version import __version__
 from ..access import host_allowed, origin_allowed, origin_patterns
-from ..config import ConfigError
+from ..config import ConfigError, format_bytes
 from ..hub import CLIENT_ID_PATTERN, Hub
 from ..metrics import MetricsSnapshot
 from ..resilience import CircuitState
 from ..transports.session import Authenticate
+from .history import SampleHistory
 
 log = logging.getLogger("tether.monitoring")
 
@@ -67,6 +68,38 @@ class JSONResponse(Response):
 def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
     headers = {"WWW-Authenticate": 'Bearer realm="tether"'} if status == 401 else None
     return JSONResponse({"error": error, "message": message, **extra}, status, headers=headers)
+
+
+_MESSAGE_ID_FIELD = re.compile(rb'"message_id"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+_PAYLOAD_SIZE = re.compile(r"payload is (\d+) bytes, over max_message_size")
+
+
+def _peek_message_id(head: bytes) -> str | None:
+    """The `message_id` of a body cut off for size, when it appears in what was read."""
+    match = _MESSAGE_ID_FIELD.search(head[:65536])
+    if match is None:
+        return None
+    with contextlib.suppress(orjson.JSONDecodeError):
+        value = orjson.loads(b'"' + match.group(1) + b'"')
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _payload_too_large(message_id: str, reasons: list[str], limit: int) -> JSONResponse | None:
+    """HTTP 413 naming the message and the limit, when the hub refused it for its size."""
+    for reason in reasons:
+        match = _PAYLOAD_SIZE.search(reason)
+        if match is not None:
+            size = format_bytes(int(match.group(1)))
+            return _error(
+                413,
+                "too_large",
+                f"message {message_id!r}: payload is {size}, over the {format_bytes(limit)} "
+                "limit (TETHER_MAX_MESSAGE_SIZE)",
+                message_id=message_id,
+                limit_bytes=limit,
+            )
+    return None
 
 
 # --------------------------------------------------------------------------- settings
@@ -222,6 +255,7 @@ class LiveFeed:
         self._history: deque[dict[str, Any]] = deque(maxlen=history)
         self._perf_base: MetricsSnapshot | None = None
         self._aggr_base: MetricsSnapshot | None = None
+        self.health: HealthCheck | None = None  # set by create_app: health in every realtime
 
     # ---- payloads
 
@@ -247,6 +281,10 @@ class LiveFeed:
             "retry": data["retry"],
             "memory": data["memory"],
             "closing": self.hub.closing,
+            # header, totals and health come from this same snapshot, so the page agrees
+            "uptime_seconds": data["uptime_seconds"],
+            "messages": data["messages"],
+            "health": self.health.evaluate(data) if self.health is not None else None,
         }
 
     def performance(self) -> dict[str, Any]:
@@ -376,8 +414,10 @@ class HealthCheck:
         self._backend_errors = 0
         self._backend_error_at: float | None = None
 
-    def evaluate(self) -> dict[str, Any]:
-        data = self.hub.metrics.snapshot().to_dict()
+    def evaluate(self, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """ok / degraded / failing, from `data` (a snapshot's `to_dict()`) or a fresh one."""
+        if data is None:
+            data = self.hub.metrics.snapshot().to_dict()
         t = self.t
         failing: list[str] = []
         degraded: list[str] = []
@@ -506,6 +546,7 @@ def create_app(
     shutdown_hub: bool = False,
     include_ws: bool = True,
     authenticate: Authenticate | None = None,
+    history: SampleHistory | None = None,
 ) -> Starlette:
     """A Starlette app serving `hub`: the delivery WebSocket at `ws_path` and monitoring.
 
@@ -515,7 +556,9 @@ def create_app(
     client. Without `monitor_token` the monitoring routes then answer loopback callers
     only. Mounted in FastAPI the lifespan may not run; the hub starts on first use.
     `authenticate` is the `/ws` hook (see `tether.auth`); without one, `auth_secret`
-    (TETHER_AUTH_SECRET) turns on signed tokens.
+    (TETHER_AUTH_SECRET) turns on signed tokens. `history` (default: a new
+    `SampleHistory(hub)`) is sampled from app start-up, dashboard open or not, and
+    served at `/api/history`.
     """
     cfg = hub.config
     monitor = cfg.monitor_token if monitor_token is _UNSET else monitor_token
@@ -539,6 +582,8 @@ def create_app(
     )
     feed = LiveFeed(hub, cadence)
     checker = HealthCheck(hub, health or HealthThresholds())
+    feed.health = checker
+    samples = history if history is not None else SampleHistory(hub)
 
     def guarded(handler: Handler, *, allow_query: bool = False) -> Handler:
         async def endpoint(request: Request) -> Response:
@@ -560,6 +605,18 @@ def create_app(
 
     async def api_metrics(request: Request) -> Response:
         return JSONResponse(hub.metrics.snapshot().to_dict())
+
+    async def api_history(request: Request) -> Response:
+        samples.start()  # mounted without a lifespan: sampling starts with the first reader
+        q = request.query_params
+        cadence = q.get("cadence", "fine")
+        if cadence not in samples.rings:
+            return _error(400, "bad_request", f"cadence must be one of {', '.join(samples.rings)}")
+        try:
+            since = float(q["since"]) if "since" in q else None
+        except ValueError:
+            return _error(400, "bad_request", "since must be a number (wall-clock seconds)")
+        return JSONResponse(samples.to_dict(cadence, since))
 
     async def api_clients(request: Request) -> Response:
         q = request.query_params
@@ -662,6 +719,9 @@ def create_app(
             return _error(404, "not_found", "no such asset")
         return FileResponse(DASHBOARD_DIR / name, headers=_PAGE_HEADERS)
 
+    async def favicon(request: Request) -> Response:
+        return FileResponse(CLIENT_STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     async def root(request: Request) -> Response:
         return RedirectResponse(str(request.url_for("dashboard")), 307)
 
@@ -674,7 +734,16 @@ def create_app(
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                return None, _error(413, "too_large", f"request body over {limit} bytes")
+                message_id = _peek_message_id(b"".join(chunks) + chunk)
+                named = f"message {message_id!r}: " if message_id else ""
+                return None, _error(
+                    413,
+                    "too_large",
+                    f"{named}request body over {format_bytes(limit)}; payloads are limited to "
+                    f"{format_bytes(cfg.max_message_size)} (TETHER_MAX_MESSAGE_SIZE)",
+                    message_id=message_id,
+                    limit_bytes=cfg.max_message_size,
+                )
             chunks.append(chunk)
         try:
             return orjson.loads(b"".join(chunks)), None
@@ -708,7 +777,10 @@ def create_app(
             message_id=body.message_id,
             ttl=body.ttl,
         )
-        return JSONResponse(result.to_dict())
+        too_large = _payload_too_large(
+            result.message_id, [result.reason or ""], cfg.max_message_size
+        )
+        return too_large or JSONResponse(result.to_dict())
 
     async def api_broadcast(request: Request) -> Response:
         body = await publish_body(request, BroadcastRequest)
@@ -722,7 +794,10 @@ def create_app(
             ttl=body.ttl,
             exclude=body.exclude,
         )
-        return JSONResponse(result.to_dict())
+        too_large = _payload_too_large(
+            result.message_id, list(result.reasons), cfg.max_message_size
+        )
+        return too_large or JSONResponse(result.to_dict())
 
     # ---- live
 
@@ -737,6 +812,7 @@ def create_app(
             await websocket.send_denial_response(refusal)
             return
         await websocket.accept()
+        samples.start()
         queue = feed.subscribe()
 
         async def pump() -> None:
@@ -768,6 +844,8 @@ def create_app(
         Route("/health", guarded(health_route), methods=["GET"]),
         Route("/metrics", guarded(prometheus), methods=["GET"]),
         Route("/api/metrics", guarded(api_metrics), methods=["GET"]),
+        Route("/api/history", guarded(api_history), methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/api/clients", guarded(api_clients), methods=["GET"]),
         Route("/api/clients/{client_id:str}", guarded(api_client), methods=["GET"]),
         Route("/api/dead-letters", guarded(api_dead_letters), methods=["GET"]),
@@ -786,9 +864,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if start_hub:
             await hub.start()
+        samples.start()
         try:
             yield
         finally:
+            await samples.stop()
             if shutdown_hub:
                 await hub.shutdown()
 
@@ -803,6 +883,7 @@ def create_app(
     app.state.hub = hub
     app.state.live_feed = feed
     app.state.health = checker
+    app.state.history = samples
     return app
 
 
@@ -962,6 +1043,22 @@ def openapi_spec(ws_path: str = "/ws") -> dict[str, Any]:
                     "summary": "Aggregate metrics (MetricsSnapshot.to_dict())",
                     "security": monitor_sec,
                     "responses": {"200": ok(obj), "401": error, "403": error},
+                }
+            },
+            "/api/history": {
+                "get": {
+                    "summary": "Recent samples (rates, latency, clients) in fixed rings",
+                    "description": (
+                        "Recorded every second by the app whether or not a dashboard is "
+                        "open: `fine` keeps 15 minutes at 1 s, `coarse` 24 hours at 60 s. "
+                        "`rows` are lists in the order of `fields`, oldest first."
+                    ),
+                    "security": monitor_sec,
+                    "parameters": [
+                        q("cadence", {"enum": ["fine", "coarse"], "default": "fine"}, "Ring"),
+                        q("since", {"type": "number"}, "Only samples after this wall time"),
+                    ],
+                    "responses": {"200": ok(obj), "400": error, "401": error, "403": error},
                 }
             },
             "/api/clients": {

@@ -28,9 +28,13 @@ expiry. Pings and the write buffer are bounded by the uvicorn protocol classes i
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from starlette.routing import WebSocketRoute
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from ..access import host_allowed, origin_allowed, origin_patterns
@@ -145,3 +149,48 @@ def websocket_route(
         websocket_endpoint(hub, client_id_param=client_id_param, authenticate=authenticate),
         name=name,
     )
+
+
+# ---------------------------------------------------------------------- one-call recipe
+# (kept at the end of the module so it merges cleanly with changes above)
+
+BROWSER_CLIENT = Path(__file__).resolve().parent.parent / "static" / "tether.js"
+
+
+def add_tether(
+    app: Starlette,
+    hub: Hub,
+    path: str = "/ws",
+    *,
+    client_path: str = "/static/tether.js",
+    client_id_param: str = "client_id",
+    authenticate: Authenticate | None = None,
+) -> None:
+    """Serve `hub` from an existing Starlette or FastAPI app in one call.
+
+    Adds the WebSocket endpoint at `path` (see `websocket_endpoint`) and the browser
+    client at `client_path`, so a page of the app can `import { TetherClient } from
+    "/static/tether.js"`. Only that one file is routed: the app's own `/static` mount,
+    if any, keeps serving everything else. Start the hub with the app, e.g.
+    `FastAPI(lifespan=hub.lifespan)`. Raises `ValueError` for paths not starting with "/".
+    """
+    for value in (path, client_path):
+        if not value.startswith("/"):
+            raise ValueError(f"paths must start with '/': {value!r}")
+
+    async def browser_client(request: Request) -> Response:
+        # no-cache: browsers revalidate (cheap, ETag) so an upgraded server is picked up
+        return FileResponse(
+            BROWSER_CLIENT, media_type="text/javascript", headers={"Cache-Control": "no-cache"}
+        )
+
+    # inserted first, so a catch-all route or mount of the app cannot shadow them
+    app.router.routes[0:0] = [
+        websocket_route(
+            hub, path, client_id_param=client_id_param, authenticate=authenticate, name=None
+        ),
+        Route(client_path, browser_client, methods=["GET", "HEAD"], name="tether-client"),
+    ]
+
+
+__all__ += ["add_tether"]

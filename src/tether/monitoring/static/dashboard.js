@@ -1,8 +1,9 @@
 // Tether dashboard: renders /ws/live pushes and /api/* reads; reconnects and flags stale data.
-// Plain ES module, no dependencies: charts are drawn as SVG by drawChart below.
+// Plain ES module, no dependencies: charts are drawn as SVG by drawChart below. Charts come
+// from the hub's sample history (/api/history, kept by the server whether or not a page is
+// open); header, panels and totals from one /ws/live realtime frame, so they always agree.
 
 const TOKEN_KEY = "tether.monitorToken";
-const MAX_POINTS = 180; // chart history kept in the page (15 min at a 5 s cadence)
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 5000;
 const STATE_GLYPH = { closed: "🟢", half_open: "🟡", open: "🔴" };
@@ -25,11 +26,15 @@ const state = {
   reconnectTimer: null,
   needToken: false,
   session: null,
-  perf: [], // performance points: {ts, latency, throughput, memory}
+  history: { fine: [], coarse: [] }, // samples from /api/history, oldest first
+  step: { fine: 1, coarse: 60 }, // seconds between samples of each ring
+  keep: { fine: 900, coarse: 1440 },
+  range: "fine", // which ring the charts show
+  historyLoading: false,
+  lastCoarseFetch: 0,
   clients: { offset: 0, total: 0, loading: false, lastFetch: 0, queued: false },
   selected: null,
   lastDead: 0,
-  lastHealth: 0,
 };
 
 // ------------------------------------------------------------------ token + fetch
@@ -90,6 +95,13 @@ function fmtBytes(n, digits = 1) {
   return `${n.toFixed(i ? digits : 0)} ${units[i]}`;
 }
 
+// latency: milliseconds below a second, seconds above, so axis labels stay short
+function fmtMs(ms, digits = 1) {
+  if (ms === null || ms === undefined) return "–";
+  if (ms >= 1000) return `${fmtNum(ms / 1000, ms >= 10000 ? 0 : 1)} s`;
+  return `${fmtNum(ms, ms < 1 ? 1 : digits)} ms`;
+}
+
 function fmtAge(seconds) {
   if (seconds === null || seconds === undefined) return "–";
   if (seconds < 1) return `${Math.round(seconds * 1000)} ms`;
@@ -138,8 +150,8 @@ function svgEl(tag, attrs) {
   return node;
 }
 
-function niceMax(value) {
-  if (!(value > 0)) return 1;
+function niceMax(value, floor = 1) {
+  if (!(value > floor)) return floor;
   const exp = Math.pow(10, Math.floor(Math.log10(value)));
   for (const step of [1, 2, 2.5, 5, 10]) {
     if (step * exp >= value) return step * exp;
@@ -147,77 +159,183 @@ function niceMax(value) {
   return 10 * exp;
 }
 
-// Draws line series over time into an <svg>. Sized to the element's pixels, so text is
-// crisp and nothing is stretched; redrawn on resize.
-function drawChart(svg, points, series, format) {
+function clockTime(seconds, withSeconds) {
+  const d = new Date(seconds * 1000);
+  const two = (n) => String(n).padStart(2, "0");
+  return `${two(d.getHours())}:${two(d.getMinutes())}` + (withSeconds ? `:${two(d.getSeconds())}` : "");
+}
+
+// Draws line series over the selected time window into an <svg>: x runs from (now − the
+// window) to now, so missing time is empty space, and a line breaks wherever samples are
+// missing (a gap longer than two steps) or a value is null. `scale` "log" spaces decades
+// evenly so small values (p50) stay readable beside large ones (p99). Sized to the
+// element's pixels, so text is crisp; redrawn on resize.
+function drawChart(svg, rows, series, { format, floor = 1, scale = "linear", integer = false, empty = "no samples yet" }) {
   const width = Math.max(120, Math.round(svg.clientWidth || 600));
   const height = Math.max(80, Math.round(svg.clientHeight || 180));
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  svg.dataset.points = String(points.length);
   svg.replaceChildren();
+  const step = state.step[state.range];
+  const span = step * state.keep[state.range];
+  const t1 = Math.max(Date.now() / 1000, rows.length ? rows[rows.length - 1].ts : 0);
+  const t0 = t1 - span;
+  const visible = rows.filter((r) => r.ts >= t0);
+  svg.dataset.points = String(visible.length);
+  svg.dataset.scale = scale;
   const left = 58;
-  const right = 6;
+  const right = 8;
   const top = 6;
   const bottom = 16;
   const w = width - left - right;
   const h = height - top - bottom;
   let max = 0;
-  for (const p of points) for (const s of series) max = Math.max(max, s.value(p) || 0);
-  max = niceMax(max);
-  for (let i = 0; i <= 4; i += 1) {
-    const y = top + h - (h * i) / 4;
+  for (const r of visible) for (const s of series) max = Math.max(max, s.value(r) ?? 0);
+  let yOf;
+  const ticks = [];
+  if (scale === "log") {
+    // decades from 0.1 ms up to the first power of ten above the largest value
+    const lo = -1;
+    const hi = Math.max(lo + 2, Math.ceil(Math.log10(Math.max(max, floor))));
+    yOf = (v) => top + h - ((Math.log10(Math.max(v, 10 ** lo)) - lo) / (hi - lo)) * h;
+    for (let e = lo; e <= hi; e += 1) ticks.push(10 ** e);
+  } else {
+    max = niceMax(max, floor);
+    if (integer) max = Math.ceil(max / 4) * 4; // counts: every grid line on a whole number
+    yOf = (v) => top + h - (Math.min(v, max) / max) * h;
+    for (let i = 0; i <= 4; i += 1) ticks.push((max * i) / 4);
+  }
+  let lastLabel = null;
+  for (const value of ticks) {
+    const text = format(value);
+    if (text === lastLabel) continue; // never the same label twice on one axis
+    lastLabel = text;
+    const y = yOf(value);
     svg.append(svgEl("line", { class: "grid-line", x1: left, x2: left + w, y1: y, y2: y }));
     const label = svgEl("text", { x: left - 4, y: y + 3, "text-anchor": "end", "font-size": 10, fill: "#8391a1" });
-    label.textContent = format((max * i) / 4);
+    label.textContent = text;
     svg.append(label);
   }
-  if (points.length === 0) {
-    const t = svgEl("text", { x: left + w / 2, y: top + h / 2, "text-anchor": "middle", "font-size": 12, fill: "#8391a1" });
-    t.textContent = "waiting for data…";
-    svg.append(t);
-    return;
+  const xOf = (ts) => left + ((ts - t0) / span) * w;
+  const marks = w < 320 ? [0, 3] : [0, 1, 2, 3]; // a narrow chart: its ends only
+  for (const i of marks) {
+    const ts = t0 + (span * i) / 3;
+    const anchor = i === 0 ? "start" : i === 3 ? "end" : "middle";
+    const label = svgEl("text", { x: xOf(ts), y: height - 3, "text-anchor": anchor, "font-size": 10, fill: "#8391a1" });
+    label.textContent = i === 3 ? "now" : clockTime(ts, state.range === "fine");
+    svg.append(label);
   }
-  const t0 = points[0].ts;
-  const t1 = points[points.length - 1].ts;
-  const span = Math.max(1, t1 - t0);
-  const xOf = (p) => (points.length === 1 ? left + w : left + ((p.ts - t0) / span) * w);
-  const yOf = (v) => top + h - (Math.min(v || 0, max) / max) * h;
+  if (visible.length === 0) {
+    const t = svgEl("text", { x: left + w / 2, y: top + h / 2, "text-anchor": "middle", "font-size": 12, fill: "#8391a1" });
+    t.textContent = empty;
+    svg.append(t);
+  }
+  let segmentsOfFirst = 0;
   series.forEach((s, index) => {
-    const coords = points.map((p) => `${xOf(p).toFixed(1)},${yOf(s.value(p)).toFixed(1)}`);
-    if (points.length === 1) coords.unshift(`${left},${yOf(s.value(points[0])).toFixed(1)}`);
-    svg.append(svgEl("polyline", { class: `series ${s.cls || "s" + index}`, points: coords.join(" ") }));
+    let d = "";
+    let segments = 0;
+    let prev = null;
+    for (const r of visible) {
+      const v = s.value(r);
+      if (v === null || v === undefined) {
+        prev = null;
+        continue;
+      }
+      const joined = prev !== null && r.ts - prev.ts <= 2.5 * step;
+      if (!joined) segments += 1;
+      d += `${joined ? "L" : "M"}${xOf(r.ts).toFixed(1)},${yOf(v).toFixed(1)}`;
+      // a lone sample between gaps still shows, as a short tick
+      prev = r;
+    }
+    if (index === 0) segmentsOfFirst = segments;
+    if (d) svg.append(svgEl("path", { class: `series ${s.cls || "s" + index}`, d, "data-segments": segments }));
   });
-  const ago = svgEl("text", { x: left, y: height - 3, "font-size": 10, fill: "#8391a1" });
-  ago.textContent = `−${fmtAge(span)}`;
-  const now = svgEl("text", { x: left + w, y: height - 3, "text-anchor": "end", "font-size": 10, fill: "#8391a1" });
-  now.textContent = "now";
-  svg.append(ago, now);
+  svg.dataset.segments = String(segmentsOfFirst);
+}
+
+function historyRows() {
+  return state.history[state.range];
 }
 
 function drawCharts() {
-  const pts = state.perf;
-  drawChart($("latency-chart"), pts, [
-    { value: (p) => p.latency.p50_ms },
-    { value: (p) => p.latency.p95_ms },
-    { value: (p) => p.latency.p99_ms },
-  ], (v) => fmtNum(v, 1));
-  drawChart($("throughput-chart"), pts, [
-    { value: (p) => p.throughput.delivered },
-    { value: (p) => p.throughput.queued },
-    { value: (p) => p.throughput.failed },
-    { value: (p) => p.throughput.dropped },
-  ], (v) => fmtNum(v, 1));
-  drawChart($("memory-chart"), pts, [{ value: (p) => p.memory.rss_bytes }], (v) => fmtBytes(v, 0));
-  drawChart($("clients-chart"), pts, [{ value: (p) => p.memory.tracked_clients, cls: "s1" }], fmtInt);
+  const rows = historyRows();
+  drawChart($("latency-chart"), rows, [
+    { value: (r) => r.p50_ms },
+    { value: (r) => r.p95_ms },
+    { value: (r) => r.p99_ms },
+  ], { format: (v) => fmtMs(v, 0), scale: "log", floor: 10, empty: "no deliveries yet" });
+  drawChart($("throughput-chart"), rows, [
+    { value: (r) => r.delivered_per_s },
+    { value: (r) => r.queued_per_s },
+    { value: (r) => r.failed_per_s },
+    { value: (r) => r.dropped_per_s },
+  ], { format: (v) => fmtNum(v, 2), floor: 1 });
+  drawChart($("memory-chart"), rows, [{ value: (r) => r.rss_bytes }], { format: (v) => fmtBytes(v, 0), floor: 1 << 20 });
+  drawChart($("clients-chart"), rows, [
+    { value: (r) => r.tracked_clients, cls: "s1" },
+    { value: (r) => r.connected, cls: "s3" },
+    { value: (r) => r.breakers_open, cls: "s2" },
+  ], { format: fmtInt, floor: 4, integer: true });
+  const last = rows[rows.length - 1];
+  if (last) {
+    setText("lat-p50", fmtMs(last.p50_ms, 2));
+    setText("lat-p95", fmtMs(last.p95_ms, 2));
+    setText("lat-p99", fmtMs(last.p99_ms, 2));
+    for (const k of ["delivered", "queued", "failed", "dropped"]) setText(`tp-${k}`, fmtNum(last[`${k}_per_s`], 1));
+    // a chart's legend shows its own newest sample; the client counts are not repeated
+    // here, so they are read in one place only (the panels above, from the live frame)
+    setText("mem-rss", fmtBytes(last.rss_bytes));
+  }
 }
 
-function addPerfPoint(point) {
-  // the first point of a feed covers no interval: it has no rates to plot
-  if (!point || !(point.interval_seconds > 0)) return;
-  const last = state.perf[state.perf.length - 1];
-  if (last && point.ts <= last.ts) return;
-  state.perf.push(point);
-  if (state.perf.length > MAX_POINTS) state.perf.splice(0, state.perf.length - MAX_POINTS);
+function addRows(cadence, body) {
+  const rows = body.rows.map((values) => Object.fromEntries(body.fields.map((f, i) => [f, values[i]])));
+  state.step[cadence] = body.step_seconds;
+  state.keep[cadence] = body.keep;
+  const list = state.history[cadence];
+  const lastTs = list.length ? list[list.length - 1].ts : -Infinity;
+  for (const row of rows) if (row.ts > lastTs) list.push(row);
+  // keep what the window shows: older samples (a previous server's too) fall off
+  const newest = list.length ? list[list.length - 1].ts : Date.now() / 1000;
+  const horizon = Math.max(Date.now() / 1000, newest) - body.step_seconds * body.keep;
+  const firstKept = list.findIndex((r) => r.ts >= horizon);
+  if (firstKept > 0) list.splice(0, firstKept);
+  else if (firstKept === -1) list.length = 0;
+}
+
+async function refreshHistory(full) {
+  if (state.historyLoading) return;
+  state.historyLoading = true;
+  try {
+    const wanted = ["fine"];
+    if (full || Date.now() - state.lastCoarseFetch > state.step.coarse * 1000) wanted.push("coarse");
+    for (const cadence of wanted) {
+      const list = state.history[cadence];
+      const since = !full && list.length ? `&since=${list[list.length - 1].ts}` : "";
+      addRows(cadence, await api(`api/history?cadence=${cadence}${since}`));
+      if (cadence === "coarse") state.lastCoarseFetch = Date.now();
+    }
+    drawCharts();
+  } catch {
+    /* shown by the live status; retried on the next tick */
+  } finally {
+    state.historyLoading = false;
+  }
+}
+
+function lastMinuteRate(name) {
+  // the same samples the throughput chart draws: total over the last minute / its length
+  const rows = state.history.fine;
+  if (!rows.length) return null;
+  // measured on the server's clock (the newest sample), not the browser's
+  const since = rows[rows.length - 1].ts - 60;
+  let count = 0;
+  let seconds = 0;
+  for (const r of rows) {
+    if (r.ts < since) continue;
+    count += r[`${name}_per_s`] * r.interval_seconds;
+    seconds += r.interval_seconds;
+  }
+  return seconds > 0 ? count / seconds : null;
 }
 
 // ------------------------------------------------------------------ live updates
@@ -270,37 +388,34 @@ function onRealtime(m) {
   setText("retry-attempts", fmtInt(r.attempts));
   setText("retry-successes", fmtInt(r.successes));
   setText("retry-failures", fmtInt(r.failures));
-  setText("mem-rss", fmtBytes(m.memory.rss_bytes));
-  setText("mem-clients", fmtInt(m.memory.tracked_clients));
+  setText("clients-connected", `${fmtInt(c.active)} connected of ${fmtInt(m.memory.tracked_clients)} tracked`);
+  if (m.uptime_seconds !== undefined) setText("uptime", fmtAge(m.uptime_seconds));
+  if (m.health) showHealth(m.health);
+  if (m.messages) showTotals(m.messages);
   refreshClients(false);
-  const now = Date.now();
-  if (now - state.lastHealth > state.cadence.performance * 1000) refreshHealth();
+  refreshHistory(false);
   if (q.dead_letters !== state.lastDead) {
     state.lastDead = q.dead_letters;
     refreshDeadLetters();
   }
 }
 
-function onPerformance(m) {
-  addPerfPoint(m);
-  setText("lat-p50", `${fmtNum(m.latency.p50_ms, 2)} ms`);
-  setText("lat-p95", `${fmtNum(m.latency.p95_ms, 2)} ms`);
-  setText("lat-p99", `${fmtNum(m.latency.p99_ms, 2)} ms`);
-  for (const k of ["delivered", "queued", "failed", "dropped"]) setText(`tp-${k}`, fmtNum(m.throughput[k], 1));
-  drawCharts();
-}
-
-function onAggregate(m) {
-  const totals = m.totals;
-  setText("uptime", fmtAge(totals.uptime_seconds));
-  const rates = m.window.interval_seconds > 0 ? m.window.throughput : m.lifetime_rates;
-  setText("totals-window", m.window.interval_seconds > 0 ? `(rates over ${fmtAge(m.window.interval_seconds)})` : "(lifetime rates)");
+function showTotals(messages) {
   const body = $("totals-body");
   body.replaceChildren();
-  for (const [name, value] of Object.entries(totals.messages)) {
-    const rate = name in rates ? fmtNum(rates[name], 2) : "";
-    body.append(el("tr", { "data-metric": name }, el("td", {}, name.replace("_", " ")), el("td", {}, fmtInt(value)), el("td", {}, rate)));
+  for (const [name, value] of Object.entries(messages)) {
+    const rate = ["delivered", "queued", "failed", "dropped"].includes(name) ? lastMinuteRate(name) : null;
+    body.append(el("tr", { "data-metric": name }, el("td", {}, name.replace("_", " ")), el("td", {}, fmtInt(value)),
+      el("td", {}, rate === null ? "" : fmtNum(rate, 2))));
   }
+  setText("totals-window", "(rates: last minute)");
+}
+
+function showHealth(h) {
+  const node = $("health");
+  node.dataset.status = h.status;
+  node.textContent = h.status === "ok" ? "healthy" : `${h.status}: ${h.reasons.join("; ")}`;
+  node.title = h.reasons.join("\n");
 }
 
 function onHello(m) {
@@ -312,8 +427,7 @@ function onHello(m) {
   }
   state.session = m.session;
   setText("session", m.session.slice(0, 8));
-  for (const point of m.history || []) addPerfPoint(point);
-  drawCharts();
+  refreshHistory(true);
 }
 
 function onMessage(event) {
@@ -328,8 +442,8 @@ function onMessage(event) {
   checkStale();
   if (m.type === "hello") onHello(m);
   else if (m.type === "realtime") onRealtime(m);
-  else if (m.type === "performance") onPerformance(m);
-  else if (m.type === "aggregate") onAggregate(m);
+  // "performance" and "aggregate" frames are for other consumers: the page draws from the
+  // history and the realtime frame only, one source per figure
 }
 
 function wsUrl() {
@@ -407,13 +521,9 @@ function checkStale() {
 // ------------------------------------------------------------------ health, clients, dead letters
 
 async function refreshHealth() {
-  state.lastHealth = Date.now();
+  // once when the feed (re)connects; afterwards every realtime frame carries the health
   try {
-    const h = await api("health");
-    const node = $("health");
-    node.dataset.status = h.status;
-    node.textContent = h.status === "ok" ? "healthy" : `${h.status}: ${h.reasons.join("; ")}`;
-    node.title = h.reasons.join("\n");
+    showHealth(await api("health"));
   } catch {
     /* the live status already says the server is unreachable */
   }
@@ -468,15 +578,16 @@ function renderClients(page) {
       "data-state": row.state || "closed",
       class: row.client_id === state.selected ? "selected" : null,
     },
-    el("td", {}, stateBadge(row.state)),
-    el("td", {}, row.client_id),
-    el("td", {}, row.connected ? "●" : "○"),
-    el("td", { class: "num" }, fmtInt(row.pending)),
-    el("td", { class: "num" }, fmtInt(row.messages_sent)),
-    el("td", { class: "num" }, fmtInt(row.messages_delivered)),
-    el("td", { class: "num" }, fmtInt(row.messages_failed)),
-    el("td", { class: "num" }, fmtInt(row.dead_letters)),
-    el("td", {}, fmtAgo(row.last_activity)));
+    el("td", { class: "id", "data-label": "client" }, row.client_id),
+    el("td", { "data-label": "breaker" }, stateBadge(row.state)),
+    el("td", { "data-label": "connected", "data-testid": "client-connected", "data-connected": String(row.connected) },
+      el("span", { class: row.connected ? "conn yes" : "conn no", "aria-hidden": "true" }, row.connected ? "●" : "○"), row.connected ? " yes" : " no"),
+    el("td", { class: "num", "data-label": "pending" }, fmtInt(row.pending)),
+    el("td", { class: "num", "data-label": "sent" }, fmtInt(row.messages_sent)),
+    el("td", { class: "num", "data-label": "delivered" }, fmtInt(row.messages_delivered)),
+    el("td", { class: "num", "data-label": "failed" }, fmtInt(row.messages_failed)),
+    el("td", { class: "num", "data-label": "dead" }, fmtInt(row.dead_letters)),
+    el("td", { "data-label": "last activity" }, fmtAgo(row.last_activity)));
     tr.addEventListener("click", () => openClient(row.client_id));
     body.append(tr);
   }
@@ -558,8 +669,9 @@ async function refreshDeadLetters() {
   if (!page.items.length) body.append(el("tr", {}, el("td", { colspan: "6", class: "muted" }, "none")));
   for (const d of page.items) {
     const tr = el("tr", { "data-testid": "dead-letter-row", "data-client-id": d.client_id },
-      el("td", {}, fmtAgo(d.failed_at)), el("td", {}, d.client_id), el("td", {}, d.message_id),
-      el("td", {}, fmtInt(d.attempts)), el("td", {}, d.reason), el("td", { class: "data", title: d.data }, d.data));
+      el("td", { class: "id", "data-label": "client" }, d.client_id), el("td", { "data-label": "failed" }, fmtAgo(d.failed_at)),
+      el("td", { "data-label": "message" }, d.message_id), el("td", { "data-label": "attempts" }, fmtInt(d.attempts)),
+      el("td", { "data-label": "reason" }, d.reason), el("td", { class: "data", "data-label": "data", title: d.data }, d.data));
     tr.addEventListener("click", () => openClient(d.client_id));
     body.append(tr);
   }
@@ -606,6 +718,13 @@ function init() {
     state.attempt = 0;
     start();
   });
+  for (const button of document.querySelectorAll("[data-range]")) {
+    button.addEventListener("click", () => {
+      state.range = button.dataset.range;
+      for (const b of document.querySelectorAll("[data-range]")) b.setAttribute("aria-pressed", String(b === button));
+      drawCharts();
+    });
+  }
   window.addEventListener("resize", debounce(drawCharts, 150));
   setInterval(checkStale, 500);
   drawCharts();
