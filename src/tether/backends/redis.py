@@ -469,8 +469,6 @@ class RedisBackend:
             epoch,
             holder,
         )
-        if holder is not None and holder != self.node_id:
-            self._spawn(self._ring(holder, session.client_id))
         return accepted
 
     async def append(
@@ -508,7 +506,28 @@ class RedisBackend:
             if unknown:
                 unknown.pop((session.client_id, envelope.message_id), None)
             outcomes.append(self._accepted(session, envelope, reply))
+        await self._ring_holders(items, outcomes)
         return outcomes
+
+    async def _ring_holders(
+        self,
+        items: list[tuple[ClientSession, Envelope, bool]],
+        outcomes: list[Accepted | Refused | BackendError],
+    ) -> None:
+        """Ring the nodes holding the connections of clients stored for here, before the
+        producer hears QUEUED: a message it sends next (say, a best-effort broadcast) then
+        cannot overtake the doorbell. One doorbell per node, naming all its clients. A lost
+        doorbell is not a lost message: the listener rings everyone when it reconnects."""
+        rings: dict[str, list[str]] = {}
+        for (session, _, _), outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, Accepted) and outcome.holder not in (None, self.node_id):
+                rings.setdefault(str(outcome.holder), []).append(session.client_id)
+        for node, clients in rings.items():
+            with contextlib.suppress(BackendError):
+                await self._publish(self.keys.node_channel(node), self.wire.doorbell(clients))
+
+    async def _publish(self, channel: str, message: bytes) -> None:
+        await self._call("notify", lambda: self._r.publish(channel, message))
 
     async def _resolve(
         self, items: list[tuple[ClientSession, Envelope, bool]], unknown: OutcomeUnknown
@@ -542,10 +561,6 @@ class RedisBackend:
         unknown[(client_id, message_id)] = None
         while len(unknown) > MAX_UNKNOWN:  # bounded: the oldest are the least likely resent
             del unknown[next(iter(unknown))]
-
-    async def _ring(self, node: str, client_id: str) -> None:
-        with contextlib.suppress(BackendError):
-            await self.notify(node, client_id)
 
     async def ack(self, session: ClientSession, seq: int) -> bool:
         return (await self.ack_many([(session, seq)]))[0]
@@ -900,6 +915,11 @@ class RedisBackend:
                 self._spawn(events.broadcast(envelope, message.get("g"), origin))
             return
         kind, client_id = message.get("t"), message.get("c")
+        if kind == "n" and isinstance(client_id, list):  # one doorbell for many clients
+            for cid in client_id:
+                if isinstance(cid, str):
+                    self._bell(cid)
+            return
         if not isinstance(client_id, str):
             return
         if kind == "n":

@@ -7,7 +7,7 @@ Stream entry fields (entry id "<seq>-0"):
 
 Pub/sub messages are JSON objects. On `{prefix}:node:<node_id>` (one node's inbox):
 
-    {"t": "n", "c": cid}                    doorbell: critical messages were stored for cid
+    {"t": "n", "c": cid or [cid, ...]}      doorbell: critical messages were stored for cid(s)
     {"t": "f", "c": cid, "e": envelope}     a best-effort message forwarded to cid
     {"t": "k", "c": cid, "n": node}         cid connected to `node`: close yours, drop your copy
 
@@ -131,7 +131,7 @@ class WireCodec:
     # -- pub/sub messages
 
     @staticmethod
-    def doorbell(client_id: str) -> bytes:
+    def doorbell(client_id: str | list[str]) -> bytes:
         return orjson.dumps({"t": "n", "c": client_id})
 
     @staticmethod
