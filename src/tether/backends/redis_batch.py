@@ -36,7 +36,7 @@ _IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 # A turn's work beyond this many items goes out as several pipelines on several
 # connections: Redis runs the next while this process handles the replies of the first.
-PIPELINE_ITEMS = 64
+PIPELINE_ITEMS = 128
 
 
 @dataclass(slots=True)
