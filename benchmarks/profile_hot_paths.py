@@ -55,7 +55,7 @@ class WatchdogHub(Hub):
             return 2
         except Exception:
             client.breaker.record_failure()
-            self._count(client, "messages_failed")
+            self._acct.failed(client)
             return 1
         finally:
             del sending[client]

@@ -27,7 +27,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("policies", ["tether.resilience.*", "tether.metrics"]),
     ("transport contract", ["tether.transports", "tether.transports.base"]),
     ("backends", ["tether.backends.*"]),
-    ("core", ["tether.hub", "tether.session", "tether.resume", "tether.inspection"]),
+    (
+        "core",
+        ["tether.hub", "tether.accounting", "tether.session", "tether.resume", "tether.inspection"],
+    ),
     (
         "adapters and auth",
         [

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from . import protocol
+from .accounting import Accounting
 from .backends import (
     Accepted,
     Backend,
@@ -97,6 +98,7 @@ class Hub(HubInspection):
         self.session_id = uuid.uuid4().hex
         self.metrics = HubMetrics(self.clock, enabled=cfg.metrics_enabled)
         self.metrics.bind(self._gauges, self._client_extras)
+        self._acct = Accounting(self.metrics)
         self._counters: Counters = self.metrics.counters
         self._retry = RetryPolicy(
             cfg.retry_base_delay, cfg.retry_max_delay, cfg.max_retries, rng or random.Random()
@@ -236,11 +238,7 @@ class Hub(HubInspection):
             client.v1 = hello is not None
             client.connected_at = self.clock.wall()
             self._active += 1
-            self._counters.connections_total += 1
-            client.stats.counters.connections_total += 1
-            if client.connections:
-                self._counters.connections_reconnections += 1
-                client.stats.counters.connections_reconnections += 1
+            self._acct.connected(client, reconnection=client.connections > 0)
             client.connections += 1
             self._touch(client)
             problem = await self._load_stored(client, hello)
@@ -255,7 +253,7 @@ class Hub(HubInspection):
                 for envelope in delivered:
                     self._delivered(client, envelope)
                 if welcome.reset:
-                    self._count(client, "streams_resets")
+                    self._acct.stream_reset(client)
                     log.warning(
                         "tether: %s resumed from seq %d of a stream this hub cannot vouch "
                         "for; answered with a reset",
@@ -263,9 +261,7 @@ class Hub(HubInspection):
                         hello.last_seq,
                     )
                 if welcome.lost:
-                    self._counters.streams_lost += welcome.lost
-                    if self.metrics.enabled:
-                        client.stats.counters.streams_lost += welcome.lost
+                    self._acct.stream_lost(client, welcome.lost)
                 if self._backend.durable and hello.last_seq and not welcome.reset:
                     await self._ack_stored(client, client.acked)  # what the client already has
                 if await self._transmit(client, protocol.encode(welcome)) != _OK:
@@ -312,7 +308,7 @@ class Hub(HubInspection):
         client.epoch = stored.epoch
         client.stream_known = True
         for _ in stored.expired:
-            self._count(client, "messages_expired")
+            self._acct.expired(client)
 
     @staticmethod
     def _mirror(client: ClientSession, envelope: Envelope) -> None:
@@ -397,8 +393,7 @@ class Hub(HubInspection):
         if client.drained is not None:
             client.drained.set()
         if failed:
-            self._counters.connections_failed += 1
-            client.stats.counters.connections_failed += 1
+            self._acct.connection_failed(client)
         self._touch(client)
 
     # ------------------------------------------------------------------ sending
@@ -432,7 +427,7 @@ class Hub(HubInspection):
             if client is None:
                 client = self._clients.get(client_id) or self._track(client_id)
         except _Rejected as rejected:
-            self._counters.messages_rejected += 1
+            self._acct.rejected_untracked()
             return SendResult(
                 SendStatus.REJECTED,
                 client_id,
@@ -486,7 +481,7 @@ class Hub(HubInspection):
                 raise _Rejected("shutting down")
             template = self._prepare(payload, critical, message_id, ttl)
         except _Rejected as rejected:
-            self._counters.messages_rejected += len(targets)
+            self._acct.rejected_untracked(len(targets))
             return BroadcastResult(
                 self._explicit_id(payload, message_id),
                 rejected=len(targets),
@@ -709,7 +704,7 @@ class Hub(HubInspection):
             lock.release()
 
     def _duplicate(self, client: ClientSession, envelope: Envelope) -> SendResult:
-        self._count(client, "messages_deduplicated")
+        self._acct.deduplicated(client)
         return SendResult(
             SendStatus.DUPLICATE,
             client.client_id,
@@ -760,9 +755,7 @@ class Hub(HubInspection):
         if self._write_now(client, envelope.data) != _OK:
             return None  # nothing was written (a failure is charged): store and retry
         envelope.written_once = True
-        self._counters.messages_sent += 1
-        if self.metrics.enabled:
-            client.stats.counters.messages_sent += 1
+        self._acct.sent(client)
         self._delivered(client, envelope)
         client.last_seen = self.clock.now()
         return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
@@ -772,7 +765,7 @@ class Hub(HubInspection):
     ) -> SendResult:
         """A critical message the backend could not store, or may have stored."""
         if isinstance(exc, OutcomeUnknown):
-            self._count(client, "streams_unknown")
+            self._acct.outcome_unknown(client)
             return SendResult(
                 SendStatus.UNKNOWN,
                 client.client_id,
@@ -780,7 +773,7 @@ class Hub(HubInspection):
                 f"outcome unknown ({exc}); resend with message_id {envelope.message_id!r}: "
                 "it is looked for before it is stored again (answered duplicate if found)",
             )
-        self._count(client, "messages_rejected")
+        self._acct.rejected(client)
         return SendResult(
             SendStatus.REJECTED,
             client.client_id,
@@ -830,26 +823,24 @@ class Hub(HubInspection):
             return self._duplicate(client, envelope)
         if stored is Refused.FULL:
             outbox = client.outbox
-            self._count(client, "queue_overflows")
+            self._acct.overflow(client)
             limit = f"outbox full ({outbox.max_size} messages)"
             if outbox.policy is OverflowPolicy.REJECT:
-                self._count(client, "messages_rejected")
+                self._acct.rejected(client)
                 return SendResult(SendStatus.REJECTED, client.client_id, envelope.message_id, limit)
-            self._count(client, "messages_dropped")
+            self._acct.dropped(client)
             return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, limit)
         assert isinstance(stored, Accepted)
         for evicted in stored.evicted:
-            self._count(client, "queue_overflows")
-            self._count(client, "messages_dropped")
+            self._acct.overflow(client)
+            self._acct.dropped(client)
             self._warn_overflow(client, evicted)
         return None
 
     def _queued(
         self, client: ClientSession, envelope: Envelope, reason: str | None = None
     ) -> SendResult:
-        self._counters.messages_queued += 1
-        if self.metrics.enabled:
-            client.stats.counters.messages_queued += 1
+        self._acct.queued(client)
         return SendResult(
             SendStatus.QUEUED,
             client.client_id,
@@ -1001,23 +992,14 @@ class Hub(HubInspection):
             return self._best_effort_dropped(client, envelope, _WRITE_FAILURES[outcome])
         now = self.clock.now()
         client.last_seen = now
-        counters = self._counters
-        counters.messages_sent += 1
-        counters.messages_delivered += 1
-        if self.metrics.enabled:
-            mine = client.stats.counters
-            mine.messages_sent += 1
-            mine.messages_delivered += 1
-            self.metrics.latency.record(now - envelope.created_at)
+        self._acct.sent_and_delivered(client, envelope, now)
         return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
 
     def _best_effort_dropped(
         self, client: ClientSession, envelope: Envelope, reason: str
     ) -> SendResult:
         client.last_seen = self.clock.now()
-        self._counters.messages_dropped += 1
-        if self.metrics.enabled:
-            client.stats.counters.messages_dropped += 1
+        self._acct.dropped(client)
         return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
 
     async def _forward(self, client: ClientSession, envelope: Envelope) -> SendResult:
@@ -1026,14 +1008,14 @@ class Hub(HubInspection):
             node = await self._backend.owner(client.client_id)
             if node is not None and node != self._backend.node_id:
                 await self._backend.forward(node, client.client_id, envelope)
-                self._count(client, "messages_sent")
+                self._acct.sent(client)
                 return SendResult(
                     SendStatus.SENT, client.client_id, envelope.message_id, f"forwarded to {node}"
                 )
             reason = "client not connected"
         except BackendError as exc:
             reason = f"backend unavailable: {exc}"
-        self._count(client, "messages_dropped")
+        self._acct.dropped(client)
         return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
 
     def _frame(self, client: ClientSession, envelope: Envelope) -> str | bytes:
@@ -1097,8 +1079,7 @@ class Hub(HubInspection):
         """Account a failed write: charge the breaker; detach a closed or stalled connection."""
         if isinstance(exc, TimeoutError):
             client.breaker.record_failure()
-            self._count(client, "connections_timeouts")
-            self._count(client, "messages_failed")
+            self._acct.timeout(client)
             self._detach(client, transport, failed=True)
             self._background(self._close_quietly(transport, 1011, "send timeout"))
             return _TIMEOUT
@@ -1107,7 +1088,7 @@ class Hub(HubInspection):
             self._detach(client, transport, failed=False)
             return _CLOSED
         client.breaker.record_failure()
-        self._count(client, "messages_failed")
+        self._acct.failed(client)
         log.debug("tether: send to %s failed: %r", client.client_id, exc)
         return _FAILED
 
@@ -1116,7 +1097,7 @@ class Hub(HubInspection):
         envelope = client.outbox.queue[0]
         is_retry = envelope.attempts > 0
         if is_retry:
-            self._count(client, "retry_attempts")
+            self._acct.retry_attempt(client)
         frame = self._frame(client, envelope) if client.v1 else envelope.data
         outcome = self._write_now(client, frame)
         if outcome == _PENDING:
@@ -1130,7 +1111,7 @@ class Hub(HubInspection):
                 await self._ack_stored(client, envelope.seq or 0)
             return True
         if is_retry:
-            self._count(client, "retry_failures")
+            self._acct.retry_failure(client)
         if outcome == _CLOSED:
             return False
         doomed = self._head_failed(client, envelope)
@@ -1141,15 +1122,13 @@ class Hub(HubInspection):
     def _head_written(self, client: ClientSession, envelope: Envelope, *, is_retry: bool) -> None:
         """The head of the queue was written: in flight (tether.v1) or delivered (plain)."""
         if is_retry:
-            self._count(client, "retry_successes")
+            self._acct.retry_success(client)
         client.outbox.mark_written(keep=client.v1)
         if client.v1:
             client.highest_written = max(client.highest_written, envelope.seq or 0)
         if not envelope.written_once:
             envelope.written_once = True
-            self._counters.messages_sent += 1
-            if self.metrics.enabled:
-                client.stats.counters.messages_sent += 1
+            self._acct.sent(client)
         if not client.v1:
             self._delivered(client, envelope)
 
@@ -1193,17 +1172,15 @@ class Hub(HubInspection):
     def _delivered(
         self, client: ClientSession, envelope: Envelope, now: float | None = None
     ) -> None:
-        self._counters.messages_delivered += 1
-        if self.metrics.enabled:
-            client.stats.counters.messages_delivered += 1
-            if now is None:
-                now = self.clock.now()
-            self.metrics.latency.record(now - envelope.created_at)
+        acct = self._acct
+        if now is None and acct.timed:
+            now = self.clock.now()
+        acct.delivered(client, envelope, now or 0.0)
         if client.drained is not None and not client.outbox:
             client.drained.set()
 
     async def _dead_letter(self, client: ClientSession, envelope: Envelope, reason: str) -> None:
-        self._count(client, "messages_dead_lettered")
+        self._acct.dead_lettered(client)
         if len(client.dead_letters) == client.dead_letters.maxlen:
             log.warning(
                 "tether: dead-letter store of %s full; discarding its oldest entry",
@@ -1331,11 +1308,9 @@ class Hub(HubInspection):
         """Hand inbound data to every `on_message` handler; a failing handler is logged
         and never breaks the connection or the other handlers."""
         client = self._clients.get(client_id)
+        self._acct.received(client)
         if client is not None:
-            self._count(client, "messages_received")
             self._touch(client)
-        else:
-            self._counters.messages_received += 1
         for handler in self._handlers:
             try:
                 await handler(client_id, data)
@@ -1392,7 +1367,7 @@ class Hub(HubInspection):
     async def _expire(self, client: ClientSession, now: float) -> None:
         expired = client.outbox.expire(now)
         for envelope in expired:
-            self._count(client, "messages_expired")
+            self._acct.expired(client)
             log.info(
                 "tether: message %s to %s expired undelivered (seq %s)",
                 envelope.message_id,
@@ -1469,22 +1444,8 @@ class Hub(HubInspection):
             self._not_closed.discard(client_id)
         else:
             self._not_closed.add(client_id)
-        name = {
-            CircuitState.OPEN: "circuit_breaker_opens",
-            CircuitState.HALF_OPEN: "circuit_breaker_half_opens",
-            CircuitState.CLOSED: "circuit_breaker_closes",
-        }[new]
-        self._counters.__setattr__(name, getattr(self._counters, name) + 1)
-        stats = self.metrics.clients.get(client_id)
-        if stats is not None:
-            setattr(stats.counters, name, getattr(stats.counters, name) + 1)
+        self._acct.breaker_moved(client_id, new)
         log.info("tether: circuit of %s %s -> %s", client_id, old.value, new.value)
-
-    def _count(self, client: ClientSession, name: str) -> None:
-        setattr(self._counters, name, getattr(self._counters, name) + 1)
-        if self.metrics.enabled:
-            counters = client.stats.counters
-            setattr(counters, name, getattr(counters, name) + 1)
 
     def _touch(self, client: ClientSession) -> None:
         client.last_seen = self.clock.now()  # wall-clock last_activity is derived on read
