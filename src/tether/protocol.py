@@ -18,6 +18,8 @@ from typing import Any, Final, TypeAlias
 import orjson
 
 __all__ = [
+    "CLIENT_ID_PATTERN",
+    "CLIENT_ID_RULE",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_CLIENT_ID_LENGTH",
     "MAX_SEQ",
@@ -48,6 +50,7 @@ __all__ = [
     "encode",
     "encode_data",
     "encode_msg",
+    "valid_client_id",
 ]
 
 SUBPROTOCOL: Final = "tether.v1"
@@ -57,7 +60,17 @@ MAX_EPOCH_LENGTH: Final = 64
 MAX_SEQ: Final = 2**53 - 1  # every integer on the wire must survive a JavaScript number
 DEFAULT_MAX_MESSAGE_SIZE: Final = 1_048_576
 
-_CLIENT_ID = re.compile(rf"[A-Za-z0-9._:@-]{{1,{MAX_CLIENT_ID_LENGTH}}}")
+# The client-id rule, for every layer (hello frames, hub sends, HTTP routes, auth tokens).
+CLIENT_ID_PATTERN: Final = re.compile(rf"^[A-Za-z0-9._:@-]{{1,{MAX_CLIENT_ID_LENGTH}}}$")
+CLIENT_ID_RULE: Final = (
+    f"1-{MAX_CLIENT_ID_LENGTH} characters of A-Z a-z 0-9 . _ : @ -"
+)
+
+
+def valid_client_id(client_id: object) -> bool:
+    """Whether `client_id` is a string that follows the client-id rule (`fullmatch`: with
+    `match`, the pattern's `$` would also accept a trailing newline)."""
+    return isinstance(client_id, str) and CLIENT_ID_PATTERN.fullmatch(client_id) is not None
 _ENCODINGS: Final = (None, "base64")
 
 
@@ -310,7 +323,7 @@ def _lost_ranges(obj: dict[str, Any]) -> tuple[tuple[int, int], ...]:
 
 def _hello(obj: dict[str, Any]) -> Hello:
     client_id = _str(obj, "client_id")
-    if _CLIENT_ID.fullmatch(client_id) is None:
+    if not valid_client_id(client_id):
         raise ProtocolError(
             "invalid_client_id",
             f"client_id must be 1..{MAX_CLIENT_ID_LENGTH} characters of [A-Za-z0-9._:@-]",
@@ -609,7 +622,7 @@ class ClientProtocol:
         ack_interval: float = 0.05,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        if not isinstance(client_id, str) or _CLIENT_ID.fullmatch(client_id) is None:
+        if not valid_client_id(client_id):
             raise ValueError(
                 f"client_id must be 1..{MAX_CLIENT_ID_LENGTH} characters of [A-Za-z0-9._:@-]"
             )

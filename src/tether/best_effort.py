@@ -1,0 +1,97 @@
+"""Best-effort delivery: a non-critical message is written now, forwarded, or dropped."""
+
+from __future__ import annotations
+
+from .accounting import Accounting
+from .backends import Backend, BackendError
+from .clock import Clock
+from .messages import Envelope, SendResult, SendStatus
+from .session import ClientSession
+from .writes import OK, PENDING, WriteOutcome, Writer, can_write_now, msg_frame
+
+
+class BestEffort:
+    """Sends that are never stored: SENT when written, else DROPPED with the reason."""
+
+    __slots__ = ("_acct", "_backend", "_clock", "_writer")
+
+    def __init__(
+        self, clock: Clock, backend: Backend, accounting: Accounting, writer: Writer
+    ) -> None:
+        self._clock = clock
+        self._backend = backend
+        self._acct = accounting
+        self._writer = writer
+
+    async def send(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """Write now or drop (lock held); touches the client with the clock read that also
+        times the delivery."""
+        if not can_write_now(client):
+            if client.transport is None and self._backend.shared:
+                client.last_seen = self._clock.now()
+                return await self._forward(client, envelope)
+            reason = _blocked(client)
+            if reason is not None:
+                return self.dropped(client, envelope, reason)
+        outcome = await self._writer.write(client, msg_frame(client, envelope))
+        result = self.written(client, envelope, outcome)
+        if result.status is SendStatus.SENT and envelope.dedup_key is not None:
+            await self._backend.remember(client, envelope.dedup_key)
+        return result
+
+    def send_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
+        """A delivery that completes without suspending — the common case of a broadcast,
+        done without a task per client — or None when it needs the awaited `send`. Safe
+        without the lock: nothing here awaits, and nothing is written unless the whole
+        delivery completes."""
+        if client.lock.locked() or not can_write_now(client):
+            return None
+        outcome = self._writer.write_now(client, msg_frame(client, envelope))
+        if outcome is PENDING:
+            return None
+        return self.written(client, envelope, outcome)
+
+    def written(
+        self, client: ClientSession, envelope: Envelope, outcome: WriteOutcome
+    ) -> SendResult:
+        """Count a write's outcome; one clock read touches and times it."""
+        if outcome is not OK:
+            return self.dropped(client, envelope, outcome.value)
+        now = self._clock.now()
+        client.last_seen = now
+        self._acct.sent_and_delivered(client, envelope, now)
+        return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
+
+    def dropped(self, client: ClientSession, envelope: Envelope, reason: str) -> SendResult:
+        client.last_seen = self._clock.now()
+        self._acct.dropped(client)
+        return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
+
+    async def _forward(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """A client that may be connected to another node: hand the message to that node."""
+        backend = self._backend
+        try:
+            node = await backend.owner(client.client_id)
+            if node is not None and node != backend.node_id:
+                await backend.forward(node, client.client_id, envelope)
+                self._acct.sent(client)
+                return SendResult(
+                    SendStatus.SENT, client.client_id, envelope.message_id, f"forwarded to {node}"
+                )
+            reason = "client not connected"
+        except BackendError as exc:
+            reason = f"backend unavailable: {exc}"
+        self._acct.dropped(client)
+        return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
+
+
+def _blocked(client: ClientSession) -> str | None:
+    """Why a best-effort message cannot be written to `client` now, or None when it can
+    (awaited). A HALF_OPEN breaker's `allow()` takes one of its probe calls."""
+    if client.transport is None:
+        return "client not connected"
+    if client.outbox.queue:
+        return "behind undelivered critical messages"
+    if not client.breaker.allow():
+        return f"circuit {client.breaker.state.value}"
+    return None
