@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tether.config",
             "tether.clock",
             "tether.access",
+            "tether.errors",
             "tether._version",
         ],
     ),

@@ -8,6 +8,7 @@ from . import protocol
 from .accounting import Accounting
 from .backends import Backend
 from .cluster import ClusterEvents
+from .errors import HubUnavailable
 from .pipeline import DeliveryPipeline
 from .registry import ClientRegistry
 from .resume import resume
@@ -17,10 +18,6 @@ from .transports.base import Transport
 from .writes import OK
 
 log = logging.getLogger("tether")
-
-
-class BackendUnavailable(Exception):
-    """The client's stored stream could not be loaded: the connection must retry later."""
 
 
 class Connections:
@@ -51,7 +48,7 @@ class Connections:
     ) -> protocol.Welcome | None:
         """Make `transport` the client's connection (replacing and closing an older one),
         settle a tether.v1 resume and send its welcome, then flush the outbox. Raises
-        `BackendUnavailable` when a shared store cannot load a tether.v1 client's stream."""
+        `HubUnavailable` when a shared store cannot load a tether.v1 client's stream."""
         registry = self._registry
         async with client.lock:
             old = client.transport
@@ -64,7 +61,7 @@ class Connections:
                 # Without the stored stream a resume would be guessed (and reported as a
                 # reset): send the client away to retry, here or on another node.
                 registry.detach(client, transport, failed=True)
-                raise BackendUnavailable(f"backend unavailable: {problem}")
+                raise HubUnavailable(f"backend unavailable: {problem}")
             welcome = None
             if hello is not None:
                 welcome = await self._resume(client, hello)

@@ -11,18 +11,20 @@ from typing import Any
 
 from . import protocol
 from .accounting import Accounting
-from .backends import Backend, MemoryBackend, create_backend
+from .backends import Backend, backend_for
 from .clock import Clock, SystemClock
 from .cluster import ClusterEvents
-from .config import BackendKind, HubConfig
-from .connections import BackendUnavailable, Connections
+from .config import HubConfig
+from .connections import Connections
 from .envelopes import EnvelopeFactory, Rejected, explicit_id
+from .errors import HubClosedError, HubUnavailable
 from .fanout import FanOut, tally
 from .messages import BroadcastResult, DeadLetter, SendResult, SendStatus, ShutdownStats
 from .metrics import HubMetrics
 from .pipeline import DeliveryPipeline
 from .registry import ClientRegistry
 from .resilience import CircuitState, RetryPolicy
+from .session import ClientSession
 from .shutdown import Shutdown
 from .streams import StreamKeeper
 from .tasks import BackgroundTasks
@@ -34,10 +36,6 @@ log = logging.getLogger("tether")
 MessageHandler = Callable[[str, Any], Awaitable[None]]
 
 CLIENT_ID_PATTERN = protocol.CLIENT_ID_PATTERN  # re-exported: the rule lives in protocol
-
-
-class HubClosedError(RuntimeError):
-    """The hub is shutting down or stopped and accepts no new connections."""
 
 
 class Hub:
@@ -61,7 +59,7 @@ class Hub:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.session_id = uuid.uuid4().hex
         self.metrics = HubMetrics(self.clock, enabled=cfg.metrics_enabled)
-        self._backend: Backend = backend if backend is not None else self._default_backend()
+        self._backend = backend if backend is not None else backend_for(cfg, self.clock)
         self._retry = RetryPolicy(
             cfg.retry_base_delay, cfg.retry_max_delay, cfg.max_retries, rng or random.Random()
         )
@@ -88,19 +86,6 @@ class Hub:
         self._started = False
         self._closing = False
         self._shutdown_stats: ShutdownStats | None = None
-
-    def _default_backend(self) -> Backend:
-        cfg = self.config
-        if cfg.backend is BackendKind.MEMORY:
-            return MemoryBackend()
-        return create_backend(
-            cfg.backend.value,
-            url=cfg.redis_url,
-            prefix=cfg.redis_prefix,
-            node_id=cfg.node_id,
-            config=cfg,
-            clock=self.clock,  # to turn hub-clock deadlines into wall-clock ones and back
-        )
 
     @property
     def backend(self) -> Backend:
@@ -153,20 +138,14 @@ class Hub:
         (a tether.v1 connection) the hub answers with a `welcome` frame that says what
         was resumed or lost, then re-sends every unacknowledged message after
         `hello.last_seq`. Returns that `Welcome`, or None in plain mode. Raises
-        `HubClosedError` when shutting down, `ValueError` for an invalid id, too many
-        clients, or a shared backend that cannot load the client's stream.
+        `HubClosedError` when shutting down, `ValueError` for an invalid id, and
+        `HubUnavailable` when the hub cannot take the client now (try again later).
         """
         if self._closing:
             raise HubClosedError("hub is shutting down")
-        try:
-            client = self._registry.get_or_track(_checked(client_id))
-        except Rejected as rejected:
-            raise ValueError(rejected.reason) from None
+        client = self._tracked(client_id)
         await self.start()
-        try:
-            return await self._connections.open(client, transport, hello)
-        except BackendUnavailable as exc:
-            raise ValueError(str(exc)) from None
+        return await self._connections.open(client, transport, hello)
 
     async def disconnect(
         self,
@@ -193,6 +172,18 @@ class Hub:
 
     def is_connected(self, client_id: str) -> bool:
         return self._registry.is_connected(client_id)
+
+    def _tracked(self, client_id: str) -> ClientSession:
+        """The session of a client a caller names (tracked from now on). Raises
+        `ValueError` for an invalid id, `HubUnavailable` at `max_clients`."""
+        try:
+            _checked(client_id)
+        except Rejected as rejected:
+            raise ValueError(rejected.reason) from None
+        try:
+            return self._registry.get_or_track(client_id)
+        except Rejected as rejected:
+            raise HubUnavailable(rejected.reason) from None
 
     # ------------------------------------------------------------------ sending
 
@@ -306,12 +297,8 @@ class Hub:
 
     def join(self, client_id: str, group: str) -> None:
         """Add a client to a group (it is tracked from now on, connected or not). Raises
-        `ValueError` for an invalid client id or too many clients."""
-        try:
-            client = self._registry.get_or_track(_checked(client_id))
-        except Rejected as rejected:
-            raise ValueError(rejected.reason) from None
-        self._registry.join(client, group)
+        `ValueError` for an invalid id, `HubUnavailable` at `max_clients`."""
+        self._registry.join(self._tracked(client_id), group)
         if self._backend.shared:
             self._tasks.spawn(self._backend.join(client_id, group))
 
