@@ -63,17 +63,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("entry points", ["tether", "tether.__main__", "tether.cli", "tether.bench", "tether.demo"]),
 ]
 
-# Upward imports that only the core split of issue 11 can remove (they are inside the
-# backends, which other work is changing). Each is (importer, imported module). Remove an
-# entry when its import goes: the test fails on an entry that no longer happens, and on
-# every upward import that is not listed here.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # issue 11: backends read and write the hub's ClientSession (next_seq, outbox, dedup)
-    # instead of narrow methods on the stream state.
-    ("tether.backends.base", "tether.session"): "issue 11: backends reach into ClientSession",
-    ("tether.backends.memory", "tether.session"): "issue 11: backends reach into ClientSession",
-    ("tether.backends.redis", "tether.session"): "issue 11: backends reach into ClientSession",
-}
+# Upward imports that are known and tolerated, each (importer, imported module) with why.
+# Remove an entry when its import goes: the test fails on an entry that no longer happens,
+# and on every upward import that is not listed here.
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path, root: Path) -> str:

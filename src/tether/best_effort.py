@@ -33,10 +33,17 @@ class BestEffort:
             reason = _blocked(client)
             if reason is not None:
                 return self.dropped(client, envelope, reason)
-        outcome = await self._writer.write(client, msg_frame(client, envelope))
+        frame = msg_frame(client, envelope) if client.v1 else envelope.data
+        writer = self._writer  # write_now, then write_awaited: no extra coroutine
+        outcome = writer.write_now(client, frame)
+        if outcome is PENDING:
+            outcome = await writer.write_awaited(client, frame)
         result = self.written(client, envelope, outcome)
-        if result.status is SendStatus.SENT and envelope.dedup_key is not None:
-            await self._backend.remember(client, envelope.dedup_key)
+        key = envelope.dedup_key
+        if result.status is SendStatus.SENT and key is not None:
+            if client.dedup is not None:
+                client.dedup.record(key)
+            await self._backend.remember(client, key)
         return result
 
     def send_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
@@ -46,7 +53,8 @@ class BestEffort:
         delivery completes."""
         if client.lock.locked() or not can_write_now(client):
             return None
-        outcome = self._writer.write_now(client, msg_frame(client, envelope))
+        frame = msg_frame(client, envelope) if client.v1 else envelope.data
+        outcome = self._writer.write_now(client, frame)
         if outcome is PENDING:
             return None
         return self.written(client, envelope, outcome)

@@ -68,6 +68,7 @@ class Hub:
         self._registry = registry = ClientRegistry(
             cfg, self.clock, self.metrics, acct, self._backend, tasks
         )
+        self._sessions = registry.sessions  # the hot path of `send` reads it directly
         self._envelopes = EnvelopeFactory(cfg, self.clock, self.session_id[:10])
         writer = Writer(cfg.send_timeout, acct, registry, tasks)
         streams = StreamKeeper(acct, registry, tasks)
@@ -207,7 +208,7 @@ class Hub:
             if self._closing:
                 raise Rejected("shutting down")
             # A tracked id was validated when it was first tracked.
-            client = self._registry.sessions.get(client_id) if isinstance(client_id, str) else None
+            client = self._sessions.get(client_id) if isinstance(client_id, str) else None
             if client is None:
                 _checked(client_id)
             envelope = self._envelopes.prepare(payload, critical, message_id, ttl)
@@ -318,12 +319,7 @@ class Hub:
     async def retry_now(self) -> int:
         """Run one retry cycle now: expire old messages, then deliver due ones for
         connected clients whose breaker allows. Returns how many were written."""
-        now = self.clock.now()
-        written = 0
-        for client in list(self._registry.sessions.values()):
-            if client.outbox:
-                written += await self._pipeline.retry(client, now)
-        return written
+        return await self._pipeline.retry(list(self._registry.sessions.values()))
 
     async def cleanup_now(self) -> int:
         """Evict clients with no connection, nothing pending and no activity for

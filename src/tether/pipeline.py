@@ -202,7 +202,7 @@ class DeliveryPipeline:
         self, client: ClientSession, envelope: Envelope, stored: Accepted | Refused
     ) -> SendResult | None:
         """The result of a critical message the backend did not store, else None (after
-        counting what a full outbox pushed out to make room)."""
+        recording its dedup key and counting what a full outbox pushed out to make room)."""
         if stored is Refused.DUPLICATE:
             return self.duplicate(client, envelope)
         acct = self._acct
@@ -216,6 +216,12 @@ class DeliveryPipeline:
             acct.dropped(client)
             return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, limit)
         assert isinstance(stored, Accepted)
+        key = envelope.dedup_key
+        if key is not None and client.dedup is not None and not stored.unmirrored:
+            # Accepted: the session's window answers later checks (and best-effort `seen`)
+            # without asking the store. An unmirrored message was stored by an earlier
+            # attempt, whose acceptance this node never saw.
+            client.dedup.record(key)
         for evicted in stored.evicted:
             acct.overflow(client)
             acct.dropped(client)
@@ -244,7 +250,8 @@ class DeliveryPipeline:
         in the background when it is None)."""
         if not can_write_now(client, head=envelope):
             return self.queued(client, envelope)
-        outcome = self.writer.write_now(client, msg_frame(client, envelope))
+        frame = msg_frame(client, envelope) if client.v1 else envelope.data
+        outcome = self.writer.write_now(client, frame)
         if outcome is OK:
             self._head_written(client, envelope, is_retry=False)
             if not client.v1 and self.backend.durable:  # written = delivered: trim the store
@@ -310,7 +317,11 @@ class DeliveryPipeline:
         is_retry = envelope.attempts > 0
         if is_retry:
             self._acct.retry_attempt(client)
-        outcome = await self.writer.write(client, msg_frame(client, envelope))
+        frame = msg_frame(client, envelope) if client.v1 else envelope.data
+        writer = self.writer  # write_now, then write_awaited: no extra coroutine per message
+        outcome = writer.write_now(client, frame)
+        if outcome is PENDING:
+            outcome = await writer.write_awaited(client, frame)
         queue = client.outbox.queue
         if outcome is OK and not (queue and queue[0] is envelope):
             outcome = CLOSED  # detached while writing: the message went back to the queue
@@ -444,13 +455,19 @@ class DeliveryPipeline:
             reason,
         )
 
-    async def retry(self, client: ClientSession, now: float) -> int:
-        """One retry pass over a client: expire, then write what is due (takes the lock)."""
-        async with client.lock:
-            await self.expire(client, now)
-            if client.connected and client.outbox.queue:
-                return await self.flush(client, force=False)
-        return 0
+    async def retry(self, clients: list[ClientSession]) -> int:
+        """One retry cycle: for each client with anything pending, expire, then write
+        what is due (taking each client's lock). Returns how many were written."""
+        now = self.clock.now()
+        written = 0
+        for client in clients:
+            if not client.outbox:
+                continue
+            async with client.lock:
+                await self.expire(client, now)
+                if client.connected and client.outbox.queue:
+                    written += await self.flush(client, force=False)
+        return written
 
     async def load_new(self, client_id: str) -> None:
         """Another node stored critical messages for a client connected here: mirror

@@ -12,6 +12,7 @@ from .base import (
     OutcomeUnknown,
     Refused,
     StoredOutbox,
+    StreamState,
 )
 from .memory import MemoryBackend
 
@@ -28,6 +29,7 @@ __all__ = [
     "OutcomeUnknown",
     "Refused",
     "StoredOutbox",
+    "StreamState",
     "backend_for",
     "create_backend",
 ]
