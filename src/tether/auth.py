@@ -36,8 +36,7 @@ import hmac
 import time
 from collections.abc import Callable, Mapping
 
-from .hub import CLIENT_ID_PATTERN
-from .protocol import MAX_TOKEN_LENGTH, CloseCode, Hello, ProtocolError
+from .protocol import MAX_TOKEN_LENGTH, CloseCode, Hello, ProtocolError, valid_client_id
 from .transports.session import Authenticate, ConnectionInfo
 
 __all__ = [
@@ -99,7 +98,7 @@ def _check_asked(asked: str | None, client_id: str) -> str:
 
 
 def _check_client_id(client_id: str) -> None:
-    if not isinstance(client_id, str) or CLIENT_ID_PATTERN.fullmatch(client_id) is None:
+    if not valid_client_id(client_id):
         raise ValueError(f"invalid client id {client_id!r}")
 
 
@@ -195,7 +194,7 @@ def _verify(key: bytes, token: str, now: float) -> str:
         raise unauthorized("malformed token") from None
     if now >= expires_at:
         raise unauthorized("token expired")
-    if CLIENT_ID_PATTERN.fullmatch(client_id) is None:
+    if not valid_client_id(client_id):
         raise unauthorized("malformed token")
     return client_id
 

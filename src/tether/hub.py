@@ -35,8 +35,6 @@ log = logging.getLogger("tether")
 
 MessageHandler = Callable[[str, Any], Awaitable[None]]
 
-CLIENT_ID_PATTERN = protocol.CLIENT_ID_PATTERN  # re-exported: the rule lives in protocol
-
 
 class Hub:
     """Delivers messages to clients by id, through disconnects, failures and restarts.
@@ -269,11 +267,7 @@ class Hub:
         client = self._registry.get(client_id)
         if client is None:
             raise protocol.ProtocolError("invalid_ack", f"unknown client {client_id!r}")
-        if seq > client.highest_written:
-            raise protocol.ProtocolError(
-                "invalid_ack",
-                f"ack {seq} is beyond the highest seq sent ({client.highest_written})",
-            )
+        protocol.check_ack(seq, client.highest_written)
         return await self._pipeline.acknowledge(client, seq)
 
     # ------------------------------------------------------------------ inbound and groups

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from enum import Enum
-
-import orjson
 
 from . import protocol
 from .accounting import Accounting
@@ -55,12 +52,8 @@ def msg_frame(client: ClientSession, envelope: Envelope) -> str | bytes:
     if not client.v1:
         return envelope.data
     data_json = envelope.data_json
-    if data_json is None:
-        if envelope.enc == "base64":
-            assert isinstance(envelope.data, bytes)
-            data_json = orjson.dumps(base64.b64encode(envelope.data).decode("ascii"))
-        else:
-            data_json = orjson.dumps(envelope.data)
+    if data_json is None:  # str or bytes data: its JSON form is made once, when first sent
+        data_json, _ = protocol.encode_data(envelope.data)
         envelope.data_json = data_json
     return protocol.encode_msg(
         envelope.seq if envelope.critical else None,

@@ -30,8 +30,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .._version import __version__
 from ..access import origin_allowed, origin_patterns
 from ..config import ConfigError
-from ..hub import CLIENT_ID_PATTERN, Hub
+from ..hub import Hub
 from ..metrics import MetricsSnapshot
+from ..protocol import CLIENT_ID_PATTERN
 from ..resilience import CircuitState
 from ..transports.session import Authenticate
 
