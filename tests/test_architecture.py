@@ -53,7 +53,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "tether.transports.websockets",
             "tether.transports.starlette",
-            "tether.transports.session",
+            "tether.transports.connection",
             "tether.auth",
             "tether.client",
         ],
@@ -210,7 +210,7 @@ def test_the_check_sees_every_kind_of_upward_import(tmp_path: Path) -> None:
     [
         ("tether.resilience.outbox", "policies"),
         ("tether.transports.base", "transport contract"),
-        ("tether.transports.session", "adapters and auth"),
+        ("tether.transports.connection", "adapters and auth"),
         ("tether.backends", "backends"),
         ("tether", "entry points"),
     ],

@@ -38,7 +38,7 @@ from tether.monitoring import BackgroundServer, create_app
 from tether.protocol import Hello, ProtocolError
 from tether.testing import MockWebSocket
 from tether.transports import websockets as tw
-from tether.transports.session import ConnectionInfo, TokenBucket, connection_counter
+from tether.transports.connection import ConnectionInfo, TokenBucket, connection_counter
 
 V1 = ["tether.v1"]
 SECRET = "a-test-secret-of-32-characters!!"

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from .protocol import MAX_TOKEN_LENGTH, CloseCode, Hello, ProtocolError, valid_client_id
-from .transports.session import Authenticate, ConnectionInfo
+from .transports.connection import Authenticate, ConnectionInfo
 
 __all__ = [
     "MIN_SECRET_LENGTH",

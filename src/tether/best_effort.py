@@ -27,7 +27,7 @@ class BestEffort:
         """Write now or drop (lock held); touches the client with the clock read that also
         times the delivery."""
         if not can_write_now(client):
-            if client.transport is None and self._backend.shared:
+            if not client.connected and self._backend.shared:
                 client.last_seen = self._clock.now()
                 return await self._forward(client, envelope)
             reason = _blocked(client)
@@ -96,7 +96,7 @@ class BestEffort:
 def _blocked(client: ClientSession) -> str | None:
     """Why a best-effort message cannot be written to `client` now, or None when it can
     (awaited). A HALF_OPEN breaker's `allow()` takes one of its probe calls."""
-    if client.transport is None:
+    if not client.connected:
         return "client not connected"
     if client.outbox.queue:
         return "behind undelivered critical messages"

@@ -59,7 +59,7 @@ class FanOut:
             for cid in list(ids)
             if cid not in skip
             and (c := sessions.get(cid)) is not None
-            and (critical or c.transport is not None)
+            and (critical or c.connected)
         ]
 
     async def _cluster_members(self, group: str | None) -> set[str] | None:
@@ -112,7 +112,7 @@ class FanOut:
         free: list[ClientSession] = []
         busy: list[ClientSession] = []
         for client in targets:
-            if client.lock.locked() or (client.transport is not None and client.try_send is None):
+            if client.lock.locked() or (client.connected and client.try_send is None):
                 busy.append(client)
             else:
                 free.append(client)
@@ -143,7 +143,7 @@ class FanOut:
             envelope = copy_for_client(template)
             through = pipeline.write_through(client, envelope)
             if through is None:
-                items.append((client, envelope, client.transport is not None))
+                items.append((client, envelope, client.connected))
             else:
                 results.append(through)
         slices = [items[i : i + _STORE_SLICE] for i in range(0, len(items), _STORE_SLICE)]

@@ -113,7 +113,6 @@ class Envelope:
     attempts: int = 0
     next_attempt_at: float = 0.0
     dedup_key: str | None = None
-    written: bool = False  # written on the current connection (awaiting ack in tether.v1)
     written_once: bool = False  # written at least once on any connection
 
     @property

@@ -34,7 +34,7 @@ from ..hub import Hub
 from ..metrics import MetricsSnapshot
 from ..protocol import CLIENT_ID_PATTERN
 from ..resilience import CircuitState
-from ..transports.session import Authenticate
+from ..transports.connection import Authenticate
 
 log = logging.getLogger("tether.monitoring")
 

@@ -35,7 +35,7 @@ from ..access import origin_patterns
 from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
-from .session import (
+from .connection import (
     OVERSIZE_SLACK,
     SUBPROTOCOL,
     WRITE_LIMIT,
