@@ -1,14 +1,14 @@
 """A/B: the hub-only hot-path costs of two source trees, measured alternately in one run.
 
-    python -m benchmarks.ab_trees BEFORE_DIR AFTER_DIR [--rounds N] [--n N]
+    python -m benchmarks.ab_trees BEFORE_DIR AFTER_DIR [--rounds N] [--n N] [--repeat N]
 
 Each tree is a checkout (or `git archive` of a commit) with `src/` and `benchmarks/`. Every
 round runs `benchmarks.profile_hot_paths`'s operations (plain send, broadcast to 100
 clients, critical send + ack, retry tick) once per tree in a fresh interpreter, the trees
 in alternating order, so load on a shared machine falls on both alike, and counts CPU
-time (`process_time`), which other processes disturb less than wall-clock time. Prints
-the median CPU µs per delivery of each tree and the after/before ratio (below 1.00:
-faster).
+time (`process_time`), which other processes disturb less than wall-clock time; within a
+round each operation runs `--repeat` times and the least counts (interference only adds).
+Prints the median over rounds of each tree and the after/before ratio (below 1.00: faster).
 """
 
 from __future__ import annotations
@@ -38,15 +38,18 @@ async def cpu_us_per_delivery(factory):
     await hub.shutdown(flush=False)
     return elapsed / max(1, done) * 1e6
 
-n = int(sys.argv[1])
-print(json.dumps({name: asyncio.run(cpu_us_per_delivery(f)) for name, f in _ops(Hub, n).items()}))
+n, repeat = int(sys.argv[1]), int(sys.argv[2])
+print(json.dumps({
+    name: min(asyncio.run(cpu_us_per_delivery(f)) for _ in range(repeat))
+    for name, f in _ops(Hub, n).items()
+}))
 """
 
 
-def _probe(tree: Path, n: int) -> dict[str, float]:
+def _probe(tree: Path, n: int, repeat: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(tree / "src")]))
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(n)],
+        [sys.executable, "-c", _PROBE, str(n), str(repeat)],
         cwd=tree,
         env=env,
         capture_output=True,
@@ -63,14 +66,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("after", type=Path)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--n", type=int, default=20_000, help="deliveries per operation")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per operation in a round (the least counts)"
+    )
     args = parser.parse_args(argv)
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for round_ in range(args.rounds):
         order = ["before", "after"] if round_ % 2 == 0 else ["after", "before"]
         for label in order:
-            runs[label].append(_probe(trees[label], args.n))
-    print(f"CPU µs per delivery, median of {args.rounds} alternating rounds")
+            runs[label].append(_probe(trees[label], args.n, args.repeat))
+    print(
+        f"CPU µs per delivery: least of {args.repeat} runs per round, "
+        f"median of {args.rounds} alternating rounds"
+    )
     print(f"  {'operation':34s} {'before':>8} {'after':>8} {'after/before':>13}")
     for name in runs["before"][0]:
         before = median([r[name] for r in runs["before"]])

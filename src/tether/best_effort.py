@@ -7,7 +7,16 @@ from .backends import Backend, BackendError
 from .clock import Clock
 from .messages import Envelope, SendResult, SendStatus
 from .session import ClientSession
-from .writes import OK, PENDING, WriteOutcome, Writer, can_write_now, msg_frame
+from .writes import (
+    NOT_CONNECTED,
+    OK,
+    PENDING,
+    WriteOutcome,
+    Writer,
+    blocked,
+    can_write_now,
+    msg_frame,
+)
 
 
 class BestEffort:
@@ -26,13 +35,12 @@ class BestEffort:
     async def send(self, client: ClientSession, envelope: Envelope) -> SendResult:
         """Write now or drop (lock held); touches the client with the clock read that also
         times the delivery."""
-        if not can_write_now(client):
-            if not client.connected and self._backend.shared:
+        reason = blocked(client)
+        if reason is not None:
+            if reason is NOT_CONNECTED and self._backend.shared:
                 client.last_seen = self._clock.now()
                 return await self._forward(client, envelope)
-            reason = _blocked(client)
-            if reason is not None:
-                return self.dropped(client, envelope, reason)
+            return self.dropped(client, envelope, reason)
         frame = msg_frame(client, envelope) if client.v1 else envelope.data
         writer = self._writer  # write_now, then write_awaited: no extra coroutine
         outcome = writer.write_now(client, frame)
@@ -51,7 +59,7 @@ class BestEffort:
         done without a task per client — or None when it needs the awaited `send`. Safe
         without the lock: nothing here awaits, and nothing is written unless the whole
         delivery completes."""
-        if client.lock.locked() or not can_write_now(client):
+        if not can_write_now(client) or client.lock.locked():
             return None
         frame = msg_frame(client, envelope) if client.v1 else envelope.data
         outcome = self._writer.write_now(client, frame)
@@ -86,20 +94,8 @@ class BestEffort:
                 return SendResult(
                     SendStatus.SENT, client.client_id, envelope.message_id, f"forwarded to {node}"
                 )
-            reason = "client not connected"
+            reason = NOT_CONNECTED
         except BackendError as exc:
             reason = f"backend unavailable: {exc}"
         self._acct.dropped(client)
         return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, reason)
-
-
-def _blocked(client: ClientSession) -> str | None:
-    """Why a best-effort message cannot be written to `client` now, or None when it can
-    (awaited). A HALF_OPEN breaker's `allow()` takes one of its probe calls."""
-    if not client.connected:
-        return "client not connected"
-    if client.outbox.queue:
-        return "behind undelivered critical messages"
-    if not client.breaker.allow():
-        return f"circuit {client.breaker.state.value}"
-    return None

@@ -16,7 +16,7 @@ from .resilience import CircuitState, RetryPolicy
 from .session import ClientSession
 from .streams import StreamKeeper, mirror
 from .tasks import BackgroundTasks
-from .writes import CLOSED, OK, PENDING, Writer, can_write_now, msg_frame
+from .writes import CLOSED, NOT_CONNECTED, OK, PENDING, Writer, can_write_now, msg_frame
 
 log = logging.getLogger("tether")
 
@@ -116,7 +116,7 @@ class DeliveryPipeline:
         over. Once stored, a write the socket cannot take at once stays at the head of
         the queue and is flushed in the background."""
         append = self.append_now
-        if append is None or client.lock.locked() or not can_write_now(client):
+        if append is None or not can_write_now(client) or client.lock.locked():
             return None
         client.last_seen = self.clock.now()
         refused = self._refused(client, envelope, append(client, envelope))
@@ -186,7 +186,7 @@ class DeliveryPipeline:
         if not local or not client.connected or stored.unmirrored:
             if client.connected:  # it connected here while we stored
                 self._tasks.spawn(self.load_new(client.client_id))
-            reason = "client not connected"
+            reason = NOT_CONNECTED
             if stored.holder is not None and stored.holder != self.backend.node_id:
                 reason = f"delivered by node {stored.holder}"
             return self.queued(client, envelope, reason)
@@ -498,7 +498,7 @@ class DeliveryPipeline:
 
 def _why_queued(client: ClientSession) -> str:
     if not client.connected:
-        return "client not connected"
+        return NOT_CONNECTED
     if client.breaker.state is not CircuitState.CLOSED:
         return f"circuit {client.breaker.state.value}"
     if len(client.outbox.queue) > 1:

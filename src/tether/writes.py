@@ -46,6 +46,23 @@ def can_write_now(client: ClientSession, head: Envelope | None = None) -> bool:
     return bool(queue) and queue[0] is head
 
 
+NOT_CONNECTED = "client not connected"
+
+
+def blocked(client: ClientSession) -> str | None:
+    """Why nothing may be written to `client` now — not connected, messages queued ahead,
+    or a breaker that refuses — or None. The rule of the awaited write paths; a
+    HALF_OPEN breaker's `allow()` takes one of its probe calls. `can_write_now` is the
+    same rule for the synchronous paths (plus a socket that takes the frame at once)."""
+    if not client.connected:
+        return NOT_CONNECTED
+    if client.outbox.queue:
+        return "behind undelivered critical messages"
+    if not client.breaker.allow():
+        return f"circuit {client.breaker.state.value}"
+    return None
+
+
 def msg_frame(client: ClientSession, envelope: Envelope) -> str | bytes:
     """What goes on the wire for `envelope`: the payload in plain mode, a tether.v1 `msg`
     frame (built by `protocol.encode_msg`) otherwise."""
