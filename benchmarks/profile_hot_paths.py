@@ -1,10 +1,10 @@
 """Profile the hub's hot paths (send, broadcast, critical send + ack, retry tick) with pyinstrument,
-and time them against an experimental copy of `_transmit` without a per-send `asyncio.timeout`.
+and time them against an experimental writer without a per-send `asyncio.timeout`.
 
     python -m benchmarks.profile_hot_paths [--quick] [--html DIR]
 
 Not part of `tether bench`: it prints per-operation costs and pyinstrument call trees that
-`docs/benchmarks.md` summarises. The experiment subclasses Hub; src/tether/hub.py is untouched.
+`docs/benchmarks.md` summarises. The experiments swap the hub's `Writer`; src/tether is untouched.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 from websockets.protocol import State
 
 from tether import Hub, HubConfig, ManualClock, protocol
+from tether.envelopes import copy_for_client
 from tether.transports.base import TransportClosed
+from tether.writes import WriteOutcome, Writer
 
 from ._common import median, rnd
 from ._hubkit import NullTransport
@@ -29,7 +31,10 @@ from ._hubkit import NullTransport
 Op = Callable[[], Awaitable[int]]
 
 
-class WatchdogHub(Hub):
+_SENDING: dict[Any, Any] = {}  # the watchdog's table: client -> (deadline, task)
+
+
+class WatchdogWriter(Writer):
     """Experiment: the send timeout enforced by a watchdog instead of `asyncio.timeout`.
 
     Each write records (deadline, task) in a dict; a periodic watchdog (not run here: it
@@ -39,28 +44,35 @@ class WatchdogHub(Hub):
     cancelled handle left in the loop's heap.
     """
 
-    _sending: dict[Any, Any]
+    __slots__ = ()
 
-    async def _write_awaited(self, client: Any, frame: str | bytes) -> int:
+    async def write_awaited(self, client: Any, frame: str | bytes) -> WriteOutcome:
         transport = client.transport
         if transport is None:
-            return 2
-        sending = self.__dict__.setdefault("_sending", {})
-        sending[client] = (self.clock.now() + self._send_timeout, asyncio.current_task())
+            return WriteOutcome.CLOSED
+        _SENDING[client] = (time.monotonic() + self.send_timeout, asyncio.current_task())
         try:
             await transport.send(frame)
         except TransportClosed:
             client.breaker.release()
-            self._detach(client, transport, failed=False)
-            return 2
+            self._registry.detach(client, transport, failed=False)
+            return WriteOutcome.CLOSED
         except Exception:
             client.breaker.record_failure()
-            self._count(client, "messages_failed")
-            return 1
+            self._acct.failed(client)
+            return WriteOutcome.FAILED
         finally:
-            del sending[client]
+            del _SENDING[client]
         client.breaker.record_success()
-        return 0
+        return WriteOutcome.OK
+
+
+class WatchdogHub(Hub):
+    """A Hub whose writer is the `WatchdogWriter` experiment."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pipeline.writer.__class__ = WatchdogWriter  # every part shares this writer
 
 
 _WRITE_LIMIT = 32 * 1024  # websockets' default write_limit (high-water mark)
@@ -98,17 +110,26 @@ def _writable(transport: Any) -> bool:
     )
 
 
-class TrySendHub(Hub):
-    """Experiment A: `_transmit` writes synchronously when the transport can take the frame
-    now, and only otherwise awaits `transport.send` under `asyncio.timeout`."""
+class TrySendWriter(Writer):
+    """Experiment A: writes synchronously when the transport can take the frame now, and
+    only otherwise awaits `transport.send` under `asyncio.timeout`."""
 
-    async def _transmit(self, client: Any, frame: str | bytes) -> int:
+    __slots__ = ()
+
+    async def write(self, client: Any, frame: str | bytes) -> WriteOutcome:
         transport = client.transport
         if transport is not None and _try_write(transport, frame):
             client.breaker.record_success()
-            return 0
-        result: int = await super()._transmit(client, frame)
-        return result
+            return WriteOutcome.OK
+        return await super().write(client, frame)
+
+
+class TrySendHub(Hub):
+    """A Hub whose writer is the `TrySendWriter` experiment."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pipeline.writer.__class__ = TrySendWriter
 
 
 class InlineBroadcastHub(TrySendHub):
@@ -120,13 +141,14 @@ class InlineBroadcastHub(TrySendHub):
 
         if kwargs or self._closing:
             return await super().broadcast(payload, **kwargs)
-        targets = [c for c in list(self._clients.values()) if c.transport is not None]
-        template = self._prepare(payload, False, None, None)
+        targets = [c for c in list(self._registry.sessions.values()) if c.connected]
+        template = self._envelopes.prepare(payload, False, None, None)
+        deliver = self._pipeline.deliver
         slow = [c for c in targets if c.lock.locked() or not _writable(c.transport)]
-        tasks = [asyncio.ensure_future(self._deliver(c, self._copy(template))) for c in slow]
+        tasks = [asyncio.ensure_future(deliver(c, copy_for_client(template))) for c in slow]
         skip = set(map(id, slow))
         results = [
-            await self._deliver(c, self._copy(template)) for c in targets if id(c) not in skip
+            await deliver(c, copy_for_client(template)) for c in targets if id(c) not in skip
         ]
         results += await asyncio.gather(*tasks)
         sent = sum(1 for r in results if r.status is SendStatus.SENT)

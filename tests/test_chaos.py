@@ -16,7 +16,7 @@ from support import until
 from tether import Hub, HubConfig
 from tether.client import Client, ClientState, Message
 from tether.transports import websockets as tw
-from tether.transports.session import Session
+from tether.transports.connection import Session
 
 N = 5_000
 SERVER_KILLS = 26

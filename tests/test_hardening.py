@@ -25,7 +25,7 @@ from websockets.asyncio.server import Server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from support import closed_with, hello, hello_frame, recv_json, until
-from tether import Hub, HubConfig, ManualClock, SendStatus
+from tether import Hub, HubConfig, HubUnavailable, ManualClock, SendStatus
 from tether.auth import (
     sign_token,
     signed_token_authenticator,
@@ -38,7 +38,7 @@ from tether.monitoring import BackgroundServer, create_app
 from tether.protocol import Hello, ProtocolError
 from tether.testing import MockWebSocket
 from tether.transports import websockets as tw
-from tether.transports.session import ConnectionInfo, TokenBucket, connection_counter
+from tether.transports.connection import ConnectionInfo, TokenBucket, connection_counter
 
 V1 = ["tether.v1"]
 SECRET = "a-test-secret-of-32-characters!!"
@@ -220,6 +220,19 @@ async def test_max_clients_refuses_new_ids_with_1013_and_keeps_known_ones() -> N
                 assert await ws.recv() == "back"
             await other.still_served()
         assert sorted(hub.clients()) == ["bystander", "known"]
+
+
+async def test_capacity_is_hub_unavailable_and_a_bad_id_is_a_value_error() -> None:
+    async with make_hub(max_clients=1) as hub:
+        await hub.connect("first", MockWebSocket())
+        with pytest.raises(HubUnavailable, match="max_clients=1"):
+            await hub.connect("second", MockWebSocket())
+        with pytest.raises(HubUnavailable, match="max_clients=1"):
+            hub.join("second", "room")
+        with pytest.raises(ValueError, match="invalid client id") as bad:
+            await hub.connect("bad id", MockWebSocket())
+        assert not isinstance(bad.value, HubUnavailable)  # the caller's mistake, not capacity
+        assert hub.clients() == ["first"]
 
 
 @pytest.mark.parametrize("adapter", ["websockets", "starlette"])

@@ -18,7 +18,7 @@ from support import closed_with, hello, recv_json, until
 from tether import Hub, HubConfig, ManualClock, SendStatus
 from tether.client import Client, TetherAuthError
 from tether.transports import websockets as tw
-from tether.transports.session import ConnectionInfo
+from tether.transports.connection import ConnectionInfo
 
 V1 = ["tether.v1"]
 

@@ -13,7 +13,8 @@ from .client import (
 )
 from .clock import Clock, ManualClock, SystemClock
 from .config import BackendKind, ConfigError, DedupMode, HubConfig, OverflowPolicy
-from .hub import Hub, HubClosedError
+from .errors import HubClosedError, HubUnavailable
+from .hub import Hub
 from .messages import BroadcastResult, DeadLetter, SendResult, SendStatus, ShutdownStats
 from .resilience import CircuitState
 from .transports.base import Transport, TransportClosed
@@ -31,6 +32,7 @@ __all__ = [
     "Hub",
     "HubClosedError",
     "HubConfig",
+    "HubUnavailable",
     "ManualClock",
     "Message",
     "OverflowPolicy",

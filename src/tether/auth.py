@@ -42,9 +42,8 @@ import hmac
 import time
 from collections.abc import Callable, Mapping
 
-from .hub import CLIENT_ID_PATTERN
-from .protocol import MAX_TOKEN_LENGTH, CloseCode, Hello, ProtocolError
-from .transports.session import Authenticate, ConnectionInfo, Identity
+from .protocol import MAX_TOKEN_LENGTH, CloseCode, Hello, ProtocolError, valid_client_id
+from .transports.connection import Authenticate, ConnectionInfo, Identity
 
 __all__ = [
     "MIN_SECRET_LENGTH",
@@ -107,7 +106,7 @@ def _check_asked(asked: str | None, client_id: str) -> str:
 
 
 def _check_client_id(client_id: str) -> None:
-    if not isinstance(client_id, str) or CLIENT_ID_PATTERN.fullmatch(client_id) is None:
+    if not valid_client_id(client_id):
         raise ValueError(f"invalid client id {client_id!r}")
 
 
@@ -217,7 +216,7 @@ def _verify(key: bytes, token: str, now: float) -> tuple[str, int]:
         raise unauthorized("malformed token") from None
     if now >= expires_at:
         raise unauthorized("token expired")
-    if CLIENT_ID_PATTERN.fullmatch(client_id) is None:
+    if not valid_client_id(client_id):
         raise unauthorized("malformed token")
     return client_id, expires_at
 

@@ -113,10 +113,9 @@ class Envelope:
     attempts: int = 0
     next_attempt_at: float = 0.0
     dedup_key: str | None = None
-    written: bool = False  # written on the current connection (awaiting ack in tether.v1)
     written_once: bool = False  # written at least once on any connection
     # (shared stores) may be written without being stored, if the store finds nothing of
-    # the client's held anywhere: see Hub._may_write_directly
+    # the client's held anywhere: see pipeline.may_write_directly
     direct: bool = False
 
     @property

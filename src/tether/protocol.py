@@ -19,6 +19,8 @@ from typing import Any, Final, TypeAlias
 import orjson
 
 __all__ = [
+    "CLIENT_ID_PATTERN",
+    "CLIENT_ID_RULE",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_CLIENT_ID_LENGTH",
     "MAX_RESUME_SEQ",
@@ -45,12 +47,14 @@ __all__ = [
     "ServerRejected",
     "Welcome",
     "Welcomed",
+    "check_ack",
     "decode_client_frame",
     "decode_data",
     "decode_server_frame",
     "encode",
     "encode_data",
     "encode_msg",
+    "valid_client_id",
 ]
 
 SUBPROTOCOL: Final = "tether.v1"
@@ -67,7 +71,17 @@ _INT64_MIN: Final = -(2**63)
 _UINT64_MAX: Final = 2**64 - 1
 DEFAULT_MAX_MESSAGE_SIZE: Final = 1_048_576
 
-_CLIENT_ID = re.compile(rf"[A-Za-z0-9._:@-]{{1,{MAX_CLIENT_ID_LENGTH}}}")
+# The client-id rule, for every layer (hello frames, hub sends, HTTP routes, auth tokens).
+CLIENT_ID_PATTERN: Final = re.compile(rf"^[A-Za-z0-9._:@-]{{1,{MAX_CLIENT_ID_LENGTH}}}$")
+CLIENT_ID_RULE: Final = f"1-{MAX_CLIENT_ID_LENGTH} characters of A-Z a-z 0-9 . _ : @ -"
+
+
+def valid_client_id(client_id: object) -> bool:
+    """Whether `client_id` is a string that follows the client-id rule (`fullmatch`: with
+    `match`, the pattern's `$` would also accept a trailing newline)."""
+    return isinstance(client_id, str) and CLIENT_ID_PATTERN.fullmatch(client_id) is not None
+
+
 _ENCODINGS: Final = (None, "base64")
 
 
@@ -214,6 +228,15 @@ def encode_msg(seq: int | None, msg_id: str, data_json: bytes, *, enc: str | Non
     if seq is None:
         return f'{{"type":"msg","id":{id_json}{enc_json},"data":{data_json.decode()}}}'
     return f'{{"type":"msg","seq":{seq},"id":{id_json}{enc_json},"data":{data_json.decode()}}}'
+
+
+def check_ack(seq: int, highest_sent: int) -> None:
+    """The ack rule: a client may acknowledge only seqs it was sent. Raises
+    `ProtocolError("invalid_ack")` (close 1002) for an ack above `highest_sent`."""
+    if seq > highest_sent:
+        raise ProtocolError(
+            "invalid_ack", f"ack {seq} is above the highest seq sent ({highest_sent})"
+        )
 
 
 def encode_data(payload: Any) -> tuple[bytes, str | None]:
@@ -364,7 +387,7 @@ def _lost_ranges(obj: dict[str, Any]) -> tuple[tuple[int, int], ...]:
 
 def _hello(obj: dict[str, Any]) -> Hello:
     client_id = _str(obj, "client_id")
-    if _CLIENT_ID.fullmatch(client_id) is None:
+    if not valid_client_id(client_id):
         raise ProtocolError(
             "invalid_client_id",
             f"client_id must be 1..{MAX_CLIENT_ID_LENGTH} characters of [A-Za-z0-9._:@-]",
@@ -531,11 +554,7 @@ class ServerProtocol:
             frame = decode_client_frame(raw, max_size=self.max_message_size)
             if self.state is _OPEN:
                 if type(frame) is Ack:
-                    if frame.seq > self.highest_sent:
-                        raise ProtocolError(
-                            "invalid_ack",
-                            f"ack {frame.seq} is above the highest seq sent ({self.highest_sent})",
-                        )
+                    check_ack(frame.seq, self.highest_sent)
                     if frame.seq > self.acked:
                         self.acked = frame.seq
                     return frame
@@ -569,7 +588,11 @@ class ServerProtocol:
         return text
 
     def msg(self, seq: int | None, msg_id: str, data_json: bytes, *, enc: str | None = None) -> str:
-        """The text of a `msg` frame; a critical `seq` raises `highest_sent`."""
+        """The text of a `msg` frame, validated; a critical `seq` raises `highest_sent`.
+
+        For a server that keeps delivery state per connection. Tether's hub keeps it per
+        client (it outlives connections): it writes frames made by the same `encode_msg`
+        and its connection adapter raises `highest_sent` from `Hub.highest_sent`."""
         if self.state is not _OPEN:
             if self.state is _CLOSED:
                 raise _closed()
@@ -678,7 +701,7 @@ class ClientProtocol:
         ack_interval: float = 0.05,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        if not isinstance(client_id, str) or _CLIENT_ID.fullmatch(client_id) is None:
+        if not valid_client_id(client_id):
             raise ValueError(
                 f"client_id must be 1..{MAX_CLIENT_ID_LENGTH} characters of [A-Za-z0-9._:@-]"
             )

@@ -1,4 +1,4 @@
-"""What a reconnecting tether.v1 client is told and re-sent: a pure function of its session."""
+"""Settling a reconnecting tether.v1 client's stream against its hello: what it is told, re-sent."""
 
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ def resume(
     client: ClientSession, last_seq: int, session_id: str, epoch: str | None = None
 ) -> tuple[protocol.Welcome, list[Envelope]]:
     """Settle a client's stream against the `last_seq` of its hello (outbox requeued).
+
+    Not a pure function: it updates the session in place (the caller holds its lock) —
+    `acked`, `next_seq`, `highest_written`, `stream_known`, and the outbox, from which
+    it removes what the hello acknowledged (or which it renumbers after a reset). No
+    I/O, no clock, no counting: the caller delivers, counts and writes the welcome.
 
     Returns the `welcome` to send and the messages the hello acknowledged (delivered).
     Every seq after the client's position that the outbox no longer holds, and that no

@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 
 class ClientSession:
-    """The per-client state of a hub. Internal: the hub is its only writer.
+    """The per-client state of a hub. Internal, owned by the core: the client registry
+    creates, attaches, detaches and evicts it; the delivery pipeline and the stream keeper
+    change its outbox and seq counters. Backends see it only as a `backends.StreamState`
+    and write none of it, except the memory backend, whose store *is* this outbox.
 
     `lock` serialises everything that writes to the connection or reorders the outbox,
     so concurrent sends to one client keep their order; different clients never share
@@ -84,4 +87,5 @@ class ClientSession:
 
     @property
     def connected(self) -> bool:
+        """Whether a connection is attached (then `try_send` may be set, else it is None)."""
         return self.transport is not None

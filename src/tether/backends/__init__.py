@@ -1,5 +1,9 @@
 """Where a hub keeps outboxes, sequence numbers and dedup keys: in memory, or shared in Redis."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from .base import (
     Accepted,
     Backend,
@@ -8,8 +12,13 @@ from .base import (
     OutcomeUnknown,
     Refused,
     StoredOutbox,
+    StreamState,
 )
 from .memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from ..clock import Clock
+    from ..config import HubConfig
 
 __all__ = [
     "Accepted",
@@ -20,6 +29,8 @@ __all__ = [
     "OutcomeUnknown",
     "Refused",
     "StoredOutbox",
+    "StreamState",
+    "backend_for",
     "create_backend",
 ]
 
@@ -33,3 +44,18 @@ def create_backend(kind: str, **options: object) -> Backend:
 
         return RedisBackend(**options)  # type: ignore[arg-type]
     raise ValueError(f"unknown backend {kind!r}: expected 'memory' or 'redis'")
+
+
+def backend_for(config: HubConfig, clock: Clock) -> Backend:
+    """The backend a hub's config names. The clock turns hub-clock deadlines into
+    wall-clock ones and back."""
+    if config.backend.value == "memory":
+        return MemoryBackend()
+    return create_backend(
+        config.backend.value,
+        url=config.redis_url,
+        prefix=config.redis_prefix,
+        node_id=config.node_id,
+        config=config,
+        clock=clock,
+    )

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..messages import DeadLetter, Envelope
-
-if TYPE_CHECKING:
-    from ..session import ClientSession
+from ..resilience import DedupWindow, Outbox
 
 
 class BackendError(RuntimeError):
@@ -26,6 +24,31 @@ class OutcomeUnknown(BackendError):
 class NotReplicated(OutcomeUnknown):
     """A write is on the master, but not confirmed by the required replicas: a failover
     could still lose it. Not accepted: reported like an unknown outcome."""
+
+
+class StreamState(Protocol):
+    """The part of a client's session (`tether.session.StreamState`) a backend sees.
+
+    The core owns the session: it applies what a backend returns (`Accepted`,
+    `StoredOutbox`) and records accepted dedup keys in `dedup`. Backends read these
+    fields and write none, with one documented exception: the memory backend's store
+    *is* the session's outbox, so its `append_now` pushes into `outbox` and advances
+    `next_seq` (the seq it hands out).
+    """
+
+    next_seq: int  # the seq the next stored message gets
+
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def epoch(self) -> str | None: ...  # the identity of the numbering the session mirrors
+
+    @property
+    def dedup(self) -> DedupWindow | None: ...  # None: dedup is off
+
+    @property
+    def outbox(self) -> Outbox: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +108,8 @@ class Backend(Protocol):
     """What a hub needs from its storage.
 
     The memory backend keeps nothing of its own: the hub's sessions are the store, so
-    every method is trivial and `load` returns None. A shared backend (Redis) is the
+    every method is trivial and `load` returns None. Backends see a session only as a
+    `StreamState`. A shared backend (Redis) is the
     record: `append` stores before `send` returns, `load` rebuilds a session on
     (re)connection, and presence/routing let a client connect to any node.
     """
@@ -110,31 +134,31 @@ class Backend(Protocol):
     # -- critical messages
 
     async def append(
-        self, session: ClientSession, envelope: Envelope, *, local: bool
+        self, session: StreamState, envelope: Envelope, *, local: bool
     ) -> Accepted | Refused:
         """Store a critical message (dedup check, seq, bound, TTL) atomically. With
         `local`, the session's outbox mirrors it too."""
         ...
 
     async def append_many(
-        self, items: list[tuple[ClientSession, Envelope, bool]]
+        self, items: Sequence[tuple[StreamState, Envelope, bool]]
     ) -> list[Accepted | Refused | BackendError]:
         """`append` for many clients at once (a critical broadcast): (session, envelope,
         local) each, one outcome each, in order. Envelopes that share their data object
         share one stored payload in transit."""
         ...
 
-    async def ack(self, session: ClientSession, seq: int) -> bool:
+    async def ack(self, session: StreamState, seq: int) -> bool:
         """Record delivery up to `seq`. False when the stored stream is no longer the
         epoch the session speaks of (then nothing was trimmed)."""
         ...
 
-    async def ack_many(self, acks: list[tuple[ClientSession, int]]) -> list[bool]:
+    async def ack_many(self, acks: Sequence[tuple[StreamState, int]]) -> list[bool]:
         """`ack` for many clients in one batch."""
         ...
 
     async def attach(
-        self, session: ClientSession, last_seq: int, epoch: str | None
+        self, session: StreamState, last_seq: int, epoch: str | None
     ) -> StoredOutbox | None:
         """A tether.v1 client resumes from `last_seq` (of `epoch`, when its hello named
         one): settle the stored stream against it and return it; a stream that cannot
@@ -142,13 +166,13 @@ class Backend(Protocol):
         itself is the record."""
         ...
 
-    async def discard(self, session: ClientSession, envelopes: list[Envelope]) -> None:
+    async def discard(self, session: StreamState, envelopes: list[Envelope]) -> None:
         """Forget messages that left other than by delivery (expired, dead-lettered)."""
         ...
 
-    async def dead_letter(self, session: ClientSession, letter: DeadLetter) -> None: ...
+    async def dead_letter(self, session: StreamState, letter: DeadLetter) -> None: ...
 
-    async def load(self, session: ClientSession, *, after: int = 0) -> StoredOutbox | None:
+    async def load(self, session: StreamState, *, after: int = 0) -> StoredOutbox | None:
         """The client's stored stream, or None when the session itself is the record."""
         ...
 
@@ -162,9 +186,9 @@ class Backend(Protocol):
 
     # -- best-effort dedup
 
-    async def seen(self, session: ClientSession, key: str) -> bool: ...
+    async def seen(self, session: StreamState, key: str) -> bool: ...
 
-    async def remember(self, session: ClientSession, key: str) -> None: ...
+    async def remember(self, session: StreamState, key: str) -> None: ...
 
     # -- presence, routing, groups
 

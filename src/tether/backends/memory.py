@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from ..messages import DeadLetter, Envelope
-from .base import Accepted, BackendError, BackendEvents, Refused, StoredOutbox
-
-if TYPE_CHECKING:
-    from ..session import ClientSession
+from .base import Accepted, BackendError, BackendEvents, Refused, StoredOutbox, StreamState
 
 
 class MemoryBackend:
@@ -33,12 +31,15 @@ class MemoryBackend:
         return True
 
     async def append(
-        self, session: ClientSession, envelope: Envelope, *, local: bool
+        self, session: StreamState, envelope: Envelope, *, local: bool
     ) -> Accepted | Refused:
         return self.append_now(session, envelope)
 
-    def append_now(self, session: ClientSession, envelope: Envelope) -> Accepted | Refused:
-        """`append` without suspending: the hub's direct (task-free) fan-out uses it."""
+    def append_now(self, session: StreamState, envelope: Envelope) -> Accepted | Refused:
+        """`append` without suspending: the hub's direct (task-free) fan-out uses it.
+
+        This store *is* the session's outbox: the message is pushed into it and takes
+        the session's next seq. The core records the dedup key once it is accepted."""
         key = envelope.dedup_key
         if key is not None and session.dedup is not None and session.dedup.seen(key):
             return Refused.DUPLICATE
@@ -48,33 +49,31 @@ class MemoryBackend:
             envelope.seq = None
             return Refused.FULL
         session.next_seq += 1
-        if key is not None and session.dedup is not None:
-            session.dedup.record(key)
         return Accepted(envelope.seq, tuple(outcome.evicted))
 
     async def append_many(
-        self, items: list[tuple[ClientSession, Envelope, bool]]
+        self, items: Sequence[tuple[StreamState, Envelope, bool]]
     ) -> list[Accepted | Refused | BackendError]:
         return [self.append_now(session, envelope) for session, envelope, _ in items]
 
-    async def ack(self, session: ClientSession, seq: int) -> bool:
+    async def ack(self, session: StreamState, seq: int) -> bool:
         return True
 
-    async def ack_many(self, acks: list[tuple[ClientSession, int]]) -> list[bool]:
+    async def ack_many(self, acks: Sequence[tuple[StreamState, int]]) -> list[bool]:
         return [True] * len(acks)
 
     async def attach(
-        self, session: ClientSession, last_seq: int, epoch: str | None
+        self, session: StreamState, last_seq: int, epoch: str | None
     ) -> StoredOutbox | None:
         return None
 
-    async def discard(self, session: ClientSession, envelopes: list[Envelope]) -> None:
+    async def discard(self, session: StreamState, envelopes: list[Envelope]) -> None:
         return None
 
-    async def dead_letter(self, session: ClientSession, letter: DeadLetter) -> None:
+    async def dead_letter(self, session: StreamState, letter: DeadLetter) -> None:
         return None
 
-    async def load(self, session: ClientSession, *, after: int = 0) -> StoredOutbox | None:
+    async def load(self, session: StreamState, *, after: int = 0) -> StoredOutbox | None:
         return None
 
     async def pending_count(self, client_id: str) -> int | None:
@@ -83,12 +82,11 @@ class MemoryBackend:
     async def pending_counts(self, client_ids: list[str]) -> int | None:
         return None
 
-    async def seen(self, session: ClientSession, key: str) -> bool:
+    async def seen(self, session: StreamState, key: str) -> bool:
         return session.dedup is not None and session.dedup.seen(key)
 
-    async def remember(self, session: ClientSession, key: str) -> None:
-        if session.dedup is not None:
-            session.dedup.record(key)
+    async def remember(self, session: StreamState, key: str) -> None:
+        return None  # the core records it in the session's window, which is this store
 
     async def claim(self, client_id: str) -> None:
         return None

@@ -14,8 +14,8 @@ import logging
 import random
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable, Hashable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -35,15 +35,13 @@ from .base import (
     OutcomeUnknown,
     Refused,
     StoredOutbox,
+    StreamState,
 )
 from .redis_batch import Request, StreamBatcher
 from .redis_connection import CommandClient, LuaScript, RedisConnections
 from .redis_keys import RedisKeys, bucket_of
 from .redis_scripts import SCRIPTS
 from .redis_wire import WireCodec
-
-if TYPE_CHECKING:
-    from ..session import ClientSession
 
 log = logging.getLogger("tether.redis")
 
@@ -383,7 +381,7 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ critical messages
 
-    def _dedup_key(self, session: ClientSession, envelope: Envelope) -> str | None:
+    def _dedup_key(self, session: StreamState, envelope: Envelope) -> str | None:
         """The dedup key recorded with a stored message."""
         if session.dedup is None or not self._dedup_on:
             return None
@@ -403,7 +401,7 @@ class RedisBackend:
         return node
 
     def _entry(
-        self, session: ClientSession, envelope: Envelope, local: bool, probe: bool
+        self, session: StreamState, envelope: Envelope, local: bool, probe: bool
     ) -> tuple[Hashable, str]:
         """An append item (see `redis_scripts.APPEND`) and its batch group."""
         cid = session.client_id
@@ -428,7 +426,7 @@ class RedisBackend:
         return self._group(cid), item
 
     def _submit_appends(
-        self, items: list[tuple[ClientSession, Envelope, bool]], *, gate: bool = True
+        self, items: Sequence[tuple[StreamState, Envelope, bool]], *, gate: bool = True
     ) -> asyncio.Future[list[Any]]:
         """One ticket for envelopes that share their payload (one send, or a broadcast's
         copies)."""
@@ -438,9 +436,7 @@ class RedisBackend:
         entries = [self._entry(s, e, local, probe) for s, e, local in items]
         return self._b.submit("append", entries, self.wire.payload_args(items[0][1]))
 
-    def _accepted(
-        self, session: ClientSession, envelope: Envelope, reply: Any
-    ) -> Accepted | Refused:
+    def _accepted(self, session: StreamState, envelope: Envelope, reply: Any) -> Accepted | Refused:
         if isinstance(reply, list):
             head, evicted, gap = reply
         else:
@@ -457,9 +453,6 @@ class RedisBackend:
         holder = holder_text or None
         if holder is not None and holder.startswith("~"):
             holder = None
-        key = envelope.dedup_key
-        if key is not None and session.dedup is not None and self._dedup_on:
-            session.dedup.record(key)  # the local window answers best-effort checks cheaply
         from_entry = self.wire.from_entry
         accepted = Accepted(
             seq,
@@ -472,7 +465,7 @@ class RedisBackend:
         return accepted
 
     async def append(
-        self, session: ClientSession, envelope: Envelope, *, local: bool
+        self, session: StreamState, envelope: Envelope, *, local: bool
     ) -> Accepted | Refused:
         """Store a critical message (in a pipeline with whatever else this event-loop turn
         stores). Raises `BackendError` when it was certainly not stored and
@@ -483,7 +476,7 @@ class RedisBackend:
         return outcome
 
     async def append_many(
-        self, items: list[tuple[ClientSession, Envelope, bool]]
+        self, items: Sequence[tuple[StreamState, Envelope, bool]]
     ) -> list[Accepted | Refused | BackendError]:
         """Store many envelopes sharing one payload (a broadcast's copies) in one ticket.
         An unknown outcome is settled by sending again: the dedup key makes that safe,
@@ -511,7 +504,7 @@ class RedisBackend:
 
     async def _ring_holders(
         self,
-        items: list[tuple[ClientSession, Envelope, bool]],
+        items: Sequence[tuple[StreamState, Envelope, bool]],
         outcomes: list[Accepted | Refused | BackendError],
     ) -> None:
         """Ring the nodes holding the connections of clients stored for here, before the
@@ -530,7 +523,7 @@ class RedisBackend:
         await self._call("notify", lambda: self._r.publish(channel, message))
 
     async def _resolve(
-        self, items: list[tuple[ClientSession, Envelope, bool]], unknown: OutcomeUnknown
+        self, items: Sequence[tuple[StreamState, Envelope, bool]], unknown: OutcomeUnknown
     ) -> list[Accepted | Refused | BackendError]:
         """Send again, looking first: a message found already stored (its dedup key, or
         its id among the pending entries) was stored by the attempt whose reply was lost.
@@ -562,10 +555,10 @@ class RedisBackend:
         while len(unknown) > MAX_UNKNOWN:  # bounded: the oldest are the least likely resent
             del unknown[next(iter(unknown))]
 
-    async def ack(self, session: ClientSession, seq: int) -> bool:
+    async def ack(self, session: StreamState, seq: int) -> bool:
         return (await self.ack_many([(session, seq)]))[0]
 
-    async def ack_many(self, acks: list[tuple[ClientSession, int]]) -> list[bool]:
+    async def ack_many(self, acks: Sequence[tuple[StreamState, int]]) -> list[bool]:
         keep = self._keep_ms
         entries = [
             (
@@ -577,13 +570,13 @@ class RedisBackend:
         replies = await self._b.submit("ack", entries)
         return [int(reply) >= 0 for reply in replies]
 
-    async def discard(self, session: ClientSession, envelopes: list[Envelope]) -> None:
+    async def discard(self, session: StreamState, envelopes: list[Envelope]) -> None:
         ids = [f"{e.seq}-0" for e in envelopes if e.seq is not None]
         if ids:
             out = self.keys.out(session.client_id)
             await self._call("discard", lambda: self._r.xdel(out, *ids))
 
-    async def dead_letter(self, session: ClientSession, letter: DeadLetter) -> None:
+    async def dead_letter(self, session: StreamState, letter: DeadLetter) -> None:
         data = letter.data
         record = {
             "client_id": letter.client_id,
@@ -613,7 +606,7 @@ class RedisBackend:
         raw = await self._call("dead_letters", lambda: self._r.lrange(key, 0, -1))
         return [orjson.loads(item) for item in raw]
 
-    def _stored(self, session: ClientSession, reply: list[Any], entries: Any) -> StoredOutbox:
+    def _stored(self, session: StreamState, reply: list[Any], entries: Any) -> StoredOutbox:
         epoch, last, acked = reply[0], reply[1], reply[2]
         now = self.clock.now()
         # Reuse the objects the session already holds for the same message: they keep
@@ -633,12 +626,12 @@ class RedisBackend:
                 stored.envelopes.append(envelope)
         return stored
 
-    async def _drop_expired(self, session: ClientSession, stored: StoredOutbox) -> None:
+    async def _drop_expired(self, session: StreamState, stored: StoredOutbox) -> None:
         if stored.expired:
             with contextlib.suppress(BackendError):  # expired either way; retried next load
                 await self.discard(session, stored.expired)
 
-    async def load(self, session: ClientSession, *, after: int = 0) -> StoredOutbox | None:
+    async def load(self, session: StreamState, *, after: int = 0) -> StoredOutbox | None:
         cid = session.client_id
         reply = await self._eval("load", [self.keys.meta(cid), self.keys.out(cid)], [after])
         stored = self._stored(session, reply, reply[3])
@@ -646,7 +639,7 @@ class RedisBackend:
         return stored
 
     async def attach(
-        self, session: ClientSession, last_seq: int, epoch: str | None
+        self, session: StreamState, last_seq: int, epoch: str | None
     ) -> StoredOutbox | None:
         cid = session.client_id
         # Safe to retry: a second run finds the stream attached and settles nothing new.
@@ -678,15 +671,14 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ best-effort dedup
 
-    async def seen(self, session: ClientSession, key: str) -> bool:
+    async def seen(self, session: StreamState, key: str) -> bool:
         if session.dedup is not None and session.dedup.seen(key):
             return True  # this node accepted it: no round trip needed
         dd = self.keys.dedup(session.client_id, key)
         return bool(await self._call("seen", lambda: self._r.exists(dd)))
 
-    async def remember(self, session: ClientSession, key: str) -> None:
-        if session.dedup is not None:
-            session.dedup.record(key)
+    async def remember(self, session: StreamState, key: str) -> None:
+        # The core has recorded it in the session's window (answers `seen` cheaply here).
         dd = self.keys.dedup(session.client_id, key)
         await self._call("remember", lambda: self._r.set(dd, b"1", px=self._dedup_ms))
 

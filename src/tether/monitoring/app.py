@@ -32,10 +32,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from .._version import __version__
 from ..access import host_allowed, origin_allowed, origin_patterns
 from ..config import ConfigError, format_bytes
-from ..hub import CLIENT_ID_PATTERN, Hub
+from ..hub import Hub
 from ..metrics import MetricsSnapshot
+from ..protocol import CLIENT_ID_PATTERN
 from ..resilience import CircuitState
-from ..transports.session import Authenticate
+from ..transports.connection import Authenticate
 from .history import SampleHistory
 
 log = logging.getLogger("tether.monitoring")

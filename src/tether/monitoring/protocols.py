@@ -31,14 +31,14 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from uvicorn.server import ServerState
 
-from ..transports.guard import ConnectionGuard, GuardStats
-from ..transports.session import (
+from ..transports.connection import (
     CONTROL_FRAME_BURST,
     CONTROL_FRAME_RATE,
     WRITE_LIMIT,
     TokenBucket,
     write_buffer_bound,
 )
+from ..transports.guard import ConnectionGuard, GuardStats
 
 log = logging.getLogger("tether.server")
 

@@ -17,8 +17,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from ..config import HubConfig
+from ..transports.connection import OVERSIZE_SLACK
 from ..transports.guard import ConnectionGuard, GuardStats, connection_guard
-from ..transports.session import OVERSIZE_SLACK
 from .protocols import TetherH11Protocol, TetherWebSocketProtocol
 
 log = logging.getLogger("tether.server")

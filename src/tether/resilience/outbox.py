@@ -25,8 +25,8 @@ class Outbox:
     Two parts keep order cheap to maintain: `inflight` holds messages written on the
     current tether.v1 connection and awaiting an ack; `queue` holds the ones not yet
     written. Every in-flight message precedes every queued one. A message leaves only
-    by `ack` / `take_written` (delivery), `expire`, overflow eviction or `remove_head`
-    (dead-lettering) — each returned to the caller so it can be counted.
+    by `ack` or `mark_written(keep=False)` (delivery), `expire`, overflow eviction or
+    `remove_head` (dead-lettering) — each returned to the caller so it can be counted.
     """
 
     __slots__ = ("_next_expiry", "inflight", "max_size", "policy", "queue")
@@ -69,7 +69,6 @@ class Outbox:
     def mark_written(self, *, keep: bool) -> Envelope:
         """The head of `queue` was written: keep it in flight (awaiting an ack) or let it go."""
         envelope = self.queue.popleft()
-        envelope.written = True
         if keep:
             self.inflight.append(envelope)
         return envelope
@@ -85,8 +84,6 @@ class Outbox:
     def requeue_inflight(self) -> int:
         """The connection is gone: unacked messages go back to the front, in order."""
         count = len(self.inflight)
-        for envelope in self.inflight:
-            envelope.written = False
         self.queue.extendleft(reversed(self.inflight))
         self.inflight.clear()
         return count

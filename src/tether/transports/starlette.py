@@ -41,7 +41,7 @@ from ..access import host_allowed, origin_allowed, origin_patterns
 from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
-from .session import (
+from .connection import (
     SUBPROTOCOL,
     Authenticate,
     ConnectionInfo,

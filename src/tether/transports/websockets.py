@@ -44,8 +44,7 @@ from ..access import host_allowed, origin_patterns
 from ..auth import auth_from_config
 from ..hub import Hub
 from .base import TransportClosed
-from .guard import ConnectionGuard, connection_guard
-from .session import (
+from .connection import (
     CONTROL_FRAME_BURST,
     CONTROL_FRAME_RATE,
     OVERSIZE_SLACK,
@@ -59,6 +58,7 @@ from .session import (
     TooBig,
     write_buffer_bound,
 )
+from .guard import ConnectionGuard, connection_guard
 
 __all__ = [
     "GuardedServerConnection",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from .. import protocol
-from ..hub import CLIENT_ID_PATTERN, HubClosedError
+from ..errors import HubClosedError, HubUnavailable
 from .base import TransportClosed
 
 if TYPE_CHECKING:
@@ -284,14 +284,13 @@ class Session:
             if authed is None:
                 return
             client_id = authed
-        if not _valid_id(client_id):
+        if not protocol.valid_client_id(client_id):
             self.failed = True
             await self._close(1008, f"invalid client id {client_id!r}")
             return
         try:
             await self.hub.connect(client_id, self)
-        except ValueError as exc:
-            # The id is valid, so the hub cannot take it now (max_clients, backend down).
+        except HubUnavailable as exc:  # max_clients, backend down
             self.failed = True
             await self._close(protocol.CloseCode.TRY_AGAIN_LATER, str(exc))
             return
@@ -358,7 +357,8 @@ class Session:
                 if authed is None:
                     return
                 client_id = authed
-                if not _valid_id(client_id):  # a hook's mistake, not the hub's capacity
+                # An id the hook returned that breaks the rule is its mistake, not capacity.
+                if not protocol.valid_client_id(client_id):
                     raise protocol.ProtocolError(
                         "invalid_client_id",
                         f"invalid client id {client_id!r}",
@@ -366,7 +366,7 @@ class Session:
                     )
             try:
                 welcome = await self.hub.connect(client_id, self, hello=hello)
-            except ValueError as exc:
+            except HubUnavailable as exc:
                 raise protocol.ProtocolError(
                     "unavailable", str(exc), protocol.CloseCode.TRY_AGAIN_LATER
                 ) from None
@@ -534,7 +534,3 @@ class _Expired(Exception):
 
 class _RateLimited(Exception):
     """The peer sent frames faster than `max_inbound_rate` allows (beyond the burst)."""
-
-
-def _valid_id(client_id: object) -> bool:
-    return isinstance(client_id, str) and CLIENT_ID_PATTERN.fullmatch(client_id) is not None

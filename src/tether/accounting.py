@@ -1,0 +1,188 @@
+"""Accounting: the one place that counts what happens to messages and connections."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .metrics import Counters, HubMetrics
+from .resilience import CircuitState
+
+if TYPE_CHECKING:
+    from .messages import Envelope
+    from .session import ClientSession
+
+
+class Accounting:
+    """One method per event; each bumps the hub-wide counter and the client's own.
+
+    Hub-wide counters are always kept (results and shutdown statistics rely on them).
+    Per-client message counters and the latency histogram are kept only when metrics
+    are enabled; per-client connection and breaker counters always are (they are cheap
+    and rare). This class is the only code that knows that difference.
+    """
+
+    __slots__ = ("_detailed", "_latency", "metrics", "totals")
+
+    def __init__(self, metrics: HubMetrics) -> None:
+        self.metrics = metrics
+        self.totals: Counters = metrics.counters
+        self._detailed = metrics.enabled
+        self._latency = metrics.latency
+
+    # -- messages
+
+    def sent(self, client: ClientSession) -> None:
+        """A message was written to the client's connection (or forwarded) for the first time."""
+        self.totals.messages_sent += 1
+        if self._detailed:
+            client.stats.counters.messages_sent += 1
+
+    def delivered(self, client: ClientSession, envelope: Envelope, now: float) -> None:
+        """A message reached the client: written (plain) or acknowledged (tether.v1)."""
+        self.totals.messages_delivered += 1
+        if self._detailed:
+            client.stats.counters.messages_delivered += 1
+            self._latency.record(now - envelope.created_at)
+
+    def sent_and_delivered(self, client: ClientSession, envelope: Envelope, now: float) -> None:
+        """A best-effort message was written: sent and delivered in one event."""
+        totals = self.totals
+        totals.messages_sent += 1
+        totals.messages_delivered += 1
+        if self._detailed:
+            mine = client.stats.counters
+            mine.messages_sent += 1
+            mine.messages_delivered += 1
+            self._latency.record(now - envelope.created_at)
+
+    @property
+    def timed(self) -> bool:
+        """Whether `delivered` needs a clock reading (latency is recorded)."""
+        return self._detailed
+
+    def queued(self, client: ClientSession) -> None:
+        self.totals.messages_queued += 1
+        if self._detailed:
+            client.stats.counters.messages_queued += 1
+
+    def dropped(self, client: ClientSession) -> None:
+        self.totals.messages_dropped += 1
+        if self._detailed:
+            client.stats.counters.messages_dropped += 1
+
+    def rejected(self, client: ClientSession) -> None:
+        self.totals.messages_rejected += 1
+        if self._detailed:
+            client.stats.counters.messages_rejected += 1
+
+    def rejected_untracked(self, count: int = 1) -> None:
+        """Sends refused before any client was tracked for them (bad id, payload, closing)."""
+        self.totals.messages_rejected += count
+
+    def expired(self, client: ClientSession) -> None:
+        self.totals.messages_expired += 1
+        if self._detailed:
+            client.stats.counters.messages_expired += 1
+
+    def deduplicated(self, client: ClientSession) -> None:
+        self.totals.messages_deduplicated += 1
+        if self._detailed:
+            client.stats.counters.messages_deduplicated += 1
+
+    def dead_lettered(self, client: ClientSession) -> None:
+        self.totals.messages_dead_lettered += 1
+        if self._detailed:
+            client.stats.counters.messages_dead_lettered += 1
+
+    def failed(self, client: ClientSession) -> None:
+        """A write to the client failed (charged to its breaker)."""
+        self.totals.messages_failed += 1
+        if self._detailed:
+            client.stats.counters.messages_failed += 1
+
+    def overflow(self, client: ClientSession) -> None:
+        """The client's outbox was full when a message arrived."""
+        self.totals.queue_overflows += 1
+        if self._detailed:
+            client.stats.counters.queue_overflows += 1
+
+    def received(self, client: ClientSession | None) -> None:
+        """Inbound data from a client (None: one the hub does not track)."""
+        self.totals.messages_received += 1
+        if client is not None and self._detailed:
+            client.stats.counters.messages_received += 1
+
+    # -- retries
+
+    def retry_attempt(self, client: ClientSession) -> None:
+        self.totals.retry_attempts += 1
+        if self._detailed:
+            client.stats.counters.retry_attempts += 1
+
+    def retry_success(self, client: ClientSession) -> None:
+        self.totals.retry_successes += 1
+        if self._detailed:
+            client.stats.counters.retry_successes += 1
+
+    def retry_failure(self, client: ClientSession) -> None:
+        self.totals.retry_failures += 1
+        if self._detailed:
+            client.stats.counters.retry_failures += 1
+
+    # -- streams (tether.v1 resume, shared stores)
+
+    def stream_reset(self, client: ClientSession) -> None:
+        """A resume was answered with a reset: the stream could not be vouched for."""
+        self.totals.streams_resets += 1
+        if self._detailed:
+            client.stats.counters.streams_resets += 1
+
+    def stream_lost(self, client: ClientSession, count: int) -> None:
+        """`count` seqs were reported lost to a resuming client."""
+        self.totals.streams_lost += count
+        if self._detailed:
+            client.stats.counters.streams_lost += count
+
+    def outcome_unknown(self, client: ClientSession) -> None:
+        """A critical store write got no reply (the send is UNKNOWN)."""
+        self.totals.streams_unknown += 1
+        if self._detailed:
+            client.stats.counters.streams_unknown += 1
+
+    # -- connections and breakers (per client always)
+
+    def connected(self, client: ClientSession, *, reconnection: bool) -> None:
+        totals, mine = self.totals, client.stats.counters
+        totals.connections_total += 1
+        mine.connections_total += 1
+        if reconnection:
+            totals.connections_reconnections += 1
+            mine.connections_reconnections += 1
+
+    def connection_failed(self, client: ClientSession) -> None:
+        self.totals.connections_failed += 1
+        client.stats.counters.connections_failed += 1
+
+    def timeout(self, client: ClientSession) -> None:
+        """A write timed out: the connection is dropped and the write failed."""
+        self.totals.connections_timeouts += 1
+        if self._detailed:
+            client.stats.counters.connections_timeouts += 1
+        self.failed(client)
+
+    def breaker_moved(self, client_id: str, new: CircuitState) -> None:
+        """The client's circuit breaker entered `new`."""
+        mine = stats.counters if (stats := self.metrics.clients.get(client_id)) else None
+        totals = self.totals
+        if new is CircuitState.OPEN:
+            totals.circuit_breaker_opens += 1
+            if mine is not None:
+                mine.circuit_breaker_opens += 1
+        elif new is CircuitState.HALF_OPEN:
+            totals.circuit_breaker_half_opens += 1
+            if mine is not None:
+                mine.circuit_breaker_half_opens += 1
+        else:
+            totals.circuit_breaker_closes += 1
+            if mine is not None:
+                mine.circuit_breaker_closes += 1

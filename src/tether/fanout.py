@@ -1,0 +1,236 @@
+"""Broadcast fan-out: one envelope to many clients, without a task per client where possible."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from .backends import Accepted, Backend, BackendError
+from .envelopes import Rejected, copy_for_client
+from .messages import BroadcastResult, Envelope, SendResult, SendStatus
+from .pipeline import DeliveryPipeline, Trims, may_write_directly
+from .protocol import valid_client_id
+from .registry import ClientRegistry
+from .session import ClientSession
+from .tasks import BackgroundTasks
+from .writes import OK
+
+log = logging.getLogger("tether")
+
+_STORE_SLICE = 256  # a broadcast's copies per store request (see redis_batch.PIPELINE_ITEMS)
+
+
+class FanOut:
+    """Delivers a broadcast: picks the targets, fans out, publishes to the cluster."""
+
+    __slots__ = ("_backend", "_pipeline", "_registry", "_tasks")
+
+    def __init__(
+        self,
+        backend: Backend,
+        registry: ClientRegistry,
+        pipeline: DeliveryPipeline,
+        tasks: BackgroundTasks,
+    ) -> None:
+        self._backend = backend
+        self._registry = registry
+        self._pipeline = pipeline
+        self._tasks = tasks
+
+    async def targets(
+        self, group: str | None, *, critical: bool, exclude: Iterable[str], closing: bool
+    ) -> list[ClientSession]:
+        """The sessions a broadcast goes to: connected ones (critical: every known one),
+        of `group` if given; with a shared backend a critical broadcast also covers the
+        clients other nodes know (tracked here from now on)."""
+        registry = self._registry
+        ids: Iterable[str] = (
+            registry.groups.get(group, ()) if group is not None else registry.sessions
+        )
+        if critical and self._backend.shared and not closing:
+            cluster = await self._cluster_members(group)
+            if cluster:
+                ids = set(ids) | cluster
+        skip = set(exclude)
+        sessions = registry.sessions
+        return [
+            c
+            for cid in list(ids)
+            if cid not in skip
+            and (c := sessions.get(cid)) is not None
+            and (critical or c.connected)
+        ]
+
+    async def _cluster_members(self, group: str | None) -> set[str] | None:
+        """Every client the cluster knows in `group` (None: unavailable); the ones this
+        node does not track yet are tracked."""
+        try:
+            cluster = await self._backend.members(group)
+        except BackendError as exc:
+            log.warning("tether: cluster membership unavailable: %s", exc)
+            return None
+        for cid in cluster or ():
+            if cid not in self._registry.sessions and valid_client_id(cid):
+                with contextlib.suppress(Rejected):
+                    self._registry.track(cid)
+        return cluster
+
+    async def deliver(self, targets: list[ClientSession], template: Envelope) -> list[SendResult]:
+        """Deliver `template` to every target, concurrently where it must wait."""
+        pipeline = self._pipeline
+        if not template.critical:
+            # A best-effort envelope is never stored or changed per client: shared. Without
+            # a dedup key (checked through the backend) most deliveries finish synchronously.
+            now = pipeline.best_effort.send_now if template.dedup_key is None else None
+            return await _fan_out(
+                targets, template, copies=False, now=now, awaited=pipeline.deliver
+            )
+        if pipeline.append_now is None:  # a store that must be awaited
+            return await self._deliver_stored(targets, template)
+        # each client's copy gets its own seq and attempts in its outbox
+        return await _fan_out(
+            targets, template, copies=True, now=pipeline.accept_now, awaited=pipeline.deliver
+        )
+
+    async def publish(self, template: Envelope, group: str | None) -> None:
+        """Hand a best-effort broadcast to the other nodes (they deliver to their clients)."""
+        if template.critical or not self._backend.shared:
+            return
+        try:
+            await self._backend.publish_broadcast(template, group)
+        except BackendError as exc:
+            log.warning("tether: broadcast not published to the cluster: %s", exc)
+
+    async def _deliver_stored(
+        self, targets: list[ClientSession], template: Envelope
+    ) -> list[SendResult]:
+        """A critical broadcast through a store that must be awaited: every client's copy
+        is stored in one batch (one or a few round trips), then written without a task
+        per client. Clients whose lock is taken (a send in progress) keep their order by
+        going through the per-client path."""
+        free: list[ClientSession] = []
+        busy: list[ClientSession] = []
+        for client in targets:
+            if client.lock.locked() or (client.connected and client.try_send is None):
+                busy.append(client)
+            else:
+                free.append(client)
+        for client in free:
+            await client.lock.acquire()  # free and nothing awaited since: never suspends
+        trims: Trims = []
+        unwritten: list[ClientSession] = []
+        try:
+            results = await self._store_and_write(free, template, trims, unwritten)
+        finally:
+            for client in free:
+                client.lock.release()
+        if trims:
+            self._tasks.spawn(self._trim_stored(trims))
+        if busy or unwritten:
+            deliver = self._pipeline.deliver
+            results += await asyncio.gather(
+                *(deliver(c, copy_for_client(template)) for c in busy),
+                *(deliver(c, _stored_copy(template)) for c in unwritten),
+            )
+        return results
+
+    async def _store_and_write(
+        self,
+        free: list[ClientSession],
+        template: Envelope,
+        trims: Trims,
+        unwritten: list[ClientSession],
+    ) -> list[SendResult]:
+        """Store a copy for each client (locks held), in slices all sent at once — the
+        store works on the next slice while this process writes the copies of the first.
+        A plain-mode client the store clears for direct delivery is written to without a
+        stored copy; one whose socket does not take it goes to `unwritten`."""
+        pipeline = self._pipeline
+        results: list[SendResult] = []
+        items = []
+        for client in free:
+            envelope = copy_for_client(template)
+            envelope.direct = may_write_directly(client)
+            items.append((client, envelope, client.connected))
+        slices = [items[i : i + _STORE_SLICE] for i in range(0, len(items), _STORE_SLICE)]
+        stored = [asyncio.ensure_future(self._backend.append_many(part)) for part in slices]
+        for part, pending in zip(slices, stored, strict=True):
+            outcomes = await pending
+            now = pipeline.clock.now()
+            for (client, envelope, local), outcome in zip(part, outcomes, strict=True):
+                client.last_seen = now
+                if isinstance(outcome, BackendError):
+                    results.append(pipeline.store_failed(client, envelope, outcome))
+                    continue
+                if isinstance(outcome, Accepted) and outcome.direct:
+                    if pipeline.writer.write_now(client, envelope.data) is OK:
+                        results.append(pipeline.written_directly(client, envelope))
+                    else:  # the socket did not take it: stored after all, in order
+                        unwritten.append(client)
+                    continue
+                settled = pipeline.settle(client, envelope, outcome, local)
+                if settled is None:
+                    settled = pipeline.write_stored_now(client, envelope, trims)
+                results.append(settled)
+        return results
+
+    async def _trim_stored(self, trims: Trims) -> None:
+        """Tell a durable store that plain-mode writes delivered these messages."""
+        try:
+            await self._backend.ack_many(trims)
+        except BackendError as exc:  # re-sent after a reconnect; counted by the backend
+            log.warning("tether: could not record %d deliveries: %s", len(trims), exc)
+
+
+async def _fan_out(
+    targets: list[ClientSession],
+    template: Envelope,
+    *,
+    copies: bool,
+    now: Callable[[ClientSession, Envelope], SendResult | None] | None,
+    awaited: Callable[[ClientSession, Envelope], Awaitable[SendResult]],
+) -> list[SendResult]:
+    """Deliver to each target with `now` (no task) when it completes synchronously, the
+    rest with `awaited`, concurrently. `copies`: each client gets its own envelope."""
+    results: list[SendResult] = []
+    waiting = []
+    for client in targets:
+        envelope = copy_for_client(template) if copies else template
+        result = now(client, envelope) if now is not None else None
+        if result is None:
+            waiting.append(awaited(client, envelope))
+        else:
+            results.append(result)
+    if waiting:
+        results += await asyncio.gather(*waiting)
+    return results
+
+
+def tally(message_id: str, results: Iterable[SendResult]) -> BroadcastResult:
+    """Count a broadcast's per-client results by status and reason."""
+    counts = dict.fromkeys(SendStatus, 0)
+    reasons: dict[str, int] = {}
+    for result in results:
+        counts[result.status] += 1
+        if result.reason is not None:
+            reasons[result.reason] = reasons.get(result.reason, 0) + 1
+    return BroadcastResult(
+        message_id,
+        sent=counts[SendStatus.SENT],
+        queued=counts[SendStatus.QUEUED],
+        duplicate=counts[SendStatus.DUPLICATE],
+        dropped=counts[SendStatus.DROPPED],
+        rejected=counts[SendStatus.REJECTED],
+        reasons=reasons,
+        unknown=counts[SendStatus.UNKNOWN],
+    )
+
+
+def _stored_copy(template: Envelope) -> Envelope:
+    """A copy whose dedup key the store already recorded (a direct write the socket did
+    not take): stored without a second dedup check."""
+    envelope = copy_for_client(template)
+    envelope.dedup_key = None
+    return envelope

@@ -1,0 +1,524 @@
+"""The critical delivery pipeline: store, write in order, retry, ack, expire, dead-letter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .accounting import Accounting
+from .backends import Accepted, Backend, BackendError, OutcomeUnknown, Refused
+from .best_effort import BestEffort
+from .clock import Clock
+from .config import OverflowPolicy
+from .messages import DeadLetter, Envelope, SendResult, SendStatus
+from .registry import ClientRegistry
+from .resilience import CircuitState, RetryPolicy
+from .session import ClientSession
+from .streams import StreamKeeper, mirror
+from .tasks import BackgroundTasks
+from .writes import CLOSED, NOT_CONNECTED, OK, PENDING, Writer, can_write_now, msg_frame
+
+log = logging.getLogger("tether")
+
+_WARN_EVERY = 10.0  # seconds between repeated warnings of one kind
+
+Trims = list[tuple[ClientSession, int]]  # plain-mode deliveries a durable store must trim
+
+
+class DeliveryPipeline:
+    """Gets one envelope to one client. Critical: stored (backend `append`), then written
+    in order when the connection and breaker allow, kept until delivered (written in
+    plain mode, acknowledged in tether.v1), retried with backoff, expired or
+    dead-lettered. Best-effort: handed to `BestEffort`. Everything that writes or
+    reorders a client's outbox runs under the client's lock."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        backend: Backend,
+        accounting: Accounting,
+        registry: ClientRegistry,
+        writer: Writer,
+        streams: StreamKeeper,
+        tasks: BackgroundTasks,
+        retry: RetryPolicy,
+    ) -> None:
+        self.clock = clock
+        self.backend = backend
+        self._acct = accounting
+        self._registry = registry
+        self.writer = writer
+        self.streams = streams
+        self._tasks = tasks
+        self._retry = retry
+        self.best_effort = BestEffort(clock, backend, accounting, writer)
+        # A backend that can store without suspending lets critical fan-out skip tasks.
+        self.append_now = getattr(backend, "append_now", None)
+        self._overflow_warned_at = -_WARN_EVERY
+        self._overflow_unwarned = 0
+
+    async def deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """Deliver one envelope (takes the client's lock)."""
+        lock = client.lock  # acquire/release: `async with` adds two coroutine frames
+        await lock.acquire()
+        try:
+            if envelope.critical:
+                client.last_seen = self.clock.now()
+                return await self._accept(client, envelope)
+            key = envelope.dedup_key
+            if key is not None and await self.backend.seen(client, key):
+                client.last_seen = self.clock.now()
+                return self.duplicate(client, envelope)
+            return await self.best_effort.send(client, envelope)  # it touches the client
+        finally:
+            lock.release()
+
+    def duplicate(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        self._acct.deduplicated(client)
+        return SendResult(
+            SendStatus.DUPLICATE,
+            client.client_id,
+            envelope.message_id,
+            "duplicate within the dedup window",
+        )
+
+    # ------------------------------------------------------------------ accepting critical
+
+    async def _accept(
+        self, client: ClientSession, envelope: Envelope, *, direct: bool = True
+    ) -> SendResult:
+        """Store a critical message, then write it if it heads the queue (lock held)."""
+        backend = self.backend
+        local = client.connected or not backend.shared
+        if direct and backend.shared and may_write_directly(client):
+            envelope.direct = True
+        try:
+            stored = await backend.append(client, envelope, local=local)
+        except BackendError as exc:
+            return self.store_failed(client, envelope, exc)
+        if isinstance(stored, Accepted) and stored.direct:
+            return await self._write_directly(client, envelope)
+        settled = self.settle(client, envelope, stored, local)
+        if settled is not None:
+            return settled
+        if (
+            client.connected
+            and len(client.outbox.queue) == 1
+            and envelope.attempts == 0  # else its retry is scheduled
+            and client.breaker.allow()
+            and await self.write_head(client)
+        ):
+            return SendResult(
+                SendStatus.SENT, client.client_id, envelope.message_id, None, envelope.seq
+            )
+        return self.queued(client, envelope)
+
+    def accept_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
+        """A critical delivery done without suspending (a store that appends in process,
+        lock free, socket ready), or None — then nothing was stored and `deliver` takes
+        over. Once stored, a write the socket cannot take at once stays at the head of
+        the queue and is flushed in the background."""
+        append = self.append_now
+        if append is None or not can_write_now(client) or client.lock.locked():
+            return None
+        client.last_seen = self.clock.now()
+        refused = self._refused(client, envelope, append(client, envelope))
+        if refused is not None:
+            return refused
+        return self.write_stored_now(client, envelope, None)
+
+    async def _write_directly(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """Write a message the store cleared for direct delivery (lock held); if the socket
+        does not take it, store it after all: that was its first delivery attempt, so it
+        is retried with backoff, in order."""
+        outcome = await self.writer.write(client, envelope.data)
+        if outcome is OK:
+            return self.written_directly(client, envelope)
+        envelope.direct = False
+        envelope.dedup_key = None  # already recorded by the store's direct answer
+        if outcome is not CLOSED:
+            envelope.attempts += 1
+            envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        return await self._accept(client, envelope, direct=False)
+
+    def written_directly(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """Count a message written without being stored (plain mode: delivered)."""
+        envelope.written_once = True
+        self._acct.sent(client)
+        self.delivered(client, envelope)
+        client.last_seen = self.clock.now()
+        return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
+
+    def store_failed(
+        self, client: ClientSession, envelope: Envelope, exc: BackendError
+    ) -> SendResult:
+        """A critical message the backend could not store, or may have stored."""
+        if isinstance(exc, OutcomeUnknown):
+            self._acct.outcome_unknown(client)
+            return SendResult(
+                SendStatus.UNKNOWN,
+                client.client_id,
+                envelope.message_id,
+                f"outcome unknown ({exc}); resend with message_id {envelope.message_id!r}: "
+                "it is looked for before it is stored again (answered duplicate if found)",
+            )
+        self._acct.rejected(client)
+        return SendResult(
+            SendStatus.REJECTED,
+            client.client_id,
+            envelope.message_id,
+            f"backend unavailable: {exc}",
+        )
+
+    def settle(
+        self,
+        client: ClientSession,
+        envelope: Envelope,
+        stored: Accepted | Refused,
+        local: bool,
+    ) -> SendResult | None:
+        """After the backend answered an append (lock held): the result when there is
+        nothing to write here, else None — then the message is in the session's outbox."""
+        refused = self._refused(client, envelope, stored)
+        if refused is not None or not self.backend.shared:
+            return refused
+        assert isinstance(stored, Accepted)
+        if local and stored.changed:
+            self.streams.lost(client)
+            return self.queued(
+                client, envelope, "stored; the client's stream was recreated, it is reconnecting"
+            )
+        if not local or not client.connected or stored.unmirrored:
+            if client.connected:  # it connected here while we stored
+                self._tasks.spawn(self.load_new(client.client_id))
+            reason = NOT_CONNECTED
+            if stored.holder is not None and stored.holder != self.backend.node_id:
+                reason = f"delivered by node {stored.holder}"
+            return self.queued(client, envelope, reason)
+        if client.epoch is None:
+            client.epoch = stored.epoch
+        for missing in stored.gap:
+            mirror(client, missing)
+        mirror(client, envelope)
+        client.next_seq = max(client.next_seq, stored.seq + 1)
+        return None
+
+    def _refused(
+        self, client: ClientSession, envelope: Envelope, stored: Accepted | Refused
+    ) -> SendResult | None:
+        """The result of a critical message the backend did not store, else None (after
+        recording its dedup key and counting what a full outbox pushed out to make room)."""
+        if stored is Refused.DUPLICATE:
+            return self.duplicate(client, envelope)
+        acct = self._acct
+        if stored is Refused.FULL:
+            outbox = client.outbox
+            acct.overflow(client)
+            limit = f"outbox full ({outbox.max_size} messages)"
+            if outbox.policy is OverflowPolicy.REJECT:
+                acct.rejected(client)
+                return SendResult(SendStatus.REJECTED, client.client_id, envelope.message_id, limit)
+            acct.dropped(client)
+            return SendResult(SendStatus.DROPPED, client.client_id, envelope.message_id, limit)
+        assert isinstance(stored, Accepted)
+        key = envelope.dedup_key
+        if key is not None and client.dedup is not None and not stored.unmirrored:
+            # Accepted: the session's window answers later checks (and best-effort `seen`)
+            # without asking the store. An unmirrored message was stored by an earlier
+            # attempt, whose acceptance this node never saw.
+            client.dedup.record(key)
+        for evicted in stored.evicted:
+            acct.overflow(client)
+            acct.dropped(client)
+            self._warn_overflow(client, evicted)
+        return None
+
+    def queued(
+        self, client: ClientSession, envelope: Envelope, reason: str | None = None
+    ) -> SendResult:
+        self._acct.queued(client)
+        return SendResult(
+            SendStatus.QUEUED,
+            client.client_id,
+            envelope.message_id,
+            reason or _why_queued(client),
+            seq=envelope.seq,
+        )
+
+    def write_stored_now(
+        self, client: ClientSession, envelope: Envelope, trims: Trims | None
+    ) -> SendResult:
+        """Write a just-stored message without suspending when it heads the queue and the
+        socket takes it; else it stays queued (a write the socket cannot take at once is
+        flushed in the background). Lock held, or free and nothing awaited since checked.
+        Plain-mode deliveries that a durable store must trim go to `trims` (or are trimmed
+        in the background when it is None)."""
+        if not can_write_now(client, head=envelope):
+            return self.queued(client, envelope)
+        frame = msg_frame(client, envelope) if client.v1 else envelope.data
+        outcome = self.writer.write_now(client, frame)
+        if outcome is OK:
+            self._head_written(client, envelope, is_retry=False)
+            if not client.v1 and self.backend.durable:  # written = delivered: trim the store
+                if trims is None:
+                    self._tasks.spawn(self.ack_stored(client, envelope.seq or 0))
+                else:
+                    trims.append((client, envelope.seq or 0))
+            return SendResult(
+                SendStatus.SENT, client.client_id, envelope.message_id, None, envelope.seq
+            )
+        if outcome is PENDING:
+            self._tasks.spawn(self.flush_locked(client))
+            return self.queued(client, envelope, "waiting for the connection to drain")
+        if outcome is not CLOSED:
+            doomed = self._head_failed(client, envelope)
+            if doomed is not None:
+                self._tasks.spawn(self.dead_letter(client, doomed, "retries exhausted"))
+        return self.queued(client, envelope)
+
+    def _warn_overflow(self, client: ClientSession, evicted: Envelope) -> None:
+        """One warning per `_WARN_EVERY` seconds: a stalled client pushing out thousands of
+        messages must not flood the log (every drop is counted in the metrics)."""
+        self._overflow_unwarned += 1
+        now = self.clock.now()
+        if now - self._overflow_warned_at < _WARN_EVERY:
+            return
+        log.warning(
+            "tether: outbox of %s full; dropped oldest message %s (seq %s); "
+            "%d overflow drop(s) since the last warning",
+            client.client_id,
+            evicted.message_id,
+            evicted.seq,
+            self._overflow_unwarned,
+        )
+        self._overflow_warned_at = now
+        self._overflow_unwarned = 0
+
+    # ------------------------------------------------------------------ writing the outbox
+
+    async def flush(self, client: ClientSession, *, force: bool) -> int:
+        """Write queued messages in order while the connection and breaker allow (lock
+        held). `force` ignores backoff (a fresh connection); order is never skipped."""
+        written = 0
+        queue = client.outbox.queue
+        now = self.clock.now()
+        while queue and client.connected:
+            if not force and queue[0].next_attempt_at > now:
+                break
+            if not client.breaker.allow():
+                break
+            if not await self.write_head(client):
+                break
+            written += 1
+        return written
+
+    async def flush_locked(self, client: ClientSession) -> None:
+        async with client.lock:
+            await self.flush(client, force=True)
+
+    async def write_head(self, client: ClientSession) -> bool:
+        """Write the first unwritten outbox message (lock held; breaker already allowed)."""
+        envelope = client.outbox.queue[0]
+        is_retry = envelope.attempts > 0
+        if is_retry:
+            self._acct.retry_attempt(client)
+        frame = msg_frame(client, envelope) if client.v1 else envelope.data
+        writer = self.writer  # write_now, then write_awaited: no extra coroutine per message
+        outcome = writer.write_now(client, frame)
+        if outcome is PENDING:
+            outcome = await writer.write_awaited(client, frame)
+        queue = client.outbox.queue
+        if outcome is OK and not (queue and queue[0] is envelope):
+            outcome = CLOSED  # detached while writing: the message went back to the queue
+        if outcome is OK:
+            self._head_written(client, envelope, is_retry=is_retry)
+            if not client.v1 and self.backend.durable:  # written = delivered: trim the store
+                await self.ack_stored(client, envelope.seq or 0)
+            return True
+        if is_retry:
+            self._acct.retry_failure(client)
+        if outcome is CLOSED:
+            return False
+        doomed = self._head_failed(client, envelope)
+        if doomed is not None:
+            await self.dead_letter(client, doomed, "retries exhausted")
+        return False
+
+    def _head_written(self, client: ClientSession, envelope: Envelope, *, is_retry: bool) -> None:
+        """The head of the queue was written: in flight (tether.v1) or delivered (plain)."""
+        if is_retry:
+            self._acct.retry_success(client)
+        client.outbox.mark_written(keep=client.v1)
+        if client.v1:
+            client.highest_written = max(client.highest_written, envelope.seq or 0)
+        if not envelope.written_once:
+            envelope.written_once = True
+            self._acct.sent(client)
+        if not client.v1:
+            self.delivered(client, envelope)
+
+    def _head_failed(self, client: ClientSession, envelope: Envelope) -> Envelope | None:
+        """A write of the head failed: schedule its retry, or take it out of the queue
+        to be dead-lettered (returned) when its retries are used up."""
+        envelope.attempts += 1
+        if self._retry.exhausted(envelope.attempts):
+            return client.outbox.remove_head()
+        envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        return None
+
+    # ------------------------------------------------------------------ leaving the outbox
+
+    def delivered(
+        self, client: ClientSession, envelope: Envelope, now: float | None = None
+    ) -> None:
+        acct = self._acct
+        if now is None and acct.timed:
+            now = self.clock.now()
+        acct.delivered(client, envelope, now or 0.0)
+        if client.drained is not None and not client.outbox:
+            client.drained.set()
+
+    async def acknowledge(self, client: ClientSession, seq: int) -> int:
+        """A tether.v1 ack of every message up to `seq` (already validated): delivered."""
+        done = client.outbox.ack(seq)
+        if seq > client.acked:
+            client.acked = seq
+        now = self.clock.now()  # one clock read times every message this ack delivers
+        for envelope in done:
+            self.delivered(client, envelope, now)
+        client.last_seen = now
+        if done:
+            try:
+                current = await self.backend.ack(client, seq)
+            except BackendError as exc:  # re-sent on resume; the client drops the duplicate
+                log.warning("tether: could not record ack %d of %s: %s", seq, client.client_id, exc)
+            else:
+                if not current:  # the stored stream is no longer the one this ack speaks of
+                    self.streams.lost(client)
+        return len(done)
+
+    async def ack_stored(self, client: ClientSession, seq: int) -> None:
+        """Tell a durable backend that everything up to `seq` was delivered."""
+        try:
+            current = await self.backend.ack(client, seq)
+        except BackendError as exc:  # re-sent after a reconnect; counted by the backend
+            log.warning(
+                "tether: could not record delivery %d of %s: %s", seq, client.client_id, exc
+            )
+        else:
+            if not current and client.connected:
+                self.streams.lost(client)
+
+    async def expire(self, client: ClientSession, now: float) -> None:
+        """Take out the messages whose TTL has passed (lock held), counted and logged."""
+        expired = client.outbox.expire(now)
+        for envelope in expired:
+            self._acct.expired(client)
+            log.info(
+                "tether: message %s to %s expired undelivered (seq %s)",
+                envelope.message_id,
+                client.client_id,
+                envelope.seq,
+            )
+        if client.drained is not None and not client.outbox:
+            client.drained.set()
+        if expired:
+            try:
+                await self.backend.discard(client, expired)
+            except BackendError as exc:
+                log.warning("tether: could not discard expired messages: %s", exc)
+
+    async def dead_letter(self, client: ClientSession, envelope: Envelope, reason: str) -> None:
+        """Keep a message whose retries are used up in the dead-letter store (and the
+        backend's), counted and logged."""
+        self._acct.dead_lettered(client)
+        if len(client.dead_letters) == client.dead_letters.maxlen:
+            log.warning(
+                "tether: dead-letter store of %s full; discarding its oldest entry",
+                client.client_id,
+            )
+        letter = DeadLetter(
+            client_id=client.client_id,
+            message_id=envelope.message_id,
+            seq=envelope.seq,
+            attempts=envelope.attempts,
+            reason=reason,
+            failed_at=self.clock.wall(),
+            data=envelope.data,
+        )
+        client.dead_letters.append(letter)
+        try:
+            await self.backend.dead_letter(client, letter)
+            await self.backend.discard(client, [envelope])
+        except BackendError as exc:
+            log.warning("tether: could not record dead letter for %s: %s", client.client_id, exc)
+        log.warning(
+            "tether: message %s to %s dead-lettered after %d attempts (%s)",
+            envelope.message_id,
+            client.client_id,
+            envelope.attempts,
+            reason,
+        )
+
+    async def retry(self, clients: list[ClientSession]) -> int:
+        """One retry cycle: for each client with anything pending, expire, then write
+        what is due (taking each client's lock). Returns how many were written."""
+        now = self.clock.now()
+        written = 0
+        for client in clients:
+            if not client.outbox:
+                continue
+            async with client.lock:
+                await self.expire(client, now)
+                if client.connected and client.outbox.queue:
+                    written += await self.flush(client, force=False)
+        return written
+
+    async def load_new(self, client_id: str) -> None:
+        """Another node stored critical messages for a client connected here: mirror
+        them and write what is due."""
+        client = self._registry.get(client_id)
+        if client is None or not client.connected:
+            return
+        async with client.lock:
+            known = client.next_seq - 1
+            try:
+                stored = await self.backend.load(client, after=known)
+            except BackendError as exc:
+                log.warning("tether: could not load new messages for %s: %s", client_id, exc)
+                return
+            if stored is None or not self.streams.extend(client, stored, known):
+                return
+            await self.flush(client, force=False)
+
+    async def drain(self, client: ClientSession) -> None:
+        """Deliver everything the client has pending (in tether.v1: until acked)."""
+        client.drained = asyncio.Event()
+        async with client.lock:
+            if client.connected and client.outbox.queue:
+                await self.flush(client, force=True)
+        if client.v1 and client.outbox and client.connected:
+            await client.drained.wait()
+
+
+def _why_queued(client: ClientSession) -> str:
+    if not client.connected:
+        return NOT_CONNECTED
+    if client.breaker.state is not CircuitState.CLOSED:
+        return f"circuit {client.breaker.state.value}"
+    if len(client.outbox.queue) > 1:
+        return "behind earlier undelivered messages"
+    return "send failed; will retry"
+
+
+def may_write_directly(client: ClientSession) -> bool:
+    """A plain-mode client connected here with nothing queued and a CLOSED breaker: a
+    critical message for it may be written without being stored (written is delivered
+    in plain mode), once the store confirmed that no other node holds anything for it
+    (cross-node FIFO) and recorded its dedup key."""
+    return (
+        not client.v1
+        and client.connected
+        and not client.outbox.queue
+        and client.breaker.state is CircuitState.CLOSED
+    )

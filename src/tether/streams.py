@@ -1,0 +1,85 @@
+"""Applying what a store returns to a session: mirrored messages, adopted streams, lost streams."""
+
+from __future__ import annotations
+
+import logging
+
+from .accounting import Accounting
+from .backends import StoredOutbox
+from .messages import Envelope
+from .registry import ClientRegistry
+from .session import ClientSession
+from .tasks import BackgroundTasks
+
+log = logging.getLogger("tether")
+
+
+def mirror(client: ClientSession, envelope: Envelope) -> None:
+    """Put a stored message into the session's outbox. The store already applied the
+    bound, so the local copy must not refuse it."""
+    if not client.outbox.push(envelope).accepted:
+        client.outbox.queue.append(envelope)
+
+
+class StreamKeeper:
+    """Keeps a session's stream (numbering, epoch, outbox) in step with a shared store."""
+
+    __slots__ = ("_acct", "_registry", "_tasks")
+
+    def __init__(
+        self, accounting: Accounting, registry: ClientRegistry, tasks: BackgroundTasks
+    ) -> None:
+        self._acct = accounting
+        self._registry = registry
+        self._tasks = tasks
+
+    def adopt(self, client: ClientSession, stored: StoredOutbox) -> None:
+        """Make the session mirror the stored stream (lock held)."""
+        client.outbox.drain()
+        for envelope in stored.envelopes:
+            mirror(client, envelope)
+        if stored.epoch != client.epoch:  # another numbering: nothing of ours carries over
+            client.next_seq = stored.next_seq
+            client.acked = stored.acked
+        else:
+            client.next_seq = max(client.next_seq, stored.next_seq)
+            client.acked = max(client.acked, stored.acked)
+        client.epoch = stored.epoch
+        client.stream_known = True
+        for _ in stored.expired:
+            self._acct.expired(client)
+
+    def extend(self, client: ClientSession, stored: StoredOutbox, after: int) -> bool:
+        """Add what other nodes stored after seq `after` (lock held). False — and the
+        connection is closed — when the stored stream is another epoch."""
+        if client.epoch is not None and (
+            stored.epoch != client.epoch or stored.next_seq < client.next_seq
+        ):
+            # recreated under this connection (keys vanished), or rolled back (a failover
+            # lost the last writes, whose numbers may now be reused)
+            self.lost(client)
+            return False
+        client.epoch = stored.epoch
+        for envelope in stored.envelopes:
+            if (envelope.seq or 0) > after:
+                mirror(client, envelope)
+        client.next_seq = max(client.next_seq, stored.next_seq)
+        return True
+
+    def lost(self, client: ClientSession) -> None:
+        """The stored stream was recreated under a connected client (its keys vanished):
+        its numbering is no longer the one this connection speaks. Close the connection
+        (1012, so the client comes back at once); its resume is answered with a reset and
+        nothing is resumed over."""
+        log.warning(
+            "tether: the stored stream of %s was recreated under its connection; "
+            "closing it so that its resume reports the reset",
+            client.client_id,
+        )
+        transport = client.transport
+        client.outbox.drain()
+        client.epoch = None
+        client.stream_known = False
+        if transport is not None:
+            self._registry.detach(client, transport, failed=False)
+            self._tasks.close_later(transport, 1012, "stream reset; reconnect")
