@@ -293,3 +293,28 @@ async def test_shutdown_counts_what_redis_keeps(nodes: Factory) -> None:
         ws = MockWebSocket()
         await b.connect(f"o{i}", ws)
         assert ws.payloads == list(range(100))
+
+
+# ------------------------------------------------------------ cluster views
+
+
+async def test_stored_pending_and_dead_letters_are_the_cluster_view(nodes: Factory) -> None:
+    """`pending`/`dead_letters` are this node's view; `stored_pending`/`stored_dead_letters`
+    what the store holds for the client, whichever node accepted or dead-lettered it."""
+    a, b = nodes("a", max_retries=1, failure_threshold=100), nodes("b")
+    await b.start()
+    for n in range(3):
+        assert (await a.send("v", n, critical=True)).status is SendStatus.QUEUED
+    assert b.pending("v") == 0 and await b.stored_pending("v") == 3
+    failing = MockWebSocket(failure_rate=1.0)
+    await a.connect("w", failing)
+    await a.send("w", "poison", critical=True, message_id="p1")
+    for _ in range(100):
+        if a.dead_letters("w"):
+            break
+        await a.retry_now()
+        await asyncio.sleep(0.02)
+    assert [d.message_id for d in a.dead_letters("w")] == ["p1"]
+    assert b.dead_letters("w") == []
+    stored = await b.stored_dead_letters("w")
+    assert [(d.message_id, d.data) for d in stored] == [("p1", "poison")]

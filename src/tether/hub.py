@@ -363,7 +363,24 @@ class Hub:
         return self._registry.pending(client_id)
 
     def dead_letters(self, client_id: str) -> list[DeadLetter]:
+        """This hub's dead letters for the client (what this process dead-lettered)."""
         return self._registry.dead_letters(client_id)
+
+    async def stored_pending(self, client_id: str) -> int:
+        """The cluster view of `pending`: messages the store holds for the client, whichever
+        node accepted them and wherever it is connected (Redis, SQLite). On the memory
+        backend, `pending`. Raises `BackendError` when the store cannot be asked."""
+        count = await self._backend.pending_count(client_id)
+        return count if count is not None else self.pending(client_id)
+
+    async def stored_dead_letters(self, client_id: str) -> list[DeadLetter]:
+        """The cluster view of `dead_letters`: every node's dead letters for the client, as
+        the store keeps them (newest first). On the memory backend, `dead_letters`.
+        Raises `BackendError` when the store cannot be asked."""
+        read = getattr(self._backend, "dead_letters", None)
+        if read is None:
+            return self.dead_letters(client_id)
+        return [DeadLetter.from_record(record) for record in await read(client_id)]
 
     def clients(self) -> list[str]:
         return list(self._registry.sessions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -146,6 +147,22 @@ class DeadLetter:
     reason: str
     failed_at: float  # wall-clock seconds
     data: str | bytes
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> DeadLetter:
+        """A dead letter from a store's JSON record (bytes travel as base64)."""
+        data: str | bytes = record.get("data") or ""
+        if record.get("enc") == "base64" and isinstance(data, str):
+            data = base64.b64decode(data)
+        return cls(
+            client_id=str(record.get("client_id", "")),
+            message_id=str(record.get("message_id", "")),
+            seq=record.get("seq"),
+            attempts=int(record.get("attempts", 0)),
+            reason=str(record.get("reason", "")),
+            failed_at=float(record.get("failed_at", 0.0)),
+            data=data,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         shown: Any = self.data
