@@ -12,6 +12,7 @@ BENCHMARKS: tuple[str, ...] = (
     "peers",
     "scale",
     "recovery",
+    "sqlite_store",
 )
 
 __all__ = ["BENCHMARKS"]

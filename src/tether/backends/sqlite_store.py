@@ -713,8 +713,9 @@ class SqliteStore:
             total = conn.execute("PRAGMA page_count").fetchone()[0]
             if free < 256 or free * 4 < total:
                 return
-            # Each step of the pragma frees one page: fetchall runs them all.
-            conn.execute("PRAGMA incremental_vacuum(4096)").fetchall()
+            # execute() steps this pragma once (one page); executescript() runs it to the
+            # end. It commits first, which is a no-op here: we are between transactions.
+            conn.executescript("PRAGMA incremental_vacuum(4096);")
             self.vacuumed_pages += free - conn.execute("PRAGMA freelist_count").fetchone()[0]
         except sqlite3.Error:
             # Housekeeping only: the pages stay on the freelist and are reused by new
