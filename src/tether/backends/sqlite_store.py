@@ -241,6 +241,9 @@ CREATE TABLE IF NOT EXISTS streams (
     created_ms  INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pending (
+    -- A rowid table, not WITHOUT ROWID: an index-organised row spills into a whole
+    -- overflow page past ~1 KB, a rowid row only past ~4 KB (4 KiB pages).
+    id          INTEGER PRIMARY KEY,
     sid         INTEGER NOT NULL,
     seq         INTEGER NOT NULL,
     message_id  TEXT    NOT NULL,
@@ -249,8 +252,8 @@ CREATE TABLE IF NOT EXISTS pending (
     created_ms  INTEGER NOT NULL,
     expires_ms  INTEGER NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (sid, seq)
-) WITHOUT ROWID;
+    UNIQUE (sid, seq)
+);
 CREATE INDEX IF NOT EXISTS pending_by_expiry ON pending (expires_ms);
 CREATE TABLE IF NOT EXISTS dedup (
     client_id   TEXT    NOT NULL,
@@ -389,6 +392,12 @@ class SqliteStore:
         self._closing = False
         self._closed = False
         self._freed = False
+        # Writer thread only: the streams appends touched, so that an append costs one
+        # INSERT (plus one dedup upsert) and each stream one UPDATE per transaction.
+        # [sid, epoch, next_seq, pending]; written back before COMMIT and before any
+        # other operation reads the table; dropped on rollback.
+        self._streams: dict[str, list[Any]] = {}
+        self._dirty: set[str] = set()
         self._lock_fd: int | None = None
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -663,8 +672,11 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             results = [op.step(conn, op.carry) for op in batch]
+            self._flush_streams(conn)
             conn.execute("COMMIT")
         except Exception as exc:
+            self._streams.clear()
+            self._dirty.clear()
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -678,6 +690,8 @@ class SqliteStore:
             return
         self.transactions += 1
         self.operations += len(batch)
+        while len(self._streams) > _STREAM_CACHE_SIZE:  # all clean now: drop the oldest
+            del self._streams[next(iter(self._streams))]
         outcomes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for op, (finished, value) in zip(batch, results, strict=True):
             if finished:
@@ -739,7 +753,12 @@ class SqliteStore:
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read on the reader connection (one snapshot), or on the writer."""
         if self._reads_on_writer:
-            result: T = await self._submit(lambda conn, _carry: (True, fn(conn)))
+
+            def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
+                self._flush_streams(conn)
+                return True, fn(conn)
+
+            result: T = await self._submit(step)
             return result
         if self._closing or self._reader is None:
             raise StoreClosedError(f"sqlite store {self.path} is closed")
@@ -763,21 +782,45 @@ class SqliteStore:
     def _now_ms(self) -> int:
         return int(self._clock.wall() * 1000)
 
-    @staticmethod
-    def _stream_row(conn: sqlite3.Connection, client_id: str) -> tuple[int, str, int, int] | None:
-        row = conn.execute(
-            "SELECT sid, epoch, next_seq, pending FROM streams WHERE client_id = ?", (client_id,)
-        ).fetchone()
-        return None if row is None else (row[0], row[1], row[2], row[3])
+    def _cached_stream(self, conn: sqlite3.Connection, client_id: str) -> list[Any] | None:
+        entry = self._streams.get(client_id)
+        if entry is None:
+            row = conn.execute(
+                "SELECT sid, epoch, next_seq, pending FROM streams WHERE client_id = ?",
+                (client_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            entry = self._streams[client_id] = list(row)
+        return entry
 
-    def _create_stream(self, conn: sqlite3.Connection, client_id: str) -> tuple[int, str]:
+    def _flush_streams(self, conn: sqlite3.Connection) -> None:
+        """Write the cached streams appends changed back to the table."""
+        if self._dirty:
+            conn.executemany(
+                "UPDATE streams SET next_seq = ?, pending = ? WHERE sid = ?",
+                [(e[2], e[3], e[0]) for e in (self._streams[c] for c in self._dirty)],
+            )
+            self._dirty.clear()
+
+    def _touch(self, conn: sqlite3.Connection, client_id: str | None = None) -> None:
+        """Before an operation other than append works on the streams table: write the
+        cache back, and forget the client's entry (or all) since the table changes."""
+        self._flush_streams(conn)
+        if client_id is None:
+            self._streams.clear()
+        else:
+            self._streams.pop(client_id, None)
+
+    def _create_stream(self, conn: sqlite3.Connection, client_id: str) -> list[Any]:
         epoch = secrets.token_hex(8)
         cur = conn.execute(
             "INSERT INTO streams (client_id, epoch, next_seq, acked, attached, pending, "
             "created_ms) VALUES (?, ?, 1, 0, 0, 0, ?)",
             (client_id, epoch, self._now_ms()),
         )
-        return int(cur.lastrowid or 0), epoch
+        entry = self._streams[client_id] = [int(cur.lastrowid or 0), epoch, 1, 0]
+        return entry
 
     def _append_step(
         self,
@@ -790,23 +833,27 @@ class SqliteStore:
         drop_oldest: bool,
         now_ms: int,
     ) -> Appended | Refusal:
-        if dedup_key is not None:
-            live = conn.execute(
-                "SELECT 1 FROM dedup WHERE client_id = ? AND key = ? AND expires_ms > ?",
-                (client_id, dedup_key, now_ms),
-            ).fetchone()
-            if live is not None:
+        entry = self._cached_stream(conn, client_id)
+        full = entry is not None and entry[3] >= max_size
+        if full and not drop_oldest:
+            if dedup_key is not None and self._live_key(conn, client_id, dedup_key, now_ms):
                 return Refusal.DUPLICATE
-        row = self._stream_row(conn, client_id)
-        if row is None:
-            sid, epoch = self._create_stream(conn, client_id)
-            next_seq, pending = 1, 0
-        else:
-            sid, epoch, next_seq, pending = row
+            return Refusal.FULL
+        if dedup_key is not None:
+            # One statement checks and records: a live key is left alone (no change).
+            recorded = conn.execute(
+                "INSERT INTO dedup (client_id, key, expires_ms) VALUES (?, ?, ?) "
+                "ON CONFLICT (client_id, key) DO UPDATE SET expires_ms = excluded.expires_ms "
+                "WHERE dedup.expires_ms <= ?",
+                (client_id, dedup_key, dedup_expires_ms, now_ms),
+            ).rowcount
+            if recorded == 0:
+                return Refusal.DUPLICATE
+        if entry is None:
+            entry = self._create_stream(conn, client_id)
+        sid, epoch, next_seq, pending = entry
         evicted: tuple[StoredMessage, ...] = ()
-        if pending >= max_size:
-            if not drop_oldest:
-                return Refusal.FULL
+        if full:
             rows = conn.execute(
                 f"DELETE FROM pending WHERE sid = ? AND seq IN (SELECT seq FROM pending "
                 f"WHERE sid = ? ORDER BY seq LIMIT ?) RETURNING {_PENDING_COLUMNS}",
@@ -826,16 +873,20 @@ class SqliteStore:
                 message.expires_ms,
             ),
         )
-        conn.execute(
-            "UPDATE streams SET next_seq = ?, pending = ? WHERE sid = ?",
-            (next_seq + 1, pending + 1 - len(evicted), sid),
-        )
-        if dedup_key is not None:
-            conn.execute(
-                "INSERT OR REPLACE INTO dedup (client_id, key, expires_ms) VALUES (?, ?, ?)",
-                (client_id, dedup_key, dedup_expires_ms),
-            )
+        entry[2] = next_seq + 1
+        entry[3] = pending + 1 - len(evicted)
+        self._dirty.add(client_id)
         return Appended(next_seq, epoch, evicted)
+
+    @staticmethod
+    def _live_key(conn: sqlite3.Connection, client_id: str, key: str, now_ms: int) -> bool:
+        return (
+            conn.execute(
+                "SELECT 1 FROM dedup WHERE client_id = ? AND key = ? AND expires_ms > ?",
+                (client_id, key, now_ms),
+            ).fetchone()
+            is not None
+        )
 
     @staticmethod
     def _check_append(max_size: int, dedup_ttl_ms: int) -> None:
@@ -927,6 +978,7 @@ class SqliteStore:
 
         def step(conn: sqlite3.Connection, carry: Any) -> tuple[bool, Any]:
             done = int(carry or 0)
+            self._touch(conn, client_id)
             row = conn.execute(
                 "SELECT sid, acked, next_seq FROM streams WHERE client_id = ?", (client_id,)
             ).fetchone()
@@ -965,6 +1017,7 @@ class SqliteStore:
             return 0
 
         def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
+            self._touch(conn, client_id)
             row = conn.execute(
                 "SELECT sid FROM streams WHERE client_id = ?", (client_id,)
             ).fetchone()
@@ -1024,6 +1077,7 @@ class SqliteStore:
                 ),
             )
             if letter.seq is not None:
+                self._touch(conn, client_id)
                 row = conn.execute(
                     "SELECT sid FROM streams WHERE client_id = ?", (client_id,)
                 ).fetchone()
@@ -1063,8 +1117,9 @@ class SqliteStore:
         """The client's stream, created (empty, new epoch) if it has none."""
 
         def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
-            if self._stream_row(conn, client_id) is None:
+            if self._cached_stream(conn, client_id) is None:
                 self._create_stream(conn, client_id)
+            self._flush_streams(conn)
             return True, self._stream_state(conn, client_id)
 
         result: StreamState = await self._submit(step)
@@ -1091,6 +1146,7 @@ class SqliteStore:
 
         def step(conn: sqlite3.Connection, carry: Any) -> tuple[bool, Any]:
             if carry is None:
+                self._touch(conn, client_id)
                 row = conn.execute(
                     "SELECT sid, pending FROM streams WHERE client_id = ?", (client_id,)
                 ).fetchone()
@@ -1133,8 +1189,9 @@ class SqliteStore:
 
         def step(conn: sqlite3.Connection, carry: Any) -> tuple[bool, Any]:
             chunks, keys, purged = carry or ((), 0, 0)
+            self._touch(conn)
             rows = conn.execute(
-                "DELETE FROM pending WHERE (sid, seq) IN (SELECT sid, seq FROM pending "
+                "DELETE FROM pending WHERE id IN (SELECT id FROM pending "
                 "WHERE expires_ms <= ? ORDER BY expires_ms LIMIT ?) "
                 "RETURNING sid, seq, message_id",
                 (cutoff, chunk),
@@ -1294,3 +1351,4 @@ class SqliteStore:
 
 
 _OPEN_TOKEN = object()
+_STREAM_CACHE_SIZE = 65_536  # streams the writer keeps between transactions
