@@ -566,3 +566,28 @@ async def test_ack_discard_and_dead_letters(tmp_path: Path) -> None:
         assert await store.dead_letters("bob") == []
     finally:
         await store.close()
+
+
+async def test_deletions_share_a_row_budget_per_transaction_and_the_file_shrinks(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tether.db"
+    store = await SqliteStore.open(path, synchronous="NORMAL", chunk_rows=100)
+    clients = [f"c{i}" for i in range(20)]
+    for n in range(100):
+        await store.append_many(clients, msg(f"m{n}", bytes(1000)), max_size=1000)
+    full = store.file_bytes()
+    before = store.transactions
+    # 20 concurrent acks of 100 rows each: 2,000 rows, at most 100 per transaction.
+    assert await asyncio.gather(*(store.ack(c, 100) for c in clients)) == [100] * 20
+    assert store.transactions - before >= 20
+    assert await store.total_pending() == 0
+    await store.close()
+    assert store.vacuumed_pages > 0
+    assert store.file_bytes() < full / 4, (store.file_bytes(), full)
+
+    store = await SqliteStore.open(path)  # and it still works as before
+    try:
+        assert appended(await store.append("c0", msg("next"), max_size=10)).seq == 101
+    finally:
+        await store.close()

@@ -392,6 +392,8 @@ class SqliteStore:
         self._closing = False
         self._closed = False
         self._freed = False
+        self._budget = 0
+        self._vacuum_due = False
         # Writer thread only: the streams appends touched, so that an append costs one
         # INSERT (plus one dedup upsert) and each stream one UPDATE per transaction.
         # [sid, epoch, next_seq, pending]; written back before COMMIT and before any
@@ -631,6 +633,8 @@ class SqliteStore:
             batch: list[_Op] = []
             while self._again and len(batch) < self._max_batch:
                 batch.append(self._again.popleft())
+            while not batch and self._vacuum_due and self._queue.empty():
+                self._vacuum(conn)  # idle: keep shrinking the file
             if not batch and not stopping:
                 item = self._queue.get()  # block until there is work
                 if item is _STOP:
@@ -651,6 +655,8 @@ class SqliteStore:
                 # chunked ones that would need more are cut short.
                 if batch:
                     self._run_batch(conn, batch, final=True)
+                while self._vacuum_due:  # leave the file as small as its content
+                    self._vacuum(conn)
                 break
             self._run_batch(conn, batch, final=False)
         leftovers = list(self._again)
@@ -669,6 +675,9 @@ class SqliteStore:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op], *, final: bool) -> None:
         self._freed = False
+        # Rows the chunked deletions (ack, expire, drop_stream) may delete in this
+        # transaction, together: it bounds the WAL and the wait of the appends beside them.
+        self._budget = self._chunk_rows
         try:
             conn.execute("BEGIN IMMEDIATE")
             results = [op.step(conn, op.carry) for op in batch]
@@ -720,20 +729,26 @@ class SqliteStore:
                 loop.call_soon_threadsafe(_settle, settled)
 
     def _vacuum(self, conn: sqlite3.Connection) -> None:
-        """Hand free pages back to the file system once a quarter of the file is free
-        (auto_vacuum=INCREMENTAL files only), a bounded number per transaction."""
+        """Hand free pages back to the file system (auto_vacuum=INCREMENTAL files): it
+        starts once a quarter of the file is free and goes on, 1024 pages at a time while
+        the writer is idle, until less than 256 pages are free."""
         try:
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             total = conn.execute("PRAGMA page_count").fetchone()[0]
-            if free < 256 or free * 4 < total:
+            if free < 256 or (not self._vacuum_due and free * 4 < total):
+                self._vacuum_due = False
                 return
             # execute() steps this pragma once (one page); executescript() runs it to the
             # end. It commits first, which is a no-op here: we are between transactions.
-            conn.executescript("PRAGMA incremental_vacuum(4096);")
-            self.vacuumed_pages += free - conn.execute("PRAGMA freelist_count").fetchone()[0]
+            conn.executescript("PRAGMA incremental_vacuum(1024);")
+            left = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            self.vacuumed_pages += free - left
+            # Nothing freed: an auto_vacuum=NONE file, where the pages are only reused.
+            self._vacuum_due = free > left >= 256
         except sqlite3.Error:
             # Housekeeping only: the pages stay on the freelist and are reused by new
             # rows; the next deletion tries again.
+            self._vacuum_due = False
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -978,6 +993,8 @@ class SqliteStore:
 
         def step(conn: sqlite3.Connection, carry: Any) -> tuple[bool, Any]:
             done = int(carry or 0)
+            if self._budget <= 0:
+                return False, done  # this transaction has deleted enough: next one
             self._touch(conn, client_id)
             row = conn.execute(
                 "SELECT sid, acked, next_seq FROM streams WHERE client_id = ?", (client_id,)
@@ -991,7 +1008,7 @@ class SqliteStore:
             edge = conn.execute(
                 "SELECT seq FROM pending WHERE sid = ? AND seq > ? AND seq <= ? "
                 "ORDER BY seq LIMIT 1 OFFSET ?",
-                (sid, acked, target, self._chunk_rows - 1),
+                (sid, acked, target, self._budget - 1),
             ).fetchone()
             bound = target if edge is None else int(edge[0])
             deleted = conn.execute(
@@ -1002,8 +1019,8 @@ class SqliteStore:
                 "UPDATE streams SET acked = ?, pending = pending - ? WHERE sid = ?",
                 (bound, deleted, sid),
             )
-            if deleted:
-                self._freed = True
+            self._budget -= deleted
+            self._freed = self._freed or deleted > 0
             return bound >= target, done + deleted
 
         result: int = await self._submit(step)
@@ -1158,16 +1175,19 @@ class SqliteStore:
                 conn.execute("INSERT OR IGNORE INTO purge (sid) VALUES (?)", (sid,))
             else:
                 sid, count = carry
-            finished = self._purge_chunk(conn, sid) < self._chunk_rows
+            finished = self._purge_chunk(conn, sid)[1]
             return (True, count) if finished else (False, (sid, count))
 
         result: int = await self._submit(step)
         return result
 
-    def _purge_chunk(self, conn: sqlite3.Connection, sid: int) -> int:
+    def _purge_chunk(self, conn: sqlite3.Connection, sid: int) -> tuple[int, bool]:
+        """Delete a dropped stream's rows within the budget: (rows deleted, all gone)."""
+        if self._budget <= 0:
+            return 0, False
         edge = conn.execute(
             "SELECT seq FROM pending WHERE sid = ? ORDER BY seq LIMIT 1 OFFSET ?",
-            (sid, self._chunk_rows - 1),
+            (sid, self._budget - 1),
         ).fetchone()
         if edge is None:
             deleted = conn.execute("DELETE FROM pending WHERE sid = ?", (sid,)).rowcount
@@ -1176,8 +1196,9 @@ class SqliteStore:
             deleted = conn.execute(
                 "DELETE FROM pending WHERE sid = ? AND seq <= ?", (sid, edge[0])
             ).rowcount
+        self._budget -= deleted
         self._freed = self._freed or deleted > 0
-        return int(deleted) if edge is None else self._chunk_rows
+        return int(deleted), edge is None
 
     async def expire(self, now_ms: int | None = None) -> ExpiryReport:
         """Delete pending messages and dedup keys whose expiry is ≤ `now_ms` (default:
@@ -1185,10 +1206,12 @@ class SqliteStore:
         dropped stream a crash left half-deleted. Returns what was removed, so the
         caller can count every expired message."""
         cutoff = self._now_ms() if now_ms is None else now_ms
-        chunk = self._chunk_rows
 
         def step(conn: sqlite3.Connection, carry: Any) -> tuple[bool, Any]:
             chunks, keys, purged = carry or ((), 0, 0)
+            chunk = self._budget
+            if chunk <= 0:
+                return False, carry
             self._touch(conn)
             rows = conn.execute(
                 "DELETE FROM pending WHERE id IN (SELECT id FROM pending "
@@ -1196,6 +1219,7 @@ class SqliteStore:
                 "RETURNING sid, seq, message_id",
                 (cutoff, chunk),
             ).fetchall()
+            self._budget -= len(rows)
             expired: list[ExpiredMessage] = []
             if rows:
                 self._freed = True
@@ -1222,9 +1246,11 @@ class SqliteStore:
                 (cutoff, chunk),
             ).rowcount
             orphan = conn.execute("SELECT sid FROM purge LIMIT 1").fetchone()
-            purged_now = self._purge_chunk(conn, orphan[0]) if orphan is not None else 0
+            purged_now, purge_done = (0, True)
+            if orphan is not None:
+                purged_now, purge_done = self._purge_chunk(conn, orphan[0])
             carry = ((*chunks, expired), keys + dedup_deleted, purged + purged_now)
-            more = len(rows) >= chunk or dedup_deleted >= chunk or orphan is not None
+            more = len(rows) >= chunk or dedup_deleted >= chunk or not purge_done
             if more:
                 return False, carry
             messages = [m for part in carry[0] for m in part]
