@@ -519,6 +519,9 @@ class SqliteStore:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, cached_statements=128
             )
+        # Only this process uses the file (the lock), so waits are brief: the reader
+        # opening while the writer recovers the WAL, a checkpoint.
+        conn.execute("PRAGMA busy_timeout = 5000")
         return conn
 
     def _open_writer(self, max_bytes: int | None, auto_vacuum: bool) -> sqlite3.Connection:
