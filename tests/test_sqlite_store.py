@@ -535,6 +535,22 @@ async def test_overflow_policies(tmp_path: Path) -> None:
         assert appended(await store.append("alice", msg("m5"), max_size=4)).seq == 5
         with pytest.raises(ValueError, match="max_size"):
             await store.append("alice", msg("m6"), max_size=0)
+
+        # Concurrent appends to a full outbox (one transaction): each evicts the oldest,
+        # including rows appended earlier in the same transaction.
+        results = await asyncio.gather(
+            *(store.append("bob", msg(f"b{n}"), max_size=3) for n in range(1, 11))
+        )
+        evicted = [m.message_id for r in results for m in appended(r).evicted]
+        assert evicted == [f"b{n}" for n in range(1, 8)]
+        loaded = await store.load("bob")
+        assert loaded is not None
+        assert [(m.seq, m.message_id) for m in loaded.messages] == [
+            (8, "b8"),
+            (9, "b9"),
+            (10, "b10"),
+        ]
+        assert loaded.stream.pending == 3
     finally:
         await store.close()
 

@@ -400,6 +400,7 @@ class SqliteStore:
         # other operation reads the table; dropped on rollback.
         self._streams: dict[str, list[Any]] = {}
         self._dirty: set[str] = set()
+        self._rows: list[tuple[Any, ...]] = []  # appended rows, inserted at the flush
         self._lock_fd: int | None = None
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -689,6 +690,7 @@ class SqliteStore:
         except Exception as exc:
             self._streams.clear()
             self._dirty.clear()
+            self._rows.clear()
             with contextlib.suppress(sqlite3.Error):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -813,7 +815,14 @@ class SqliteStore:
         return entry
 
     def _flush_streams(self, conn: sqlite3.Connection) -> None:
-        """Write the cached streams appends changed back to the table."""
+        """Insert the rows appends made and write the streams they changed back."""
+        if self._rows:
+            conn.executemany(
+                "INSERT INTO pending (sid, seq, message_id, kind, data, created_ms, "
+                "expires_ms, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+                self._rows,
+            )
+            self._rows.clear()
         if self._dirty:
             conn.executemany(
                 "UPDATE streams SET next_seq = ?, pending = ? WHERE sid = ?",
@@ -872,15 +881,14 @@ class SqliteStore:
         sid, epoch, next_seq, pending = entry
         evicted: tuple[StoredMessage, ...] = ()
         if full:
+            self._flush_streams(conn)  # the rows to evict may still be in self._rows
             rows = conn.execute(
                 f"DELETE FROM pending WHERE sid = ? AND seq IN (SELECT seq FROM pending "
                 f"WHERE sid = ? ORDER BY seq LIMIT ?) RETURNING {_PENDING_COLUMNS}",
                 (sid, sid, pending - max_size + 1),
             ).fetchall()
             evicted = tuple(sorted((_row_message(r) for r in rows), key=lambda m: m.seq))
-        conn.execute(
-            "INSERT INTO pending (sid, seq, message_id, kind, data, created_ms, expires_ms, "
-            "attempts) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+        self._rows.append(
             (
                 sid,
                 next_seq,
@@ -889,7 +897,7 @@ class SqliteStore:
                 message.data,
                 message.created_ms,
                 message.expires_ms,
-            ),
+            )
         )
         entry[2] = next_seq + 1
         entry[3] = pending + 1 - len(evicted)
@@ -1066,6 +1074,7 @@ class SqliteStore:
             ).fetchone()
             if row is None:
                 return True, 0
+            self._flush_streams(conn)  # rows appended in this transaction are updatable
             updated = conn.executemany(
                 "UPDATE pending SET attempts = ? WHERE sid = ? AND seq = ?",
                 [(count, row[0], seq) for seq, count in pairs],
