@@ -274,11 +274,11 @@ class Hub(HubInspection):
         return welcome
 
     async def _load_stored(self, client: ClientSession, hello: protocol.Hello | None) -> str | None:
-        """With a shared backend the stored stream is the record: adopt it (lock held); a
+        """With a durable backend the stored stream is the record: adopt it (lock held); a
         tether.v1 hello settles it against the client's position first. Returns why it
         could not be loaded, if it could not."""
         backend = self._backend
-        if not backend.shared:
+        if not backend.durable:
             return None
         try:
             await backend.claim(client.client_id)
@@ -1425,7 +1425,25 @@ class Hub(HubInspection):
         ]
         for cid in stale:
             self._evict(cid)
+        await self._expire_stored()
         return len(stale)
+
+    async def _expire_stored(self) -> None:
+        """A store that keeps streams no session mirrors (sqlite: clients not seen since a
+        restart) deletes their expired rows here and names them, to be counted."""
+        expire = getattr(self._backend, "expire_stored", None)
+        if expire is None:
+            return
+        try:
+            expired: dict[str, int] = await expire(self._clients)
+        except BackendError as exc:
+            log.warning("tether: could not expire stored messages: %s", exc)
+            return
+        for cid, count in expired.items():
+            self._counters.messages_expired += count
+            client = self._clients.get(cid)
+            if client is not None and self.metrics.enabled:
+                client.stats.counters.messages_expired += count
 
     def _evict(self, client_id: str) -> None:
         client = self._clients.pop(client_id)
@@ -1597,9 +1615,9 @@ class Hub(HubInspection):
         return self._shutdown_stats
 
     async def _stored_pending_total(self) -> int | None:
-        """Messages a shared store holds for the clients this node tracks (None: the
+        """Messages a durable store holds for the clients this node tracks (None: the
         sessions are the record, or the store cannot say)."""
-        if not self._backend.shared:
+        if not self._backend.durable:
             return None
         try:
             return await self._backend.pending_counts(list(self._clients))

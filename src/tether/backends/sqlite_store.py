@@ -97,6 +97,7 @@ __all__ = [
     "MessageKind",
     "NewMessage",
     "Refusal",
+    "ResumedStream",
     "SqliteStore",
     "StoreClosedError",
     "StoreCorruptError",
@@ -215,6 +216,16 @@ class LoadedStream:
 
     stream: StreamState
     messages: list[StoredMessage]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumedStream:
+    """`resume`'s answer: the stream as settled against a client's `last_seq`, its pending
+    messages after the ack floor in seq order, and whether it was renumbered (`reset`)."""
+
+    stream: StreamState
+    messages: list[StoredMessage]
+    reset: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -1188,6 +1199,79 @@ class SqliteStore:
             return True, cur.rowcount == 1
 
         result: bool = await self._submit(step)
+        return result
+
+    async def resume(self, client_id: str, last_seq: int, epoch: str | None) -> ResumedStream:
+        """A tether.v1 client resumes from `last_seq` (of `epoch`, when its hello named
+        one): settle its stream against it in one transaction and return it with every
+        pending message after its ack floor (expired ones included: check `expires_ms`).
+
+        The stream vouches for `last_seq` when it exists, a tether.v1 client attached to
+        it before, its epoch is `epoch` (when given) and it numbered `last_seq`. One that
+        cannot (none stored: a new or lost file; never attached; another epoch; numbered
+        below it) gets a fresh epoch and its pending messages renumbered after `last_seq`
+        (`reset`), so nothing new is mistaken for something the client already has. A
+        stream is created (attached) when there is none. Raises ValueError for a
+        negative `last_seq`, and as `append` for storage failures.
+        """
+        if last_seq < 0:
+            raise ValueError(f"last_seq must be at least 0, not {last_seq}")
+
+        def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
+            self._touch(conn, client_id)
+            row = conn.execute(
+                "SELECT sid, epoch, next_seq, acked, attached FROM streams WHERE client_id = ?",
+                (client_id,),
+            ).fetchone()
+            reset = last_seq > 0 and (
+                row is None
+                or not row[4]
+                or (epoch is not None and epoch != row[1])
+                or last_seq > row[2] - 1
+            )
+            if row is None:
+                self._create_stream(conn, client_id)
+                self._streams.pop(client_id, None)  # written below; read back from the table
+                row = conn.execute(
+                    "SELECT sid, epoch, next_seq, acked, attached FROM streams "
+                    "WHERE client_id = ?",
+                    (client_id,),
+                ).fetchone()
+            sid = row[0]
+            if reset:
+                rows = conn.execute(
+                    f"DELETE FROM pending WHERE sid = ? RETURNING {_PENDING_COLUMNS}", (sid,)
+                ).fetchall()
+                rows.sort(key=lambda r: r[0])
+                renumbered = [
+                    (sid, last_seq + n, *r[1:]) for n, r in enumerate(rows, start=1)
+                ]
+                conn.executemany(
+                    "INSERT INTO pending (sid, seq, message_id, kind, data, created_ms, "
+                    "expires_ms, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    renumbered,
+                )
+                conn.execute(
+                    "UPDATE streams SET epoch = ?, next_seq = ?, acked = ?, attached = 1, "
+                    "pending = ? WHERE sid = ?",
+                    (secrets.token_hex(8), last_seq + len(rows) + 1, last_seq, len(rows), sid),
+                )
+            else:
+                conn.execute("UPDATE streams SET attached = 1 WHERE sid = ?", (sid,))
+            state = self._stream_state(conn, client_id)
+            assert state is not None
+            messages = [
+                _row_message(r)
+                for r in conn.execute(
+                    f"SELECT {_PENDING_COLUMNS} FROM pending WHERE sid = ? AND seq > ? "
+                    "ORDER BY seq",
+                    (sid, state.acked),
+                )
+            ]
+            self.rows_loaded += len(messages)
+            return True, ResumedStream(state, messages, bool(reset))
+
+        result: ResumedStream = await self._submit(step)
         return result
 
     async def drop_stream(self, client_id: str) -> int:
