@@ -1541,13 +1541,14 @@ class Hub(HubInspection):
         self._closing = True
         started = self.clock.now()
         budget = self.config.shutdown_timeout if timeout is None else timeout
+        # Before the count, so that a delivery counted meanwhile is counted as flushed.
+        delivered_before = self._counters.messages_delivered
         stored_at_start = await self._stored_pending_total()
         pending_at_start = (
             stored_at_start
             if stored_at_start is not None
             else sum(len(c.outbox) for c in self._clients.values())
         )
-        delivered_before = self._counters.messages_delivered
         if flush and pending_at_start:
             connected = [c for c in self._clients.values() if c.transport is not None and c.outbox]
             with contextlib.suppress(TimeoutError):

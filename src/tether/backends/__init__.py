@@ -1,4 +1,4 @@
-"""Where a hub keeps outboxes, sequence numbers and dedup keys: in memory, in a SQLite file, or shared in Redis."""
+"""Where a hub keeps outboxes, seqs and dedup keys: in memory, a SQLite file, or shared in Redis."""
 
 from .base import (
     Accepted,

@@ -321,9 +321,7 @@ class SqliteBackend:
                 )
             except BackendError as exc:
                 return [exc] * len(items)
-            return [
-                self._accepted(s, e, r) for (s, e, _), r in zip(items, results, strict=True)
-            ]
+            return [self._accepted(s, e, r) for (s, e, _), r in zip(items, results, strict=True)]
         outcomes = await asyncio.gather(
             *(self.append(s, e, local=local) for s, e, local in items), return_exceptions=True
         )
@@ -351,9 +349,7 @@ class SqliteBackend:
     async def attach(
         self, session: ClientSession, last_seq: int, epoch: str | None
     ) -> StoredOutbox | None:
-        resumed = await self._call(
-            "attach", self.store.resume(session.client_id, last_seq, epoch)
-        )
+        resumed = await self._call("attach", self.store.resume(session.client_id, last_seq, epoch))
         stored = self._outbox(session, resumed.stream, resumed.messages)
         stored.reset = resumed.reset
         await self._drop_expired(session, stored)
@@ -408,8 +404,11 @@ class SqliteBackend:
     async def pending_counts(self, client_ids: list[str]) -> int | None:
         """Every message the file holds. The store is single-node, so every client in it
         is this hub's, also those it has not tracked since it started (`client_ids` is a
-        subset): what stays in the file at shutdown is this total."""
-        result: int = await self._call("pending_counts", self.store.total_pending())
+        subset): what stays in the file at shutdown is this total. Counted after the
+        writes already queued (an ack the hub has counted as delivered is not pending)."""
+        result: int = await self._call(
+            "pending_counts", self.store.total_pending(after_writes=True)
+        )
         return result
 
     async def expire_stored(self, sessions: Mapping[str, ClientSession]) -> dict[str, int]:

@@ -1233,8 +1233,7 @@ class SqliteStore:
                 self._create_stream(conn, client_id)
                 self._streams.pop(client_id, None)  # written below; read back from the table
                 row = conn.execute(
-                    "SELECT sid, epoch, next_seq, acked, attached FROM streams "
-                    "WHERE client_id = ?",
+                    "SELECT sid, epoch, next_seq, acked, attached FROM streams WHERE client_id = ?",
                     (client_id,),
                 ).fetchone()
             sid = row[0]
@@ -1243,9 +1242,7 @@ class SqliteStore:
                     f"DELETE FROM pending WHERE sid = ? RETURNING {_PENDING_COLUMNS}", (sid,)
                 ).fetchall()
                 rows.sort(key=lambda r: r[0])
-                renumbered = [
-                    (sid, last_seq + n, *r[1:]) for n, r in enumerate(rows, start=1)
-                ]
+                renumbered = [(sid, last_seq + n, *r[1:]) for n, r in enumerate(rows, start=1)]
                 conn.executemany(
                     "INSERT INTO pending (sid, seq, message_id, kind, data, created_ms, "
                     "expires_ms, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1428,11 +1425,23 @@ class SqliteStore:
 
         return await self._read(read)
 
-    async def total_pending(self) -> int:
-        """Pending messages of all clients (what stays in the file at shutdown)."""
-        return await self._read(
-            lambda conn: int(conn.execute("SELECT total(pending) FROM streams").fetchone()[0])
-        )
+    async def total_pending(self, *, after_writes: bool = False) -> int:
+        """Pending messages of all clients (what stays in the file at shutdown). With
+        `after_writes` it is counted on the writer thread, after every write queued
+        before this call has committed (an ack still in flight is not counted as pending)."""
+
+        def count(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT total(pending) FROM streams").fetchone()[0])
+
+        if after_writes:
+
+            def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
+                self._flush_streams(conn)
+                return True, count(conn)
+
+            result: int = await self._submit(step)
+            return result
+        return await self._read(count)
 
     async def pending_clients(self) -> dict[str, int]:
         """`{client_id: pending}` for every client with pending messages."""
