@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock, SystemClock
-from ..config import HubConfig
+from ..config import HubConfig, OverflowPolicy
 from ..messages import DeadLetter, Envelope
 from .base import Accepted, BackendError, BackendEvents, Refused, StoredOutbox
 from .redis_wire import WireCodec
@@ -90,6 +90,9 @@ class SqliteBackend:
         self._store: SqliteStore | None = None
         self._ok = False
         self._background: set[asyncio.Task[None]] = set()
+        # Appends of the current event-loop turn, submitted together (see _submit_batch).
+        self._batch: list[tuple[tuple[str, NewMessage, str | None, int, bool], Any]] = []
+        self._flushing = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -141,14 +144,17 @@ class SqliteBackend:
             info["path"] = self.path
         return info
 
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        self._ok = False
+        log.warning("tether: sqlite %s failed: %s", what, exc)
+
     async def _call(self, what: str, awaitable: Any) -> Any:
         """Await a store operation: count and log a failure, track health."""
         try:
             result = await awaitable
         except BackendError as exc:
-            self.errors += 1
-            self._ok = False
-            log.warning("tether: sqlite %s failed: %s", what, exc)
+            self._failed(what, exc)
             raise
         self._ok = True
         return result
@@ -162,12 +168,14 @@ class SqliteBackend:
         else:
             raw = data.encode("utf-8", "surrogatepass")
             kind = MessageKind.JSON if envelope.data_json is not None else MessageKind.TEXT
+        clock = self.clock
+        offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
         return NewMessage(
             envelope.message_id,
             raw,
             kind,
-            self.wire.wall_ms(envelope.created_at),
-            self.wire.wall_ms(envelope.expires_at),
+            int((envelope.created_at + offset) * 1000),
+            int((envelope.expires_at + offset) * 1000),
         )
 
     def _envelope(self, message: StoredMessage) -> Envelope:
@@ -240,26 +248,26 @@ class SqliteBackend:
         self, session: ClientSession, envelope: Envelope, result: Appended | Refusal
     ) -> Accepted | Refused:
         """Mirror a stored message into the session (as the memory backend does)."""
-        if result is Refusal.DUPLICATE:
-            return Refused.DUPLICATE
-        if result is Refusal.FULL:
-            return Refused.FULL
+        if result.__class__ is not Appended:
+            return Refused.DUPLICATE if result is Refusal.DUPLICATE else Refused.FULL
         assert isinstance(result, Appended)
-        envelope.seq = result.seq
+        seq = envelope.seq = result.seq
         # The mirror holds what the store holds, so under drop_oldest the outbox pushes
         # out the same oldest messages the store deleted; the store's list is the truth.
         outcome = session.outbox.push(envelope)
         if not outcome.accepted:  # the store applied the bound: the mirror must not refuse
             session.outbox.queue.append(envelope)
-        mine = {e.seq: e for e in outcome.evicted}
-        evicted = tuple(mine.get(m.seq) or self._envelope(m) for m in result.evicted)
-        session.next_seq = result.seq + 1
+        session.next_seq = seq + 1
         session.epoch = result.epoch
         session.stream_known = True
-        key = self._dedup_key(session, envelope)
+        key = envelope.dedup_key
         if key is not None and session.dedup is not None:
             session.dedup.record(key)  # the local window answers best-effort checks cheaply
-        return Accepted(result.seq, evicted, epoch=result.epoch)
+        if not result.evicted:
+            return Accepted(seq, (), epoch=result.epoch)
+        mine = {e.seq: e for e in outcome.evicted}
+        evicted = tuple(mine.get(m.seq) or self._envelope(m) for m in result.evicted)
+        return Accepted(seq, evicted, epoch=result.epoch)
 
     async def append(
         self, session: ClientSession, envelope: Envelope, *, local: bool
@@ -267,19 +275,62 @@ class SqliteBackend:
         """Store a critical message (dedup check, seq, bound, TTL in one transaction) and
         mirror it into the session. Raises StoreError (a BackendError; StoreFullError when
         the disk is full): then nothing was stored."""
-        await self._ensure_loaded(session)
-        result = await self._call(
-            "append",
-            self.store.append(
-                session.client_id,
-                self._row(envelope),
-                max_size=session.outbox.max_size,
-                policy=session.outbox.policy,
-                dedup_key=self._dedup_key(session, envelope),
-                dedup_ttl_ms=self._dedup_ms,
-            ),
+        if not session.stream_known:
+            await self._ensure_loaded(session)
+        outbox = session.outbox
+        store = self.store
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Appended | Refusal] = loop.create_future()
+        policy = outbox.policy
+        self._batch.append(
+            (
+                (
+                    session.client_id,
+                    self._row(envelope),
+                    envelope.dedup_key if session.dedup is not None else None,
+                    outbox.max_size,
+                    policy is OverflowPolicy.DROP_OLDEST,
+                ),
+                waiter,
+            )
         )
+        if not self._flushing:
+            self._flushing = True
+            loop.call_soon(self._submit_batch, store)
+        try:
+            result = await waiter
+        except BackendError as exc:
+            self._failed("append", exc)
+            raise
+        self._ok = True
         return self._accepted(session, envelope, result)
+
+    def _submit_batch(self, store: SqliteStore) -> None:
+        """Hand every append gathered in this event-loop turn to the store as one
+        operation (a few µs less per send than one operation each), and route its
+        outcome back to each sender."""
+        batch, self._batch = self._batch, []
+        self._flushing = False
+        try:
+            future = store.append_batch([item for item, _ in batch], dedup_ttl_ms=self._dedup_ms)
+        except BackendError as exc:
+            for _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+
+        def settle(done: asyncio.Future[list[Appended | Refusal]]) -> None:
+            error = done.exception() if not done.cancelled() else StoreClosedError("cancelled")
+            if error is not None:
+                for _, waiter in batch:
+                    if not waiter.done():
+                        waiter.set_exception(error)
+                return
+            for (_, waiter), result in zip(batch, done.result(), strict=True):
+                if not waiter.done():  # the sender was cancelled; the append still stands
+                    waiter.set_result(result)
+
+        future.add_done_callback(settle)
 
     async def append_many(
         self, items: list[tuple[ClientSession, Envelope, bool]]
@@ -406,9 +457,10 @@ class SqliteBackend:
         is this hub's, also those it has not tracked since it started (`client_ids` is a
         subset): what stays in the file at shutdown is this total. Counted after the
         writes already queued (an ack the hub has counted as delivered is not pending)."""
-        result: int = await self._call(
-            "pending_counts", self.store.total_pending(after_writes=True)
-        )
+        store = self.store
+        if self._batch:  # appends of this turn go first, so that they are counted
+            self._submit_batch(store)
+        result: int = await self._call("pending_counts", store.total_pending(after_writes=True))
         return result
 
     async def expire_stored(self, sessions: Mapping[str, ClientSession]) -> dict[str, int]:

@@ -974,8 +974,33 @@ class SqliteStore:
         Raises StoreFullError (nothing stored), StoreIOError, StoreCorruptError,
         StoreClosedError, ValueError (bad max_size / dedup_ttl_ms).
         """
+        result: Appended | Refusal = await self.append_future(
+            client_id,
+            message,
+            max_size=max_size,
+            policy=policy,
+            dedup_key=dedup_key,
+            dedup_ttl_ms=dedup_ttl_ms,
+        )
+        return result
+
+    def append_future(
+        self,
+        client_id: str,
+        message: NewMessage,
+        *,
+        max_size: int,
+        policy: OverflowPolicy | str = OverflowPolicy.DROP_OLDEST,
+        dedup_key: str | None = None,
+        dedup_ttl_ms: int = 300_000,
+    ) -> asyncio.Future[Appended | Refusal]:
+        """`append` as a plain call that queues the operation and returns its future (one
+        coroutine less on a hot path). Raises StoreClosedError and ValueError at once;
+        the future fails as `append` does."""
         self._check_append(max_size, dedup_ttl_ms)
-        drop_oldest = OverflowPolicy(policy) is OverflowPolicy.DROP_OLDEST
+        drop_oldest = policy is OverflowPolicy.DROP_OLDEST or (
+            OverflowPolicy(policy) is OverflowPolicy.DROP_OLDEST
+        )
 
         def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
             now = self._now_ms()
@@ -990,8 +1015,30 @@ class SqliteStore:
                 now,
             )
 
-        result: Appended | Refusal = await self._submit(step)
-        return result
+        return self._submit(step)
+
+    def append_batch(
+        self, items: Sequence[tuple[str, NewMessage, str | None, int, bool]], *, dedup_ttl_ms: int
+    ) -> asyncio.Future[list[Appended | Refusal]]:
+        """Many `append`s, each to its own client and with its own message, as ONE queued
+        operation (one future; in order, so a client's messages keep their order): items
+        are (client_id, message, dedup_key, max_size, drop_oldest). For a caller that
+        gathers the sends of one event-loop turn. The future fails as `append` does, for
+        every item at once. Raises StoreClosedError and ValueError at once."""
+        for item in items:
+            self._check_append(item[3], dedup_ttl_ms)
+        batch = list(items)
+
+        def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
+            now = self._now_ms()
+            expires = now + dedup_ttl_ms
+            append = self._append_step
+            return True, [
+                append(conn, cid, message, key, expires, max_size, drop_oldest, now)
+                for cid, message, key, max_size, drop_oldest in batch
+            ]
+
+        return self._submit(step)
 
     async def append_many(
         self,
