@@ -186,6 +186,9 @@ async def test_cleanup_expires_rows_of_clients_not_loaded_and_counts_them(
     clock.advance(6)
     second = node(clock)
     await second.start()
+    await second.cleanup_now()  # within the grace period after their deadline: kept
+    assert await second.backend.pending_count("hal") == 5
+    clock.advance(60)
     await second.cleanup_now()
     assert await second.backend.pending_count("hal") == 1
     assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 4
@@ -193,6 +196,18 @@ async def test_cleanup_expires_rows_of_clients_not_loaded_and_counts_them(
     await second.connect("hal", ws)
     assert ws.sent == ["stays"]
     assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 4  # not twice
+
+
+async def test_expiry_counts_each_message_once_when_a_session_holds_it(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node(clock)
+    await hub.send("kim", "held by the session", critical=True, ttl=5)
+    clock.advance(100)  # past its deadline and the file's grace period
+    await hub.cleanup_now()  # the file's expiry pass
+    await hub.retry_now()  # the hub's: it expires and counts the session's copy
+    await hub.cleanup_now()
+    assert await hub.backend.pending_count("kim") == 0
+    assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1
 
 
 async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:

@@ -82,7 +82,7 @@ class SqliteBackend:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.wire = WireCodec(self.clock)
         self.errors = 0
-        self.expired = 0  # rows the expiry pass removed (for clients without a loaded session)
+        self.expired = 0  # messages the expiry pass removed that no session held
         cfg = self.config
         self._synchronous: Synchronous = synchronous or cfg.sqlite_synchronous.value
         self._max_bytes = max_bytes
@@ -464,17 +464,22 @@ class SqliteBackend:
         return result
 
     async def expire_stored(self, sessions: Mapping[str, ClientSession]) -> dict[str, int]:
-        """Delete expired rows and dedup keys from the file (in chunks), and return how
-        many messages expired per client whose loss the hub must count: those without a
-        session mirroring the stream (`sessions`: the hub's), since a mirroring session
-        expires and counts its own copies."""
-        report = await self._call("expire", self.store.expire())
+        """Delete expired rows and dedup keys from the file (in chunks) and return how many
+        messages expired per client, for the hub to count: those of clients no session
+        mirrors (`sessions`: the hub's; not seen since the restart). A mirroring session
+        expires, counts and discards its own copies in the hub's retry cycle (every
+        `retry_interval`); rows are taken only a grace period after their deadline, so
+        that cycle has long done so and nothing is counted twice or dropped uncounted. A
+        client not seen since the restart loses nothing by the wait: loading skips (and
+        counts) expired rows."""
+        grace = max(60.0, 10 * self.config.retry_interval)
+        cutoff = int((self.clock.wall() - grace) * 1000)
+        report = await self._call("expire", self.store.expire(cutoff))
         counts: dict[str, int] = {}
         for message in report.messages:
             session = sessions.get(message.client_id)
-            if session is not None and session.stream_known:
-                continue
-            counts[message.client_id] = counts.get(message.client_id, 0) + 1
+            if session is None or not session.stream_known:
+                counts[message.client_id] = counts.get(message.client_id, 0) + 1
         total = sum(counts.values())
         if total:
             self.expired += total
