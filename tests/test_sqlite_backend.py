@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -208,6 +209,22 @@ async def test_expiry_counts_each_message_once_when_a_session_holds_it(node: Fac
     await hub.cleanup_now()
     assert await hub.backend.pending_count("kim") == 0
     assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1
+
+
+async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(node: Factory) -> None:
+    hub = node(ManualClock())
+    ws = MockWebSocket()
+    await hub.connect("lea", ws, hello=Hello("lea", 0))
+    assert (await hub.send("lea", "one", critical=True)).seq == 1
+    sending = asyncio.ensure_future(hub.send("lea", "two", critical=True))
+    await asyncio.sleep(0)  # the send runs up to its wait for the commit
+    sending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
+    third = await hub.send("lea", "three", critical=True)
+    assert third.seq == 3
+    await hub.retry_now()
+    assert ws.seqs() == [1, 2, 3] and ws.data() == ["one", "two", "three"]
 
 
 async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:

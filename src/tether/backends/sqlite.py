@@ -91,7 +91,9 @@ class SqliteBackend:
         self._ok = False
         self._background: set[asyncio.Task[None]] = set()
         # Appends of the current event-loop turn, submitted together (see _submit_batch).
-        self._batch: list[tuple[tuple[str, NewMessage, str | None, int, bool], Any]] = []
+        self._batch: list[
+            tuple[tuple[str, NewMessage, str | None, int, bool], Any, ClientSession, Envelope]
+        ] = []
         self._flushing = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -292,6 +294,8 @@ class SqliteBackend:
                     policy is OverflowPolicy.DROP_OLDEST,
                 ),
                 waiter,
+                session,
+                envelope,
             )
         )
         if not self._flushing:
@@ -312,9 +316,9 @@ class SqliteBackend:
         batch, self._batch = self._batch, []
         self._flushing = False
         try:
-            future = store.append_batch([item for item, _ in batch], dedup_ttl_ms=self._dedup_ms)
+            future = store.append_batch([entry[0] for entry in batch], dedup_ttl_ms=self._dedup_ms)
         except BackendError as exc:
-            for _, waiter in batch:
+            for _, waiter, _, _ in batch:
                 if not waiter.done():
                     waiter.set_exception(exc)
             return
@@ -322,13 +326,15 @@ class SqliteBackend:
         def settle(done: asyncio.Future[list[Appended | Refusal]]) -> None:
             error = done.exception() if not done.cancelled() else StoreClosedError("cancelled")
             if error is not None:
-                for _, waiter in batch:
+                for _, waiter, _, _ in batch:
                     if not waiter.done():
                         waiter.set_exception(error)
                 return
-            for (_, waiter), result in zip(batch, done.result(), strict=True):
-                if not waiter.done():  # the sender was cancelled; the append still stands
+            for (_, waiter, session, envelope), result in zip(batch, done.result(), strict=True):
+                if not waiter.done():
                     waiter.set_result(result)
+                else:  # the sender was cancelled, but the message is stored: mirror it too
+                    self._accepted(session, envelope, result)
 
         future.add_done_callback(settle)
 
