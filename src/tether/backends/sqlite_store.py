@@ -82,7 +82,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from ..clock import Clock, SystemClock
 from ..config import OverflowPolicy
@@ -163,9 +163,9 @@ class Refusal(Enum):
     FULL = "full"  # the client has `max_size` pending and the policy is not drop_oldest
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A critical message to append; times are wall-clock milliseconds."""
+class NewMessage(NamedTuple):
+    """A critical message to append; times are wall-clock milliseconds. (A NamedTuple, not
+    a dataclass: one is made per send, and a tuple is the cheapest immutable record.)"""
 
     message_id: str
     data: bytes
@@ -187,10 +187,10 @@ class StoredMessage:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
-class Appended:
+class Appended(NamedTuple):
     """A message is stored (committed) as `seq` of the stream `epoch`; `evicted` are the
-    oldest pending messages drop_oldest removed to make room (no longer stored)."""
+    oldest pending messages drop_oldest removed to make room (no longer stored). (A
+    NamedTuple: the writer thread makes one per append.)"""
 
     seq: int
     epoch: str
