@@ -118,9 +118,9 @@ class HubConfig(BaseSettings):
     node_id: str | None = Field(None, min_length=1, max_length=128)
     presence_ttl: PositiveSeconds = 30.0
     # SQLite backend (one process; see tether.backends.sqlite): the store file, created
-    # with its WAL and lock file beside it, and its fsync policy. NORMAL (measured: about
-    # twice FULL's sends/s under 100 concurrent producers) survives any process crash, as
-    # Redis without fsync-always does; FULL also survives power loss (docs/configuration.md).
+    # with its WAL and lock file beside it, and its fsync policy. NORMAL (measured: 1.1-2.2x
+    # FULL's sends/s under 100 concurrent producers) survives any process crash, as Redis
+    # without fsync-always does; FULL also survives power loss (docs/configuration.md).
     sqlite_path: str = Field("tether.db", min_length=1, max_length=4096)
     sqlite_synchronous: SqliteSynchronous = SqliteSynchronous.NORMAL
     # Redis topology (see tether.backends.redis_connection): one server by default; true
