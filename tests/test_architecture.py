@@ -54,6 +54,7 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("tether.backends.base", "tether.session"): "issue 11: backends reach into ClientSession",
     ("tether.backends.memory", "tether.session"): "issue 11: backends reach into ClientSession",
     ("tether.backends.redis", "tether.session"): "issue 11: backends reach into ClientSession",
+    ("tether.backends.sqlite", "tether.session"): "issue 11: backends reach into ClientSession",
 }
 
 
