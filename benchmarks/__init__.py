@@ -14,6 +14,7 @@ BENCHMARKS: tuple[str, ...] = (
     "peers",
     "scale",
     "recovery",
+    "sqlite_store",
 )
 
 __all__ = ["BENCHMARKS", "validate_result"]

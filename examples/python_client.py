@@ -2,7 +2,9 @@
 
 Start examples/websockets_server.py first. Stop and restart the server while this runs:
 the client reconnects with backoff, resumes where it left off, and prints each tick
-once, in order; messages that could not be kept are reported as lost.
+once, in order; messages that could not be kept are reported as lost. Across a restart
+that holds when the server keeps its queue (TETHER_BACKEND=sqlite or redis); on the
+default memory backend the queue dies with the process and the resume reports a reset.
 """
 
 from __future__ import annotations

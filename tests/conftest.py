@@ -6,6 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,14 +108,15 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture(
     params=[
         "memory",
+        "sqlite",
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("redis-cluster", marks=[pytest.mark.redis, pytest.mark.slow]),
         pytest.param("redis-sentinel", marks=[pytest.mark.redis, pytest.mark.slow]),
     ]
 )
 def backend_kind(request: pytest.FixtureRequest) -> str:
-    """Run a test once per backend (the hub suite must hold on Redis too, on one server,
-    a real 3-master Cluster and a Sentinel-managed master alike)."""
+    """Run a test once per backend (the hub suite must hold on the SQLite file and on
+    Redis too, on one server, a real 3-master Cluster and a Sentinel-managed master alike)."""
     return str(request.param)
 
 
@@ -137,10 +139,11 @@ MakeHub = Callable[..., Hub]
 
 @pytest_asyncio.fixture
 async def make_hub(
-    backend_kind: str, clock: ManualClock, request: pytest.FixtureRequest
+    backend_kind: str, clock: ManualClock, request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[MakeHub]:
     """`make_hub(**HubConfig fields, clock=..., rng=...)`: a Hub on the parametrised
-    backend (a private Redis prefix for redis), shut down after the test."""
+    backend (a private Redis prefix for redis, a file of its own under tmp_path for
+    sqlite), shut down after the test."""
     shared = backend_kind.startswith("redis")
     prefix = f"tether-test-{uuid.uuid4().hex[:12]}" if shared else "tether"
     if backend_kind == "redis":
@@ -153,6 +156,8 @@ async def make_hub(
         values = dict(config.model_dump(exclude_unset=True)) if config is not None else {}
         values.update(options)
         values["backend"] = "redis" if shared else backend_kind
+        if backend_kind == "sqlite":
+            values.setdefault("sqlite_path", str(tmp_path / f"tether-{len(hubs)}.db"))
         if shared:
             for key, value in redis_topology_values(backend_kind, request).items():
                 values.setdefault(key, value)

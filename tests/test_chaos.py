@@ -53,6 +53,14 @@ async def test_chaos_on_each_redis_topology(make_hub: MakeHub) -> None:
     await chaos(make_hub(max_queue_size=N, send_timeout=2.0), 20240601)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend_kind", ["sqlite"], indirect=True)
+async def test_chaos_on_sqlite(make_hub: MakeHub) -> None:
+    """The same cuts with the stream in a SQLite file (every message stored and committed
+    before it is acknowledged, trimmed by each ack)."""
+    await chaos(make_hub(max_queue_size=N, send_timeout=2.0), 20240601)
+
+
 async def chaos(hub: Hub, seed: int) -> None:
     rng = random.Random(seed)
     points = rng.sample(range(20, N - 20), SERVER_KILLS + 1)

@@ -43,6 +43,10 @@ def test_help(args: list[str]) -> None:
     if args[0] == "demo":
         for option in ("--clients", "--rate", "--duration", "--seed", "--port"):
             assert option in done.stdout
+    if args[0] == "serve":  # when to pick which backend
+        text = " ".join(done.stdout.split())
+        for needle in ("TETHER_BACKEND", "memory", "sqlite", "TETHER_SQLITE_PATH", "redis"):
+            assert needle in text
 
 
 def test_parser_is_extensible() -> None:
@@ -117,6 +121,8 @@ async def test_serve_answers_and_stops_cleanly(spawn: Spawn, stop_signal: signal
     text = "".join(running.lines)
     for url in ("/metrics", "/health", "/ws?client_id="):
         assert url in text
+    # On the default memory backend the banner says what a restart costs, and the way out.
+    assert "queued messages do not survive a restart (TETHER_BACKEND=sqlite" in text
 
     async with httpx.AsyncClient(base_url=base, timeout=5) as client:
         health = await client.get("/health")

@@ -84,6 +84,12 @@ class Accounting:
         if self._detailed:
             client.stats.counters.messages_expired += 1
 
+    def expired_stored(self, client: ClientSession | None, count: int) -> None:
+        """`count` messages expired in a store, for a client this hub may not track."""
+        self.totals.messages_expired += count
+        if self._detailed and client is not None:
+            client.stats.counters.messages_expired += count
+
     def deduplicated(self, client: ClientSession) -> None:
         self.totals.messages_deduplicated += 1
         if self._detailed:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
 from ._version import __version__
+from .backends import BackendError
 from .bench import add_bench_parser
 from .config import ConfigError, HubConfig
 from .hub import Hub
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a hub with its WebSocket endpoint (/ws), HTTP publish API "
         "(POST /api/send, /api/broadcast), /health, /metrics and /dashboard on one port. "
         "Stop with Ctrl-C or SIGTERM: pending messages are flushed first.",
+        epilog="Where queued messages live (TETHER_BACKEND): memory (default) is fastest "
+        "but loses them when the process stops; sqlite keeps them in one file "
+        "(TETHER_SQLITE_PATH, default tether.db) across restarts and crashes, for a single "
+        "server process; redis shares them between several server processes (and survives "
+        "a restart of any of them). See docs/configuration.md.",
     )
     _add_server_options(serve, log_default="warning")
     serve.set_defaults(func=cmd_serve)
@@ -192,6 +198,11 @@ async def _serve(
 
     hub = Hub(config)
     app = create_app(hub)  # raises ConfigError for a public bind without an API token
+    try:
+        await hub.start()  # opens the store: a file that cannot be used fails here, clearly
+    except BackendError as exc:
+        print(f"tether: cannot start the {config.backend.value} backend: {exc}", file=sys.stderr)
+        return 1
     server = BackgroundServer(
         app,
         config.host,
@@ -283,8 +294,24 @@ def _print_urls(server: Any, config: HubConfig, out: TextIO) -> None:
         f"  publish    POST {base}/api/send   POST {base}/api/broadcast",
         f"  metrics    {base}/metrics",
         f"  health     {base}/health",
+        _storage_line(config),
     ]
     print("\n".join(lines), file=out, flush=True)
+
+
+def _storage_line(config: HubConfig) -> str:
+    """What the backend keeps across a restart, in one line."""
+    kind = config.backend.value
+    if kind == "memory":
+        return (
+            "  storage    memory: queued messages do not survive a restart "
+            "(TETHER_BACKEND=sqlite keeps them in a file)"
+        )
+    if kind == "sqlite":
+        from pathlib import Path
+
+        return f"  storage    sqlite file {Path(config.sqlite_path).resolve()} (survives restarts)"
+    return f"  storage    {kind} (shared by every node; survives restarts)"
 
 
 def _print_stats(stats: ShutdownStats, out: TextIO) -> None:

@@ -62,11 +62,11 @@ class ClusterEvents:
         )
 
     async def load_stored(self, client: ClientSession, hello: protocol.Hello | None) -> str | None:
-        """With a shared backend the stored stream is the record: adopt it (lock held); a
+        """With a durable backend the stored stream is the record: adopt it (lock held); a
         tether.v1 hello settles it against the client's position first. Returns why it
         could not be loaded, if it could not."""
         backend = self._backend
-        if not backend.shared:
+        if not backend.durable:
             return None
         try:
             await backend.claim(client.client_id)

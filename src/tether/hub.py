@@ -11,7 +11,7 @@ from typing import Any
 
 from . import protocol
 from .accounting import Accounting
-from .backends import Backend, backend_for
+from .backends import Backend, BackendError, backend_for
 from .clock import Clock, SystemClock
 from .cluster import ClusterEvents
 from .config import HubConfig
@@ -324,7 +324,22 @@ class Hub:
         stale = self._registry.stale()
         for cid in stale:
             self._registry.evict(cid)
+        await self._expire_stored()
         return len(stale)
+
+    async def _expire_stored(self) -> None:
+        """A store that keeps streams no session mirrors (sqlite: clients not seen since a
+        restart) deletes their expired rows here and names them, to be counted."""
+        expire = getattr(self._backend, "expire_stored", None)
+        if expire is None:
+            return
+        try:
+            expired: dict[str, int] = await expire(self._registry.sessions)
+        except BackendError as exc:
+            log.warning("tether: could not expire stored messages: %s", exc)
+            return
+        for cid, count in expired.items():
+            self._acct.expired_stored(self._registry.get(cid), count)
 
     async def shutdown(
         self,

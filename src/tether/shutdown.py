@@ -68,12 +68,13 @@ class Shutdown:
         """Deliver what connected clients have pending. Returns (flushed, persisted,
         dropped) of the messages pending at the start."""
         registry = self._registry
+        totals = self._acct.totals
+        # Before the count, so that a delivery counted meanwhile is counted as flushed.
+        delivered_before = totals.messages_delivered
         stored_at_start = await self._stored_pending_total()
         pending_at_start = (
             stored_at_start if stored_at_start is not None else registry.pending_total()
         )
-        totals = self._acct.totals
-        delivered_before = totals.messages_delivered
         if flush and pending_at_start:
             connected = [c for c in registry.connected() if c.outbox]
             with contextlib.suppress(TimeoutError):
@@ -109,9 +110,9 @@ class Shutdown:
         return len(transports)
 
     async def _stored_pending_total(self) -> int | None:
-        """Messages a shared store holds for the clients this node tracks (None: the
+        """Messages a durable store holds for the clients this node tracks (None: the
         sessions are the record, or the store cannot say)."""
-        if not self._backend.shared:
+        if not self._backend.durable:
             return None
         try:
             return await self._backend.pending_counts(list(self._registry.sessions))

@@ -1,4 +1,4 @@
-"""Where a hub keeps outboxes, sequence numbers and dedup keys: in memory, or shared in Redis."""
+"""Where a hub keeps outboxes, seqs and dedup keys: in memory, a SQLite file, or shared in Redis."""
 
 from __future__ import annotations
 
@@ -36,14 +36,27 @@ __all__ = [
 
 
 def create_backend(kind: str, **options: object) -> Backend:
-    """The backend named by `TETHER_BACKEND` (`memory` or `redis`)."""
+    """The backend named by `TETHER_BACKEND` (`memory`, `sqlite` or `redis`). The sqlite
+    one takes `config` (its `sqlite_path` and `sqlite_synchronous`) and `clock` from
+    `options` and ignores the Redis ones. Raises ValueError for an unknown kind."""
     if kind == "memory":
         return MemoryBackend()
     if kind == "redis":
         from .redis import RedisBackend
 
         return RedisBackend(**options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown backend {kind!r}: expected 'memory' or 'redis'")
+    if kind == "sqlite":
+        from typing import cast
+
+        from ..config import HubConfig as Config
+        from .sqlite import SqliteBackend
+
+        config = options.get("config")
+        if not isinstance(config, Config):
+            config = Config(backend="sqlite")
+        clock = cast("Clock | None", options.get("clock"))
+        return SqliteBackend(config.sqlite_path, config, clock=clock)
+    raise ValueError(f"unknown backend {kind!r}: expected 'memory', 'sqlite' or 'redis'")
 
 
 def backend_for(config: HubConfig, clock: Clock) -> Backend:

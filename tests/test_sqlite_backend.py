@@ -1,0 +1,493 @@
+"""The SQLite backend through real Hubs: restarts, lazy loading, resume, expiry, full disk, refusals, and `tether serve` processes killed with SIGKILL/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from test_sqlite_store import tmpfs
+from tether import Hub, HubConfig, SendStatus
+from tether.backends.sqlite import SqliteBackend
+from tether.backends.sqlite_store import StoreLockedError
+from tether.client import Client
+from tether.clock import ManualClock
+from tether.protocol import Hello
+from tether.testing import MockWebSocket
+
+Factory = Callable[..., Hub]
+
+
+@pytest_asyncio.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Factory]:
+    """`node(clock=..., **config)`: a Hub on tmp_path/tether.db (the same file each
+    call: a restart is `await old.shutdown()` then `node()` again)."""
+    hubs: list[Hub] = []
+
+    def factory(clock: Any = None, backend: Any = None, **values: Any) -> Hub:
+        values.setdefault("sqlite_path", str(tmp_path / "tether.db"))
+        hub = Hub(HubConfig(backend="sqlite", **values), clock=clock, backend=backend)
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        await hub.shutdown(timeout=1.0)
+
+
+def lose_the_file(path: Path) -> None:
+    """What an operator who deletes (or loses) the store does."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def grow(directory: Path, size: str) -> None:
+    """Free space on a full tmpfs by making it bigger."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(directory)], check=True)
+
+
+def store_of(hub: Hub) -> Any:
+    backend = hub.backend
+    assert isinstance(backend, SqliteBackend)
+    return backend.store
+
+
+# ---------------------------------------------------------------------------- in process
+
+
+async def test_restart_continues_numbering_and_loads_lazily(node: Factory) -> None:
+    clock = ManualClock()
+    first = node(clock)
+    for n in range(5):
+        result = await first.send("alice", {"n": n}, critical=True)
+        assert result.status is SendStatus.QUEUED and result.seq == n + 1
+    for n in range(3):
+        await first.send("bob", n, critical=True)
+    stats = await first.shutdown()
+    assert stats.pending_messages_persisted == 8
+    assert stats.pending_messages_dropped == 0
+
+    second = node(clock)
+    await second.start()
+    assert store_of(second).rows_loaded == 0  # nothing is read at start-up
+    result = await second.send("alice", {"n": 5}, critical=True)
+    assert result.status is SendStatus.QUEUED and result.seq == 6
+    assert store_of(second).rows_loaded == 5  # alice's stream only, on her first send
+    ws = MockWebSocket()
+    welcome = await second.connect("alice", ws, hello=Hello("alice", 0))
+    assert welcome is not None and welcome.lost == 0 and not welcome.reset
+    assert ws.seqs() == [1, 2, 3, 4, 5, 6]
+    assert ws.data() == [{"n": n} for n in range(6)]
+    await second.ack("alice", 6)
+    assert await second.backend.pending_count("alice") == 0
+    assert await second.backend.pending_count("bob") == 3
+    stats = await second.shutdown()
+    assert stats.pending_messages_persisted == 3  # bob's, never loaded by this process
+
+
+async def test_resume_after_restart_reports_exact_losses_and_no_reset(node: Factory) -> None:
+    clock = ManualClock()
+    first = node(clock)
+    ws = MockWebSocket()
+    welcome = await first.connect("carl", ws, hello=Hello("carl", 0))
+    assert welcome is not None
+    epoch = welcome.epoch
+    await first.send("carl", "one", critical=True)
+    await first.send("carl", "two", critical=True, ttl=5)
+    await first.send("carl", "three", critical=True)
+    assert ws.seqs() == [1, 2, 3]
+    await first.ack("carl", 1)
+    await first.shutdown(timeout=0.1)
+
+    clock.advance(10)  # "two" expires while the server is down
+    second = node(clock)
+    ws2 = MockWebSocket()
+    welcome = await second.connect("carl", ws2, hello=Hello("carl", 1, epoch=epoch))
+    assert welcome is not None and not welcome.reset
+    assert welcome.epoch == epoch
+    assert welcome.lost == 1 and welcome.lost_ranges == ((2, 2),)
+    assert ws2.seqs() == [3] and ws2.data() == ["three"]
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 1
+    assert (await second.send("carl", "four", critical=True)).seq == 4
+
+
+async def test_a_lost_file_is_answered_with_a_reset(node: Factory, tmp_path: Path) -> None:
+    first = node()
+    ws = MockWebSocket()
+    welcome = await first.connect("dora", ws, hello=Hello("dora", 0))
+    assert welcome is not None
+    await first.send("dora", "a", critical=True)
+    await first.send("dora", "b", critical=True)
+    await first.shutdown(timeout=0.1)
+    lose_the_file(tmp_path / "tether.db")
+
+    second = node()
+    await second.send("dora", "after the loss", critical=True)  # stored in a new stream
+    ws2 = MockWebSocket()
+    resumed = await second.connect("dora", ws2, hello=Hello("dora", 2, epoch=welcome.epoch))
+    assert resumed is not None and resumed.reset and resumed.epoch != welcome.epoch
+    assert ws2.seqs() == [3] and ws2.data() == ["after the loss"]  # numbered after its 2
+    assert (await second.send("dora", "next", critical=True)).seq == 4
+
+
+async def test_plain_connect_delivers_and_trims_the_file(node: Factory) -> None:
+    hub = node()
+    payloads: list[Any] = ["héllo \U0001f600", b"\x00\xffbinary", {"id": "x1", "v": [1, 2]}]
+    for p in payloads:
+        assert (await hub.send("eve", p, critical=True)).status is SendStatus.QUEUED
+    ws = MockWebSocket()
+    await hub.connect("eve", ws)
+    assert ws.sent == ["héllo \U0001f600", b"\x00\xffbinary", '{"id":"x1","v":[1,2]}']
+    assert await hub.backend.pending_count("eve") == 0
+
+
+async def test_critical_dedup_survives_a_restart(node: Factory) -> None:
+    first = node()
+    assert (await first.send("fay", "x", critical=True, message_id="m1")).accepted
+    await first.shutdown()
+    second = node()
+    again = await second.send("fay", "x", critical=True, message_id="m1")
+    assert again.status is SendStatus.DUPLICATE
+    assert await second.backend.pending_count("fay") == 1
+
+
+async def test_overflow_policy_is_applied_by_the_file(node: Factory) -> None:
+    hub = node(max_queue_size=3)
+    for n in range(5):
+        await hub.send("gus", n, critical=True)
+    counters = hub.metrics.snapshot().to_dict()["messages"]
+    assert counters["dropped"] == 2
+    assert await hub.backend.pending_count("gus") == 3
+    ws = MockWebSocket()
+    await hub.connect("gus", ws, hello=Hello("gus", 0))
+    assert ws.seqs() == [3, 4, 5] and ws.data() == [2, 3, 4]
+
+
+async def test_cleanup_expires_rows_of_clients_not_loaded_and_counts_them(
+    node: Factory,
+) -> None:
+    clock = ManualClock()
+    first = node(clock)
+    for n in range(4):
+        await first.send("hal", n, critical=True, ttl=5)
+    await first.send("hal", "stays", critical=True, ttl=500)
+    await first.shutdown()
+
+    clock.advance(6)
+    second = node(clock)
+    await second.start()
+    await second.cleanup_now()  # within the grace period after their deadline: kept
+    assert await second.backend.pending_count("hal") == 5
+    clock.advance(60)
+    await second.cleanup_now()
+    assert await second.backend.pending_count("hal") == 1
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 4
+    ws = MockWebSocket()
+    await second.connect("hal", ws)
+    assert ws.sent == ["stays"]
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 4  # not twice
+
+
+async def test_expiry_counts_each_message_once_when_a_session_holds_it(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node(clock)
+    await hub.send("kim", "held by the session", critical=True, ttl=5)
+    clock.advance(100)  # past its deadline and the file's grace period
+    await hub.cleanup_now()  # the file's expiry pass
+    await hub.retry_now()  # the hub's: it expires and counts the session's copy
+    await hub.cleanup_now()
+    assert await hub.backend.pending_count("kim") == 0
+    assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1
+
+
+async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(node: Factory) -> None:
+    hub = node(ManualClock())
+    ws = MockWebSocket()
+    await hub.connect("lea", ws, hello=Hello("lea", 0))
+    assert (await hub.send("lea", "one", critical=True)).seq == 1
+    sending = asyncio.ensure_future(hub.send("lea", "two", critical=True))
+    await asyncio.sleep(0)  # the send runs up to its wait for the commit
+    sending.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
+    third = await hub.send("lea", "three", critical=True)
+    assert third.seq == 3
+    await hub.retry_now()
+    assert ws.seqs() == [1, 2, 3] and ws.data() == ["one", "two", "three"]
+
+
+async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node(clock, max_retries=1, failure_threshold=100, retry_base_delay=0.1)
+    ws = MockWebSocket(failure_rate=1.0)
+    await hub.connect("ivy", ws)
+    await hub.send("ivy", "poison", critical=True)
+    for _ in range(20):
+        clock.advance(1)
+        await hub.retry_now()
+    assert [d.data for d in hub.dead_letters("ivy")] == ["poison"]
+    backend = hub.backend
+    assert isinstance(backend, SqliteBackend)
+    stored = await backend.dead_letters("ivy")
+    assert stored[0].data == b"poison" and stored[0].reason == "retries exhausted"
+    assert await backend.pending_count("ivy") == 0
+
+
+async def test_a_full_disk_rejects_with_the_reason_and_acknowledges_only_what_is_stored(
+    tmp_path: Path,
+) -> None:
+    with tmpfs(tmp_path / "small", "size=512k") as directory:
+        config = HubConfig(backend="sqlite", sqlite_path=str(directory / "tether.db"))
+        hub = Hub(config)
+        accepted: list[int] = []
+        rejected: list[str] = []
+        try:
+            for n in range(400):
+                result = await hub.send("jon", {"n": n, "pad": "x" * 4000}, critical=True)
+                if result.status is SendStatus.REJECTED:
+                    assert result.reason is not None
+                    rejected.append(result.reason)
+                    break
+                assert result.status is SendStatus.QUEUED
+                accepted.append(n)
+            assert rejected, "the 512 KiB file system never filled up"
+            assert "disk is full" in rejected[0]
+            assert hub.metrics.snapshot().to_dict()["messages"]["rejected"] == 1
+        finally:
+            await hub.shutdown()
+        grow(directory, "8m")
+        again = Hub(config)
+        try:
+            ws = MockWebSocket()
+            await again.connect("jon", ws, hello=Hello("jon", 0))
+            assert [d["n"] for d in ws.data()] == accepted  # every QUEUED one, nothing else
+            assert ws.seqs() == list(range(1, len(accepted) + 1))
+        finally:
+            await again.shutdown(timeout=0.1)
+
+
+async def test_a_second_hub_on_the_same_file_is_refused(node: Factory, tmp_path: Path) -> None:
+    first = node()
+    await first.start()
+    second = Hub(HubConfig(backend="sqlite", sqlite_path=str(tmp_path / "tether.db")))
+    with pytest.raises(StoreLockedError, match="single-node"):
+        await second.start()
+
+
+# ---------------------------------------------------------------------------- tether serve
+
+
+class Server:
+    """One `tether serve` process on the sqlite backend, on an ephemeral port."""
+
+    def __init__(self, db: Path, logs: Path) -> None:
+        self.db = db
+        self.logs = logs
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.out = logs / "none.out"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+        env.update(
+            TETHER_BACKEND="sqlite",
+            TETHER_SQLITE_PATH=str(self.db),
+            TETHER_HOST="127.0.0.1",
+            TETHER_PORT="0",
+            TETHER_RETRY_INTERVAL="0.2",
+            TETHER_RETRY_BASE_DELAY="0.1",
+            TETHER_RETRY_MAX_DELAY="1",
+        )
+        return env
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.out = self.logs / f"serve-{time.monotonic_ns()}.out"
+        with self.out.open("wb") as sink:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tether", "serve", "--log-level", "warning"],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=self.env(),
+            )
+
+    def start(self) -> Server:
+        self.proc = self._spawn()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = self.output()
+            for line in text.splitlines():
+                if "listening on" in line:
+                    self.port = int(line.split("listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
+                    return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tether serve exited:\n{text}")
+            time.sleep(0.05)
+        raise RuntimeError(f"tether serve did not start:\n{self.output()}")
+
+    def refused(self) -> tuple[int, str]:
+        """Run a server that must refuse to start: its exit code and output."""
+        proc = self._spawn()
+        return proc.wait(timeout=30), self.output()
+
+    def kill(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    started: list[Server] = []
+
+    def make(db: Path | None = None) -> Server:
+        made = Server(db or tmp_path / "tether.db", tmp_path)
+        started.append(made)
+        return made
+
+    yield make
+    for each in started:
+        each.kill(signal.SIGKILL)
+
+
+def client_for(url: str, client_id: str, last_seq: int = 0) -> Client:
+    return Client(url, client_id=client_id, last_seq=last_seq, backoff_base=0.05, backoff_max=0.3)
+
+
+async def receive(client: Client, count: int) -> list[tuple[int | None, Any]]:
+    got: list[tuple[int | None, Any]] = []
+    async with asyncio.timeout(30):
+        async for message in client:
+            got.append((message.seq, message.data))
+            if len(got) == count:
+                break
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+async def test_300_queued_messages_survive_the_server_process(
+    server: Callable[..., Server], sig: int
+) -> None:
+    first = server().start()
+    assert "storage    sqlite file" in first.output()
+    async with httpx.AsyncClient(timeout=10) as http:
+        for n in range(1, 301):
+            body = {"client_id": "olga", "data": n, "critical": True, "message_id": f"m{n}"}
+            result = (await http.post(first.http + "/api/send", json=body)).json()
+            assert result["status"] == "queued" and result["seq"] == n, result
+    first.kill(sig)
+    if sig == signal.SIGTERM:
+        assert "300 persisted, 0 dropped" in first.output()
+
+    second = server().start()
+    losses: list[Any] = []
+    client = client_for(second.ws, "olga")
+    client.on_lost(losses.append)
+    await client.connect()
+    try:
+        got = await receive(client, 300)
+        assert got == [(n, n) for n in range(1, 301)]  # exactly once, in order
+        assert client.lost == 0 and losses == [] and client.duplicates == 0
+        last = client.last_seq
+    finally:
+        await client.close()
+    assert last == 300
+    # The client acks in batches: what it had not acked yet stays in the file, and its
+    # resume from last_seq (which it keeps) acknowledges it.
+    second.kill(signal.SIGTERM)
+    assert " persisted, 0 dropped" in second.output()
+
+    third = server().start()  # resuming where it was: nothing new, nothing lost, no reset
+    again = client_for(third.ws, "olga", last_seq=last)
+    again.on_lost(losses.append)
+    await again.connect()
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            body = {"client_id": "olga", "data": 301, "critical": True}
+            result = (await http.post(third.http + "/api/send", json=body)).json()
+            assert result["seq"] == 301, result
+        assert await receive(again, 1) == [(301, 301)]
+        assert losses == [] and again.lost == 0
+    finally:
+        await again.close()
+
+
+@pytest.mark.slow
+async def test_serve_refuses_unusable_files_clearly(
+    server: Callable[..., Server], tmp_path: Path
+) -> None:
+    code, out = server(tmp_path / "nowhere" / "tether.db").refused()
+    assert code == 1 and "does not exist" in out and "Traceback" not in out
+
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database, " * 400)
+    code, out = server(garbage).refused()
+    assert code == 1 and "not a valid database" in out and "Traceback" not in out
+
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as directory:
+        code, out = server(directory / "tether.db").refused()
+    assert code == 1 and "not writable" in out and "Traceback" not in out
+
+    holder = server().start()
+    code, out = server().refused()
+    assert code == 1 and "Traceback" not in out
+    assert f"in use by another process (pid {holder.proc.pid if holder.proc else '?'})" in out
+    assert "TETHER_BACKEND=redis" in out
+    # The first server is unaffected.
+    async with httpx.AsyncClient(timeout=10) as http:
+        body = {"client_id": "pat", "data": 1, "critical": True}
+        assert (await http.post(holder.http + "/api/send", json=body)).json()["status"] == "queued"
+
+
+@pytest.mark.slow
+async def test_serve_on_a_full_disk_rejects_sends_with_the_reason(
+    server: Callable[..., Server], tmp_path: Path
+) -> None:
+    with tmpfs(tmp_path / "small", "size=512k") as directory:
+        node = server(directory / "tether.db").start()
+        accepted: list[int] = []
+        async with httpx.AsyncClient(timeout=10) as http:
+            for n in range(400):
+                body = {"client_id": "quinn", "data": {"n": n, "pad": "x" * 4000}, "critical": True}
+                result = (await http.post(node.http + "/api/send", json=body)).json()
+                if result["status"] == "rejected":
+                    assert "disk is full" in result["reason"], result
+                    break
+                assert result["status"] == "queued", result
+                accepted.append(n)
+            else:
+                raise AssertionError("the 512 KiB file system never filled up")
+        node.kill(signal.SIGKILL)
+        grow(directory, "8m")
+        again = server(directory / "tether.db").start()
+        client = client_for(again.ws, "quinn")
+        await client.connect()
+        try:
+            got = await receive(client, len(accepted))
+            assert [data["n"] for _, data in got] == accepted
+            assert client.lost == 0
+        finally:
+            await client.close()
+        again.kill(signal.SIGKILL)
