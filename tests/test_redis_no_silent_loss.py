@@ -318,3 +318,73 @@ async def test_stored_pending_and_dead_letters_are_the_cluster_view(nodes: Facto
     assert b.dead_letters("w") == []
     stored = await b.stored_dead_letters("w")
     assert [(d.message_id, d.data) for d in stored] == [("p1", "poison")]
+
+
+# ------------------------------------------------------------ review findings
+
+
+async def test_client_ids_cannot_name_each_others_keys(nodes: Factory) -> None:
+    """Client ids may contain ':'; '#' ends the id in every key, so "a160:d:i"'s stream and
+    "a160"'s dedup key for "m" are different keys, and neither send poisons the other."""
+    hub = nodes("a")
+    await hub.start()
+    results = await asyncio.gather(
+        hub.send("a160", "one", critical=True, message_id="m"),
+        hub.send("a160:d:i", "two", critical=True),
+    )
+    assert [r.status for r in results] == [SendStatus.QUEUED, SendStatus.QUEUED], results
+    assert await hub.stored_pending("a160") == 1
+    assert await hub.stored_pending("a160:d:i") == 1
+
+
+async def test_an_unstorable_ttl_is_refused_before_it_reaches_the_store(nodes: Factory) -> None:
+    hub = nodes("a")
+    await hub.start()
+    for ttl in (1e20, float("inf"), float("nan")):
+        result = await hub.send("t", "x", critical=True, ttl=ttl)
+        assert result.status is SendStatus.REJECTED and "ttl" in (result.reason or "")
+    assert (await hub.send("t", "ok", critical=True, ttl=60)).status is SendStatus.QUEUED
+
+
+async def test_expired_messages_do_not_hold_places_in_a_full_stored_outbox(
+    nodes: Factory,
+) -> None:
+    """Nobody mirrors an offline client's stream to expire it: the store drops what is past
+    its TTL before applying the bound, and the hub counts it as expired, not dropped."""
+    hub = nodes("a", max_queue_size=2, overflow_policy="reject")
+    await hub.start()
+    for n in range(2):
+        assert (await hub.send("e", n, critical=True, ttl=0.05)).status is SendStatus.QUEUED
+    await asyncio.sleep(0.1)  # Redis' own clock (TIME) decides expiry
+    third = await hub.send("e", "fresh", critical=True)
+    assert third.status is SendStatus.QUEUED, third
+    messages = hub.metrics.snapshot().to_dict()["messages"]
+    assert messages["expired"] == 2 and messages["dropped"] == 0 and messages["rejected"] == 0
+    ws = MockWebSocket()
+    await hub.connect("e", ws)
+    assert ws.payloads == ["fresh"]
+
+
+async def test_a_reset_skips_expired_messages_and_numbers_agree(nodes: Factory) -> None:
+    """A resume the store cannot vouch for renumbers what it holds after last_seq: an
+    expired message is not renumbered, so the hub and the store agree on every seq and
+    the live message arrives once."""
+    a = nodes("a")
+    await acked_fifty(a, "z")
+    r = aioredis.Redis.from_url(a.config.redis_url)  # the keys vanish (as on expiry)
+    try:
+        await r.delete(a.backend.keys.meta("z"), a.backend.keys.out("z"))  # type: ignore[attr-defined]
+    finally:
+        await r.aclose()
+    assert (await a.send("z", "short", critical=True, ttl=0.05)).status is SendStatus.QUEUED
+    assert (await a.send("z", "live", critical=True, ttl=60)).status is SendStatus.QUEUED
+    await asyncio.sleep(0.1)
+    ws = MockWebSocket()
+    welcome = await a.connect("z", ws, hello=Hello("z", 50))
+    assert welcome is not None and welcome.reset
+    got = msgs(ws)
+    assert [m["data"] for m in got] == ["live"] and [m["seq"] for m in got] == [51]
+    assert welcome.next_seq == 52
+    assert await a.ack("z", 51) == 1
+    assert (await a.send("z", "next", critical=True)).seq == 52
+    assert [m["data"] for m in msgs(ws)] == ["live", "next"]

@@ -12,6 +12,7 @@ from .config import DedupMode, HubConfig
 from .messages import Envelope
 from .resilience import content_key
 
+MAX_TTL = 10 * 365 * 86_400.0  # seconds: a finite deadline every store can represent
 
 class Rejected(Exception):
     """A send refused before anything was stored; `reason` goes into the result."""
@@ -47,8 +48,8 @@ class EnvelopeFactory:
             raise Rejected(
                 f"payload is {size} bytes, over max_message_size ({cfg.max_message_size})"
             )
-        if ttl is not None and not ttl > 0:
-            raise Rejected(f"ttl must be positive, got {ttl!r}")
+        if ttl is not None and not 0 < ttl <= MAX_TTL:
+            raise Rejected(f"ttl must be positive and at most {MAX_TTL:.0f} seconds, got {ttl!r}")
         if message_id is not None:
             if not isinstance(message_id, str):
                 raise Rejected("message_id must be a string")

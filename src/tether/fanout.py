@@ -132,7 +132,7 @@ class FanOut:
             deliver = self._pipeline.deliver
             results += await asyncio.gather(
                 *(deliver(c, copy_for_client(template)) for c in busy),
-                *(deliver(c, _stored_copy(template)) for c in unwritten),
+                *(deliver(c, copy_for_client(template)) for c in unwritten),
             )
         return results
 
@@ -152,7 +152,7 @@ class FanOut:
         items = []
         for client in free:
             envelope = copy_for_client(template)
-            envelope.direct = may_write_directly(client)
+            envelope.direct = may_write_directly(client, envelope)
             items.append((client, envelope, client.connected))
         slices = [items[i : i + _STORE_SLICE] for i in range(0, len(items), _STORE_SLICE)]
         stored = [asyncio.ensure_future(self._backend.append_many(part)) for part in slices]
@@ -226,11 +226,3 @@ def tally(message_id: str, results: Iterable[SendResult]) -> BroadcastResult:
         reasons=reasons,
         unknown=counts[SendStatus.UNKNOWN],
     )
-
-
-def _stored_copy(template: Envelope) -> Envelope:
-    """A copy whose dedup key the store already recorded (a direct write the socket did
-    not take): stored without a second dedup check."""
-    envelope = copy_for_client(template)
-    envelope.dedup_key = None
-    return envelope

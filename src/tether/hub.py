@@ -199,8 +199,10 @@ class Hub:
 
         Critical: SENT (written now) or QUEUED (in the outbox, delivered in order when
         possible). Best-effort: SENT or DROPPED. Also DUPLICATE (seen within the dedup
-        window) and REJECTED (unencodable or oversized payload, invalid client id, full
-        outbox under the `reject` policy, or the hub is shutting down), with a `reason`.
+        window), REJECTED (certainly not accepted: unencodable or oversized payload,
+        invalid client id, full outbox under the `reject` policy, the store unreachable, or
+        the hub is shutting down) and, on a shared store, UNKNOWN (the store's reply never
+        came: resend with the result's `message_id`), each with a `reason`.
         """
         try:
             if self._closing:

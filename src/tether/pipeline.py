@@ -90,12 +90,20 @@ class DeliveryPipeline:
         """Store a critical message, then write it if it heads the queue (lock held)."""
         backend = self.backend
         local = client.connected or not backend.shared
-        if direct and backend.shared and may_write_directly(client):
+        # A store that must be awaited (not the memory store, which is the session itself)
+        # may clear a plain-mode message for a direct write instead of storing it.
+        if direct and self.append_now is None and may_write_directly(client, envelope):
             envelope.direct = True
         try:
             stored = await backend.append(client, envelope, local=local)
         except BackendError as exc:
             return self.store_failed(client, envelope, exc)
+        except asyncio.CancelledError:
+            # The producer went away, but the store may have the message: a client
+            # connected here gets it from the store, as from another node.
+            if backend.shared and client.connected:
+                self._tasks.spawn(self.load_new(client.client_id))
+            raise
         if isinstance(stored, Accepted) and stored.direct:
             return await self._write_directly(client, envelope)
         settled = self.settle(client, envelope, stored, local)
@@ -135,7 +143,6 @@ class DeliveryPipeline:
         if outcome is OK:
             return self.written_directly(client, envelope)
         envelope.direct = False
-        envelope.dedup_key = None  # already recorded by the store's direct answer
         if outcome is not CLOSED:
             envelope.attempts += 1
             envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
@@ -160,7 +167,8 @@ class DeliveryPipeline:
                 client.client_id,
                 envelope.message_id,
                 f"outcome unknown ({exc}); resend with message_id {envelope.message_id!r}: "
-                "it is looked for before it is stored again (answered duplicate if found)",
+                "through this node it is looked for among the pending messages first; a "
+                "message sent with its own id is a duplicate through any node (dedup by id)",
             )
         self._acct.rejected(client)
         return SendResult(
@@ -183,6 +191,9 @@ class DeliveryPipeline:
         if refused is not None or not self.backend.shared:
             return refused
         assert isinstance(stored, Accepted)
+        if not local:  # a node that mirrors the client expires (and counts) its own copies
+            for _ in stored.expired:
+                self._acct.expired(client)
         if local and stored.changed:
             self.streams.lost(client)
             return self.queued(
@@ -511,13 +522,16 @@ def _why_queued(client: ClientSession) -> str:
     return "send failed; will retry"
 
 
-def may_write_directly(client: ClientSession) -> bool:
-    """A plain-mode client connected here with nothing queued and a CLOSED breaker: a
-    critical message for it may be written without being stored (written is delivered
-    in plain mode), once the store confirmed that no other node holds anything for it
-    (cross-node FIFO) and recorded its dedup key."""
+def may_write_directly(client: ClientSession, envelope: Envelope) -> bool:
+    """A plain-mode client connected here with nothing queued and a CLOSED breaker, and a
+    message without a dedup key: it may be written without being stored (written is
+    delivered in plain mode), once the store confirmed that no other node holds anything
+    for the client (cross-node FIFO). A message with a dedup key is stored: its key must
+    be recorded with the message, or a failed write would leave it claiming a delivery
+    that never happened."""
     return (
-        not client.v1
+        (envelope.dedup_key is None or client.dedup is None)
+        and not client.v1
         and client.connected
         and not client.outbox.queue
         and client.breaker.state is CircuitState.CLOSED

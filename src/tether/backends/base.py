@@ -71,6 +71,7 @@ class Accepted:
     holder: str | None = None
     unmirrored: bool = False  # stored by an attempt whose reply was lost: reload to mirror it
     direct: bool = False  # not stored: nothing is held for the client, write it directly
+    expired: tuple[Envelope, ...] = ()  # found past their TTL in the store and removed
 
 
 class Refused(Enum):

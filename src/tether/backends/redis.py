@@ -438,9 +438,9 @@ class RedisBackend:
 
     def _accepted(self, session: StreamState, envelope: Envelope, reply: Any) -> Accepted | Refused:
         if isinstance(reply, list):
-            head, evicted, gap = reply
+            head, evicted, gap, expired = reply
         else:
-            head, evicted, gap = reply, (), ()
+            head, evicted, gap, expired = reply, (), (), ()
         text = _text(head)
         if text == "W":
             return Accepted(0, direct=True)
@@ -461,6 +461,7 @@ class RedisBackend:
             changed == "1",
             epoch,
             holder,
+            expired=tuple(from_entry(e) for e in expired) if expired else (),
         )
         return accepted
 
@@ -540,9 +541,7 @@ class RedisBackend:
         for (session, envelope, _), reply in zip(items, replies, strict=True):
             self._unknown.pop((session.client_id, envelope.message_id), None)
             head = _text(reply[0] if isinstance(reply, list) else reply)
-            if head == "D|0" and envelope.direct:  # the first attempt was cleared, not stored
-                outcomes.append(Accepted(0, direct=True))
-            elif head.startswith("D|"):  # the first attempt stored it
+            if head.startswith("D|"):  # the first attempt stored it
                 envelope.seq = int(head[2:])
                 outcomes.append(Accepted(envelope.seq, unmirrored=True))
             else:
@@ -793,6 +792,8 @@ class RedisBackend:
                 _LUA["refresh"], [(self._presence_keys(cid), args) for cid in ids]
             )
             await self._r.zadd(self.keys.clients, dict.fromkeys(ids, now))
+            # Clients not seen for client_ttl leave the set a critical broadcast reaches.
+            await self._r.zremrangebyscore(self.keys.clients, "-inf", now - self.config.client_ttl)
             return replies
 
         replies = await self._call("refresh", op)

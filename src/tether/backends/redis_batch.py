@@ -149,7 +149,8 @@ class StreamBatcher:
         try:
             replies = await self._run(requests)
         except BaseException as exc:
-            failure = exc if isinstance(exc, BackendError) else BackendError(str(exc))
+            # Cancelled or failed while sent: what ran is unknown.
+            failure = exc if isinstance(exc, BackendError) else OutcomeUnknown(repr(exc))
             for chunk in chunks:
                 self._fail(chunk, failure)
             if not isinstance(exc, Exception):
@@ -166,6 +167,9 @@ class StreamBatcher:
             ):
                 # sent, and maybe partly run (a slot moved under a batched call)
                 self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script}: no reply ({reply})"))
+            elif isinstance(reply, Exception) and chunk.script == "append":
+                # The script ran and raised: the items before the error were stored.
+                self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script} failed: {reply}"))
             elif isinstance(reply, Exception):
                 self._fail(chunk, BackendError(f"Redis {chunk.script} failed: {reply}"))
             else:

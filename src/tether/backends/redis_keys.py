@@ -1,14 +1,15 @@
 """Where the Redis backend keeps what: the key layout, and the groups a batch is split into.
 
-Per client (the hash tag is the client's bucket, so a script may touch many clients of one
+Per client ("#" ends the client id: no client id contains one, so no client's key names
+another's; the hash tag is the client's bucket, so a script may touch many clients of one
 bucket at once and each bucket lives in one Redis Cluster slot):
 
-    {prefix}:{b<n>}:<cid>:m       Hash: the stream's state (epoch, last seq, acked, attached;
+    {prefix}:{b<n>}:<cid>#m       Hash: the stream's state (epoch, last seq, acked, attached;
                                   see `redis_scripts`)
-    {prefix}:{b<n>}:<cid>:o       Stream, entry id "<seq>-0": the unacked critical messages
-    {prefix}:{b<n>}:<cid>:d:<k>   String, PX dedup_window: an accepted dedup key
-    {prefix}:{b<n>}:<cid>:x       List of dead letters (JSON), newest first, LTRIM'd
-    {prefix}:{b<n>}:<cid>:p       String, PX presence_ttl: the node holding the connection,
+    {prefix}:{b<n>}:<cid>#o       Stream, entry id "<seq>-0": the unacked critical messages
+    {prefix}:{b<n>}:<cid>#d:<k>   String, PX dedup_window: an accepted dedup key
+    {prefix}:{b<n>}:<cid>#x       List of dead letters (JSON), newest first, LTRIM'd
+    {prefix}:{b<n>}:<cid>#p       String, PX presence_ttl: the node holding the connection,
                                   or "~<node>" once that node let it go (a tombstone)
 
 Per deployment:
@@ -56,19 +57,19 @@ class RedisKeys:
         return base
 
     def meta(self, client_id: str) -> str:
-        return self.base(client_id) + ":m"
+        return self.base(client_id) + "#m"
 
     def out(self, client_id: str) -> str:
-        return self.base(client_id) + ":o"
+        return self.base(client_id) + "#o"
 
     def dedup(self, client_id: str, key: str) -> str:
-        return f"{self.base(client_id)}:d:{key}"
+        return f"{self.base(client_id)}#d:{key}"
 
     def dead(self, client_id: str) -> str:
-        return self.base(client_id) + ":x"
+        return self.base(client_id) + "#x"
 
     def presence(self, client_id: str) -> str:
-        return self.base(client_id) + ":p"
+        return self.base(client_id) + "#p"
 
     def slot_key(self, group: Hashable) -> str:
         """The key a script call over one batch group declares: on a Cluster it routes

@@ -78,8 +78,9 @@ end
 # Returns per item: "D|seq it was stored with" duplicate, "W" write directly, "F" full, or
 # "seq|changed|epoch|holder" (holder: the presence value when the client is not
 # connected here, '' otherwise, so the caller can ring that node) — or {that string,
-# evicted entries, gap entries} when either is non-empty. A broadcast's payload is sent
-# once for all its clients.
+# evicted entries, gap entries, expired entries} when any is non-empty (expired: found
+# past their TTL at the head of a full stream, and removed). A broadcast's payload is
+# sent once for all its clients.
 APPEND = (
     _BATCH
     + _TOP
@@ -105,8 +106,8 @@ while pos <= #blob do
   local kind, x, c, mid = head[1], head[2], head[3], head[4]
   local data = ARGV[p + 1]
   floor, known, keep = tonumber(floor), tonumber(known), tonumber(keep)
-  local meta, out = base .. ':m', base .. ':o'
-  local dd = base .. ':d:' .. dkey
+  local meta, out = base .. '#m', base .. '#o'
+  local dd = base .. '#d:' .. dkey
   local fl = tonumber(flags)
   local dflag = fl % 2 == 1
   local direct = fl >= 4
@@ -123,12 +124,11 @@ while pos <= #blob do
   local state = prior or redis.call('HMGET', meta, 'e', 's', 'k')
   if prior then
     results[i] = 'D|' .. prior
-  elseif direct and (state[1] or '') == expect and tonumber(state[2] or '0') == known
-      and redis.call('XLEN', out) == 0 then
+  elseif direct and not dflag and (state[1] or '') == expect
+      and tonumber(state[2] or '0') == known and redis.call('XLEN', out) == 0 then
     -- Nothing of this client's is held anywhere beyond what the node has: it writes the
-    -- message directly (plain mode: written is delivered). Its dedup key is recorded,
-    -- with seq 0 for "delivered directly, never stored".
-    if dflag then redis.call('SET', dd, '0', 'PX', dedup_ms) end
+    -- message directly (plain mode: written is delivered). Only for messages without a
+    -- dedup key: a key recorded for a write that then failed would claim a delivery.
     results[i] = 'W'
   else
     local epoch, s, k = state[1], tonumber(state[2] or '0'), tonumber(state[3] or '0')
@@ -141,6 +141,21 @@ while pos <= #blob do
     local evicted = {}
     local len = redis.call('XLEN', out)
     local full = false
+    local expired = {}
+    if len >= max then
+      -- Messages past their TTL at the head do not hold a place (no node may be there to
+      -- expire them): removed first, and returned to be counted as expired.
+      for _, e in ipairs(redis.call('XRANGE', out, '-', '+', 'COUNT', 64)) do
+        local x = nil
+        for j = 1, #e[2], 2 do
+          if e[2][j] == 'x' then x = tonumber(e[2][j + 1]) end
+        end
+        if x == nil or x > now then break end
+        redis.call('XDEL', out, e[1])
+        expired[#expired + 1] = e
+        len = len - 1
+      end
+    end
     if len >= max then
       if policy ~= 'drop_oldest' then
         full = true
@@ -175,10 +190,10 @@ while pos <= #blob do
         gap = redis.call('XRANGE', out, (known + 1) .. '-0', (s - 1) .. '-0')
       end
       local holder = ''
-      if known < 0 then holder = redis.call('GET', base .. ':p') or '' end
+      if known < 0 then holder = redis.call('GET', base .. '#p') or '' end
       local head = s .. '|' .. changed .. '|' .. epoch .. '|' .. holder
-      if #evicted > 0 or #gap > 0 then
-        results[i] = {head, evicted, gap}
+      if #evicted > 0 or #gap > 0 or #expired > 0 then
+        results[i] = {head, evicted, gap, expired}
       else
         results[i] = head
       end
@@ -208,7 +223,7 @@ while pos <= #blob do
     '^([^|]*)|(%d+)|(%d+)|([^;]*);()', pos)
   pos = at
   seq, keep = tonumber(seq), tonumber(keep)
-  local meta, out = base .. ':m', base .. ':o'
+  local meta, out = base .. '#m', base .. '#o'
   local state = redis.call('HMGET', meta, 'e', 'a', 'k', 's')
   local epoch = state[1]
   -- an ack beyond the last seq handed out speaks of writes a failover lost
@@ -251,10 +266,21 @@ local entries = redis.call('XRANGE', out, '-', '+')
 if reset == 1 then
   redis.call('DEL', out)
   local n = last
+  local longest = keep
   for _, e in ipairs(entries) do
-    n = n + 1
-    redis.call('XADD', out, n .. '-0', unpack(e[2]))
+    local f, x = e[2], nil
+    for j = 1, #f, 2 do
+      if f[j] == 'x' then x = tonumber(f[j + 1]) end
+    end
+    -- Expired entries are not renumbered (the node would skip them, and the numbers
+    -- would then disagree); the reset already tells the client that it may have lost.
+    if x == nil or x > now then
+      n = n + 1
+      redis.call('XADD', out, n .. '-0', unpack(f))
+      if x ~= nil and x - now > longest then longest = x - now end
+    end
   end
+  keep = longest
   epoch, s, a = fresh, n, last
   entries = redis.call('XRANGE', out, '-', '+')
 elseif not epoch then
@@ -317,7 +343,7 @@ while pos <= #blob do
   i = i + 1
   local base, at = string.match(blob, '^([^;]*);()', pos)
   pos = at
-  local key = base .. ':p'
+  local key = base .. '#p'
   if redis.call('GET', key) == ARGV[1] then
     redis.call('SET', key, '~' .. ARGV[1], 'PX', ARGV[2])
     results[i] = 1

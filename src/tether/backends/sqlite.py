@@ -62,6 +62,8 @@ class MirroredSession(SessionView, Protocol):
 
 log = logging.getLogger("tether.sqlite")
 
+_DIRECT = Accepted(0, direct=True)  # the hub writes it; nothing is stored
+
 __all__ = ["SqliteBackend"]
 
 
@@ -291,6 +293,8 @@ class SqliteBackend:
         if not cast("MirroredSession", session).stream_known:
             await self._ensure_loaded(session)
         outbox = session.outbox
+        if envelope.direct and envelope.dedup_key is None and not outbox:
+            return _DIRECT  # nothing held for this plain-mode client: the hub writes it
         store = self.store
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Appended | Refusal] = loop.create_future()
@@ -362,6 +366,14 @@ class SqliteBackend:
                 await asyncio.gather(*(self._ensure_loaded(s) for s in unseen))
         except BackendError as exc:
             return [exc] * len(items)
+        # A plain-mode client the hub may write to directly, with nothing held for it (this
+        # single node's session mirrors the file) and no dedup key to record durably: its
+        # copy is written, not stored (written is delivered in plain mode).
+        direct = [e.direct and e.dedup_key is None and not s.outbox for s, e, _ in items]
+        if any(direct):
+            rest = [item for item, d in zip(items, direct, strict=True) if not d]
+            stored = iter(await self.append_many(rest) if rest else [])
+            return [_DIRECT if d else next(stored) for d in direct]
         first = items[0][1]
         same = all(
             e.data is first.data
@@ -390,11 +402,11 @@ class SqliteBackend:
             except BackendError as exc:
                 return [exc] * len(items)
             return [self._accepted(s, e, r) for (s, e, _), r in zip(items, results, strict=True)]
-        outcomes = await asyncio.gather(
+        each = await asyncio.gather(
             *(self.append(s, e, local=local) for s, e, local in items), return_exceptions=True
         )
         checked: list[Accepted | Refused | BackendError] = []
-        for outcome in outcomes:
+        for outcome in each:
             if isinstance(outcome, BaseException) and not isinstance(outcome, BackendError):
                 raise outcome
             checked.append(outcome)
