@@ -329,7 +329,8 @@ class RedisBackend:
             key = [self._node_keys.get(group, group) if isinstance(group, str) else "-"]
             if request.script == "append":
                 npay = len(request.payloads) // 2
-                args = [*header, npay, *request.payloads, request.items]
+                now_ms = self.wire.wall_ms(self.clock.now())
+                args = [*header, npay, *request.payloads, request.items, now_ms]
             elif request.script == "release":
                 args = [self.node_id, self._tombstone_ms, request.items]
             else:
@@ -645,7 +646,13 @@ class RedisBackend:
         reply = await self._eval(
             "attach",
             [self.keys.meta(cid), self.keys.out(cid)],
-            [last_seq, epoch or "", self._fresh(), self._keep_ms],
+            [
+                last_seq,
+                epoch or "",
+                self._fresh(),
+                self._keep_ms,
+                self.wire.wall_ms(self.clock.now()),
+            ],
         )
         stored = self._stored(session, reply, reply[4])
         stored.reset = bool(int(reply[3]))

@@ -58,7 +58,8 @@ end
 # derive from its base key (declared or not, they share the call's slot: see redis_keys).
 # KEYS: 1, the call's slot key. ARGV: max_size, policy, dedup_ms, fresh epoch, n_payloads,
 #   then 2 per payload: "kind|expires wall ms|created wall ms|message id", data,
-#   then the items, concatenated, each
+#   then the items (one argument, concatenated), then the caller's wall-clock ms (its clock
+#   decides what has expired). Each item is
 #   "payload index|base key|flags|floor|known|keep ms|expected epoch|dedup key length|"
 #   followed by the dedup key.
 #   flags: 1 = check and record the dedup key; 2 = probe: an earlier attempt to store this
@@ -88,6 +89,7 @@ APPEND = (
 local max, policy, dedup_ms, fresh = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local npay = tonumber(ARGV[5])
 local blob = ARGV[6 + npay * 2]
+local hub_now = tonumber(ARGV[7 + npay * 2])  -- the caller's clock decides expiry
 local results, heads = {}, {}
 local pos, i = 1, 0
 while pos <= #blob do
@@ -150,7 +152,7 @@ while pos <= #blob do
         for j = 1, #e[2], 2 do
           if e[2][j] == 'x' then x = tonumber(e[2][j + 1]) end
         end
-        if x == nil or x > now then break end
+        if x == nil or x > hub_now then break end
         redis.call('XDEL', out, e[1])
         expired[#expired + 1] = e
         len = len - 1
@@ -252,6 +254,7 @@ ATTACH = (
     + """
 local meta, out = KEYS[1], KEYS[2]
 local last, said, fresh, keep = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
+local hub_now = tonumber(ARGV[5])  -- the caller's clock decides expiry
 local epoch = redis.call('HGET', meta, 'e')
 local s = tonumber(redis.call('HGET', meta, 's') or '0')
 local a = tonumber(redis.call('HGET', meta, 'a') or '0')
@@ -274,10 +277,10 @@ if reset == 1 then
     end
     -- Expired entries are not renumbered (the node would skip them, and the numbers
     -- would then disagree); the reset already tells the client that it may have lost.
-    if x == nil or x > now then
+    if x == nil or x > hub_now then
       n = n + 1
       redis.call('XADD', out, n .. '-0', unpack(f))
-      if x ~= nil and x - now > longest then longest = x - now end
+      if x ~= nil and x - hub_now > longest then longest = x - hub_now end
     end
   end
   keep = longest
