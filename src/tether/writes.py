@@ -1,4 +1,4 @@
-"""Writing one frame to one client: the typed outcome, the "can write now" rule, failures."""
+"""Writing one frame to one client: the typed outcome, the write rules, failure handling."""
 
 from __future__ import annotations
 
