@@ -69,3 +69,31 @@ def test_runner_and_parser(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["summary"]
     with pytest.raises(ValueError, match="unknown benchmark"):
         run_benchmarks(["nope"], quick=True, json_path=None)
+
+
+def test_ab_trees_compares_two_trees_operation_by_operation() -> None:
+    # The same tree on both sides: every figure is measured for both and put side by side.
+    options = ["--rounds", "2", "--n", "300", "--repeat", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab_trees", str(ROOT), str(ROOT), *options],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("  ")][1:]
+    names = [" ".join(row[:-4]) for row in rows]
+    assert names == [
+        "send (plain, best-effort)",
+        "broadcast (100 clients)",
+        "send critical + ack (tether.v1)",
+        "retry tick (1,000 due)",
+        "broadcast, try_send (100 clients)",
+        "critical broadcast, try_send (100 v1)",
+    ]
+    for row in rows:
+        before, after, ratio, paired = map(float, row[-4:])
+        assert before > 0 and after > 0 and ratio > 0 and paired > 0
+        assert abs(ratio - after / before) < 0.01  # rounded figures, same ratio

@@ -133,7 +133,9 @@ class DeliveryPipeline:
         refused = self._refused(client, envelope, append(client, envelope))
         if refused is not None:
             return refused
-        return self.write_stored_now(client, envelope, None)
+        # Still writable, with this message at the head: the queue was empty, the store
+        # put it there, and nothing was awaited (a full outbox evicts in-flight ones).
+        return self._write_head_now(client, envelope, None)
 
     async def _write_directly(self, client: ClientSession, envelope: Envelope) -> SendResult:
         """Write a message the store cleared for direct delivery (lock held); if the socket
@@ -266,6 +268,12 @@ class DeliveryPipeline:
         in the background when it is None)."""
         if not can_write_now(client, head=envelope):
             return self.queued(client, envelope)
+        return self._write_head_now(client, envelope, trims)
+
+    def _write_head_now(
+        self, client: ClientSession, envelope: Envelope, trims: Trims | None
+    ) -> SendResult:
+        """`write_stored_now` once `can_write_now(client, head=envelope)` holds."""
         frame = msg_frame(client, envelope) if client.v1 else envelope.data
         outcome = self.writer.write_now(client, frame)
         if outcome is OK:

@@ -140,6 +140,7 @@ class ClientRegistry:
     def attach(self, client: ClientSession, transport: Transport, *, v1: bool) -> None:
         """Make `transport` the client's connection (lock held; none attached)."""
         client.transport = transport
+        client.connected = True
         fast = getattr(transport, "try_send", None)
         # Invariant: try_send is set only while a transport is attached.
         client.try_send = fast if callable(fast) else None
@@ -155,6 +156,7 @@ class ClientRegistry:
         if client.transport is not transport:
             return
         client.transport = None
+        client.connected = False
         client.try_send = None
         client.v1 = False
         client.connected_at = None

@@ -30,6 +30,7 @@ class ClientSession:
         "acked",
         "breaker",
         "client_id",
+        "connected",
         "connected_at",
         "connections",
         "dead_letters",
@@ -68,6 +69,9 @@ class ClientSession:
         self.dead_letters: deque[DeadLetter] = deque(maxlen=dead_letter_max)
         self.lock = asyncio.Lock()
         self.transport: Transport | None = None
+        # `transport is not None`, kept by the registry's attach/detach (the only writers of
+        # `transport`); a plain attribute because the fan-out hot loops read it per client.
+        self.connected = False
         self.try_send: Callable[[str | bytes], bool] | None = None
         self.v1 = False
         self.next_seq = 1
@@ -84,8 +88,3 @@ class ClientSession:
         self.last_seen = now
         self.groups: set[str] = set()
         self.drained: asyncio.Event | None = None
-
-    @property
-    def connected(self) -> bool:
-        """Whether a connection is attached (then `try_send` may be set, else it is None)."""
-        return self.transport is not None

@@ -1,4 +1,4 @@
-"""Writing one frame to one client: the typed outcome, the "can write now" rule, failures."""
+"""Writing one frame to one client: the typed outcome, the write rules, failure handling."""
 
 from __future__ import annotations
 
@@ -33,12 +33,15 @@ PENDING = WriteOutcome.PENDING
 CLOSED = WriteOutcome.CLOSED
 
 
+_CLOSED_CIRCUIT = CircuitState.CLOSED
+
+
 def can_write_now(client: ClientSession, head: Envelope | None = None) -> bool:
     """Whether a frame may be written to `client` without suspending and without jumping
     the queue: the connection has a synchronous `try_send` (set only while a transport
     is attached), the breaker is CLOSED (so `allow()` would have no side effect), and
     nothing is queued ahead — the queue is empty, or `head` is at its front."""
-    if client.try_send is None or client.breaker.state is not CircuitState.CLOSED:
+    if client.try_send is None or client.breaker.state is not _CLOSED_CIRCUIT:
         return False
     queue = client.outbox.queue
     if head is None:
