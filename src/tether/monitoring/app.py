@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import logging
 import re
-import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,21 +17,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._version import __version__
-from ..access import host_allowed, origin_allowed, origin_patterns
+from ..access import origin_patterns
 from ..config import ConfigError, format_bytes
 from ..hub import Hub
-from ..metrics import MetricsSnapshot
 from ..protocol import CLIENT_ID_PATTERN
 from ..resilience import CircuitState
 from ..transports.connection import Authenticate
+from .access import Access, cross_origin, is_loopback
+from .health import HealthCheck, HealthThresholds
 from .history import SampleHistory
+from .live import LiveCadence, LiveFeed
+from .responses import JSONResponse, describe, error
 
 log = logging.getLogger("tether.monitoring")
 
@@ -52,23 +49,6 @@ _MAX_PAGE = 500
 _LIST_CAP = 200  # ids listed per breaker state in live updates; counts are always exact
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-# --------------------------------------------------------------------------- responses
-
-
-class JSONResponse(Response):
-    """JSON via orjson (fast, and it serialises the hub's dicts as they are)."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
-
-
-def _error(status: int, error: str, message: str, **extra: Any) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="tether"'} if status == 401 else None
-    return JSONResponse({"error": error, "message": message, **extra}, status, headers=headers)
 
 
 _MESSAGE_ID_FIELD = re.compile(rb'"message_id"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
@@ -92,7 +72,7 @@ def _payload_too_large(message_id: str, reasons: list[str], limit: int) -> JSONR
         match = _PAYLOAD_SIZE.search(reason)
         if match is not None:
             size = format_bytes(int(match.group(1)))
-            return _error(
+            return error(
                 413,
                 "too_large",
                 f"message {message_id!r}: payload is {size}, over the {format_bytes(limit)} "
@@ -101,86 +81,6 @@ def _payload_too_large(message_id: str, reasons: list[str], limit: int) -> JSONR
                 limit_bytes=limit,
             )
     return None
-
-
-# --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True, slots=True)
-class HealthThresholds:
-    """When /health says degraded (still 200) or failing (503).
-
-    Open breakers: degraded from `open_breakers_degraded` open clients, failing once that
-    many open clients are also at least `open_ratio_failing` of the tracked ones (a whole
-    fleet failing means the server side is broken, not a few phones in tunnels).
-    """
-
-    open_breakers_degraded: int = 1
-    open_ratio_failing: float = 0.5
-    oldest_pending_degraded: float = 30.0
-    oldest_pending_failing: float = 120.0
-    backlog_degraded: int = 10_000
-    backlog_failing: int = 100_000
-    backend_error_window: float = 60.0  # backend errors this recent are reported (degraded)
-
-
-@dataclass(frozen=True, slots=True)
-class LiveCadence:
-    """Seconds between /ws/live updates of each kind."""
-
-    realtime: float = 1.0
-    performance: float = 5.0
-    aggregate: float = 30.0
-
-
-def is_loopback(host: str | None) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost: addresses only this machine can reach."""
-    if host is None:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _bearer(conn: HTTPConnection, *, allow_query: bool) -> str | None:
-    header = conn.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    if allow_query:
-        return conn.query_params.get("token")
-    return None
-
-
-def _cross_origin(
-    conn: HTTPConnection, allowed: list[re.Pattern[str]], hosts: list[str] | None = None
-) -> bool:
-    """True when a browser sent this request from another site's page.
-
-    Browsers send `Origin` with every POST and WebSocket handshake; a page elsewhere
-    could otherwise publish through (or watch) a server that trusts loopback callers,
-    since the victim's browser *is* on loopback. Non-browser clients send no Origin.
-    Same-origin means the Origin equals the Host *and* names an allowed host: a DNS
-    rebinding page controls both headers, but not the allowlist.
-    """
-    origin = conn.headers.get("origin")
-    if origin is None:
-        return False
-    if allowed and origin_allowed(origin, allowed):
-        return False
-    host = conn.headers.get("host", "")
-    netloc = urlsplit(origin).netloc
-    if netloc.lower() != host.lower():
-        return True
-    return bool(hosts) and not host_allowed(netloc, hosts or [])
-
-
-def _token_ok(given: str | None, expected: str) -> bool:
-    # compare_digest keeps the comparison time independent of where the strings differ
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -228,308 +128,7 @@ class BroadcastRequest(_Publish):
     exclude: list[str] = Field(default_factory=list, max_length=10_000)
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
-
-
-# --------------------------------------------------------------------------- live feed
-
-
-class LiveFeed:
-    """Computes /ws/live updates once per cadence and fans them out to every subscriber.
-
-    One shared loop (not one per browser tab) keeps the cost of N dashboards at one
-    snapshot per tick; each subscriber has a small queue, and a tab that stops reading
-    loses old updates instead of slowing the others.
-    """
-
-    def __init__(self, hub: Hub, cadence: LiveCadence, history: int = 120) -> None:
-        self.hub = hub
-        self.cadence = cadence
-        self._subscribers: set[asyncio.Queue[bytes]] = set()
-        self._task: asyncio.Task[None] | None = None
-        self._last: dict[str, bytes] = {}
-        self._history: deque[dict[str, Any]] = deque(maxlen=history)
-        self._perf_base: MetricsSnapshot | None = None
-        self._aggr_base: MetricsSnapshot | None = None
-        self.health: HealthCheck | None = None  # set by create_app: health in every realtime
-
-    # ---- payloads
-
-    def _states(self) -> dict[str, list[str]]:
-        hub = self.hub
-        return {
-            "open": sorted(hub.clients_in_state(CircuitState.OPEN))[:_LIST_CAP],
-            "half_open": sorted(hub.clients_in_state(CircuitState.HALF_OPEN))[:_LIST_CAP],
-        }
-
-    def realtime(self) -> dict[str, Any]:
-        data = self.hub.metrics.snapshot().to_dict()
-        lists = self._states()
-        return {
-            "type": "realtime",
-            "session": self.hub.session_id,
-            "ts": data["taken_at"],
-            "circuit_breaker": data["circuit_breaker"],
-            "open_clients": lists["open"],
-            "half_open_clients": lists["half_open"],
-            "connections": data["connections"],
-            "queue": data["queue"],
-            "retry": data["retry"],
-            "memory": data["memory"],
-            "closing": self.hub.closing,
-            # header, totals and health come from this same snapshot, so the page agrees
-            "uptime_seconds": data["uptime_seconds"],
-            "messages": data["messages"],
-            "health": self.health.evaluate(data) if self.health is not None else None,
-        }
-
-    def performance(self) -> dict[str, Any]:
-        snap = self.hub.metrics.snapshot()
-        base = self._perf_base
-        self._perf_base = snap
-        interval = snap.diff(base) if base is not None else None
-        point = self._rates(snap, interval)
-        self._history.append(point)
-        return {"type": "performance", "session": self.hub.session_id, **point}
-
-    def aggregate(self) -> dict[str, Any]:
-        snap = self.hub.metrics.snapshot()
-        base = self._aggr_base
-        self._aggr_base = snap
-        totals = snap.to_dict()
-        interval = snap.diff(base) if base is not None else None
-        return {
-            "type": "aggregate",
-            "session": self.hub.session_id,
-            "ts": totals["taken_at"],
-            "totals": totals,
-            "window": self._rates(snap, interval),
-            "lifetime_rates": self._per_second(totals, totals["uptime_seconds"]),
-        }
-
-    @staticmethod
-    def _per_second(data: dict[str, Any], seconds: float) -> dict[str, float]:
-        if seconds <= 0:
-            return {"sent": 0.0, "delivered": 0.0, "failed": 0.0, "queued": 0.0, "dropped": 0.0}
-        msgs = data["messages"]
-        return {
-            k: round(msgs[k] / seconds, 3)
-            for k in ("sent", "delivered", "failed", "queued", "dropped")
-        }
-
-    def _rates(self, snap: MetricsSnapshot, interval: MetricsSnapshot | None) -> dict[str, Any]:
-        now = snap.to_dict()
-        if interval is None:  # first tick: no interval yet, so no rates to claim
-            lat = now["latency"]
-            throughput = self._per_second(now, 0.0)
-            seconds = 0.0
-        else:
-            diff = interval.to_dict()
-            lat = diff["latency"]
-            seconds = interval.uptime_seconds
-            throughput = self._per_second(diff, seconds)
-        return {
-            "ts": now["taken_at"],
-            "interval_seconds": round(seconds, 3),
-            "latency": {k: lat[k] for k in ("p50_ms", "p95_ms", "p99_ms", "average_ms", "count")},
-            "throughput": throughput,
-            "memory": now["memory"],
-        }
-
-    def hello(self) -> dict[str, Any]:
-        return {
-            "type": "hello",
-            "session": self.hub.session_id,
-            "version": __version__,
-            "cadence": {
-                "realtime": self.cadence.realtime,
-                "performance": self.cadence.performance,
-                "aggregate": self.cadence.aggregate,
-            },
-            "history": list(self._history),
-        }
-
-    # ---- fan-out
-
-    def _publish(self, kind: str, payload: dict[str, Any]) -> None:
-        frame = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)
-        self._last[kind] = frame
-        for queue in self._subscribers:
-            if queue.full():  # a slow tab loses its oldest update, never blocks the feed
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-            queue.put_nowait(frame)
-
-    async def _run(self) -> None:
-        kinds: list[tuple[str, float, Callable[[], dict[str, Any]]]] = [
-            ("realtime", self.cadence.realtime, self.realtime),
-            ("performance", self.cadence.performance, self.performance),
-            ("aggregate", self.cadence.aggregate, self.aggregate),
-        ]
-        loop = asyncio.get_running_loop()
-        due = dict.fromkeys((k for k, _, _ in kinds), loop.time())
-        while True:
-            now = loop.time()
-            for kind, every, build in kinds:
-                if now >= due[kind]:
-                    try:
-                        self._publish(kind, build())
-                    except Exception:  # one bad tick must not end every dashboard's feed
-                        log.exception("tether: live %s update failed", kind)
-                    due[kind] = max(due[kind] + every, now + every / 4)
-            await asyncio.sleep(max(0.01, min(due.values()) - loop.time()))
-
-    def subscribe(self) -> asyncio.Queue[bytes]:
-        queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
-        # a new tab starts with the latest of each kind instead of waiting a whole cadence
-        for frame in self._last.values():
-            queue.put_nowait(frame)
-        self._subscribers.add(queue)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="tether-live-feed")
-        return queue
-
-    async def unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
-        self._subscribers.discard(queue)
-        if not self._subscribers and self._task is not None:
-            task, self._task = self._task, None
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-# --------------------------------------------------------------------------- health
-
-
-class HealthCheck:
-    """Turns the hub's metrics into ok / degraded / failing with human-readable reasons."""
-
-    def __init__(self, hub: Hub, thresholds: HealthThresholds) -> None:
-        self.hub = hub
-        self.t = thresholds
-        self._backend_errors = 0
-        self._backend_error_at: float | None = None
-
-    def evaluate(self, data: dict[str, Any] | None = None) -> dict[str, Any]:
-        """ok / degraded / failing, from `data` (a snapshot's `to_dict()`) or a fresh one."""
-        if data is None:
-            data = self.hub.metrics.snapshot().to_dict()
-        t = self.t
-        failing: list[str] = []
-        degraded: list[str] = []
-
-        if self.hub.closing:
-            failing.append("hub is shutting down")
-
-        cb = data["circuit_breaker"]
-        tracked = max(1, data["memory"]["tracked_clients"])
-        open_count = cb["open"]
-        if open_count >= t.open_breakers_degraded:
-            msg = f"{open_count} of {tracked} client circuit breakers open"
-            if open_count / tracked >= t.open_ratio_failing:
-                failing.append(msg)
-            else:
-                degraded.append(msg)
-
-        age = data["queue"]["oldest_pending_age_seconds"]
-        if age >= t.oldest_pending_failing:
-            failing.append(
-                f"oldest pending message {age:.1f}s old (>= {t.oldest_pending_failing}s)"
-            )
-        elif age >= t.oldest_pending_degraded:
-            degraded.append(
-                f"oldest pending message {age:.1f}s old (>= {t.oldest_pending_degraded}s)"
-            )
-
-        backlog = data["queue"]["current_size"]
-        if backlog >= t.backlog_failing:
-            failing.append(f"{backlog} messages pending (>= {t.backlog_failing})")
-        elif backlog >= t.backlog_degraded:
-            degraded.append(f"{backlog} messages pending (>= {t.backlog_degraded})")
-
-        # A backend outage degrades the hub rather than failing it: local connections keep
-        # working and critical sends are refused with a reason, never lost. Errors are a
-        # running count, so only recent ones are reported.
-        errors = data["backend"]["errors"]
-        now = time.monotonic()
-        if errors > self._backend_errors:
-            self._backend_error_at = now
-        self._backend_errors = errors
-        backend = self.hub.backend
-        if not backend.healthy:
-            degraded.append(f"{backend.name} backend unreachable")
-        elif (
-            errors
-            and self._backend_error_at is not None
-            and now - self._backend_error_at <= t.backend_error_window
-        ):
-            degraded.append(
-                f"{errors} backend errors (last {now - self._backend_error_at:.0f} s ago)"
-            )
-
-        status = "failing" if failing else "degraded" if degraded else "ok"
-        return {
-            "status": status,
-            "reasons": failing + degraded,
-            "session": self.hub.session_id,
-            "version": __version__,
-            "checks": {
-                "circuit_breaker": {
-                    "open": open_count,
-                    "half_open": cb["half_open"],
-                    "tracked": tracked,
-                },
-                "oldest_pending_age_seconds": age,
-                "backlog": backlog,
-                "backend_errors": errors,
-                "backend": backend.describe(),
-                "connections_active": data["connections"]["active"],
-            },
-            "uptime_seconds": data["uptime_seconds"],
-        }
-
-
 # --------------------------------------------------------------------------- the app
-
-
-@dataclass(frozen=True, slots=True)
-class _Access:
-    monitor_token: str | None
-    api_token: str | None
-    public_bind: bool  # bound beyond loopback
-    origins: list[re.Pattern[str]]  # allowed_origins, besides the app's own
-    hosts: list[str] | None = None  # allowed Host names (empty: any)
-
-    def monitor(self, conn: HTTPConnection, *, allow_query: bool = False) -> Response | None:
-        """None when the caller may read monitoring data, else the refusal."""
-        if self.monitor_token is not None:
-            if not _token_ok(_bearer(conn, allow_query=allow_query), self.monitor_token):
-                return _error(401, "unauthorized", "monitoring needs Authorization: Bearer <token>")
-            return None
-        if self.public_bind and not is_loopback(conn.client.host if conn.client else None):
-            # no token and reachable from the network: only this machine may look
-            return _error(
-                403, "forbidden", "monitoring answers loopback only; set TETHER_MONITOR_TOKEN"
-            )
-        return None
-
-    def publish(self, conn: HTTPConnection) -> Response | None:
-        if _cross_origin(conn, self.origins, self.hosts):
-            return _error(403, "forbidden", "cross-origin publishing is refused")
-        if self.api_token is not None:
-            if not _token_ok(_bearer(conn, allow_query=False), self.api_token):
-                return _error(
-                    401, "unauthorized", "publishing needs Authorization: Bearer <api token>"
-                )
-            return None
-        if self.public_bind and not is_loopback(conn.client.host if conn.client else None):
-            return _error(403, "forbidden", "the publish API needs TETHER_API_TOKEN")
-        return None
 
 
 def create_app(
@@ -578,7 +177,7 @@ def create_app(
     if min(realtime_interval, performance_interval, aggregate_interval) <= 0:
         raise ValueError("live update intervals must be positive")
     hosts = cfg.effective_allowed_hosts
-    access = _Access(
+    access = Access(
         monitor or None, api or None, public, origin_patterns(cfg.allowed_origins), hosts
     )
     feed = LiveFeed(hub, cadence)
@@ -612,11 +211,11 @@ def create_app(
         q = request.query_params
         cadence = q.get("cadence", "fine")
         if cadence not in samples.rings:
-            return _error(400, "bad_request", f"cadence must be one of {', '.join(samples.rings)}")
+            return error(400, "bad_request", f"cadence must be one of {', '.join(samples.rings)}")
         try:
             since = float(q["since"]) if "since" in q else None
         except ValueError:
-            return _error(400, "bad_request", "since must be a number (wall-clock seconds)")
+            return error(400, "bad_request", "since must be a number (wall-clock seconds)")
         return JSONResponse(samples.to_dict(cadence, since))
 
     async def api_clients(request: Request) -> Response:
@@ -625,14 +224,14 @@ def create_app(
             limit = int(q.get("limit", "50"))
             offset = int(q.get("offset", "0"))
         except ValueError:
-            return _error(400, "bad_request", "limit and offset must be integers")
+            return error(400, "bad_request", "limit and offset must be integers")
         if not 1 <= limit <= _MAX_PAGE or offset < 0:
-            return _error(400, "bad_request", f"limit must be 1..{_MAX_PAGE} and offset >= 0")
+            return error(400, "bad_request", f"limit must be 1..{_MAX_PAGE} and offset >= 0")
         sort = q.get("sort", "id")
         descending = sort.startswith("-")
         key = sort.lstrip("-")
         if key not in _SORT_KEYS:
-            return _error(
+            return error(
                 400,
                 "bad_request",
                 f"sort must be one of {', '.join(_SORT_KEYS)} (- prefix: descending)",
@@ -642,12 +241,12 @@ def create_app(
             try:
                 state_filter = CircuitState(q["state"].lower())
             except ValueError:
-                return _error(400, "bad_request", "state must be closed, open or half_open")
+                return error(400, "bad_request", "state must be closed, open or half_open")
         connected_filter: bool | None = None
         if "connected" in q:
             raw = q["connected"].lower()
             if raw not in ("true", "false", "1", "0"):
-                return _error(400, "bad_request", "connected must be true or false")
+                return error(400, "bad_request", "connected must be true or false")
             connected_filter = raw in ("true", "1")
         needle = q.get("q", "").lower()
 
@@ -689,7 +288,7 @@ def create_app(
         client_id = request.path_params["client_id"]
         info = hub.client_info(client_id)
         if info is None:
-            return _error(404, "not_found", f"unknown client {client_id!r}")
+            return error(404, "not_found", f"unknown client {client_id!r}")
         return JSONResponse(info)
 
     async def api_dead_letters(request: Request) -> Response:
@@ -697,9 +296,9 @@ def create_app(
         try:
             limit = int(q.get("limit", "100"))
         except ValueError:
-            return _error(400, "bad_request", "limit must be an integer")
+            return error(400, "bad_request", "limit must be an integer")
         if not 1 <= limit <= _MAX_PAGE:
-            return _error(400, "bad_request", f"limit must be 1..{_MAX_PAGE}")
+            return error(400, "bad_request", f"limit must be 1..{_MAX_PAGE}")
         wanted = q.get("client_id")
         ids = [wanted] if wanted else hub.clients()
         letters = [d for cid in ids for d in hub.dead_letters(cid)]
@@ -717,7 +316,7 @@ def create_app(
     async def dashboard_asset(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in ("dashboard.css", "dashboard.js"):
-            return _error(404, "not_found", "no such asset")
+            return error(404, "not_found", "no such asset")
         return FileResponse(DASHBOARD_DIR / name, headers=_PAGE_HEADERS)
 
     async def favicon(request: Request) -> Response:
@@ -737,7 +336,7 @@ def create_app(
             if size > limit:
                 message_id = _peek_message_id(b"".join(chunks) + chunk)
                 named = f"message {message_id!r}: " if message_id else ""
-                return None, _error(
+                return None, error(
                     413,
                     "too_large",
                     f"{named}request body over {format_bytes(limit)}; payloads are limited to "
@@ -749,7 +348,7 @@ def create_app(
         try:
             return orjson.loads(b"".join(chunks)), None
         except orjson.JSONDecodeError as exc:
-            return None, _error(400, "bad_request", f"body is not valid JSON: {exc}")
+            return None, error(400, "bad_request", f"body is not valid JSON: {exc}")
 
     async def publish_body(request: Request, model: type[_Body]) -> _Body | Response:
         """The validated body of a publish request, or the response refusing it."""
@@ -762,9 +361,9 @@ def create_app(
         try:
             body = model.model_validate(raw)
         except ValidationError as exc:
-            return _error(400, "bad_request", _describe(exc))
+            return error(400, "bad_request", describe(exc))
         if hub.closing:
-            return _error(503, "unavailable", "hub is shutting down")
+            return error(503, "unavailable", "hub is shutting down")
         return body
 
     async def api_send(request: Request) -> Response:
@@ -804,9 +403,9 @@ def create_app(
 
     async def live(websocket: WebSocket) -> None:
         refusal = access.monitor(websocket, allow_query=True)
-        if refusal is None and _cross_origin(websocket, access.origins, access.hosts):
+        if refusal is None and cross_origin(websocket, access.origins, access.hosts):
             # another site's page in an operator's browser must not watch the feed
-            refusal = _error(403, "forbidden", "cross-origin")
+            refusal = error(403, "forbidden", "cross-origin")
         if refusal is not None:
             # Refused before the handshake with the same HTTP status (and body) as the
             # other guarded routes: 401 asks for the token, 403 is final.
@@ -888,7 +487,7 @@ def create_app(
     return app
 
 
-def _loopback_only(access: _Access, handler: Handler) -> Handler:
+def _loopback_only(access: Access, handler: Handler) -> Handler:
     async def endpoint(request: Request) -> Response:
         if access.monitor_token is None:
             refusal = access.monitor(request)
