@@ -1,134 +1,35 @@
 """create_app: one Starlette app serving /ws, health, Prometheus, the JSON + publish API, /ws/live
-and the dashboard for a Hub."""
+and the dashboard for a Hub, assembled from the route table."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
-from starlette.responses import FileResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket
 
-from .._version import __version__
 from ..access import origin_patterns
-from ..config import ConfigError, format_bytes
+from ..config import ConfigError
 from ..hub import Hub
-from ..protocol import CLIENT_ID_PATTERN
-from ..resilience import CircuitState
 from ..transports.connection import Authenticate
-from .access import Access, cross_origin, is_loopback
+from .access import Access, is_loopback
+from .context import Monitor
 from .health import HealthCheck, HealthThresholds
 from .history import SampleHistory
-from .live import LiveCadence, LiveFeed
-from .responses import JSONResponse, describe, error
+from .live import LiveCadence, LiveFeed, live
+from .pages import static_files
+from .routes import ROUTES, openapi_spec
+from .routing import route
 
 log = logging.getLogger("tether.monitoring")
 
-_HERE = Path(__file__).resolve().parent
-DASHBOARD_DIR = _HERE / "static"
-CLIENT_STATIC_DIR = _HERE.parent / "static"  # tether.js and other assets for clients
-
 _UNSET: Any = object()
-_STATE_RANK = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
-_SORT_KEYS = ("id", "pending", "state", "last_activity")
-_MAX_PAGE = 500
-_LIST_CAP = 200  # ids listed per breaker state in live updates; counts are always exact
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-_MESSAGE_ID_FIELD = re.compile(rb'"message_id"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
-_PAYLOAD_SIZE = re.compile(r"payload is (\d+) bytes, over max_message_size")
-
-
-def _peek_message_id(head: bytes) -> str | None:
-    """The `message_id` of a body cut off for size, when it appears in what was read."""
-    match = _MESSAGE_ID_FIELD.search(head[:65536])
-    if match is None:
-        return None
-    with contextlib.suppress(orjson.JSONDecodeError):
-        value = orjson.loads(b'"' + match.group(1) + b'"')
-        return value if isinstance(value, str) else None
-    return None
-
-
-def _payload_too_large(message_id: str, reasons: list[str], limit: int) -> JSONResponse | None:
-    """HTTP 413 naming the message and the limit, when the hub refused it for its size."""
-    for reason in reasons:
-        match = _PAYLOAD_SIZE.search(reason)
-        if match is not None:
-            size = format_bytes(int(match.group(1)))
-            return error(
-                413,
-                "too_large",
-                f"message {message_id!r}: payload is {size}, over the {format_bytes(limit)} "
-                "limit (TETHER_MAX_MESSAGE_SIZE)",
-                message_id=message_id,
-                limit_bytes=limit,
-            )
-    return None
-
-
-# --------------------------------------------------------------------------- request bodies
-
-
-class _Publish(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    data: Any = Field(description="Payload: a JSON string goes as text, anything else as JSON.")
-    critical: bool = Field(False, description="Queue, retry, deliver in order; or best-effort.")
-    message_id: str | None = Field(
-        None, min_length=1, max_length=256, description="Idempotency key (deduplication)."
-    )
-    ttl: float | None = Field(
-        None, gt=0, le=86_400 * 365, description="Seconds a critical message may wait."
-    )
-
-    @field_validator("ttl", mode="before")
-    @classmethod
-    def _int_ttl(cls, value: Any) -> Any:
-        # strict mode refuses ints for a float field; 30 is as good a ttl as 30.0
-        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-_Body = TypeVar("_Body", bound=BaseModel)
-
-
-class SendRequest(_Publish):
-    """Body of POST /api/send."""
-
-    client_id: str = Field(
-        min_length=1,
-        max_length=128,
-        pattern=CLIENT_ID_PATTERN.pattern,
-        description="Target client id.",
-    )
-
-
-class BroadcastRequest(_Publish):
-    """Body of POST /api/broadcast."""
-
-    group: str | None = Field(
-        None, min_length=1, max_length=256, description="Only this group's members."
-    )
-    exclude: list[str] = Field(default_factory=list, max_length=10_000)
-
-
-# --------------------------------------------------------------------------- the app
 
 
 def create_app(
@@ -158,7 +59,8 @@ def create_app(
     `authenticate` is the `/ws` hook (see `tether.auth`); without one, `auth_secret`
     (TETHER_AUTH_SECRET) turns on signed tokens. `history` (default: a new
     `SampleHistory(hub)`) is sampled from app start-up, dashboard open or not, and
-    served at `/api/history`.
+    served at `/api/history`. Raises `ConfigError` for a missing or short token and
+    `ValueError` for a live update interval that is not positive.
     """
     cfg = hub.config
     monitor = cfg.monitor_token if monitor_token is _UNSET else monitor_token
@@ -184,281 +86,16 @@ def create_app(
     checker = HealthCheck(hub, health or HealthThresholds())
     feed.health = checker
     samples = history if history is not None else SampleHistory(hub)
+    m = Monitor(hub, access, checker, feed, samples, ws_path)
 
-    def guarded(handler: Handler, *, allow_query: bool = False) -> Handler:
-        async def endpoint(request: Request) -> Response:
-            refusal = access.monitor(request, allow_query=allow_query)
-            return refusal if refusal is not None else await handler(request)
-
-        endpoint.__name__ = handler.__name__
-        return endpoint
-
-    # ---- monitoring
-
-    async def health_route(request: Request) -> Response:
-        report = checker.evaluate()
-        return JSONResponse(report, 503 if report["status"] == "failing" else 200)
-
-    async def prometheus(request: Request) -> Response:
-        body = await asyncio.to_thread(generate_latest, hub.metrics.prometheus_registry)
-        return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def api_metrics(request: Request) -> Response:
-        return JSONResponse(hub.metrics.snapshot().to_dict())
-
-    async def api_history(request: Request) -> Response:
-        samples.start()  # mounted without a lifespan: sampling starts with the first reader
-        q = request.query_params
-        cadence = q.get("cadence", "fine")
-        if cadence not in samples.rings:
-            return error(400, "bad_request", f"cadence must be one of {', '.join(samples.rings)}")
-        try:
-            since = float(q["since"]) if "since" in q else None
-        except ValueError:
-            return error(400, "bad_request", "since must be a number (wall-clock seconds)")
-        return JSONResponse(samples.to_dict(cadence, since))
-
-    async def api_clients(request: Request) -> Response:
-        q = request.query_params
-        try:
-            limit = int(q.get("limit", "50"))
-            offset = int(q.get("offset", "0"))
-        except ValueError:
-            return error(400, "bad_request", "limit and offset must be integers")
-        if not 1 <= limit <= _MAX_PAGE or offset < 0:
-            return error(400, "bad_request", f"limit must be 1..{_MAX_PAGE} and offset >= 0")
-        sort = q.get("sort", "id")
-        descending = sort.startswith("-")
-        key = sort.lstrip("-")
-        if key not in _SORT_KEYS:
-            return error(
-                400,
-                "bad_request",
-                f"sort must be one of {', '.join(_SORT_KEYS)} (- prefix: descending)",
-            )
-        state_filter: CircuitState | None = None
-        if "state" in q:
-            try:
-                state_filter = CircuitState(q["state"].lower())
-            except ValueError:
-                return error(400, "bad_request", "state must be closed, open or half_open")
-        connected_filter: bool | None = None
-        if "connected" in q:
-            raw = q["connected"].lower()
-            if raw not in ("true", "false", "1", "0"):
-                return error(400, "bad_request", "connected must be true or false")
-            connected_filter = raw in ("true", "1")
-        needle = q.get("q", "").lower()
-
-        # Filter and sort on cheap accessors first; build full rows only for the page.
-        ids = [
-            cid
-            for cid in hub.clients()
-            if (not needle or needle in cid.lower())
-            and (state_filter is None or hub.circuit_state(cid) is state_filter)
-            and (connected_filter is None or hub.is_connected(cid) is connected_filter)
-        ]
-        if key == "id":
-            ids.sort(reverse=descending)
-        else:
-
-            def sort_key(cid: str) -> tuple[Any, ...]:
-                if key == "pending":
-                    return (hub.pending(cid), cid)
-                if key == "state":
-                    return (_STATE_RANK[hub.circuit_state(cid)], hub.pending(cid), cid)
-                return (hub.last_activity(cid) or 0.0, cid)
-
-            ids.sort(key=sort_key, reverse=descending)
-        page = ids[offset : offset + limit]
-        items = [{"client_id": cid, **hub.metrics.client_dict(cid)} for cid in page]
-        nxt = offset + limit if offset + limit < len(ids) else None
-        return JSONResponse(
-            {
-                "total": len(ids),
-                "offset": offset,
-                "limit": limit,
-                "sort": sort,
-                "next_offset": nxt,
-                "items": items,
-            }
-        )
-
-    async def api_client(request: Request) -> Response:
-        client_id = request.path_params["client_id"]
-        info = hub.client_info(client_id)
-        if info is None:
-            return error(404, "not_found", f"unknown client {client_id!r}")
-        return JSONResponse(info)
-
-    async def api_dead_letters(request: Request) -> Response:
-        q = request.query_params
-        try:
-            limit = int(q.get("limit", "100"))
-        except ValueError:
-            return error(400, "bad_request", "limit must be an integer")
-        if not 1 <= limit <= _MAX_PAGE:
-            return error(400, "bad_request", f"limit must be 1..{_MAX_PAGE}")
-        wanted = q.get("client_id")
-        ids = [wanted] if wanted else hub.clients()
-        letters = [d for cid in ids for d in hub.dead_letters(cid)]
-        letters.sort(key=lambda d: d.failed_at, reverse=True)
-        return JSONResponse(
-            {"total": len(letters), "limit": limit, "items": [d.to_dict() for d in letters[:limit]]}
-        )
-
-    async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_spec(ws_path))
-
-    async def dashboard(request: Request) -> Response:
-        return FileResponse(DASHBOARD_DIR / "dashboard.html", headers=_PAGE_HEADERS)
-
-    async def dashboard_asset(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name not in ("dashboard.css", "dashboard.js"):
-            return error(404, "not_found", "no such asset")
-        return FileResponse(DASHBOARD_DIR / name, headers=_PAGE_HEADERS)
-
-    async def favicon(request: Request) -> Response:
-        return FileResponse(CLIENT_STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
-
-    async def root(request: Request) -> Response:
-        return RedirectResponse(str(request.url_for("dashboard")), 307)
-
-    # ---- publish
-
-    async def read_body(request: Request) -> tuple[Any, Response | None]:
-        limit = cfg.max_message_size * 2 + 4096  # room for JSON escaping and the envelope fields
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                message_id = _peek_message_id(b"".join(chunks) + chunk)
-                named = f"message {message_id!r}: " if message_id else ""
-                return None, error(
-                    413,
-                    "too_large",
-                    f"{named}request body over {format_bytes(limit)}; payloads are limited to "
-                    f"{format_bytes(cfg.max_message_size)} (TETHER_MAX_MESSAGE_SIZE)",
-                    message_id=message_id,
-                    limit_bytes=cfg.max_message_size,
-                )
-            chunks.append(chunk)
-        try:
-            return orjson.loads(b"".join(chunks)), None
-        except orjson.JSONDecodeError as exc:
-            return None, error(400, "bad_request", f"body is not valid JSON: {exc}")
-
-    async def publish_body(request: Request, model: type[_Body]) -> _Body | Response:
-        """The validated body of a publish request, or the response refusing it."""
-        refusal = access.publish(request)
-        if refusal is not None:
-            return refusal
-        raw, problem = await read_body(request)
-        if problem is not None:
-            return problem
-        try:
-            body = model.model_validate(raw)
-        except ValidationError as exc:
-            return error(400, "bad_request", describe(exc))
-        if hub.closing:
-            return error(503, "unavailable", "hub is shutting down")
-        return body
-
-    async def api_send(request: Request) -> Response:
-        body = await publish_body(request, SendRequest)
-        if isinstance(body, Response):
-            return body
-        result = await hub.send(
-            body.client_id,
-            body.data,
-            critical=body.critical,
-            message_id=body.message_id,
-            ttl=body.ttl,
-        )
-        too_large = _payload_too_large(
-            result.message_id, [result.reason or ""], cfg.max_message_size
-        )
-        return too_large or JSONResponse(result.to_dict())
-
-    async def api_broadcast(request: Request) -> Response:
-        body = await publish_body(request, BroadcastRequest)
-        if isinstance(body, Response):
-            return body
-        result = await hub.broadcast(
-            body.data,
-            critical=body.critical,
-            group=body.group,
-            message_id=body.message_id,
-            ttl=body.ttl,
-            exclude=body.exclude,
-        )
-        too_large = _payload_too_large(
-            result.message_id, list(result.reasons), cfg.max_message_size
-        )
-        return too_large or JSONResponse(result.to_dict())
-
-    # ---- live
-
-    async def live(websocket: WebSocket) -> None:
-        refusal = access.monitor(websocket, allow_query=True)
-        if refusal is None and cross_origin(websocket, access.origins, access.hosts):
-            # another site's page in an operator's browser must not watch the feed
-            refusal = error(403, "forbidden", "cross-origin")
-        if refusal is not None:
-            # Refused before the handshake with the same HTTP status (and body) as the
-            # other guarded routes: 401 asks for the token, 403 is final.
-            await websocket.send_denial_response(refusal)
-            return
-        await websocket.accept()
-        samples.start()
-        queue = feed.subscribe()
-
-        async def pump() -> None:
-            await websocket.send_text(orjson.dumps(feed.hello()).decode())
-            while True:
-                frame = await queue.get()
-                # text frames: the browser gets strings it can JSON.parse directly
-                await websocket.send_text(frame.decode())
-
-        sender = asyncio.create_task(pump())
-        try:
-            while True:  # reading is how a closed tab is noticed; what it says is ignored
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-        except (WebSocketDisconnect, RuntimeError):
-            pass
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
-            await feed.unsubscribe(queue)
+    async def live_feed(websocket: WebSocket) -> None:
+        await live(websocket, m)
 
     routes: list[BaseRoute] = []
     if include_ws:
         routes.extend(_delivery_routes(hub, ws_path, authenticate))
-    routes += [
-        Route("/", root, methods=["GET"]),
-        Route("/health", guarded(health_route), methods=["GET"]),
-        Route("/metrics", guarded(prometheus), methods=["GET"]),
-        Route("/api/metrics", guarded(api_metrics), methods=["GET"]),
-        Route("/api/history", guarded(api_history), methods=["GET"]),
-        Route("/favicon.ico", favicon, methods=["GET"]),
-        Route("/api/clients", guarded(api_clients), methods=["GET"]),
-        Route("/api/clients/{client_id:str}", guarded(api_client), methods=["GET"]),
-        Route("/api/dead-letters", guarded(api_dead_letters), methods=["GET"]),
-        Route("/api/send", api_send, methods=["POST"]),
-        Route("/api/broadcast", api_broadcast, methods=["POST"]),
-        Route("/openapi.json", guarded(openapi), methods=["GET"]),
-        # The page and its assets hold no data, so they load without the token (the
-        # page then asks for it); the loopback-only rule still applies.
-        Route("/dashboard", _loopback_only(access, dashboard), methods=["GET"], name="dashboard"),
-        Route("/dashboard/{name:str}", _loopback_only(access, dashboard_asset), methods=["GET"]),
-        WebSocketRoute("/ws/live", live),
-        Mount("/static", StaticFiles(directory=CLIENT_STATIC_DIR, check_dir=False), name="static"),
-    ]
+    routes += [route(endpoint, m) for endpoint in ROUTES]
+    routes += [WebSocketRoute("/ws/live", live_feed), static_files()]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -487,18 +124,6 @@ def create_app(
     return app
 
 
-def _loopback_only(access: Access, handler: Handler) -> Handler:
-    async def endpoint(request: Request) -> Response:
-        if access.monitor_token is None:
-            refusal = access.monitor(request)
-            if refusal is not None:
-                return refusal
-        return await handler(request)
-
-    endpoint.__name__ = handler.__name__
-    return endpoint
-
-
 def _delivery_routes(hub: Hub, path: str, authenticate: Authenticate | None) -> list[BaseRoute]:
     # imported here: the Starlette transport is optional for users who only want monitoring
     try:
@@ -508,258 +133,6 @@ def _delivery_routes(hub: Hub, path: str, authenticate: Authenticate | None) -> 
         return []
     route: BaseRoute = websocket_route(hub, path=path, authenticate=authenticate)
     return [route]
-
-
-_PAGE_HEADERS = {
-    # everything is same-origin; the token may sit in the URL once, so send no referrer
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
-
-
-# --------------------------------------------------------------------------- OpenAPI
-
-
-def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    return model.model_json_schema(ref_template="#/components/schemas/{model}")
-
-
-def openapi_spec(ws_path: str = "/ws") -> dict[str, Any]:
-    """An OpenAPI 3.1 description of the JSON routes (WebSockets are described in text)."""
-
-    def ref(name: str) -> dict[str, str]:
-        return {"$ref": f"#/components/schemas/{name}"}
-
-    def ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-    error = ok(ref("Error"), "Error")
-    monitor_sec: list[dict[str, list[str]]] = [{"monitorToken": []}, {}]
-    api_sec: list[dict[str, list[str]]] = [{"apiToken": []}, {}]
-    obj: dict[str, Any] = {"type": "object"}
-    int_param = {"type": "integer", "minimum": 0}
-
-    def q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "schema": schema,
-            "description": description,
-        }
-
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "Tether monitoring and publish API",
-            "version": __version__,
-            "description": (
-                f"Health, metrics and clients of a Tether hub, and HTTP publishing. The delivery "
-                f"WebSocket is at `{ws_path}` (subprotocol `tether.v1` or plain); `/ws/live` "
-                "pushes dashboard updates (JSON typed hello / realtime / performance / aggregate). "
-                "`/metrics` serves Prometheus text."
-            ),
-        },
-        "components": {
-            "securitySchemes": {
-                "monitorToken": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "TETHER_MONITOR_TOKEN",
-                },
-                "apiToken": {"type": "http", "scheme": "bearer", "description": "TETHER_API_TOKEN"},
-            },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "message"],
-                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-                },
-                "SendRequest": _schema(SendRequest),
-                "BroadcastRequest": _schema(BroadcastRequest),
-                "SendResult": {
-                    "type": "object",
-                    "required": ["status", "client_id", "message_id"],
-                    "properties": {
-                        "status": {"enum": ["sent", "queued", "duplicate", "dropped", "rejected"]},
-                        "client_id": {"type": "string"},
-                        "message_id": {"type": "string"},
-                        "reason": {"type": ["string", "null"]},
-                        "seq": {"type": ["integer", "null"]},
-                    },
-                },
-                "BroadcastResult": {
-                    "type": "object",
-                    "properties": {
-                        "message_id": {"type": "string"},
-                        **{
-                            k: {"type": "integer"}
-                            for k in ("sent", "queued", "duplicate", "dropped", "rejected", "total")
-                        },
-                        "reasons": {"type": "object", "additionalProperties": {"type": "integer"}},
-                    },
-                },
-                "Health": {
-                    "type": "object",
-                    "required": ["status", "reasons"],
-                    "properties": {
-                        "status": {"enum": ["ok", "degraded", "failing"]},
-                        "reasons": {"type": "array", "items": {"type": "string"}},
-                        "checks": obj,
-                    },
-                },
-                "ClientPage": {
-                    "type": "object",
-                    "properties": {
-                        "total": {"type": "integer"},
-                        "offset": {"type": "integer"},
-                        "limit": {"type": "integer"},
-                        "next_offset": {"type": ["integer", "null"]},
-                        "items": {"type": "array", "items": obj},
-                    },
-                },
-            },
-        },
-        "paths": {
-            "/health": {
-                "get": {
-                    "summary": "Health: ok / degraded (200) or failing (503), with reasons",
-                    "security": monitor_sec,
-                    "responses": {
-                        "200": ok(ref("Health")),
-                        "503": ok(ref("Health"), "Failing"),
-                        "401": error,
-                        "403": error,
-                    },
-                }
-            },
-            "/api/metrics": {
-                "get": {
-                    "summary": "Aggregate metrics (MetricsSnapshot.to_dict())",
-                    "security": monitor_sec,
-                    "responses": {"200": ok(obj), "401": error, "403": error},
-                }
-            },
-            "/api/history": {
-                "get": {
-                    "summary": "Recent samples (rates, latency, clients) in fixed rings",
-                    "description": (
-                        "Recorded every second by the app whether or not a dashboard is "
-                        "open: `fine` keeps 15 minutes at 1 s, `coarse` 24 hours at 60 s. "
-                        "`rows` are lists in the order of `fields`, oldest first."
-                    ),
-                    "security": monitor_sec,
-                    "parameters": [
-                        q("cadence", {"enum": ["fine", "coarse"], "default": "fine"}, "Ring"),
-                        q("since", {"type": "number"}, "Only samples after this wall time"),
-                    ],
-                    "responses": {"200": ok(obj), "400": error, "401": error, "403": error},
-                }
-            },
-            "/api/clients": {
-                "get": {
-                    "summary": "Tracked clients, filtered, sorted and paginated",
-                    "security": monitor_sec,
-                    "parameters": [
-                        q(
-                            "limit",
-                            {"type": "integer", "minimum": 1, "maximum": _MAX_PAGE, "default": 50},
-                            "Page size",
-                        ),
-                        q("offset", {**int_param, "default": 0}, "Rows to skip"),
-                        q(
-                            "sort",
-                            {
-                                "enum": [*_SORT_KEYS, *("-" + k for k in _SORT_KEYS)],
-                                "default": "id",
-                            },
-                            "Sort key; a leading - sorts descending",
-                        ),
-                        q("q", {"type": "string"}, "Client id substring (case-insensitive)"),
-                        q("state", {"enum": ["closed", "open", "half_open"]}, "Breaker state"),
-                        q("connected", {"type": "boolean"}, "Connected now"),
-                    ],
-                    "responses": {
-                        "200": ok(ref("ClientPage")),
-                        "400": error,
-                        "401": error,
-                        "403": error,
-                    },
-                }
-            },
-            "/api/clients/{client_id}": {
-                "get": {
-                    "summary": "One client: breaker, outbox summary, dead letters, counters",
-                    "security": monitor_sec,
-                    "parameters": [
-                        {
-                            "name": "client_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "responses": {"200": ok(obj), "404": error, "401": error, "403": error},
-                }
-            },
-            "/api/dead-letters": {
-                "get": {
-                    "summary": "Dead-lettered messages, newest first",
-                    "security": monitor_sec,
-                    "parameters": [
-                        q(
-                            "limit",
-                            {"type": "integer", "minimum": 1, "maximum": _MAX_PAGE, "default": 100},
-                            "At most",
-                        ),
-                        q("client_id", {"type": "string"}, "Only this client's"),
-                    ],
-                    "responses": {"200": ok(obj), "400": error, "401": error, "403": error},
-                }
-            },
-            "/api/send": {
-                "post": {
-                    "summary": "Send one message to one client",
-                    "security": api_sec,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("SendRequest")}},
-                    },
-                    "responses": {
-                        "200": ok(ref("SendResult")),
-                        "400": error,
-                        "401": error,
-                        "403": error,
-                        "413": error,
-                        "503": error,
-                    },
-                }
-            },
-            "/api/broadcast": {
-                "post": {
-                    "summary": "Send one message to every client, or to a group's members",
-                    "security": api_sec,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("BroadcastRequest")}},
-                    },
-                    "responses": {
-                        "200": ok(ref("BroadcastResult")),
-                        "400": error,
-                        "401": error,
-                        "403": error,
-                        "413": error,
-                        "503": error,
-                    },
-                }
-            },
-        },
-    }
 
 
 __all__ = ["HealthThresholds", "LiveCadence", "create_app", "is_loopback", "openapi_spec"]

@@ -1,15 +1,24 @@
-"""HealthCheck: the hub's metrics judged ok / degraded / failing, with reasons, for /health."""
+"""GET /health: the hub's metrics judged ok / degraded (200) or failing (503), with reasons."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from starlette.requests import Request
+from starlette.responses import Response
 
 from .._version import __version__
 from ..hub import Hub
+from .responses import JSONResponse
+from .routing import Endpoint
 
-__all__ = ["HealthCheck", "HealthThresholds"]
+if TYPE_CHECKING:
+    from .context import Monitor
+
+__all__ = ["ENDPOINTS", "HealthCheck", "HealthReport", "HealthThresholds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +37,19 @@ class HealthThresholds:
     backlog_degraded: int = 10_000
     backlog_failing: int = 100_000
     backend_error_window: float = 60.0  # backend errors this recent are reported (degraded)
+
+
+class HealthReport(BaseModel):
+    """The body of /health (and the `health` of each /ws/live realtime update)."""
+
+    model_config = ConfigDict(title="Health")
+
+    status: Literal["ok", "degraded", "failing"]
+    reasons: list[str]
+    session: str
+    version: str
+    checks: dict[str, Any]
+    uptime_seconds: float
 
 
 class HealthCheck:
@@ -116,3 +138,19 @@ class HealthCheck:
             },
             "uptime_seconds": data["uptime_seconds"],
         }
+
+
+async def health(request: Request, m: Monitor) -> Response:
+    report = m.health.evaluate()
+    return JSONResponse(report, 503 if report["status"] == "failing" else 200)
+
+
+ENDPOINTS = [
+    Endpoint(
+        "/health",
+        health,
+        "monitor",
+        summary="Health: ok / degraded (200) or failing (503), with reasons",
+        responses={200: HealthReport, 503: HealthReport},
+    ),
+]

@@ -8,9 +8,10 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._version import __version__
 from ..hub import Hub
@@ -18,7 +19,10 @@ from ..metrics import MetricsSnapshot
 from ..resilience import CircuitState
 from .health import HealthCheck
 
-__all__ = ["LiveCadence", "LiveFeed"]
+if TYPE_CHECKING:
+    from .context import Monitor
+
+__all__ = ["LiveCadence", "LiveFeed", "live"]
 
 log = logging.getLogger("tether.monitoring")
 
@@ -196,3 +200,38 @@ class LiveFeed:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def live(websocket: WebSocket, m: Monitor) -> None:
+    """Serve one dashboard: a `hello` with the recent history, then every update as a text frame."""
+    refusal = m.access.live(websocket)
+    if refusal is not None:
+        # Refused before the handshake with the same HTTP status (and body) as the
+        # other guarded routes: 401 asks for the token, 403 is final.
+        await websocket.send_denial_response(refusal)
+        return
+    await websocket.accept()
+    m.history.start()
+    feed = m.feed
+    queue = feed.subscribe()
+
+    async def pump() -> None:
+        await websocket.send_text(orjson.dumps(feed.hello()).decode())
+        while True:
+            frame = await queue.get()
+            # text frames: the browser gets strings it can JSON.parse directly
+            await websocket.send_text(frame.decode())
+
+    sender = asyncio.create_task(pump())
+    try:
+        while True:  # reading is how a closed tab is noticed; what it says is ignored
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+        await feed.unsubscribe(queue)
