@@ -82,6 +82,8 @@ class DeadLettersQuery(BaseModel):
 class ClientPage(BaseModel):
     """One page of GET /api/clients."""
 
+    model_config = ConfigDict(extra="forbid")
+
     total: int
     offset: int
     limit: int
@@ -92,6 +94,8 @@ class ClientPage(BaseModel):
 
 class DeadLetterPage(BaseModel):
     """GET /api/dead-letters: the newest `limit` of `total`."""
+
+    model_config = ConfigDict(extra="forbid")
 
     total: int
     limit: int

@@ -42,7 +42,7 @@ class HealthThresholds:
 class HealthReport(BaseModel):
     """The body of /health (and the `health` of each /ws/live realtime update)."""
 
-    model_config = ConfigDict(title="Health")
+    model_config = ConfigDict(title="Health", extra="forbid")
 
     status: Literal["ok", "degraded", "failing"]
     reasons: list[str]

@@ -1,48 +1,122 @@
-"""The OpenAPI 3.1 document of the JSON routes."""
+"""The OpenAPI 3.1 document, generated from the route table and the pydantic models it names.
+
+An `Endpoint` with a summary is documented: its path and method, security from its guard,
+query parameters from its query model, the request body from its body model, and its
+responses from their models, plus the refusals its guard and validation can answer with.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Iterable
+from http import HTTPStatus
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from .._version import __version__
-from .api import MAX_PAGE as _MAX_PAGE
-from .publish import BroadcastRequest, SendRequest
+from .responses import ErrorBody
+from .routing import Endpoint, Guard
 
-__all__ = ["openapi_spec"]
+__all__ = ["openapi_document"]
 
-_SORT_KEYS = ("id", "pending", "state", "last_activity")
+_REF = "#/components/schemas/{model}"
+_OBJECT: dict[str, Any] = {"type": "object"}
+_SECURITY: dict[Guard, list[dict[str, list[str]]]] = {
+    "monitor": [{"monitorToken": []}, {}],
+    "publish": [{"apiToken": []}, {}],
+}
+# what a guard refuses with: 401 without the right token, 403 for a remote or cross-origin caller
+_GUARD_REFUSALS: dict[Guard, tuple[int, ...]] = {
+    "monitor": (401, 403),
+    "publish": (401, 403),
+    "page": (403,),
+    "open": (),
+}
+_PATH_PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
 
 
-def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    return model.model_json_schema(ref_template="#/components/schemas/{model}")
+class _Components:
+    """`components.schemas`: each model once, under its title, its nested models beside it."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[str, Any] = {}
+
+    def ref(self, model: type[BaseModel], mode: Literal["validation", "serialization"]) -> Any:
+        schema = model.model_json_schema(ref_template=_REF, mode=mode)
+        self.schemas.update(schema.pop("$defs", {}))
+        name = schema["title"]
+        self.schemas[name] = schema
+        return {"$ref": _REF.format(model=name)}
 
 
-def openapi_spec(ws_path: str = "/ws") -> dict[str, Any]:
-    """An OpenAPI 3.1 description of the JSON routes (WebSockets are described in text)."""
+def _query_parameters(model: type[BaseModel], components: _Components) -> list[dict[str, Any]]:
+    schema = model.model_json_schema(ref_template=_REF)
+    components.schemas.update(schema.get("$defs", {}))
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        prop.pop("title", None)
+        description = prop.pop("description", None)
+        parameter = {"name": name, "in": "query", "required": name in required, "schema": prop}
+        if description:
+            parameter["description"] = description
+        parameters.append(parameter)
+    return parameters
 
-    def ref(name: str) -> dict[str, str]:
-        return {"$ref": f"#/components/schemas/{name}"}
 
-    def ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-    error = ok(ref("Error"), "Error")
-    monitor_sec: list[dict[str, list[str]]] = [{"monitorToken": []}, {}]
-    api_sec: list[dict[str, list[str]]] = [{"apiToken": []}, {}]
-    obj: dict[str, Any] = {"type": "object"}
-    int_param = {"type": "integer", "minimum": 0}
-
-    def q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "schema": schema,
-            "description": description,
+def _operation(endpoint: Endpoint, components: _Components) -> dict[str, Any]:
+    operation: dict[str, Any] = {"summary": endpoint.summary}
+    if endpoint.description:
+        operation["description"] = endpoint.description
+    if endpoint.guard in _SECURITY:
+        operation["security"] = _SECURITY[endpoint.guard]
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _PATH_PARAM.findall(endpoint.path)
+    ]
+    if endpoint.query is not None:
+        parameters += _query_parameters(endpoint.query, components)
+    if parameters:
+        operation["parameters"] = parameters
+    if endpoint.body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": components.ref(endpoint.body, "validation")}
+            },
         }
 
+    models: dict[int, type[BaseModel] | None] = dict(endpoint.responses)
+    invalid = (400,) if endpoint.query is not None or endpoint.body is not None else ()
+    for status in (*invalid, *_GUARD_REFUSALS[endpoint.guard]):
+        models.setdefault(status, ErrorBody)
+    operation["responses"] = {
+        str(status): {
+            "description": HTTPStatus(status).phrase,
+            "content": {
+                "application/json": {
+                    "schema": _OBJECT if model is None else components.ref(model, "serialization")
+                }
+            },
+        }
+        for status, model in sorted(models.items())
+    }
+    return operation
+
+
+def openapi_document(endpoints: Iterable[Endpoint], ws_path: str = "/ws") -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the documented `endpoints` (WebSockets are described
+    in the text: OpenAPI has no way to describe them)."""
+    components = _Components()
+    components.ref(ErrorBody, "serialization")
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        if endpoint.summary is None:
+            continue
+        path = _PATH_PARAM.sub(r"{\1}", endpoint.path)
+        paths.setdefault(path, {})[endpoint.method.lower()] = _operation(endpoint, components)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -64,189 +138,7 @@ def openapi_spec(ws_path: str = "/ws") -> dict[str, Any]:
                 },
                 "apiToken": {"type": "http", "scheme": "bearer", "description": "TETHER_API_TOKEN"},
             },
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "message"],
-                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
-                },
-                "SendRequest": _schema(SendRequest),
-                "BroadcastRequest": _schema(BroadcastRequest),
-                "SendResult": {
-                    "type": "object",
-                    "required": ["status", "client_id", "message_id"],
-                    "properties": {
-                        "status": {"enum": ["sent", "queued", "duplicate", "dropped", "rejected"]},
-                        "client_id": {"type": "string"},
-                        "message_id": {"type": "string"},
-                        "reason": {"type": ["string", "null"]},
-                        "seq": {"type": ["integer", "null"]},
-                    },
-                },
-                "BroadcastResult": {
-                    "type": "object",
-                    "properties": {
-                        "message_id": {"type": "string"},
-                        **{
-                            k: {"type": "integer"}
-                            for k in ("sent", "queued", "duplicate", "dropped", "rejected", "total")
-                        },
-                        "reasons": {"type": "object", "additionalProperties": {"type": "integer"}},
-                    },
-                },
-                "Health": {
-                    "type": "object",
-                    "required": ["status", "reasons"],
-                    "properties": {
-                        "status": {"enum": ["ok", "degraded", "failing"]},
-                        "reasons": {"type": "array", "items": {"type": "string"}},
-                        "checks": obj,
-                    },
-                },
-                "ClientPage": {
-                    "type": "object",
-                    "properties": {
-                        "total": {"type": "integer"},
-                        "offset": {"type": "integer"},
-                        "limit": {"type": "integer"},
-                        "next_offset": {"type": ["integer", "null"]},
-                        "items": {"type": "array", "items": obj},
-                    },
-                },
-            },
+            "schemas": components.schemas,
         },
-        "paths": {
-            "/health": {
-                "get": {
-                    "summary": "Health: ok / degraded (200) or failing (503), with reasons",
-                    "security": monitor_sec,
-                    "responses": {
-                        "200": ok(ref("Health")),
-                        "503": ok(ref("Health"), "Failing"),
-                        "401": error,
-                        "403": error,
-                    },
-                }
-            },
-            "/api/metrics": {
-                "get": {
-                    "summary": "Aggregate metrics (MetricsSnapshot.to_dict())",
-                    "security": monitor_sec,
-                    "responses": {"200": ok(obj), "401": error, "403": error},
-                }
-            },
-            "/api/history": {
-                "get": {
-                    "summary": "Recent samples (rates, latency, clients) in fixed rings",
-                    "description": (
-                        "Recorded every second by the app whether or not a dashboard is "
-                        "open: `fine` keeps 15 minutes at 1 s, `coarse` 24 hours at 60 s. "
-                        "`rows` are lists in the order of `fields`, oldest first."
-                    ),
-                    "security": monitor_sec,
-                    "parameters": [
-                        q("cadence", {"enum": ["fine", "coarse"], "default": "fine"}, "Ring"),
-                        q("since", {"type": "number"}, "Only samples after this wall time"),
-                    ],
-                    "responses": {"200": ok(obj), "400": error, "401": error, "403": error},
-                }
-            },
-            "/api/clients": {
-                "get": {
-                    "summary": "Tracked clients, filtered, sorted and paginated",
-                    "security": monitor_sec,
-                    "parameters": [
-                        q(
-                            "limit",
-                            {"type": "integer", "minimum": 1, "maximum": _MAX_PAGE, "default": 50},
-                            "Page size",
-                        ),
-                        q("offset", {**int_param, "default": 0}, "Rows to skip"),
-                        q(
-                            "sort",
-                            {
-                                "enum": [*_SORT_KEYS, *("-" + k for k in _SORT_KEYS)],
-                                "default": "id",
-                            },
-                            "Sort key; a leading - sorts descending",
-                        ),
-                        q("q", {"type": "string"}, "Client id substring (case-insensitive)"),
-                        q("state", {"enum": ["closed", "open", "half_open"]}, "Breaker state"),
-                        q("connected", {"type": "boolean"}, "Connected now"),
-                    ],
-                    "responses": {
-                        "200": ok(ref("ClientPage")),
-                        "400": error,
-                        "401": error,
-                        "403": error,
-                    },
-                }
-            },
-            "/api/clients/{client_id}": {
-                "get": {
-                    "summary": "One client: breaker, outbox summary, dead letters, counters",
-                    "security": monitor_sec,
-                    "parameters": [
-                        {
-                            "name": "client_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "responses": {"200": ok(obj), "404": error, "401": error, "403": error},
-                }
-            },
-            "/api/dead-letters": {
-                "get": {
-                    "summary": "Dead-lettered messages, newest first",
-                    "security": monitor_sec,
-                    "parameters": [
-                        q(
-                            "limit",
-                            {"type": "integer", "minimum": 1, "maximum": _MAX_PAGE, "default": 100},
-                            "At most",
-                        ),
-                        q("client_id", {"type": "string"}, "Only this client's"),
-                    ],
-                    "responses": {"200": ok(obj), "400": error, "401": error, "403": error},
-                }
-            },
-            "/api/send": {
-                "post": {
-                    "summary": "Send one message to one client",
-                    "security": api_sec,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("SendRequest")}},
-                    },
-                    "responses": {
-                        "200": ok(ref("SendResult")),
-                        "400": error,
-                        "401": error,
-                        "403": error,
-                        "413": error,
-                        "503": error,
-                    },
-                }
-            },
-            "/api/broadcast": {
-                "post": {
-                    "summary": "Send one message to every client, or to a group's members",
-                    "security": api_sec,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": ref("BroadcastRequest")}},
-                    },
-                    "responses": {
-                        "200": ok(ref("BroadcastResult")),
-                        "400": error,
-                        "401": error,
-                        "403": error,
-                        "413": error,
-                        "503": error,
-                    },
-                }
-            },
-        },
+        "paths": paths,
     }
