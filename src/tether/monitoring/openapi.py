@@ -21,7 +21,6 @@ from .routing import Endpoint, Guard
 __all__ = ["openapi_document"]
 
 _REF = "#/components/schemas/{model}"
-_OBJECT: dict[str, Any] = {"type": "object"}
 _SECURITY: dict[Guard, list[dict[str, list[str]]]] = {
     "monitor": [{"monitorToken": []}, {}],
     "publish": [{"apiToken": []}, {}],
@@ -71,7 +70,7 @@ def _operation(endpoint: Endpoint, components: _Components) -> dict[str, Any]:
     if endpoint.description:
         operation["description"] = endpoint.description
     if endpoint.guard in _SECURITY:
-        operation["security"] = _SECURITY[endpoint.guard]
+        operation["security"] = [dict(scheme) for scheme in _SECURITY[endpoint.guard]]
     parameters = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
         for name in _PATH_PARAM.findall(endpoint.path)
@@ -97,7 +96,9 @@ def _operation(endpoint: Endpoint, components: _Components) -> dict[str, Any]:
             "description": HTTPStatus(status).phrase,
             "content": {
                 "application/json": {
-                    "schema": _OBJECT if model is None else components.ref(model, "serialization")
+                    "schema": {"type": "object"}
+                    if model is None
+                    else components.ref(model, "serialization")
                 }
             },
         }
