@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import serve
 from websockets.typing import Subprotocol
@@ -153,3 +156,56 @@ async def test_counts_match_what_a_resumable_client_received_and_was_told_it_los
             assert client.received + client.lost == total
             assert overflows > dropped  # evicted in flight, then acknowledged: delivered
             consumer.cancel()
+
+
+# ------------------------------------------------------------------ item 7: plain, then tether.v1
+
+
+def backend_config(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> dict[str, Any]:
+    if kind == "sqlite":
+        return {"backend": "sqlite", "sqlite_path": str(tmp_path / "tether.db")}
+    if kind == "redis":
+        return {
+            "backend": "redis",
+            "redis_url": request.getfixturevalue("redis_url"),
+            "redis_prefix": request.getfixturevalue("redis_prefix"),
+        }
+    return {}
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("expire", [True, False])
+async def test_plain_mode_writes_are_deliveries_a_later_hello_starts_after(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str, expire: bool
+) -> None:
+    clock = ManualClock()
+    hub = Hub(HubConfig(message_ttl=300, **backend_config(request, tmp_path, kind)), clock=clock)
+    async with hub, served(hub) as (url, _):
+        async with connect(url + "/?client_id=ivy") as plain:
+            await hub.send("ivy", "q1", critical=True)
+            assert await plain.recv() == "q1"
+        await until(lambda: not hub.is_connected("ivy"))
+        await hub.send("ivy", "q2", critical=True, ttl=5)
+        await hub.send("ivy", "q3", critical=True)
+        if expire:
+            clock.advance(10)
+            await hub.retry_now()
+        ws = await v1(url)
+        welcome = await hello(ws, "ivy", last_seq=0)
+        # q1 is behind the acknowledged position: numbered 1 and acked by its plain-mode
+        # write, or (Redis, nothing held at the time) written without being numbered.
+        q2 = welcome["acked"] + 1
+        assert q2 == (1 if kind == "redis" else 2), welcome
+        if expire:  # exactly the seq nobody received and nobody holds
+            assert welcome["lost"] == 1 and welcome["lost_ranges"] == [[q2, q2]], welcome
+            assert [(m["seq"], m["data"]) for m in [await recv_json(ws)]] == [(q2 + 1, "q3")]
+        else:  # nothing lost: q1 is not re-sent, q2 and q3 follow
+            assert welcome["lost"] == 0 and welcome["resumed"] is True, welcome
+            frames = [await recv_json(ws) for _ in range(2)]
+            assert [(m["seq"], m["data"]) for m in frames] == [(q2, "q2"), (q2 + 1, "q3")]
+        await ws.send(orjson.dumps({"type": "ack", "seq": q2 + 1}).decode())
+        await until(lambda: hub.pending("ivy") == 0)
+        await ws.close()
+        messages = hub.metrics.snapshot().to_dict()["messages"]
+        assert messages["delivered"] == (2 if expire else 3)
+        assert messages["expired"] == (1 if expire else 0)

@@ -360,6 +360,11 @@ class DeliveryPipeline:
             envelope.written_once = True
             self._acct.sent(client)
         if not client.v1:
+            # A plain-mode write is a delivery: it advances the stream's acknowledged
+            # position, so a later tether.v1 hello starts after it (durable stores record
+            # the same through `ack_stored`).
+            if envelope.seq is not None and envelope.seq > client.acked:
+                client.acked = envelope.seq
             self.delivered(client, envelope)
 
     def _head_failed(self, client: ClientSession, envelope: Envelope) -> Envelope | None:
