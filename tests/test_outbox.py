@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -11,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from tether.config import OverflowPolicy
 from tether.messages import Envelope
 from tether.resilience import Outbox
+from tether.resilience.outbox import SeqRuns
 
 
 def env(seq: int, *, created: float = 0.0, ttl: float = 100.0) -> Envelope:
@@ -148,3 +150,16 @@ class OutboxMachine(RuleBasedStateMachine):
 
 TestOutboxMachine = OutboxMachine.TestCase
 TestOutboxMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_seq_runs_count_and_settle_evicted_in_flight_seqs() -> None:
+    runs = SeqRuns()
+    for seq in (3, 4, 5, 8, 9, 12):
+        runs.add(seq)
+    assert len(runs) == 6
+    with pytest.raises(ValueError):
+        runs.add(12)
+    assert runs.take_upto(4) == 2 and len(runs) == 4
+    assert runs.take_upto(8) == 2 and len(runs) == 2
+    assert runs.take_upto(8) == 0
+    assert runs.take_all() == 2 and not runs

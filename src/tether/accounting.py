@@ -65,10 +65,17 @@ class Accounting:
         if self._detailed:
             client.stats.counters.messages_queued += 1
 
-    def dropped(self, client: ClientSession) -> None:
-        self.totals.messages_dropped += 1
+    def delivered_evicted(self, client: ClientSession, count: int) -> None:
+        """`count` in-flight messages pushed out of the outbox were acknowledged after all:
+        delivered (no latency sample: their envelopes are gone)."""
+        self.totals.messages_delivered += count
         if self._detailed:
-            client.stats.counters.messages_dropped += 1
+            client.stats.counters.messages_delivered += count
+
+    def dropped(self, client: ClientSession, count: int = 1) -> None:
+        self.totals.messages_dropped += count
+        if self._detailed:
+            client.stats.counters.messages_dropped += count
 
     def rejected(self, client: ClientSession) -> None:
         self.totals.messages_rejected += 1

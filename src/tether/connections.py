@@ -56,6 +56,8 @@ class Connections:
                 registry.detach(client, old, failed=False)
                 self._tasks.close_later(old, 1000, "replaced by a new connection")
             registry.attach(client, transport, v1=hello is not None)
+            if hello is None:  # nothing acknowledges what the last tether.v1 connection left
+                self._pipeline.settle_evicted(client, 0)
             problem = await self._cluster.load_stored(client, hello)
             if problem is not None and hello is not None:
                 # Without the stored stream a resume would be guessed (and reported as a
@@ -77,6 +79,7 @@ class Connections:
         welcome, delivered = resume(client, hello.last_seq, self._session_id, hello.epoch)
         for envelope in delivered:
             self._pipeline.delivered(client, envelope)
+        self._pipeline.settle_evicted(client, 0 if welcome.reset else client.acked)
         if welcome.reset:
             self._acct.stream_reset(client)
             log.warning(

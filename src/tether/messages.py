@@ -115,6 +115,8 @@ class Envelope:
     next_attempt_at: float = 0.0
     dedup_key: str | None = None
     written_once: bool = False  # written at least once on any connection
+    # written on the current tether.v1 connection and awaiting its ack (set by the outbox)
+    in_flight: bool = False
     # (shared stores) may be written without being stored, if the store finds nothing of
     # the client's held anywhere: see pipeline.may_write_directly
     direct: bool = False

@@ -242,7 +242,12 @@ class DeliveryPipeline:
             client.dedup.record(key)
         for evicted in stored.evicted:
             acct.overflow(client)
-            acct.dropped(client)
+            if evicted.in_flight and evicted.seq is not None:
+                # Written, not yet acknowledged: delivered if an ack still covers it,
+                # dropped when the stream moves on without it (`settle_evicted`).
+                client.outbox.evicted_unacked.add(evicted.seq)
+            else:
+                acct.dropped(client)
             self._warn_overflow(client, evicted)
         return None
 
@@ -374,6 +379,11 @@ class DeliveryPipeline:
             envelope.written_once = True
             self._acct.sent(client)
         if not client.v1:
+            # A plain-mode write is a delivery: it advances the stream's acknowledged
+            # position, so a later tether.v1 hello starts after it (durable stores record
+            # the same through `ack_stored`).
+            if envelope.seq is not None and envelope.seq > client.acked:
+                client.acked = envelope.seq
             self.delivered(client, envelope)
 
     def _head_failed(self, client: ClientSession, envelope: Envelope) -> Envelope | None:
@@ -399,14 +409,18 @@ class DeliveryPipeline:
 
     async def acknowledge(self, client: ClientSession, seq: int) -> int:
         """A tether.v1 ack of every message up to `seq` (already validated): delivered."""
-        done = client.outbox.ack(seq)
+        outbox = client.outbox
+        done = outbox.ack(seq)
+        late = outbox.evicted_unacked.take_upto(seq) if outbox.evicted_unacked else 0
+        if late:
+            self._acct.delivered_evicted(client, late)
         if seq > client.acked:
             client.acked = seq
         now = self.clock.now()  # one clock read times every message this ack delivers
         for envelope in done:
             self.delivered(client, envelope, now)
         client.last_seen = now
-        if done:
+        if done or late:
             try:
                 current = await self.backend.ack(client, seq)
             except BackendError as exc:  # re-sent on resume; the client drops the duplicate
@@ -415,6 +429,21 @@ class DeliveryPipeline:
                 if not current:  # the stored stream is no longer the one this ack speaks of
                     self.streams.lost(client)
         return len(done)
+
+    def settle_evicted(self, client: ClientSession, acked: int) -> None:
+        """The stream moves on (a new connection, or the session is forgotten): in-flight
+        messages pushed out of the outbox are delivered up to `acked` (what the client
+        acknowledged, -1 when nothing can be vouched for) and dropped above it — a
+        resuming client is told of those as lost."""
+        unacked = client.outbox.evicted_unacked
+        if not unacked:
+            return
+        late = unacked.take_upto(acked) if acked > 0 else 0
+        if late:
+            self._acct.delivered_evicted(client, late)
+        never = unacked.take_all()
+        if never:
+            self._acct.dropped(client, never)
 
     async def ack_stored(self, client: ClientSession, seq: int) -> None:
         """Tell a durable backend that everything up to `seq` was delivered."""

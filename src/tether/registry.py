@@ -118,6 +118,7 @@ class ClientRegistry:
     def evict(self, client_id: str) -> None:
         """Forget a client: its session, group memberships and metrics."""
         client = self.sessions.pop(client_id)
+        self._forget_evicted(client)
         self._breaker_counts[client.breaker.state] -= 1
         self._not_closed.discard(client_id)
         for group in client.groups:
@@ -127,10 +128,17 @@ class ClientRegistry:
     def clear(self) -> None:
         """Forget every client (shutdown)."""
         for client in self.sessions.values():
+            self._forget_evicted(client)
             client.outbox.drain()
         self.sessions.clear()
         self.groups.clear()
         self.metrics.clients.clear()
+
+    def _forget_evicted(self, client: ClientSession) -> None:
+        """In-flight messages pushed out of the outbox and never acknowledged: dropped."""
+        never = client.outbox.evicted_unacked.take_all()
+        if never:
+            self._acct.dropped(client, never)
 
     def touch(self, client: ClientSession) -> None:
         client.last_seen = self.clock.now()  # wall-clock last_activity is derived on read

@@ -11,6 +11,54 @@ from ..config import OverflowPolicy
 from ..messages import Envelope
 
 
+class SeqRuns:
+    """Seqs kept as runs of consecutive numbers, ascending: memory grows with the gaps
+    between them, not with their count."""
+
+    __slots__ = ("_count", "_runs")
+
+    def __init__(self) -> None:
+        self._runs: deque[list[int]] = deque()  # [first, last], ascending, disjoint
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, seq: int) -> None:
+        """Record `seq`, which must be above every seq recorded so far.
+        Raises ValueError otherwise."""
+        runs = self._runs
+        if runs and seq <= runs[-1][1]:
+            raise ValueError(f"seq {seq} is not above {runs[-1][1]}")
+        if runs and runs[-1][1] == seq - 1:
+            runs[-1][1] = seq
+        else:
+            runs.append([seq, seq])
+        self._count += 1
+
+    def take_upto(self, seq: int) -> int:
+        """Remove every seq <= `seq`; returns how many there were."""
+        runs = self._runs
+        taken = 0
+        while runs and runs[0][0] <= seq:
+            first, last = runs[0]
+            if last <= seq:
+                runs.popleft()
+                taken += last - first + 1
+            else:
+                runs[0][0] = seq + 1
+                taken += seq - first + 1
+        self._count -= taken
+        return taken
+
+    def take_all(self) -> int:
+        """Remove everything; returns how many there were."""
+        taken = self._count
+        self._runs.clear()
+        self._count = 0
+        return taken
+
+
 @dataclass(slots=True)
 class PushOutcome:
     """What a push did: whether the new message is in, and what it pushed out."""
@@ -27,15 +75,22 @@ class Outbox:
     written. Every in-flight message precedes every queued one. A message leaves only
     by `ack` or `mark_written(keep=False)` (delivery), `expire`, overflow eviction or
     `remove_head` (dead-lettering) — each returned to the caller so it can be counted.
+
+    An in-flight message pushed out by overflow was written but not yet acknowledged:
+    whether it reached the client is decided later. Its envelope keeps `in_flight` set
+    so the caller can tell, and the caller records its seq in `evicted_unacked` until
+    an ack (or a resuming hello) covers it — delivered — or the stream moves on without
+    it — dropped. Every seq there is below every seq still in the outbox.
     """
 
-    __slots__ = ("_next_expiry", "inflight", "max_size", "policy", "queue")
+    __slots__ = ("_next_expiry", "evicted_unacked", "inflight", "max_size", "policy", "queue")
 
     def __init__(self, max_size: int, policy: OverflowPolicy) -> None:
         self.max_size = max_size
         self.policy = policy
         self.inflight: deque[Envelope] = deque()
         self.queue: deque[Envelope] = deque()
+        self.evicted_unacked = SeqRuns()
         self._next_expiry = math.inf
 
     def __len__(self) -> int:
@@ -70,6 +125,7 @@ class Outbox:
         """The head of `queue` was written: keep it in flight (awaiting an ack) or let it go."""
         envelope = self.queue.popleft()
         if keep:
+            envelope.in_flight = True
             self.inflight.append(envelope)
         return envelope
 
@@ -78,12 +134,16 @@ class Outbox:
         done: list[Envelope] = []
         for part in (self.inflight, self.queue):
             while part and (head_seq := part[0].seq) is not None and head_seq <= seq:
-                done.append(part.popleft())
+                envelope = part.popleft()
+                envelope.in_flight = False
+                done.append(envelope)
         return done
 
     def requeue_inflight(self) -> int:
         """The connection is gone: unacked messages go back to the front, in order."""
         count = len(self.inflight)
+        for envelope in self.inflight:
+            envelope.in_flight = False
         self.queue.extendleft(reversed(self.inflight))
         self.inflight.clear()
         return count
