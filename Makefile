@@ -33,10 +33,10 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy --strict src/tether
 
-# Formatting, checked without rewriting anything. Not yet part of `lint`: the tree gets one
-# `ruff format` pass first, then `lint` calls this too.
+# Formatting, checked without rewriting anything (`ruff format` fixes it).
 format-check: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check src tests benchmarks
 

@@ -882,9 +882,7 @@ def welcomes(draw: st.DrawFn) -> Welcome:
 
 
 client_frames = st.one_of(
-    st.builds(
-        Hello, client_ids, st.integers(0, MAX_RESUME_SEQ), st.none() | st.text(max_size=50)
-    ),
+    st.builds(Hello, client_ids, st.integers(0, MAX_RESUME_SEQ), st.none() | st.text(max_size=50)),
     st.builds(Auth, st.text(min_size=1, max_size=50)),
     st.builds(Ack, seqs),
     st.builds(Publish, json_values, st.none() | st.text()),

@@ -47,9 +47,7 @@ async def nodes(own_redis: OwnRedis) -> AsyncIterator[Factory]:
         config = HubConfig(
             backend="redis", redis_url=own_redis.url, redis_prefix="t", node_id=node_id, **values
         )
-        backend = RedisBackend(
-            own_redis.url, "t", node_id, config, socket_timeout=socket_timeout
-        )
+        backend = RedisBackend(own_redis.url, "t", node_id, config, socket_timeout=socket_timeout)
         hub = Hub(config, backend=backend)
         hubs.append(hub)
         return hub

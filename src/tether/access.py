@@ -53,6 +53,4 @@ def host_allowed(header: str | None, allowed: Iterable[str]) -> bool:
     host = host_of(header)
     if host is None:
         return False
-    return any(
-        host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns
-    )
+    return any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns)

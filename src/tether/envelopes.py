@@ -14,6 +14,7 @@ from .resilience import content_key
 
 MAX_TTL = 10 * 365 * 86_400.0  # seconds: a finite deadline every store can represent
 
+
 class Rejected(Exception):
     """A send refused before anything was stored; `reason` goes into the result."""
 
