@@ -28,6 +28,8 @@ from .backends import (
     StoredOutbox,
     create_backend,
 )
+from .channels import ChannelMessage, Channels, Position, PublishResult, PublishStatus
+from .channels.service import Authorizer, SubscribeRefused
 from .clock import Clock, SystemClock
 from .config import BackendKind, DedupMode, HubConfig, OverflowPolicy
 from .inspection import HubInspection
@@ -1603,6 +1605,7 @@ class Hub(HubInspection):
         for task in list(self._stray):
             task.cancel()
         await asyncio.gather(*self._stray, return_exceptions=True)
+        await self._close_channels()
         try:
             await self._backend.close()
         except Exception as exc:
@@ -1646,6 +1649,118 @@ class Hub(HubInspection):
                 await self._flush(client, force=True)
         if client.v1 and client.outbox and client.transport is not None:
             await client.drained.wait()
+
+    # ================================================================== channels
+    # Everything the hub knows of channels is in this block: it delegates to
+    # tether.channels.Channels (created on first use), which owns streams, subscribers,
+    # fan-out and presence. The transport adapters hand it `subscribe`/`unsubscribe`
+    # frames through `channel_frame` and report closed connections.
+
+    @property
+    def channels(self) -> Channels:
+        """This hub's channels service (created on first use)."""
+        service: Channels | None = getattr(self, "_channels_service", None)
+        if service is None:
+            service = Channels(
+                self.config,
+                self.clock,
+                self._channel_transport,
+                node_id=self._backend.node_id or self.session_id[:12],
+            )
+            self._channels_service = service
+        return service
+
+    def _channel_transport(self, client_id: str) -> Transport | None:
+        client = self._clients.get(client_id)
+        return client.transport if client is not None else None
+
+    async def _channels_ready(self) -> Channels:
+        service = self.channels
+        await service.start()
+        return service
+
+    async def publish(
+        self, channel: str, payload: Any, *, message_id: str | None = None
+    ) -> PublishResult:
+        """Append `payload` to `channel`'s stream once (dedup by id within its history) and
+        write it to every subscriber. `PublishResult.status`: PUBLISHED (with `offset` and
+        `epoch`), DUPLICATE, REJECTED (with a reason: bad name or payload, shutting down,
+        store down) or UNKNOWN (resend with the same `message_id`)."""
+        if self._closing:
+            return PublishResult(
+                str(channel), 0, "", PublishStatus.REJECTED, message_id or "", "shutting down"
+            )
+        return await (await self._channels_ready()).publish(
+            channel, payload, message_id=message_id
+        )
+
+    async def history(
+        self, channel: str, since: Position | int | None = None, limit: int = 100
+    ) -> list[ChannelMessage]:
+        """Up to `limit` messages `channel` still holds after `since` (an offset or a
+        `Position`), oldest first. Raises ValueError for a bad name or limit."""
+        return await (await self._channels_ready()).history(channel, since, limit)
+
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        """Who is subscribed to `channel`, across every node: {client_id: info}."""
+        return await (await self._channels_ready()).presence(channel)
+
+    async def subscribe(
+        self, client_id: str, channel: str, *, since: Position | None = None, presence: bool = False
+    ) -> bool:
+        """Subscribe `client_id`'s connection on this node to `channel` (server-side: no
+        `authorize_subscribe` check). The client gets a `subscribed` frame; returns False
+        when it is not connected here. Raises ValueError for a bad channel name."""
+        transport = self._channel_transport(client_id)
+        if transport is None:
+            return False
+        service = await self._channels_ready()
+        with contextlib.suppress(SubscribeRefused):
+            await service.subscribe(
+                client_id, transport, channel, since, presence=presence, authorize=False
+            )
+            return True
+        return False
+
+    async def unsubscribe(self, client_id: str, channel: str) -> bool:
+        """End `client_id`'s subscription to `channel` (an `unsubscribed` frame with reason
+        "unsubscribed by the server"). Returns whether it had one on this node."""
+        return await self.channels.unsubscribe(
+            client_id, channel, reason="unsubscribed by the server", code="server"
+        )
+
+    def authorize_subscribe(self, check: Authorizer) -> Authorizer:
+        """Register `async def check(client_id, channel) -> bool`: may this client subscribe?
+        Every registered check must say yes (none registered: allowed). A refusal is an
+        `unsubscribed` frame with code `forbidden`; the connection stays open."""
+        return self.channels.authorize_subscribe(check)
+
+    async def channel_frame(
+        self, client_id: str, transport: Transport, frame: protocol.Subscribe | protocol.Unsubscribe
+    ) -> None:
+        """A `subscribe` or `unsubscribe` frame from `client_id`'s connection `transport`."""
+        service = await self._channels_ready()
+        if isinstance(frame, protocol.Unsubscribe):
+            await service.unsubscribe(client_id, frame.channel)
+            return
+        since = None if frame.since is None else Position(frame.since.epoch, frame.since.offset)
+        with contextlib.suppress(SubscribeRefused):  # answered with `unsubscribed`
+            await service.subscribe(
+                client_id, transport, frame.channel, since, presence=frame.presence
+            )
+
+    def channel_connection_closed(self, client_id: str, transport: Transport) -> None:
+        """The connection `transport` of `client_id` ended: its subscriptions end."""
+        service: Channels | None = getattr(self, "_channels_service", None)
+        if service is not None:
+            service.connection_closed(client_id, transport)
+
+    async def _close_channels(self) -> None:
+        service: Channels | None = getattr(self, "_channels_service", None)
+        if service is not None:
+            await service.close()
+
+    # ================================================================== end of channels
 
     # ------------------------------------------------------------------ helpers
 

@@ -242,6 +242,7 @@ class Session:
         finally:
             counter.open -= 1
             if self.client_id is not None:
+                self.hub.channel_connection_closed(self.client_id, self)
                 await self.hub.disconnect(self.client_id, transport=self, failed=self.failed)
 
     async def _over_capacity(self) -> None:
@@ -388,6 +389,8 @@ class Session:
                     await self.hub.receive(client_id, protocol.decode_data(frame))
                 elif isinstance(frame, protocol.Auth):
                     await self._reauthenticate(client_id, frame.token)
+                elif isinstance(frame, protocol.Subscribe | protocol.Unsubscribe):
+                    await self.hub.channel_frame(client_id, self, frame)
         except _Ended:
             return
         except protocol.ProtocolError as error:
