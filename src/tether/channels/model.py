@@ -20,6 +20,11 @@ import orjson
 
 from ..protocol import CHANNEL_PATTERN, MAX_CHANNEL_LENGTH
 
+# How long a stream's position (epoch and last offset) outlives its last publish once
+# nothing is held: a subscriber back within this is told exactly how many it lost; later,
+# the stream is forgotten and its next publish starts a new epoch (a reset).
+POSITION_KEPT = 86_400.0
+
 __all__ = [
     "CHANNEL_PATTERN",
     "ChannelMessage",
@@ -206,7 +211,7 @@ class ChannelStream:
         return out
 
     def idle(self, now: float) -> bool:
-        """Nothing held and nothing published for a TTL: the stream may be forgotten (its
-        next publish starts a new epoch)."""
+        """Nothing held and nothing published for `POSITION_KEPT` (and a TTL): the stream
+        may be forgotten (its next publish starts a new epoch)."""
         self.trim(now)
-        return not self.history and now - self.last_publish > self.ttl
+        return not self.history and now - self.last_publish > max(self.ttl, POSITION_KEPT)

@@ -266,7 +266,7 @@ class Channels:
                     log.warning(
                         "tether: could not read channel %s from the store: %s", channel, exc
                     )
-                    await self.clock.sleep(0.05)
+                    await asyncio.sleep(0.05)  # real time: the store is what we wait for
                     continue
                 if epoch != feed.epoch:
                     self._epoch_changed(channel, epoch, 0)

@@ -84,8 +84,8 @@ class ChannelStore(Protocol):
 
 class MemoryChannelStore:
     """Channel streams in this process. A stream with nothing held that saw no publish
-    for a TTL is forgotten (its next publish starts a new epoch), so memory follows the
-    channels in use, not every channel ever named."""
+    for a day (`model.POSITION_KEPT`) is forgotten (its next publish starts a new epoch),
+    so memory follows the channels in use, not every channel ever named."""
 
     name = "memory"
     shared = False
@@ -115,7 +115,7 @@ class MemoryChannelStore:
     ) -> Appended:
         """`append` without suspending (the memory store never waits)."""
         now = self.clock.now()
-        if now - self._swept_at > self.ttl:
+        if now - self._swept_at > self.ttl:  # at most one sweep per TTL
             self._sweep(now)
         stream = self._stream(channel)
         message, duplicate = stream.append(message_id, data, data_json, enc, now, self.clock.wall())
