@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 import pytest
 from websockets.asyncio.client import connect
 
 from channel_support import CuttingProxy, ws_server
+from conftest import REDIS_URL
 from support import hello, recv_json, until
 from tether import Hub, HubConfig
 from tether.channels import Position, PublishStatus
@@ -21,6 +24,24 @@ from tether.subscription import ChannelLost, Publication, Subscription, Subscrip
 N = 2_000
 CUTS = 24
 WINDOW = 200  # the publisher stays at most this far ahead of the slower subscriber
+
+
+MakeHub = Callable[..., Hub]
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def make(request: pytest.FixtureRequest) -> MakeHub:
+    """`make(clock=None, **HubConfig fields)`: a hub whose channels live in memory, or in
+    Redis under a private key prefix (deleted after the test)."""
+    kind = request.param
+
+    def factory(clock: ManualClock | None = None, **values: Any) -> Hub:
+        if kind == "redis":
+            prefix = request.getfixturevalue("redis_prefix")
+            values.update(backend="redis", redis_url=REDIS_URL, redis_prefix=prefix)
+        return Hub(HubConfig(**values), clock=clock)
+
+    return factory
 
 
 def fast_client(url: str, client_id: str, seed: int = 1) -> Client:
@@ -41,8 +62,8 @@ async def collect(sub: Subscription, into: list[Publication], count: int) -> Non
             return
 
 
-async def test_publish_reaches_subscribers_in_offset_order() -> None:
-    hub = Hub(HubConfig())
+async def test_publish_reaches_subscribers_in_offset_order(make: MakeHub) -> None:
+    hub = make()
     async with (
         hub,
         ws_server(hub) as srv,
@@ -65,10 +86,10 @@ async def test_publish_reaches_subscribers_in_offset_order() -> None:
             assert all(p.channel == "news" for p in got)
 
 
-async def test_a_fresh_subscription_of_a_quiet_channel_is_recoverable() -> None:
+async def test_a_fresh_subscription_of_a_quiet_channel_is_recoverable(make: MakeHub) -> None:
     """Nothing published yet: the subscription still gets a position at once, and what is
     published while it is away is replayed when it comes back."""
-    hub = Hub(HubConfig())
+    hub = make()
     async with (
         hub,
         ws_server(hub) as srv,
@@ -91,8 +112,8 @@ async def test_a_fresh_subscription_of_a_quiet_channel_is_recoverable() -> None:
 
 
 @pytest.mark.slow
-async def test_two_subscribers_get_every_message_once_in_order_across_cuts() -> None:
-    hub = Hub(HubConfig())
+async def test_two_subscribers_get_every_message_once_in_order_across_cuts(make: MakeHub) -> None:
+    hub = make()
     rng = random.Random(20261202)
     async with hub, ws_server(hub) as srv, CuttingProxy(srv.port) as proxy:
         clients = [fast_client(proxy.url, f"sub-{i}", seed=i) for i in range(2)]
@@ -134,8 +155,10 @@ async def test_two_subscribers_get_every_message_once_in_order_across_cuts() -> 
             assert hub.channels.counters.recoveries >= 2 * CUTS
 
 
-async def test_a_subscriber_away_longer_than_the_history_is_told_exactly_what_it_lost() -> None:
-    hub = Hub(HubConfig(channel_history_size=10))
+async def test_a_subscriber_away_longer_than_the_history_is_told_exactly_what_it_lost(
+    make: MakeHub,
+) -> None:
+    hub = make(channel_history_size=10)
     async with (
         hub,
         ws_server(hub) as srv,
@@ -166,9 +189,9 @@ async def test_a_subscriber_away_longer_than_the_history_is_told_exactly_what_it
         assert hub.channels.counters.losses == 40
 
 
-async def test_history_ttl_counts_expired_messages_as_lost() -> None:
+async def test_history_ttl_counts_expired_messages_as_lost(make: MakeHub) -> None:
     clock = ManualClock()
-    hub = Hub(HubConfig(channel_history_ttl=60), clock=clock)
+    hub = make(channel_history_ttl=60, clock=clock)
     async with (
         hub,
         ws_server(hub) as srv,
@@ -190,8 +213,8 @@ async def test_history_ttl_counts_expired_messages_as_lost() -> None:
         assert sub.lost == 5
 
 
-async def test_an_unauthorized_subscribe_is_refused_and_the_connection_stays() -> None:
-    hub = Hub(HubConfig())
+async def test_an_unauthorized_subscribe_is_refused_and_the_connection_stays(make: MakeHub) -> None:
+    hub = make()
 
     @hub.authorize_subscribe
     async def only_public(client_id: str, channel: str) -> bool:
@@ -217,8 +240,8 @@ async def test_an_unauthorized_subscribe_is_refused_and_the_connection_stays() -
         assert client.reconnects == 0
 
 
-async def test_refusal_on_the_wire_is_an_unsubscribed_frame_with_a_code() -> None:
-    hub = Hub(HubConfig())
+async def test_refusal_on_the_wire_is_an_unsubscribed_frame_with_a_code(make: MakeHub) -> None:
+    hub = make()
 
     @hub.authorize_subscribe
     async def nobody(client_id: str, channel: str) -> bool:
@@ -238,8 +261,8 @@ async def test_refusal_on_the_wire_is_an_unsubscribed_frame_with_a_code() -> Non
         assert error["type"] == "error" and error["code"] == "invalid_frame"
 
 
-async def test_raw_frames_position_replay_and_dedup() -> None:
-    hub = Hub(HubConfig())
+async def test_raw_frames_position_replay_and_dedup(make: MakeHub) -> None:
+    hub = make()
     async with hub, ws_server(hub) as srv:
         first = await hub.publish("feed", {"id": "a", "v": 1})
         again = await hub.publish("feed", {"id": "a", "v": 1})
@@ -281,8 +304,8 @@ async def test_raw_frames_position_replay_and_dedup() -> None:
             assert hub.channels.subscribers("feed") == frozenset()
 
 
-async def test_history_and_presence() -> None:
-    hub = Hub(HubConfig(channel_history_size=3))
+async def test_history_and_presence(make: MakeHub) -> None:
+    hub = make(channel_history_size=3)
     async with hub, ws_server(hub) as srv:
         for n in range(1, 6):
             await hub.publish("room", {"n": n})
@@ -311,8 +334,8 @@ async def test_history_and_presence() -> None:
         assert await hub.presence("room") == {}
 
 
-async def test_server_side_subscribe_and_unsubscribe() -> None:
-    hub = Hub(HubConfig())
+async def test_server_side_subscribe_and_unsubscribe(make: MakeHub) -> None:
+    hub = make()
     async with hub, ws_server(hub) as srv:
         assert not await hub.subscribe("nobody", "news")
         async with fast_client(srv.url, "alice") as alice:
@@ -327,8 +350,8 @@ async def test_server_side_subscribe_and_unsubscribe() -> None:
             assert "news" not in alice.subscriptions
 
 
-async def test_groups_and_channels_are_independent() -> None:
-    hub = Hub(HubConfig())
+async def test_groups_and_channels_are_independent(make: MakeHub) -> None:
+    hub = make()
     async with hub, ws_server(hub) as srv, fast_client(srv.url, "alice") as alice:
         hub.join("alice", "room")
         sub = await alice.subscribe("room")
@@ -339,8 +362,8 @@ async def test_groups_and_channels_are_independent() -> None:
         assert hub.members("room") == frozenset({"alice"})
 
 
-async def test_publish_rejects_bad_input_with_a_reason() -> None:
-    hub = Hub(HubConfig(max_message_size=100))
+async def test_publish_rejects_bad_input_with_a_reason(make: MakeHub) -> None:
+    hub = make(max_message_size=100)
     async with hub:
         bad_name = await hub.publish("a b", 1)
         assert bad_name.status is PublishStatus.REJECTED and "channel name" in (
@@ -376,8 +399,8 @@ class GatedTransport:
         return None
 
 
-async def test_slow_consumer_policy_ends_the_subscription_visibly() -> None:
-    hub = Hub(HubConfig(channel_send_buffer=5))
+async def test_slow_consumer_policy_ends_the_subscription_visibly(make: MakeHub) -> None:
+    hub = make(channel_send_buffer=5)
     async with hub:
         transport = GatedTransport()
         await hub.connect("slow", transport)
@@ -400,9 +423,9 @@ async def test_slow_consumer_policy_ends_the_subscription_visibly() -> None:
 
 
 @pytest.mark.slow
-async def test_a_client_that_stops_reading_resumes_from_history_without_loss() -> None:
+async def test_a_client_that_stops_reading_resumes_from_history_without_loss(make: MakeHub) -> None:
     count = 1_500
-    hub = Hub(HubConfig(channel_send_buffer=50, channel_history_size=count, send_timeout=1.0))
+    hub = make(channel_send_buffer=50, channel_history_size=count, send_timeout=1.0)
     rng = random.Random(5)
     # ~60 MB of incompressible text: more than the loopback socket buffers hold
     pads = [base64.b64encode(rng.randbytes(30_000)).decode() for _ in range(16)]

@@ -1661,11 +1661,14 @@ class Hub(HubInspection):
         """This hub's channels service (created on first use)."""
         service: Channels | None = getattr(self, "_channels_service", None)
         if service is None:
+            node_id = self._backend.node_id or self.session_id[:12]
+            store = None
+            if self._backend.name == "redis":  # channels live where the outboxes do
+                from .channels.redis_store import RedisChannelStore
+
+                store = RedisChannelStore(self.config, self.clock, node_id)
             service = Channels(
-                self.config,
-                self.clock,
-                self._channel_transport,
-                node_id=self._backend.node_id or self.session_id[:12],
+                self.config, self.clock, self._channel_transport, store=store, node_id=node_id
             )
             self._channels_service = service
         return service

@@ -153,7 +153,9 @@ class Channels:
         if self._started:
             return
         self._started = True
-        await self.store.start(StoreEvents(self._on_remote_publish, self._on_remote_presence))
+        await self.store.start(
+            StoreEvents(self._on_remote_publish, self._on_remote_presence, self._resync)
+        )
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -253,6 +255,28 @@ class Channels:
             written += self._hand_out(channel, following)
             feed.top = following.offset
         return written
+
+    async def _resync(self) -> None:
+        """Reports from other nodes may have been missed: read every served channel's
+        stream after the last offset handed out."""
+        for channel, feed in list(self._feeds.items()):
+            try:
+                epoch, missing = await self.store.read(
+                    channel, feed.top, self.config.channel_history_size
+                )
+            except BackendError as exc:
+                log.warning("tether: could not re-read channel %s: %s", channel, exc)
+                continue
+            if self._feeds.get(channel) is not feed:
+                continue
+            if epoch != feed.epoch:
+                self._epoch_changed(channel, epoch, 0)
+                continue
+            if missing and missing[0].offset != feed.top + 1:
+                self._resubscribe_all(channel, "history_gap")
+                feed.top = missing[0].offset - 1
+            for message in missing:
+                self._arrived(channel, epoch, message)
 
     async def _fill(self, channel: str, feed: _Feed) -> None:
         """Read from the store what this node missed of a channel (a gap in the offsets

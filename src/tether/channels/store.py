@@ -46,10 +46,12 @@ class ChannelInfo:
 @dataclass(frozen=True, slots=True)
 class StoreEvents:
     """What a shared store reports from other nodes: a message appended (channel, epoch,
-    message), and a presence change (channel, client_id, joined)."""
+    message), a presence change (channel, client_id, joined), and `resync` when it may
+    have missed reports (its listener reconnected): re-read every channel served."""
 
     published: Callable[[str, str, ChannelMessage], Awaitable[None]]
     presence: Callable[[str, str, bool], Awaitable[None]]
+    resync: Callable[[], Awaitable[None]]
 
 
 class ChannelStore(Protocol):
