@@ -127,6 +127,7 @@ class Hub(HubInspection):
         self._overflow_warned_at = -_WARN_EVERY
         self._overflow_unwarned = 0
         self._backend: Backend = backend if backend is not None else self._default_backend()
+        self.metrics.add_section("channels", self._channel_metrics, Channels.COUNTERS)
         # A backend that can store without suspending lets critical fan-out skip tasks.
         self._append_now: Callable[[ClientSession, Envelope], Accepted | Refused] | None = getattr(
             self._backend, "append_now", None
@@ -1757,6 +1758,12 @@ class Hub(HubInspection):
         service: Channels | None = getattr(self, "_channels_service", None)
         if service is not None:
             service.connection_closed(client_id, transport)
+
+    def _channel_metrics(self) -> dict[str, Any]:
+        service: Channels | None = getattr(self, "_channels_service", None)
+        if service is None:
+            return Channels.idle_metrics()
+        return service.to_dict()
 
     async def _close_channels(self) -> None:
         service: Channels | None = getattr(self, "_channels_service", None)

@@ -661,14 +661,22 @@ class Channels:
 
     # ------------------------------------------------------------------ metrics
 
+    COUNTERS = tuple(f.name for f in fields(ChannelCounters))
+
     def to_dict(self) -> dict[str, Any]:
-        """The metrics section `channels`."""
+        """The metrics section `channels`: the counters, `count` (channels with
+        subscribers on this node) and `subscribers` (subscriptions on this node)."""
         out: dict[str, Any] = {
             f.name: getattr(self.counters, f.name) for f in fields(ChannelCounters)
         }
         out["count"] = len(self._subscribers)
         out["subscribers"] = sum(len(s) for s in self._subscribers.values())
         return out
+
+    @classmethod
+    def idle_metrics(cls) -> dict[str, Any]:
+        """The `channels` section of a hub that never used channels."""
+        return {**dict.fromkeys(cls.COUNTERS, 0), "count": 0, "subscribers": 0}
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)

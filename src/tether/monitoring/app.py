@@ -31,9 +31,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .._version import __version__
 from ..access import host_allowed, origin_allowed, origin_patterns
+from ..backends.base import BackendError
+from ..channels import PublishStatus
 from ..config import ConfigError, format_bytes
 from ..hub import CLIENT_ID_PATTERN, Hub
 from ..metrics import MetricsSnapshot
+from ..protocol import CHANNEL_PATTERN
 from ..resilience import CircuitState
 from ..transports.session import Authenticate
 from .history import SampleHistory
@@ -225,6 +228,22 @@ class BroadcastRequest(_Publish):
         None, min_length=1, max_length=256, description="Only this group's members."
     )
     exclude: list[str] = Field(default_factory=list, max_length=10_000)
+
+
+class ChannelPublishRequest(BaseModel):
+    """Body of POST /api/publish."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    channel: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=f"^{CHANNEL_PATTERN.pattern}$",
+        description="The channel.",
+    )
+    data: Any = Field(description="Payload: a JSON string goes as text, anything else as JSON.")
+    id: str | None = Field(
+        None, min_length=1, max_length=256, description="Message id (dedup within the history)."
+    )
 
 
 def _describe(exc: ValidationError) -> str:
@@ -799,6 +818,63 @@ def create_app(
         )
         return too_large or JSONResponse(result.to_dict())
 
+    # ---- channels (tether.channels; docs/protocol.md section 11)
+
+    async def api_publish(request: Request) -> Response:
+        body = await publish_body(request, ChannelPublishRequest)
+        if isinstance(body, Response):
+            return body
+        result = await hub.publish(body.channel, body.data, message_id=body.id)
+        if result.status is PublishStatus.REJECTED and (result.reason or "").startswith(
+            "backend unavailable"
+        ):
+            return _error(503, "unavailable", result.reason or "", id=result.id)
+        too_large = _payload_too_large(result.id, [result.reason or ""], cfg.max_message_size)
+        return too_large or JSONResponse(result.to_dict())
+
+    async def api_channels(request: Request) -> Response:
+        try:
+            channels = await hub.channels.channels()
+        except BackendError as exc:
+            return _error(503, "unavailable", f"channel store unavailable: {exc}")
+        return JSONResponse({"channels": channels})
+
+    def channel_name(request: Request) -> str | Response:
+        name = request.path_params["name"]
+        if CHANNEL_PATTERN.fullmatch(name) is None:
+            return _error(400, "bad_request", f"invalid channel name {name!r}")
+        return str(name)
+
+    async def api_channel_history(request: Request) -> Response:
+        name = channel_name(request)
+        if isinstance(name, Response):
+            return name
+        q = request.query_params
+        try:
+            since = int(q.get("since", "0"))
+            limit = int(q.get("limit", "100"))
+            if since < 0 or not 1 <= limit <= _MAX_PAGE:
+                raise ValueError
+        except ValueError:
+            return _error(
+                400, "bad_request", f"since must be an offset >= 0 and limit in 1..{_MAX_PAGE}"
+            )
+        try:
+            messages = await hub.history(name, since=since, limit=limit)
+        except BackendError as exc:
+            return _error(503, "unavailable", f"channel store unavailable: {exc}")
+        return JSONResponse({"channel": name, "messages": [m.to_dict() for m in messages]})
+
+    async def api_channel_presence(request: Request) -> Response:
+        name = channel_name(request)
+        if isinstance(name, Response):
+            return name
+        try:
+            members = await hub.presence(name)
+        except BackendError as exc:
+            return _error(503, "unavailable", f"channel store unavailable: {exc}")
+        return JSONResponse({"channel": name, "presence": members})
+
     # ---- live
 
     async def live(websocket: WebSocket) -> None:
@@ -851,6 +927,10 @@ def create_app(
         Route("/api/dead-letters", guarded(api_dead_letters), methods=["GET"]),
         Route("/api/send", api_send, methods=["POST"]),
         Route("/api/broadcast", api_broadcast, methods=["POST"]),
+        Route("/api/publish", api_publish, methods=["POST"]),
+        Route("/api/channels", guarded(api_channels), methods=["GET"]),
+        Route("/api/channels/{name:str}/history", guarded(api_channel_history), methods=["GET"]),
+        Route("/api/channels/{name:str}/presence", guarded(api_channel_presence), methods=["GET"]),
         Route("/openapi.json", guarded(openapi), methods=["GET"]),
         # The page and its assets hold no data, so they load without the token (the
         # page then asks for it); the loopback-only rule still applies.
@@ -981,6 +1061,20 @@ def openapi_spec(ws_path: str = "/ws") -> dict[str, Any]:
                     "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
                 },
                 "SendRequest": _schema(SendRequest),
+                "ChannelPublishRequest": _schema(ChannelPublishRequest),
+                "PublishResult": {
+                    "type": "object",
+                    "required": ["channel", "offset", "epoch", "status", "id"],
+                    "properties": {
+                        "channel": {"type": "string"},
+                        "offset": {"type": "integer"},
+                        "epoch": {"type": "string"},
+                        "status": {"enum": [s.value for s in PublishStatus]},
+                        "id": {"type": "string"},
+                        "reason": {"type": ["string", "null"]},
+                        "delivered": {"type": "integer"},
+                    },
+                },
                 "BroadcastRequest": _schema(BroadcastRequest),
                 "SendResult": {
                     "type": "object",
@@ -1136,6 +1230,79 @@ def openapi_spec(ws_path: str = "/ws") -> dict[str, Any]:
                         "401": error,
                         "403": error,
                         "413": error,
+                        "503": error,
+                    },
+                }
+            },
+            "/api/publish": {
+                "post": {
+                    "summary": "Publish one message to a channel (stored once, fanned out)",
+                    "security": api_sec,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": ref("ChannelPublishRequest")}},
+                    },
+                    "responses": {
+                        "200": ok(ref("PublishResult")),
+                        "400": error,
+                        "401": error,
+                        "403": error,
+                        "413": error,
+                        "503": error,
+                    },
+                }
+            },
+            "/api/channels": {
+                "get": {
+                    "summary": "Channels with their epoch, last offset, history depth, subscribers",
+                    "security": monitor_sec,
+                    "responses": {"200": ok(obj), "401": error, "403": error, "503": error},
+                }
+            },
+            "/api/channels/{name}/history": {
+                "get": {
+                    "summary": "Messages a channel still holds, oldest first",
+                    "security": monitor_sec,
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        q("since", int_param, "Only messages after this offset"),
+                        q(
+                            "limit",
+                            {"type": "integer", "minimum": 1, "maximum": _MAX_PAGE, "default": 100},
+                            "At most",
+                        ),
+                    ],
+                    "responses": {
+                        "200": ok(obj),
+                        "400": error,
+                        "401": error,
+                        "403": error,
+                        "503": error,
+                    },
+                }
+            },
+            "/api/channels/{name}/presence": {
+                "get": {
+                    "summary": "Who is subscribed to a channel, across every node",
+                    "security": monitor_sec,
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": ok(obj),
+                        "400": error,
+                        "401": error,
+                        "403": error,
                         "503": error,
                     },
                 }
