@@ -18,7 +18,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -145,6 +145,7 @@ class Channels:
         self._authorizers: list[Authorizer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
+        self._closed = False
         self.counters = ChannelCounters()
 
     # ------------------------------------------------------------------ lifecycle
@@ -158,6 +159,7 @@ class Channels:
         )
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -678,7 +680,10 @@ class Channels:
         """The `channels` section of a hub that never used channels."""
         return {**dict.fromkeys(cls.COUNTERS, 0), "count": 0, "subscribers": 0}
 
-    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        if self._closed:  # shut down: nothing more runs (the store is closed)
+            coroutine.close()
+            return
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
