@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -29,16 +30,26 @@ WINDOW = 200  # the publisher stays at most this far ahead of the slower subscri
 MakeHub = Callable[..., Hub]
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=[pytest.mark.redis, pytest.mark.slow]),
+    ]
+)
 def make(request: pytest.FixtureRequest) -> MakeHub:
     """`make(clock=None, **HubConfig fields)`: a hub whose channels live in memory, or in
-    Redis under a private key prefix (deleted after the test)."""
+    Redis (one server, or a 3-master Cluster) under a private key prefix."""
     kind = request.param
 
     def factory(clock: ManualClock | None = None, **values: Any) -> Hub:
         if kind == "redis":
             prefix = request.getfixturevalue("redis_prefix")
             values.update(backend="redis", redis_url=REDIS_URL, redis_prefix=prefix)
+        elif kind == "redis-cluster":
+            seed = request.getfixturevalue("redis_cluster")
+            prefix = f"tether-test-{uuid.uuid4().hex[:12]}"
+            values.update(backend="redis", redis_url=seed, redis_cluster=True, redis_prefix=prefix)
         return Hub(HubConfig(**values), clock=clock)
 
     return factory

@@ -405,6 +405,7 @@ class RedisChannelStore:
         try:
             await self._conn.commands.zadd(self.index, dict.fromkeys(active, now_ms))
             await self._conn.commands.zremrangebyscore(self.index, "-inf", now_ms - self._keep_ms)
+            await self._conn.commands.pexpire(self.index, self._keep_ms)
         except _FAILURES as exc:
             self._active |= active
             log.debug("tether: channel index not updated: %s", exc)
