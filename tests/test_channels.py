@@ -453,3 +453,22 @@ async def test_a_client_that_stops_reading_resumes_from_history_without_loss(mak
             await asyncio.wait_for(collect(sub, got, count), 60)
             assert [p.data["n"] for p in got] == list(range(1, count + 1))
             assert sub.lost == 0 and sub.resubscribes + client.reconnects >= 1
+
+
+async def test_a_connection_holds_a_bounded_number_of_subscriptions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tether.channels import service
+
+    monkeypatch.setattr(service, "MAX_SUBSCRIPTIONS", 3)
+    hub = Hub(HubConfig())
+    async with hub, ws_server(hub) as srv, fast_client(srv.url, "greedy") as client:
+        for name in ("a", "b", "c"):
+            await client.subscribe(name)
+        with pytest.raises(SubscriptionRefused) as refused:
+            await client.subscribe("d")
+        assert refused.value.code == "too_many_subscriptions"
+        await client.subscriptions["a"].unsubscribe()
+        await until(lambda: "a" not in hub.channels.subscriptions("greedy"))
+        assert (await client.subscribe("d")).channel == "d"
+        assert hub.channels.subscriptions("greedy") == frozenset({"b", "c", "d"})

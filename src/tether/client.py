@@ -236,6 +236,7 @@ class Client:
         self._error: BaseException | None = None
         self._ended = False
         self._subs: dict[str, Subscription] = {}
+        self._pending_sends: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ public
 
@@ -371,6 +372,13 @@ class Client:
         except (ConnectionClosed, protocol.ProtocolError):
             sub.sent_on = None  # sent again after the next welcome
 
+    def _resubscribe_soon(self, sub: Subscription) -> None:
+        if self._subs.get(sub.channel) is sub and not sub.ended:
+            sub.resubscribes += 1
+            task = asyncio.ensure_future(self._send_subscribe(sub))
+            self._pending_sends.add(task)
+            task.add_done_callback(self._pending_sends.discard)
+
     async def _unsubscribe(self, sub: Subscription) -> None:
         if self._subs.get(sub.channel) is sub:
             del self._subs[sub.channel]
@@ -409,6 +417,13 @@ class Client:
                 await self._send_subscribe(sub)
             elif event.code is None and not sub.cursor.active:
                 return  # the answer to an earlier unsubscribe of this channel
+            elif event.code == "unavailable" and sub.cursor.epoch is not None:
+                # The server's channel store is down for now: an established subscription
+                # keeps its position and asks again shortly.
+                sub.sent_on = None
+                asyncio.get_running_loop().call_later(
+                    self._rng.uniform(0.2, 1.0), self._resubscribe_soon, sub
+                )
             else:
                 del self._subs[event.channel]
                 error = None

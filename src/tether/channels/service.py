@@ -43,6 +43,9 @@ __all__ = ["Authorizer", "ChannelCounters", "Channels", "SubscribeRefused"]
 
 log = logging.getLogger("tether.channels")
 
+# Subscriptions one connection may hold: bounds what one client can make a node keep.
+MAX_SUBSCRIPTIONS = 1000
+
 Authorizer = Callable[[str, str], Awaitable[bool]]
 TransportOf = Callable[[str], "Transport | None"]
 
@@ -480,6 +483,14 @@ class Channels:
         old = conn.subs.get(channel)
         if old is not None:
             self._remove(old, presence_left=False)
+        elif len(conn.subs) >= MAX_SUBSCRIPTIONS:
+            self.counters.refused += 1
+            refusal = SubscribeRefused(
+                "too_many_subscriptions",
+                f"a connection may hold at most {MAX_SUBSCRIPTIONS} subscriptions",
+            )
+            self._write(conn, _refusal(channel, refusal))
+            raise refusal
         sub = _Sub(conn, channel, presence)
         conn.subs[channel] = sub
         self._subscribers.setdefault(channel, {})[client_id] = sub

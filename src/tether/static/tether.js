@@ -629,6 +629,15 @@ export class TetherClient extends EventTarget {
         this._sendSubscribe(sub);
       } else if (frame.code === null && !sub.active) {
         // the answer to an earlier unsubscribe of this channel
+      } else if (frame.code === "unavailable" && sub.epoch !== null) {
+        // The server's channel store is down for now: keep the position, ask again shortly.
+        sub._sentOn = null;
+        setTimeout(() => {
+          if (this.subscriptions.get(sub.channel) === sub && !sub.ended) {
+            sub.counters.resubscribes++;
+            this._sendSubscribe(sub);
+          }
+        }, 200 + Math.random() * 800);
       } else {
         this.subscriptions.delete(frame.channel);
         sub._end(frame.code, frame.reason);
