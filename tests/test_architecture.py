@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("policies", ["tether.resilience.*", "tether.metrics"]),
     ("transport contract", ["tether.transports", "tether.transports.base"]),
     ("backends", ["tether.backends.*"]),
+    ("channels", ["tether.channels.*"]),
     ("core", ["tether.hub", "tether.session", "tether.resume", "tether.inspection"]),
     (
         "adapters and auth",
@@ -37,6 +38,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tether.transports.guard",
             "tether.auth",
             "tether.client",
+            "tether.subscription",
         ],
     ),
     ("monitoring", ["tether.monitoring.*"]),
