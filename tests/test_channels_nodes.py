@@ -54,9 +54,11 @@ async def test_subscribers_get_every_message_once_when_a_node_dies(
         publisher,
         subscriber([a.ws, b.ws], "on-a") as first,
         subscriber([b.ws, a.ws], "on-b") as second,
+        subscriber([a.ws], "only-a") as stranded,
     ):
         subs = [await first.subscribe("ticks"), await second.subscribe("ticks")]
-        assert set(await publisher.presence("ticks")) == {"on-a", "on-b"}
+        await stranded.subscribe("ticks")
+        assert set(await publisher.presence("ticks")) == {"on-a", "on-b", "only-a"}
         received: list[list[Publication]] = [[], []]
         consumers = [
             asyncio.create_task(collect(s, r)) for s, r in zip(subs, received, strict=True)
@@ -77,7 +79,18 @@ async def test_subscribers_get_every_message_once_when_a_node_dies(
             assert [p.data["n"] for p in got] == list(range(1, N + 1))
             assert sub.lost == 0
         assert first.url == b.ws and first.reconnects >= 1
-        # Both are now served by b; a's entry for "on-a" was replaced (or expired).
-        presence = await publisher.presence("ticks")
-        assert set(presence) == {"on-a", "on-b"}
-        assert {info["node"] for info in presence.values()} == {"b"}
+        # Both are now served by b; "on-a" moved there. "only-a" can reach no node: the dead
+        # node's entry for it expires (presence_ttl), nobody having removed it.
+        members: dict[str, dict[str, object]] = {}
+
+        async def poll() -> None:
+            members.clear()
+            members.update(await publisher.presence("ticks"))
+
+        async with asyncio.timeout(30):
+            await poll()
+            while "only-a" in members:
+                await asyncio.sleep(0.2)
+                await poll()
+        assert set(members) == {"on-a", "on-b"}
+        assert {info["node"] for info in members.values()} == {"b"}
