@@ -653,10 +653,18 @@ class Channels:
             if not isinstance(since, int) or since < 0:
                 raise ValueError("since must be an offset >= 0 or a Position")
             after = since
-        current, messages = await self.store.read(channel, after, limit)
+        current, messages = await self.read(channel, after, limit)
         if epoch is not None and epoch != current and after:
-            _, messages = await self.store.read(channel, 0, limit)
+            _, messages = await self.read(channel, 0, limit)
         return messages
+
+    async def read(self, channel: str, after: int, limit: int) -> tuple[str, list[ChannelMessage]]:
+        """The channel's epoch ("" when it has none yet) and up to `limit` held messages
+        after offset `after`: a page can show them, then subscribe with
+        `since={epoch, offset of the last}` to continue exactly after them. Raises
+        ValueError for a bad name, `BackendError` when the store is down."""
+        check_channel(channel)
+        return await self.store.read(channel, after, limit)
 
     async def channels(self) -> list[dict[str, Any]]:
         """Every channel the store holds, with this node's subscriber count."""

@@ -860,10 +860,12 @@ def create_app(
                 400, "bad_request", f"since must be an offset >= 0 and limit in 1..{_MAX_PAGE}"
             )
         try:
-            messages = await hub.history(name, since=since, limit=limit)
+            epoch, messages = await hub.channels.read(name, since, limit)
         except BackendError as exc:
             return _error(503, "unavailable", f"channel store unavailable: {exc}")
-        return JSONResponse({"channel": name, "messages": [m.to_dict() for m in messages]})
+        return JSONResponse(
+            {"channel": name, "epoch": epoch, "messages": [m.to_dict() for m in messages]}
+        )
 
     async def api_channel_presence(request: Request) -> Response:
         name = channel_name(request)
