@@ -472,3 +472,37 @@ async def test_a_connection_holds_a_bounded_number_of_subscriptions(
         await until(lambda: "a" not in hub.channels.subscriptions("greedy"))
         assert (await client.subscribe("d")).channel == "d"
         assert hub.channels.subscriptions("greedy") == frozenset({"b", "c", "d"})
+
+
+async def test_a_signed_tokens_channel_grants_limit_what_it_may_subscribe() -> None:
+    import time
+
+    from websockets.asyncio.server import serve
+
+    from tether.auth import sign_token, signed_token_authenticator
+    from tether.transports import websockets as tw
+
+    secret = "a-secret-of-32-characters-at-least"
+    hub = Hub(HubConfig())
+    expiry = time.time() + 3600
+    handler = tw.handler(hub, authenticate=signed_token_authenticator(secret))
+    async with hub, serve(handler, "127.0.0.1", 0, **tw.server_options(hub)) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        rooms_only = sign_token(secret, "alice", expiry, channels=["room.*", "news"])
+        nothing = sign_token(secret, "bob", expiry, channels=[])
+        anything = sign_token(secret, "carol", expiry)
+        async with (
+            Client(url, client_id="alice", token=rooms_only) as alice,
+            Client(url, client_id="bob", token=nothing) as bob,
+            Client(url, client_id="carol", token=anything) as carol,
+        ):
+            assert (await alice.subscribe("room.42")).channel == "room.42"
+            assert (await alice.subscribe("news")).channel == "news"
+            for client, channel in ((alice, "admin"), (alice, "newsroom"), (bob, "news")):
+                with pytest.raises(SubscriptionRefused) as refused:
+                    await client.subscribe(channel)
+                assert refused.value.code == "forbidden"
+            assert (await carol.subscribe("admin")).channel == "admin"
+            assert alice.reconnects == bob.reconnects == 0
+    with pytest.raises(ValueError):
+        sign_token(secret, "alice", expiry, channels=["bad name"])

@@ -1740,9 +1740,14 @@ class Hub(HubInspection):
         return self.channels.authorize_subscribe(check)
 
     async def channel_frame(
-        self, client_id: str, transport: Transport, frame: protocol.Subscribe | protocol.Unsubscribe
+        self,
+        client_id: str,
+        transport: Transport,
+        frame: protocol.Subscribe | protocol.Unsubscribe,
+        grants: frozenset[str] | None = None,
     ) -> None:
-        """A `subscribe` or `unsubscribe` frame from `client_id`'s connection `transport`."""
+        """A `subscribe` or `unsubscribe` frame from `client_id`'s connection `transport`;
+        `grants`: the channels its credentials allow (None: no limit from them)."""
         service = await self._channels_ready()
         if isinstance(frame, protocol.Unsubscribe):
             await service.unsubscribe(client_id, frame.channel)
@@ -1750,7 +1755,7 @@ class Hub(HubInspection):
         since = None if frame.since is None else Position(frame.since.epoch, frame.since.offset)
         with contextlib.suppress(SubscribeRefused):  # answered with `unsubscribed`
             await service.subscribe(
-                client_id, transport, frame.channel, since, presence=frame.presence
+                client_id, transport, frame.channel, since, presence=frame.presence, grants=grants
             )
 
     def channel_connection_closed(self, client_id: str, transport: Transport) -> None:

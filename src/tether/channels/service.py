@@ -465,15 +465,22 @@ class Channels:
         *,
         presence: bool = False,
         authorize: bool = True,
+        grants: frozenset[str] | None = None,
     ) -> Recovery:
         """Subscribe the connection `transport` of `client_id` to `channel`: answer with a
         `subscribed` frame and replay what it missed since `since`, then live messages.
 
         Raises `SubscribeRefused` (after writing an `unsubscribed` frame with its code)
-        when an `authorize_subscribe` hook says no or the store is unavailable; the
-        connection stays open. Raises ValueError for an invalid channel name.
+        when the connection's token `grants` do not name the channel, an
+        `authorize_subscribe` hook says no, or the store is unavailable; the connection
+        stays open. Raises ValueError for an invalid channel name.
         """
         check_channel(channel)
+        if grants is not None and not granted(channel, grants):
+            self.counters.refused += 1
+            refusal = SubscribeRefused("forbidden", f"the token does not grant {channel!r}")
+            self._write(self._conn(client_id, transport), _refusal(channel, refusal))
+            raise refusal
         if authorize and not await self._authorized(client_id, channel):
             self.counters.refused += 1
             refusal = SubscribeRefused("forbidden", f"not allowed to subscribe to {channel!r}")
@@ -706,6 +713,13 @@ class Channels:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def granted(channel: str, grants: frozenset[str]) -> bool:
+    """Whether a token's channel `grants` (names, or prefixes ending in `*`) name `channel`."""
+    if channel in grants:
+        return True
+    return any(g.endswith("*") and channel.startswith(g[:-1]) for g in grants)
 
 
 def _refusal(channel: str, refusal: SubscribeRefused) -> str:
