@@ -12,6 +12,10 @@ iteration, just before the first message after the gap is yielded (or when the
 iteration reaches that point), and `client.lost` counts them as soon as they are known.
 Non-critical messages (`msg.seq is None`) are best-effort.
 
+Channels: `sub = await client.subscribe("news")` is an async iterator of `Publication`s
+(offset, id, data), each offset once and in order or reported through `sub.on_lost`; it
+resubscribes from its last offset after every reconnect (docs/protocol.md §11).
+
 `token` is a string, or a function (sync or async) returning a fresh one: it is called
 before every connection and, for tokens with an expiry (Tether's signed tokens), again
 ahead of that expiry, the fresh token going to the server in an `auth` frame so the
