@@ -35,17 +35,28 @@ MakeHub = Callable[..., Hub]
         "memory",
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("redis-cluster", marks=[pytest.mark.redis, pytest.mark.slow]),
+        pytest.param("redis-sentinel", marks=[pytest.mark.redis, pytest.mark.slow]),
     ]
 )
 def make(request: pytest.FixtureRequest) -> MakeHub:
     """`make(clock=None, **HubConfig fields)`: a hub whose channels live in memory, or in
-    Redis (one server, or a 3-master Cluster) under a private key prefix."""
+    Redis (one server, a 3-master Cluster, or a Sentinel-managed master) under a private
+    key prefix."""
     kind = request.param
 
     def factory(clock: ManualClock | None = None, **values: Any) -> Hub:
         if kind == "redis":
             prefix = request.getfixturevalue("redis_prefix")
             values.update(backend="redis", redis_url=REDIS_URL, redis_prefix=prefix)
+        elif kind == "redis-sentinel":
+            topology = request.getfixturevalue("shared_redis_sentinel")
+            values.update(
+                backend="redis",
+                redis_url=REDIS_URL,
+                redis_sentinels=topology.sentinels_setting,
+                redis_sentinel_service=topology.service,
+                redis_prefix=f"tether-test-{uuid.uuid4().hex[:12]}",
+            )
         elif kind == "redis-cluster":
             seed = request.getfixturevalue("redis_cluster")
             prefix = f"tether-test-{uuid.uuid4().hex[:12]}"
