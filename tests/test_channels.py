@@ -30,19 +30,10 @@ WINDOW = 200  # the publisher stays at most this far ahead of the slower subscri
 MakeHub = Callable[..., Hub]
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("redis-cluster", marks=[pytest.mark.redis, pytest.mark.slow]),
-        pytest.param("redis-sentinel", marks=[pytest.mark.redis, pytest.mark.slow]),
-    ]
-)
-def make(request: pytest.FixtureRequest) -> MakeHub:
+def hub_factory(kind: str, request: pytest.FixtureRequest) -> MakeHub:
     """`make(clock=None, **HubConfig fields)`: a hub whose channels live in memory, or in
     Redis (one server, a 3-master Cluster, or a Sentinel-managed master) under a private
-    key prefix."""
-    kind = request.param
+    key prefix (on one server, deleted after the test)."""
 
     def factory(clock: ManualClock | None = None, **values: Any) -> Hub:
         if kind == "redis":
@@ -64,6 +55,26 @@ def make(request: pytest.FixtureRequest) -> MakeHub:
         return Hub(HubConfig(**values), clock=clock)
 
     return factory
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=[pytest.mark.redis, pytest.mark.slow]),
+        pytest.param("redis-sentinel", marks=[pytest.mark.redis, pytest.mark.slow]),
+    ]
+)
+def make(request: pytest.FixtureRequest) -> MakeHub:
+    """A hub factory on each store and Redis topology (see `hub_factory`)."""
+    return hub_factory(str(request.param), request)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def make_heavy(request: pytest.FixtureRequest) -> MakeHub:
+    """For tests that store tens of MB: memory, and one Redis server whose keys are
+    deleted right after (the topology-agnostic store code is the same)."""
+    return hub_factory(str(request.param), request)
 
 
 def fast_client(url: str, client_id: str, seed: int = 1) -> Client:
@@ -445,9 +456,11 @@ async def test_slow_consumer_policy_ends_the_subscription_visibly(make: MakeHub)
 
 
 @pytest.mark.slow
-async def test_a_client_that_stops_reading_resumes_from_history_without_loss(make: MakeHub) -> None:
+async def test_a_client_that_stops_reading_resumes_from_history_without_loss(
+    make_heavy: MakeHub,
+) -> None:
     count = 1_500
-    hub = make(channel_send_buffer=50, channel_history_size=count, send_timeout=1.0)
+    hub = make_heavy(channel_send_buffer=50, channel_history_size=count, send_timeout=1.0)
     rng = random.Random(5)
     # ~60 MB of incompressible text: more than the loopback socket buffers hold
     pads = [base64.b64encode(rng.randbytes(30_000)).decode() for _ in range(16)]
