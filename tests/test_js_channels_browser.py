@@ -163,3 +163,38 @@ async def test_refused_subscription_and_presence_events(browser: Browser) -> Non
         await hub.publish("room", "still works")
         await watcher.wait_for_function("() => window.got.length === 1")
         assert watcher.js_errors == []  # type: ignore[attr-defined]
+
+
+START_STORED = """
+async ([url, clientId, channel]) => {
+  const { TetherClient } = await import("/static/tether.js");
+  const client = new TetherClient(url, { clientId, storage: sessionStorage });
+  window.client = client;
+  window.log = [];
+  await client.connect();
+  const sub = client.subscribe(channel);
+  sub.addEventListener("message", (e) => window.log.push(e.detail.offset));
+  sub.addEventListener("lost", (e) => window.log.push("lost"));
+  await sub.ready;
+  return sub.offset;
+}
+"""
+
+
+async def test_a_reloaded_page_resumes_its_channels_from_storage(browser: Browser) -> None:
+    hub = Hub(HubConfig())
+    async with hub, BackgroundServer(create_app(hub)) as server:
+        page = await open_page(browser, server)
+        args = [server.ws_url + "/ws", "reloader", "ticks"]
+        assert await page.evaluate(START_STORED, args) == 0
+        for n in range(1, 4):
+            await hub.publish("ticks", n)
+        await page.wait_for_function("() => window.log.length === 3")
+        await page.reload()  # the page (and its client) start over; sessionStorage stays
+        await until(lambda: not hub.channels.subscribers("ticks"))
+        for n in range(4, 7):
+            await hub.publish("ticks", n)
+        assert await page.evaluate(START_STORED, args) == 3  # resumed after offset 3
+        await page.wait_for_function("() => window.log.length === 3")
+        assert await page.evaluate("() => window.log") == [4, 5, 6]
+        assert page.js_errors == []  # type: ignore[attr-defined]

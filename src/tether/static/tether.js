@@ -264,7 +264,8 @@ function channelOf(obj) {
  * (detail {channel, count, after, reset}: messages that will never arrive), `join` /
  * `leave` (detail {channel, clientId}; with `presence: true`), `subscribed` (each answer
  * of the server) and `unsubscribed` (detail {code, reason}: it ended). It resubscribes from
- * its offset after every reconnect. `ready` resolves at the first answer, rejects on refusal.
+ * its offset after every reconnect, and with the client's `storage` after a page reload.
+ * `ready` resolves at the first answer, rejects on refusal.
  */
 export class TetherSubscription extends EventTarget {
   constructor(client, channel, { presence = false, since = null } = {}) {
@@ -272,6 +273,13 @@ export class TetherSubscription extends EventTarget {
     /** @readonly */ this.channel = channel;
     /** @readonly */ this.presence = presence;
     this.client = client;
+    // With the client's `storage`, the position survives a page reload.
+    this._key = `${STORAGE_PREFIX}channel:${client.clientId}:${channel}`;
+    if (since === null && client._storage) {
+      const saved = client._storage.getItem(this._key);
+      const match = saved === null ? null : /^([^:]{1,64}):(\d+)$/.exec(saved);
+      if (match && isInt(Number(match[2]), 0)) since = { epoch: match[1], offset: Number(match[2]) };
+    }
     /** @type {string | null} */ this.epoch = since ? since.epoch : null;
     this.offset = since ? since.offset : 0;
     this.counters = { received: 0, duplicates: 0, lost: 0, resubscribes: 0 };
@@ -298,6 +306,7 @@ export class TetherSubscription extends EventTarget {
     this.epoch = frame.epoch;
     this.offset = frame.after;
     this.active = true;
+    this._persist();
     this._emit("subscribed", frame);
     this._resolve();
   }
@@ -315,9 +324,14 @@ export class TetherSubscription extends EventTarget {
     }
     this.offset = frame.offset;
     this.counters.received++;
+    this._persist();
     const data = frame.enc === "base64" ? fromBase64(frame.data) : frame.data;
     this._emit("message", { channel: this.channel, offset: frame.offset, id: frame.id, data });
     return false;
+  }
+
+  _persist() {
+    this.client._storage?.setItem(this._key, `${this.epoch}:${this.offset}`);
   }
 
   _end(code, reason) {
