@@ -218,7 +218,7 @@ def test_a_node_hands_out_every_offset_once_in_order_whatever_it_is_told(
         config = HubConfig(channel_history_size=100)
         store = SharedMemoryStore(100, 300, clock)
         transport = Collecting()
-        service = Channels(config, clock, lambda _cid: transport, store=store)
+        service = Channels(config, clock, store=store)
         await service.start()
         await service.subscribe("alice", transport, "c")  # type: ignore[arg-type]
         appended = [

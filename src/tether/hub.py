@@ -1668,9 +1668,7 @@ class Hub(HubInspection):
                 from .channels.redis_store import RedisChannelStore
 
                 store = RedisChannelStore(self.config, self.clock, node_id)
-            service = Channels(
-                self.config, self.clock, self._channel_transport, store=store, node_id=node_id
-            )
+            service = Channels(self.config, self.clock, store=store, node_id=node_id)
             self._channels_service = service
         return service
 

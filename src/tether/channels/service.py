@@ -47,7 +47,6 @@ log = logging.getLogger("tether.channels")
 MAX_SUBSCRIPTIONS = 1000
 
 Authorizer = Callable[[str, str], Awaitable[bool]]
-TransportOf = Callable[[str], "Transport | None"]
 
 
 class SubscribeRefused(Exception):
@@ -120,14 +119,13 @@ class _Feed:
 
 
 class Channels:
-    """The channels of one hub: see the module docstring. `transport_of(client_id)` names
-    the connection the hub holds for a client on this node (None: not connected here)."""
+    """The channels of one hub (see the module docstring): streams in `store` (default:
+    in this process), subscribers of this node, named `node_id` in presence."""
 
     def __init__(
         self,
         config: HubConfig,
         clock: Clock,
-        transport_of: TransportOf,
         *,
         store: ChannelStore | None = None,
         node_id: str = "",
@@ -135,7 +133,6 @@ class Channels:
         self.config = config
         self.clock = clock
         self.node_id = node_id
-        self._transport_of = transport_of
         self.store: ChannelStore = (
             store
             if store is not None
