@@ -275,10 +275,13 @@ class RedisChannelStore:
         if self._closed:
             return
         self._closed = True
-        for client_id_channel in list(self._present):
-            channel, client_id = client_id_channel
-            with contextlib.suppress(BackendError):
-                await self.presence_remove(channel, client_id)
+        # Leave presence as a courtesy, bounded: what is not removed in time (Redis slow
+        # or down) expires within presence_ttl anyway.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                for channel, client_id in list(self._present):
+                    with contextlib.suppress(BackendError):
+                        await self.presence_remove(channel, client_id)
         tasks = {*self._tasks, *self._handlers}
         for task in tasks:
             task.cancel()
