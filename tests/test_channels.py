@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -530,3 +531,19 @@ async def test_a_signed_tokens_channel_grants_limit_what_it_may_subscribe() -> N
             assert alice.reconnects == bob.reconnects == 0
     with pytest.raises(ValueError):
         sign_token(secret, "alice", expiry, channels=["bad name"])
+
+
+async def test_with_redis_down_publish_is_rejected_with_a_reason_and_history_raises() -> None:
+    from tether.backends import BackendError
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hub = Hub(HubConfig(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0"))
+    async with hub:
+        result = await hub.publish("news", {"id": "n1"})
+        assert result.status is PublishStatus.REJECTED  # the connection was never made
+        assert (result.reason or "").startswith("backend unavailable")
+        assert hub.channels.counters.rejected == 1
+        with pytest.raises(BackendError):
+            await hub.history("news")
