@@ -55,10 +55,14 @@ async def test_subscribers_get_every_message_once_when_a_node_dies(
         subscriber([a.ws, b.ws], "on-a") as first,
         subscriber([b.ws, a.ws], "on-b") as second,
         subscriber([a.ws], "only-a") as stranded,
+        subscriber([b.ws], "watcher") as watcher,
     ):
         subs = [await first.subscribe("ticks"), await second.subscribe("ticks")]
         await stranded.subscribe("ticks")
-        assert set(await publisher.presence("ticks")) == {"on-a", "on-b", "only-a"}
+        watching = await watcher.subscribe("ticks", presence=True)
+        left: list[str] = []
+        watching.on_leave(left.append)
+        assert set(await publisher.presence("ticks")) == {"on-a", "on-b", "only-a", "watcher"}
         received: list[list[Publication]] = [[], []]
         consumers = [
             asyncio.create_task(collect(s, r)) for s, r in zip(subs, received, strict=True)
@@ -92,5 +96,7 @@ async def test_subscribers_get_every_message_once_when_a_node_dies(
             while "only-a" in members:
                 await asyncio.sleep(0.2)
                 await poll()
-        assert set(members) == {"on-a", "on-b"}
+        assert set(members) == {"on-a", "on-b", "watcher"}
         assert {info["node"] for info in members.values()} == {"b"}
+        # The watcher on b was told: a leave for the stranded client (its entry expired).
+        await until(lambda: "only-a" in left, timeout=30)

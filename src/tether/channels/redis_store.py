@@ -9,7 +9,8 @@ Keys of channel `<name>` (one hash tag, so each script call stays in one Cluster
                               Trimmed to the history size and TTL by every publish.
     <prefix>:{ch:<name>}:i    Hash message id -> offset, for the ids the stream holds (dedup).
     <prefix>:{ch:<name>}:p    ZSET client id -> presence expiry (wall ms); refreshed by the
-                              node holding the subscription, so a dead node's entries expire.
+                              node holding the subscription, so a dead node's entries expire
+                              (dropped, with a leave event, by the next read of the members).
     <prefix>:{ch:<name>}:pi   Hash client id -> presence info (JSON).
     <prefix>:channels         ZSET channel -> last activity (wall ms), for `channels()`.
 
@@ -171,11 +172,16 @@ return changed
 """
 )
 
-# KEYS p pi; ARGV now ms. Drops expired entries, returns {client, info, ...}.
+# KEYS p pi; ARGV now ms, events channel, channel name. Drops expired entries (their node
+# died) and publishes a leave for each; returns {client, info, ...}.
 _MEMBERS = LuaScript(
     """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-for _, cid in ipairs(gone) do redis.call('HDEL', KEYS[2], cid) end
+for _, cid in ipairs(gone) do
+  redis.call('HDEL', KEYS[2], cid)
+  redis.call('PUBLISH', ARGV[2], '["l",' .. cjson.encode(ARGV[3]) .. ','
+    .. cjson.encode(cid) .. ',"~expired"]')
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local out = {}
 for _, cid in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
@@ -438,7 +444,12 @@ class RedisChannelStore:
 
     async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
         _, _, _, p, pi = self._keys(channel)
-        reply = await self._eval("members", _MEMBERS, [p, pi], [int(self.clock.wall() * 1000)])
+        reply = await self._eval(
+            "members",
+            _MEMBERS,
+            [p, pi],
+            [int(self.clock.wall() * 1000), self.events_channel, channel],
+        )
         out: dict[str, dict[str, Any]] = {}
         for index in range(0, len(reply), 2):
             out[_text(reply[index])] = orjson.loads(reply[index + 1])
@@ -446,7 +457,8 @@ class RedisChannelStore:
 
     async def _refresh_loop(self) -> None:
         """Keep this node's presence entries alive (a dead node's expire within
-        `presence_ttl`) and the channel index current. Real time: liveness."""
+        `presence_ttl`, and reading the members of the channels served here drops them,
+        with a leave event) and the channel index current. Real time: liveness."""
         interval = max(0.05, self.config.presence_ttl / 3)
         while not self._closed:
             await asyncio.sleep(interval)
@@ -462,6 +474,9 @@ class RedisChannelStore:
                 except BackendError as exc:
                     log.debug("tether: presence refresh failed: %s", exc)
                     break
+            for channel in {channel for channel, _ in self._present}:
+                with contextlib.suppress(BackendError):
+                    await self.presence(channel)  # drops (and announces) expired entries
             await self._flush_index()
 
     # ------------------------------------------------------------------ listener
