@@ -11,6 +11,7 @@ BENCHMARKS: tuple[str, ...] = (
     "cleanup_performance",
     "metrics_overhead",
     "e2e_throughput",
+    "channels",
     "peers",
     "scale",
     "recovery",

@@ -2,7 +2,7 @@
 
 Started by `Child.start("benchmarks._receiver", config)`; speaks JSON lines:
 
-    config (argv[1]): {"url", "clients", "mode": plain|v1|socketio, "prefix", "uvloop", ...}
+    config (argv[1]): {"url", "clients", "mode": plain|v1|channel|socketio, "prefix", ...}
     -> {"event": "ready", "connected": N}
     <- {"cmd": "arm", "expect": M}          every client will receive M messages
     -> {"event": "armed"}
@@ -10,7 +10,8 @@ Started by `Child.start("benchmarks._receiver", config)`; speaks JSON lines:
     <- {"cmd": "exit"}
 
 Modes: `plain` counts every frame; `v1` speaks tether.v1 through `protocol.ClientProtocol`
-and acks cumulatively like `tether.Client` (every 64 messages or 50 ms); `socketio` is a
+and acks cumulatively like `tether.Client` (every 64 messages or 50 ms); `channel` says
+hello, subscribes to `config["channel"]` and counts `pub` frames; `socketio` is a
 minimal Engine.IO v4 / Socket.IO v5 websocket client (answers pings, counts events), so the
 peer's server is measured, not a heavier client library.
 """
@@ -99,6 +100,15 @@ async def _ack_ticker(conns: list[V1Conn], interval: float) -> None:
                     await conn.ws.send(ack)
 
 
+async def _channel(ws: ClientConnection, counter: Counter) -> None:
+    """Count `pub` frames of a tether.v1 channel subscription (no parsing: like `_plain`)."""
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            raw = await ws.recv()
+            if isinstance(raw, str) and raw.startswith('{"type":"pub"'):
+                counter.hit()
+
+
 async def _socketio(ws: ClientConnection, counter: Counter) -> None:
     with contextlib.suppress(ConnectionClosed):
         while True:
@@ -122,13 +132,18 @@ async def _open(config: dict[str, Any], index: int) -> tuple[ClientConnection, A
         "open_timeout": 60,
         "close_timeout": 2,
     }
-    if mode == "v1":
+    if mode in ("v1", "channel"):
         ws = await connect(url, subprotocols=[Subprotocol("tether.v1")], **options)
         cp = protocol.ClientProtocol(client_id, ack_every=64, ack_interval=0.05)
         await ws.send(cp.hello())
         events = cp.receive(await ws.recv(), time.monotonic())
         if not any(isinstance(e, protocol.Welcomed) for e in events):
             raise RuntimeError(f"no welcome for {client_id}: {events!r}")
+        if mode == "channel":
+            await ws.send(cp.subscribe(str(config["channel"])))
+            answer = cp.receive(await ws.recv(), time.monotonic())
+            if not any(isinstance(e, protocol.Subscribed) for e in answer):
+                raise RuntimeError(f"not subscribed: {client_id}: {answer!r}")
         return ws, V1Conn(ws, cp)
     ws = await connect(url, **options)
     if mode == "socketio":
@@ -169,6 +184,8 @@ async def main(config: dict[str, Any]) -> None:
             tasks.append(asyncio.create_task(_v1(extra, counter)))
         elif mode == "socketio":
             tasks.append(asyncio.create_task(_socketio(ws, counter)))
+        elif mode == "channel":
+            tasks.append(asyncio.create_task(_channel(ws, counter)))
         else:
             tasks.append(asyncio.create_task(_plain(ws, counter)))
     if v1conns:

@@ -49,6 +49,7 @@ class BenchServer:
 
     name = "?"
     receiver_mode = "plain"
+    receiver_options: dict[str, Any] = {}  # noqa: RUF012 - read-only; extra receiver config
 
     def __init__(self) -> None:
         self.port = 0
@@ -81,7 +82,13 @@ class BenchServer:
         self.clients = clients
         self.child = await Child.start(
             "benchmarks._receiver",
-            {"url": self.url, "clients": clients, "mode": self.receiver_mode, "prefix": prefix},
+            {
+                "url": self.url,
+                "clients": clients,
+                "mode": self.receiver_mode,
+                "prefix": prefix,
+                **self.receiver_options,
+            },
             label=f"receivers[{self.name}]",
         )
         await self.child.expect("ready", timeout)

@@ -32,10 +32,12 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("policies", ["tether.resilience.*", "tether.metrics"]),
     ("transport contract", ["tether.transports", "tether.transports.base"]),
     ("backends", ["tether.backends.*"]),
+    ("channels", ["tether.channels.*"]),
     (
         "core",
         [
             "tether.hub",
+            "tether.hub_channels",
             "tether.accounting",
             "tether.best_effort",
             "tether.cluster",
@@ -61,6 +63,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tether.transports.guard",
             "tether.auth",
             "tether.client",
+            "tether.subscription",
         ],
     ),
     ("monitoring", ["tether.monitoring.*"]),

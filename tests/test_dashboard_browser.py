@@ -484,3 +484,29 @@ async def test_empty_dashboard_has_sensible_axes(browser: Browser, shots: Path) 
         finally:
             await page.close()
     await hub.shutdown(timeout=1.0)
+
+
+async def test_dashboard_lists_channels_with_subscribers_and_history(browser: Browser) -> None:
+    hub = demo_hub(channel_history_size=5)
+    server = BackgroundServer(dashboard_app(hub))
+    await server.start()
+    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+    console = Console()
+    console.attach(page)
+    try:
+        ws = MockWebSocket(name="reader")
+        await hub.connect("reader", ws)
+        assert await hub.subscribe("reader", "news")
+        for n in range(8):
+            await hub.publish("news", {"n": n})
+        await page.goto(server.url + "/dashboard")
+        row = page.locator('tr[data-channel="news"]')
+        await row.wait_for(timeout=10_000)
+        assert await row.get_by_test_id("channel-subscribers").text_content() == "1"
+        assert await row.get_by_test_id("channel-depth").text_content() == "5"
+        assert await page.get_by_test_id("channels-total").text_content() == "1"
+        assert console.errors == []
+    finally:
+        await page.close()
+        await server.stop()
+        await hub.shutdown(timeout=1.0)

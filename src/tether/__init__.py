@@ -1,6 +1,7 @@
 """Tether: resilient WebSocket delivery for asyncio — acked, ordered, resumable."""
 
 from ._version import __version__
+from .channels import ChannelMessage, Position, PublishResult, PublishStatus
 from .client import (
     Client,
     ClientState,
@@ -17,11 +18,14 @@ from .errors import HubClosedError, HubUnavailable
 from .hub import Hub
 from .messages import BroadcastResult, DeadLetter, SendResult, SendStatus, ShutdownStats
 from .resilience import CircuitState
+from .subscription import ChannelLost, Publication, Subscription, SubscriptionRefused
 from .transports.base import Transport, TransportClosed
 
 __all__ = [
     "BackendKind",
     "BroadcastResult",
+    "ChannelLost",
+    "ChannelMessage",
     "CircuitState",
     "Client",
     "ClientState",
@@ -36,9 +40,15 @@ __all__ = [
     "ManualClock",
     "Message",
     "OverflowPolicy",
+    "Position",
+    "Publication",
+    "PublishResult",
+    "PublishStatus",
     "SendResult",
     "SendStatus",
     "ShutdownStats",
+    "Subscription",
+    "SubscriptionRefused",
     "SystemClock",
     "TetherAuthError",
     "TetherConnectionError",

@@ -40,19 +40,29 @@ import binascii
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
-from .protocol import MAX_TOKEN_LENGTH, CloseCode, Hello, ProtocolError, valid_client_id
+from .channels.service import granted
+from .protocol import (
+    CHANNEL_PATTERN,
+    MAX_TOKEN_LENGTH,
+    CloseCode,
+    Hello,
+    ProtocolError,
+    valid_client_id,
+)
 from .transports.connection import Authenticate, ConnectionInfo, Identity
 
 __all__ = [
     "MIN_SECRET_LENGTH",
     "Identity",
     "auth_from_config",
+    "channel_granted",
     "forbidden_client_id",
     "sign_token",
     "signed_token_authenticator",
     "static_tokens",
+    "token_channels",
     "token_expires_at",
     "token_from",
     "unauthorized",
@@ -162,17 +172,46 @@ def _mac(key: bytes, body: str) -> bytes:
     return hmac.new(key, _CONTEXT + body.encode("ascii"), hashlib.sha256).digest()
 
 
-def sign_token(secret: str | bytes, client_id: str, expires_at: float) -> str:
+def sign_token(
+    secret: str | bytes,
+    client_id: str,
+    expires_at: float,
+    *,
+    channels: Iterable[str] | None = None,
+) -> str:
     """A token for `client_id` valid until `expires_at` (epoch seconds).
 
-    Format: `base64url("<expires_at>:<client_id>") "." base64url(HMAC-SHA256)`. Issue it
+    Format: `base64url("<expires_at>:<client_id>[|<channels>]") "." base64url(HMAC-SHA256)`.
+    `channels` (comma-separated in the token) limits the channels the connection may
+    subscribe to: names, or prefixes ending in `*` (`"room.*"`); an empty list grants
+    none; None (the default) leaves it to the hub's `authorize_subscribe` hooks. Issue it
     from your login service over TLS; keep lifetimes short (minutes to hours), since a
-    stolen token works for anyone until it expires.
+    stolen token works for anyone until it expires. Raises ValueError for a bad client id
+    or channel grant.
     """
     _check_client_id(client_id)
     key = _secret_bytes(secret)
-    body = _b64(f"{int(expires_at)}:{client_id}".encode())
+    text = f"{int(expires_at)}:{client_id}"
+    if channels is not None:
+        grants = list(channels)
+        for grant in grants:
+            if not _valid_grant(grant):
+                raise ValueError(f"invalid channel grant {grant!r}: a channel name or a prefix*")
+        text += "|" + ",".join(grants)
+    body = _b64(text.encode())
     return f"{body}.{_b64(_mac(key, body))}"
+
+
+def _valid_grant(grant: object) -> bool:
+    if not isinstance(grant, str):
+        return False
+    name = grant[:-1] if grant.endswith("*") else grant
+    return (grant.endswith("*") and name == "") or CHANNEL_PATTERN.fullmatch(name) is not None
+
+
+def channel_granted(channel: str, grants: frozenset[str]) -> bool:
+    """Whether `channel` is among `grants` (names, or prefixes ending in `*`)."""
+    return granted(channel, grants)
 
 
 def verify_token(secret: str | bytes, token: str, *, now: float) -> str:
@@ -180,6 +219,11 @@ def verify_token(secret: str | bytes, token: str, *, now: float) -> str:
     token is malformed, forged or expired at `now` (epoch seconds)."""
     key = _secret_bytes(secret)
     return _verify(key, token, now)[0]
+
+
+def token_channels(secret: str | bytes, token: str, *, now: float) -> frozenset[str] | None:
+    """The channel grants of a signed token (None: unrestricted); raises like `verify_token`."""
+    return _verify(_secret_bytes(secret), token, now)[2]
 
 
 def token_expires_at(token: str) -> float | None:
@@ -196,7 +240,7 @@ def token_expires_at(token: str) -> float | None:
         return None
 
 
-def _verify(key: bytes, token: str, now: float) -> tuple[str, int]:
+def _verify(key: bytes, token: str, now: float) -> tuple[str, int, frozenset[str] | None]:
     # The length bound (the protocol's limit on `hello.token`) caps the work per handshake.
     if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:
         raise unauthorized("malformed token")
@@ -210,15 +254,21 @@ def _verify(key: bytes, token: str, now: float) -> tuple[str, int]:
     if not hmac.compare_digest(mac_text.encode(), expected.encode()):
         raise unauthorized("invalid token signature")
     try:
-        expiry_text, _, client_id = _unb64(body).decode("utf-8").partition(":")
+        expiry_text, _, rest = _unb64(body).decode("utf-8").partition(":")
         expires_at = int(expiry_text)
     except (binascii.Error, ValueError):
         raise unauthorized("malformed token") from None
     if now >= expires_at:
         raise unauthorized("token expired")
+    client_id, bar, grant_text = rest.partition("|")  # "|" is in no client id
     if not valid_client_id(client_id):
         raise unauthorized("malformed token")
-    return client_id, expires_at
+    grants = None
+    if bar:
+        grants = frozenset(grant_text.split(",")) if grant_text else frozenset()
+        if not all(_valid_grant(g) for g in grants):
+            raise unauthorized("malformed token")
+    return client_id, expires_at, grants
 
 
 def signed_token_authenticator(
@@ -240,9 +290,9 @@ def signed_token_authenticator(
         if token is None:
             raise unauthorized("a token is required")
         now = clock()
-        client_id, expires_at = _verify(key, token, now)
+        client_id, expires_at, grants = _verify(key, token, now)
         asked = _check_asked(_asked_id(info, hello, client_id_param), client_id)
-        return Identity(asked, expires_in=expires_at - now)
+        return Identity(asked, expires_in=expires_at - now, channels=grants)
 
     return authenticate
 

@@ -12,6 +12,10 @@ iteration, just before the first message after the gap is yielded (or when the
 iteration reaches that point), and `client.lost` counts them as soon as they are known.
 Non-critical messages (`msg.seq is None`) are best-effort.
 
+Channels: `sub = await client.subscribe("news")` is an async iterator of `Publication`s
+(offset, id, data), each offset once and in order or reported through `sub.on_lost`; it
+resubscribes from its last offset after every reconnect (docs/protocol.md §11).
+
 `token` is a string, or a function (sync or async) returning a fresh one: it is called
 before every connection and, for tokens with an expiry (Tether's signed tokens), again
 ahead of that expiry, the fresh token going to the server in an `auth` frame so the
@@ -45,13 +49,18 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from . import protocol
+from .channels.cursor import ChannelCursor
 from .protocol import Lost
+from .subscription import RESUBSCRIBE_CODES, Publication, Subscription, SubscriptionRefused
 
 __all__ = [
     "Client",
     "ClientState",
     "Lost",
     "Message",
+    "Publication",
+    "Subscription",
+    "SubscriptionRefused",
     "TetherAuthError",
     "TetherConnectionError",
     "TetherError",
@@ -230,6 +239,8 @@ class Client:
         self._closing = False
         self._error: BaseException | None = None
         self._ended = False
+        self._subs: dict[str, Subscription] = {}
+        self._pending_sends: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ public
 
@@ -307,6 +318,124 @@ class Client:
             await ws.send(self._cp.publish(data, id=id))
         except (ConnectionClosed, protocol.ProtocolError) as exc:
             raise TetherConnectionError(f"connection lost while publishing: {exc}") from exc
+
+    # ------------------------------------------------------------------ channels
+
+    @property
+    def subscriptions(self) -> dict[str, Subscription]:
+        """The channel subscriptions, by channel (the server's own ones included)."""
+        return dict(self._subs)
+
+    async def subscribe(
+        self,
+        channel: str,
+        *,
+        presence: bool = False,
+        since: tuple[str, int] | None = None,
+    ) -> Subscription:
+        """Subscribe to `channel` and wait for the server's answer; returns the
+        `Subscription` (an async iterator of `Publication`s), which resubscribes from its
+        last offset after every reconnect. `presence` asks for join/leave events; `since`
+        (epoch, offset) resumes a position persisted from an earlier `Subscription`.
+
+        Raises ValueError for an invalid channel name, `SubscriptionRefused` when the
+        server refuses (code `forbidden` from an `authorize_subscribe` hook), or the
+        client's terminal error if it stops first.
+        """
+        if self._task is None or self._closing:
+            raise TetherError("client is not running; call connect() first")
+        if not isinstance(channel, str) or protocol.CHANNEL_PATTERN.fullmatch(channel) is None:
+            raise ValueError(f"invalid channel name {channel!r}")
+        sub = self._subs.get(channel)
+        if sub is None:
+            cursor = ChannelCursor(channel)
+            if since is not None:
+                cursor = ChannelCursor(channel, epoch=since[0], offset=since[1])
+            sub = Subscription(self, channel, presence=presence, cursor=cursor)
+            self._subs[channel] = sub
+            await self._send_subscribe(sub)
+        try:
+            await sub.wait_subscribed()
+        except BaseException:
+            if sub.ended and self._subs.get(channel) is sub:
+                del self._subs[channel]
+            raise
+        return sub
+
+    async def _send_subscribe(self, sub: Subscription) -> None:
+        """Send `subscribe` for `sub` on the current connection, once per connection (a
+        later welcome sends it again)."""
+        ws = self._ws
+        if ws is None or not self._connected.is_set() or sub.sent_on is ws or sub.ended:
+            return
+        sub.cursor.subscribing()
+        sub.sent_on = ws
+        try:
+            frame = self._cp.subscribe(sub.channel, sub.cursor.since(), presence=sub.presence)
+            await ws.send(frame)
+        except (ConnectionClosed, protocol.ProtocolError):
+            sub.sent_on = None  # sent again after the next welcome
+
+    def _resubscribe_soon(self, sub: Subscription) -> None:
+        if self._subs.get(sub.channel) is sub and not sub.ended:
+            sub.resubscribes += 1
+            task = asyncio.ensure_future(self._send_subscribe(sub))
+            self._pending_sends.add(task)
+            task.add_done_callback(self._pending_sends.discard)
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.get(sub.channel) is sub:
+            del self._subs[sub.channel]
+        sub.end(None)
+        ws = self._ws
+        if ws is not None and self._connected.is_set():
+            with contextlib.suppress(ConnectionClosed, protocol.ProtocolError):
+                await ws.send(self._cp.unsubscribe(sub.channel))
+
+    async def _channel_event(self, event: protocol.ChannelFrame) -> None:
+        sub = self._subs.get(event.channel)
+        if isinstance(event, protocol.Subscribed):
+            if sub is None:  # the server subscribed this client itself (hub.subscribe)
+                sub = Subscription(
+                    self, event.channel, presence=False, cursor=ChannelCursor(event.channel)
+                )
+                self._subs[event.channel] = sub
+                sub.sent_on = self._ws
+            sub.on_subscribed(event)
+            return
+        if sub is None:
+            return  # in flight when the application unsubscribed
+        if isinstance(event, protocol.Pub):
+            outcome = sub.on_pub(event)
+            if outcome is True:  # a hole in the offsets: the server replays from ours
+                sub.resubscribes += 1
+                sub.sent_on = None
+                await self._send_subscribe(sub)
+            elif isinstance(outcome, Publication):
+                await sub.put(outcome)
+        elif isinstance(event, protocol.Unsubscribed):
+            if event.code in RESUBSCRIBE_CODES:
+                log.info("tether client: %s: %s; resubscribing", event.channel, event.code)
+                sub.resubscribes += 1
+                sub.sent_on = None
+                await self._send_subscribe(sub)
+            elif event.code is None and not sub.cursor.active:
+                return  # the answer to an earlier unsubscribe of this channel
+            elif event.code == "unavailable" and sub.cursor.epoch is not None:
+                # The server's channel store is down for now: an established subscription
+                # keeps its position and asks again shortly.
+                sub.sent_on = None
+                asyncio.get_running_loop().call_later(
+                    self._rng.uniform(0.2, 1.0), self._resubscribe_soon, sub
+                )
+            else:
+                del self._subs[event.channel]
+                error = None
+                if event.code not in (None, "server"):
+                    error = SubscriptionRefused(event.channel, event.code, event.reason)
+                sub.end(error)
+        else:
+            await sub.presence_event(event.client_id, isinstance(event, protocol.Join))
 
     async def close(self) -> None:
         """Acknowledge what was received, close the connection and stop. Idempotent."""
@@ -480,8 +609,12 @@ class Client:
                         self._on_welcome(event.welcome)
                         if self._token_source is not None and refresher is None:
                             refresher = asyncio.create_task(self._refresh_loop(ws))
-                    else:
+                        for sub in list(self._subs.values()):  # resubscribe from each offset
+                            await self._send_subscribe(sub)
+                    elif isinstance(event, protocol.ServerRejected):
                         rejection = event
+                    else:
+                        await self._channel_event(event)
                 if rejection is not None:
                     break
                 frame = self._cp.ack_due(loop.time())
@@ -571,3 +704,6 @@ class Client:
         self._state = ClientState.CLOSED
         self._connected.clear()
         self._items.put_nowait(_End(error))
+        for sub in list(self._subs.values()):
+            sub.end(error)
+        self._subs.clear()

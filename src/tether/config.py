@@ -121,6 +121,11 @@ class HubConfig(BaseSettings):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     handshake_timeout: PositiveSeconds = 10.0
 
+    # channels
+    channel_history_size: int = Field(1000, ge=1, le=10_000_000)
+    channel_history_ttl: PositiveSeconds = 300.0
+    channel_send_buffer: int = Field(1000, ge=1, le=10_000_000)
+
     # housekeeping
     client_ttl: PositiveSeconds = 3600.0
     cleanup_interval: PositiveSeconds = 300.0

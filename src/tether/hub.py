@@ -12,6 +12,8 @@ from typing import Any
 from . import protocol
 from .accounting import Accounting
 from .backends import Backend, BackendError, backend_for
+from .channels import ChannelMessage, Channels, Position, PublishResult
+from .channels.service import Authorizer
 from .clock import Clock, SystemClock
 from .cluster import ClusterEvents
 from .config import HubConfig
@@ -19,6 +21,7 @@ from .connections import Connections
 from .envelopes import EnvelopeFactory, Rejected, explicit_id
 from .errors import HubClosedError, HubUnavailable
 from .fanout import FanOut, tally
+from .hub_channels import HubChannels
 from .messages import BroadcastResult, DeadLetter, SendResult, SendStatus, ShutdownStats
 from .metrics import HubMetrics
 from .pipeline import DeliveryPipeline
@@ -79,6 +82,9 @@ class Hub:
         )
         self._connections = Connections(
             self.session_id, self._backend, acct, registry, pipeline, cluster, tasks
+        )
+        self._channels = HubChannels(
+            cfg, self.clock, self._backend, self.session_id, registry, self.metrics
         )
         self._acct = acct
         self._handlers: list[MessageHandler] = []
@@ -366,8 +372,71 @@ class Hub:
             self.clock, self._backend, self._acct, self._registry, self._pipeline, self._tasks
         )
         stats = await shutdown.run(flush=flush, close_connections=close_connections, budget=budget)
+        await self._channels.close()
         self._shutdown_stats = stats
         return stats
+
+    # ------------------------------------------------------------------ channels
+    # Delegates to HubChannels (hub_channels.py), which owns the tether.channels service.
+
+    @property
+    def channels(self) -> Channels:
+        """This hub's channels service (created on first use)."""
+        return self._channels.service
+
+    async def publish(
+        self, channel: str, payload: Any, *, message_id: str | None = None
+    ) -> PublishResult:
+        """Append `payload` to `channel`'s stream once (dedup by id within its history) and
+        write it to every subscriber. `PublishResult.status`: PUBLISHED (with `offset` and
+        `epoch`), DUPLICATE, REJECTED (with a reason: bad name or payload, shutting down,
+        store down) or UNKNOWN (resend with the same `message_id`)."""
+        return await self._channels.publish(channel, payload, message_id, closing=self._closing)
+
+    async def history(
+        self, channel: str, since: Position | int | None = None, limit: int = 100
+    ) -> list[ChannelMessage]:
+        """Up to `limit` messages `channel` still holds after `since` (an offset or a
+        `Position`), oldest first. Raises ValueError for a bad name or limit."""
+        return await self._channels.history(channel, since, limit)
+
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        """Who is subscribed to `channel`, across every node: {client_id: info}."""
+        return await self._channels.presence(channel)
+
+    async def subscribe(
+        self, client_id: str, channel: str, *, since: Position | None = None, presence: bool = False
+    ) -> bool:
+        """Subscribe `client_id`'s connection on this node to `channel` (server-side: no
+        `authorize_subscribe` check). The client gets a `subscribed` frame; returns False
+        when it is not connected here. Raises ValueError for a bad channel name."""
+        return await self._channels.subscribe(client_id, channel, since, presence)
+
+    async def unsubscribe(self, client_id: str, channel: str) -> bool:
+        """End `client_id`'s subscription to `channel` (an `unsubscribed` frame with reason
+        "unsubscribed by the server"). Returns whether it had one on this node."""
+        return await self._channels.unsubscribe(client_id, channel)
+
+    def authorize_subscribe(self, check: Authorizer) -> Authorizer:
+        """Register `async def check(client_id, channel) -> bool`: may this client subscribe?
+        Every registered check must say yes (none registered: allowed). A refusal is an
+        `unsubscribed` frame with code `forbidden`; the connection stays open."""
+        return self._channels.authorize_subscribe(check)
+
+    async def channel_frame(
+        self,
+        client_id: str,
+        transport: Transport,
+        frame: protocol.Subscribe | protocol.Unsubscribe,
+        grants: frozenset[str] | None = None,
+    ) -> None:
+        """A `subscribe` or `unsubscribe` frame from `client_id`'s connection `transport`;
+        `grants`: the channels its credentials allow (None: no limit from them)."""
+        await self._channels.frame(client_id, transport, frame, grants)
+
+    def channel_connection_closed(self, client_id: str, transport: Transport) -> None:
+        """The connection `transport` of `client_id` ended: its subscriptions end."""
+        self._channels.connection_closed(client_id, transport)
 
     # ------------------------------------------------------------------ read-only views
 

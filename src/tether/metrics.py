@@ -167,6 +167,9 @@ class MetricsSnapshot:
     rss_bytes: int
     clients: dict[str, dict[str, Any]] | None = None
     is_interval: bool = False
+    # Sections contributed by other parts (`HubMetrics.add_section`): (name, values, the
+    # names among them that are counters).
+    sections: tuple[tuple[str, dict[str, Any], frozenset[str]], ...] = ()
 
     def counter(self, name: str) -> int:
         """A counter by its field name, e.g. `"messages_sent"`."""
@@ -188,6 +191,7 @@ class MetricsSnapshot:
             latency_total=self.latency_total - older.latency_total,
             rss_bytes=self.rss_bytes,
             is_interval=True,
+            sections=tuple(_section_diff(section, older.sections) for section in self.sections),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,6 +255,7 @@ class MetricsSnapshot:
                 "lost": c["streams_lost"],
                 "unknown": c["streams_unknown"],
             },
+            **{name: dict(values) for name, values, _ in self.sections},
             "memory": {"rss_bytes": self.rss_bytes, "tracked_clients": g.tracked_clients},
             "backend": {"errors": g.backend_errors},
             "uptime_seconds": round(self.uptime_seconds, 3),
@@ -261,6 +266,23 @@ class MetricsSnapshot:
         if self.clients is not None:
             data["clients"] = self.clients
         return data
+
+
+def _section_diff(
+    section: tuple[str, dict[str, Any], frozenset[str]],
+    older: tuple[tuple[str, dict[str, Any], frozenset[str]], ...],
+) -> tuple[str, dict[str, Any], frozenset[str]]:
+    """A section's counters minus those of the same section in `older`; gauges as is."""
+    name, values, counters = section
+    before = next((v for n, v, _ in older if n == name), {})
+    return (
+        name,
+        {k: v - before.get(k, 0) if k in counters else v for k, v in values.items()},
+        counters,
+    )
+
+
+SectionReader = Callable[[], dict[str, Any]]
 
 
 def client_counters_dict(counters: Counters) -> dict[str, int]:
@@ -283,6 +305,7 @@ class HubMetrics:
         self._started = clock.now()
         self._gauges: GaugeReader = Gauges
         self._client_extras: Callable[[str], dict[str, Any]] = lambda _cid: {}
+        self._sections: dict[str, tuple[SectionReader, frozenset[str]]] = {}
         self.prometheus_registry = CollectorRegistry(auto_describe=True)
         self.prometheus_registry.register(PrometheusCollector(self))
 
@@ -290,6 +313,12 @@ class HubMetrics:
         """Let the hub supply live gauges and per-client state at snapshot time."""
         self._gauges = gauges
         self._client_extras = client_extras
+
+    def add_section(self, name: str, read: SectionReader, counters: Iterable[str]) -> None:
+        """Add a `to_dict()` section (and `tether_<name>_<field>` Prometheus series) whose
+        values `read()` returns at snapshot time; `counters` names the monotonic ones
+        (subtracted by `diff`), the rest are gauges."""
+        self._sections[name] = (read, frozenset(counters))
 
     def client(self, client_id: str) -> ClientStats:
         stats = self.clients.get(client_id)
@@ -322,6 +351,9 @@ class HubMetrics:
             latency_total=self.latency.total,
             rss_bytes=rss_bytes(),
             clients=clients,
+            sections=tuple(
+                (name, read(), counters) for name, (read, counters) in self._sections.items()
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -381,6 +413,16 @@ class PrometheusCollector(Collector):
         }
         for name, (value, doc) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
+        for section, values, counters in snap.sections:
+            for field_name, value in values.items():
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    continue
+                metric = f"tether_{section}_{field_name}"
+                doc = f"Tether {section} {field_name.replace('_', ' ')}"
+                if field_name in counters:
+                    yield CounterMetricFamily(metric, doc, value=value)
+                else:
+                    yield GaugeMetricFamily(metric, doc, value=value)
         yield HistogramMetricFamily(
             "tether_latency_seconds",
             "Delivery latency: accepted to delivered (written, or acked in tether.v1)",

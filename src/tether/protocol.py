@@ -19,9 +19,11 @@ from typing import Any, Final, TypeAlias
 import orjson
 
 __all__ = [
+    "CHANNEL_PATTERN",
     "CLIENT_ID_PATTERN",
     "CLIENT_ID_RULE",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "MAX_CHANNEL_LENGTH",
     "MAX_CLIENT_ID_LENGTH",
     "MAX_RESUME_SEQ",
     "MAX_SEQ",
@@ -29,6 +31,7 @@ __all__ = [
     "SUBPROTOCOL",
     "Ack",
     "Auth",
+    "ChannelFrame",
     "ClientEvent",
     "ClientFrame",
     "ClientProtocol",
@@ -37,14 +40,22 @@ __all__ = [
     "Error",
     "Frame",
     "Hello",
+    "Join",
+    "Leave",
     "Lost",
     "Msg",
     "ProtocolError",
+    "Pub",
     "Publish",
     "Received",
     "ServerFrame",
     "ServerProtocol",
     "ServerRejected",
+    "Since",
+    "Subscribe",
+    "Subscribed",
+    "Unsubscribe",
+    "Unsubscribed",
     "Welcome",
     "Welcomed",
     "check_ack",
@@ -54,6 +65,7 @@ __all__ = [
     "encode",
     "encode_data",
     "encode_msg",
+    "encode_pub",
     "valid_client_id",
 ]
 
@@ -80,6 +92,11 @@ def valid_client_id(client_id: object) -> bool:
     """Whether `client_id` is a string that follows the client-id rule (`fullmatch`: with
     `match`, the pattern's `$` would also accept a trailing newline)."""
     return isinstance(client_id, str) and CLIENT_ID_PATTERN.fullmatch(client_id) is not None
+
+
+MAX_CHANNEL_LENGTH: Final = 128
+CHANNEL_PATTERN: Final = re.compile(rf"[A-Za-z0-9._:@-]{{1,{MAX_CHANNEL_LENGTH}}}")
+MAX_REASON_LENGTH: Final = 1024
 
 
 _ENCODINGS: Final = (None, "base64")
@@ -173,9 +190,86 @@ class Error:
     reason: str
 
 
-Frame: TypeAlias = Hello | Welcome | Msg | Ack | Publish | Auth | Error
-ClientFrame: TypeAlias = Hello | Ack | Publish | Auth
-ServerFrame: TypeAlias = Welcome | Msg | Error
+# ---- channels (see docs/protocol.md, "Channels")
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """A subscriber's position: the last offset it saw within `epoch`."""
+
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Client -> server: subscribe to `channel`, resuming after `since` when given;
+    `presence` asks for `join`/`leave` frames."""
+
+    channel: str
+    since: Since | None = None
+    presence: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """Server -> client: the subscription is on. `epoch`/`offset`: the stream's position
+    now. `pub` frames follow from offset `after + 1` (a replay first, when resuming).
+    `recovered` false: `lost` messages after `since` are gone; `reset`: the subscriber's
+    epoch no longer exists, so losses from it could not be counted."""
+
+    channel: str
+    epoch: str
+    offset: int
+    recovered: bool
+    lost: int = 0
+    after: int = 0
+    reset: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribed:
+    """Server -> client: the subscription is off (or was refused: `code` says why)."""
+
+    channel: str
+    reason: str
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pub:
+    """Server -> client: one message of a channel's stream."""
+
+    channel: str
+    offset: int
+    id: str
+    data: Any
+    enc: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    channel: str
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    channel: str
+    client_id: str
+
+
+ChannelFrame: TypeAlias = Subscribed | Unsubscribed | Pub | Join | Leave
+Frame: TypeAlias = (
+    Hello | Welcome | Msg | Ack | Publish | Auth | Error | Subscribe | Unsubscribe | ChannelFrame
+)
+ClientFrame: TypeAlias = Hello | Ack | Publish | Auth | Subscribe | Unsubscribe
+ServerFrame: TypeAlias = Welcome | Msg | Error | ChannelFrame
 
 
 # --------------------------------------------------------------------------- encoding
@@ -209,6 +303,35 @@ def encode(frame: Frame) -> str:
             obj["epoch"] = frame.epoch
     elif isinstance(frame, Auth):
         obj = {"type": "auth", "token": frame.token}
+    elif isinstance(frame, Pub):
+        data_json = orjson.dumps(frame.data)
+        return encode_pub(frame.channel, frame.offset, frame.id, data_json, frame.enc)
+    elif isinstance(frame, Subscribe):
+        obj = {"type": "subscribe", "channel": frame.channel}
+        if frame.since is not None:
+            obj["since"] = {"epoch": frame.since.epoch, "offset": frame.since.offset}
+        if frame.presence:
+            obj["presence"] = True
+    elif isinstance(frame, Unsubscribe):
+        obj = {"type": "unsubscribe", "channel": frame.channel}
+    elif isinstance(frame, Subscribed):
+        obj = {
+            "type": "subscribed",
+            "channel": frame.channel,
+            "epoch": frame.epoch,
+            "offset": frame.offset,
+            "recovered": frame.recovered,
+            "lost": frame.lost,
+            "after": frame.after,
+            "reset": frame.reset,
+        }
+    elif isinstance(frame, Unsubscribed):
+        obj = {"type": "unsubscribed", "channel": frame.channel, "reason": frame.reason}
+        if frame.code is not None:
+            obj["code"] = frame.code
+    elif isinstance(frame, Join | Leave):
+        kind = "join" if isinstance(frame, Join) else "leave"
+        obj = {"type": kind, "channel": frame.channel, "client_id": frame.client_id}
     elif isinstance(frame, Publish):
         obj = {"type": "publish"}
         if frame.id is not None:
@@ -239,6 +362,18 @@ def check_ack(seq: int, highest_sent: int) -> None:
         )
 
 
+def encode_pub(
+    channel: str, offset: int, msg_id: str, data_json: bytes, enc: str | None = None
+) -> str:
+    """A `pub` frame around already-encoded JSON `data_json`: built once per publish and
+    written to every subscriber as is."""
+    enc_json = "" if enc is None else ',"enc":' + orjson.dumps(enc).decode()
+    return (
+        f'{{"type":"pub","channel":{orjson.dumps(channel).decode()},"offset":{offset},'
+        f'"id":{orjson.dumps(msg_id).decode()}{enc_json},"data":{data_json.decode()}}}'
+    )
+
+
 def encode_data(payload: Any) -> tuple[bytes, str | None]:
     """`(data_json, enc)` for a payload: bytes become base64 text with enc "base64".
 
@@ -249,7 +384,7 @@ def encode_data(payload: Any) -> tuple[bytes, str | None]:
     return orjson.dumps(payload), None
 
 
-def decode_data(msg: Msg | Publish) -> Any:
+def decode_data(msg: Msg | Publish | Pub) -> Any:
     """The application payload of a `msg` or `publish`: bytes when enc is "base64", else data."""
     if msg.enc is None:
         return msg.data
@@ -455,8 +590,72 @@ def _error(obj: dict[str, Any]) -> Error:
     return Error(_str(obj, "code"), _str(obj, "reason"))
 
 
-_SERVER_TYPES: Final = frozenset({"welcome", "msg", "error"})
-_CLIENT_TYPES: Final = frozenset({"hello", "ack", "publish", "auth"})
+def _channel(obj: dict[str, Any]) -> str:
+    channel = obj.get("channel")
+    if type(channel) is not str or CHANNEL_PATTERN.fullmatch(channel) is None:
+        raise _invalid(
+            f"channel must be 1..{MAX_CHANNEL_LENGTH} characters of [A-Za-z0-9._:@-]"
+        )
+    return channel
+
+
+def _epoch(obj: dict[str, Any]) -> str:
+    epoch = _str(obj, "epoch")
+    if len(epoch) > MAX_EPOCH_LENGTH:
+        raise _invalid(f"epoch must be at most {MAX_EPOCH_LENGTH} characters")
+    return epoch
+
+
+def _subscribe(obj: dict[str, Any]) -> Subscribe:
+    channel = _channel(obj)
+    since = None
+    raw = obj.get("since")
+    if raw is not None:
+        if type(raw) is not dict:
+            raise _invalid("since must be an object {epoch, offset} or absent")
+        since = Since(_epoch(raw), _int(raw, "offset", 0))
+    return Subscribe(channel, since, _bool(obj, "presence", False))
+
+
+def _subscribed(obj: dict[str, Any]) -> Subscribed:
+    offset = _int(obj, "offset", 0)
+    after = _int(obj, "after", 0, 0)
+    if after > offset:
+        raise _invalid("after must not exceed offset")
+    return Subscribed(
+        _channel(obj),
+        _epoch(obj),
+        offset,
+        _bool(obj, "recovered"),
+        _int(obj, "lost", 0, 0),
+        after,
+        _bool(obj, "reset", False),
+    )
+
+
+def _unsubscribed(obj: dict[str, Any]) -> Unsubscribed:
+    reason = _str(obj, "reason")
+    if len(reason) > MAX_REASON_LENGTH:
+        raise _invalid(f"reason must be at most {MAX_REASON_LENGTH} characters")
+    return Unsubscribed(_channel(obj), reason, _opt_str(obj, "code"))
+
+
+def _pub(obj: dict[str, Any]) -> Pub:
+    data, enc = _data(obj)
+    return Pub(_channel(obj), _int(obj, "offset", 1), _str(obj, "id"), data, enc)
+
+
+def _member(obj: dict[str, Any]) -> str:
+    client_id = _str(obj, "client_id")
+    if not valid_client_id(client_id):
+        raise _invalid("client_id must be 1..128 characters of [A-Za-z0-9._:@-]")
+    return client_id
+
+
+_SERVER_TYPES: Final = frozenset(
+    {"welcome", "msg", "error", "subscribed", "unsubscribed", "pub", "join", "leave"}
+)
+_CLIENT_TYPES: Final = frozenset({"hello", "ack", "publish", "auth", "subscribe", "unsubscribe"})
 
 
 def _wrong_type(
@@ -484,6 +683,10 @@ def decode_client_frame(
         return _hello(obj)
     if frame_type == "auth":
         return _auth(obj)
+    if frame_type == "subscribe":
+        return _subscribe(obj)
+    if frame_type == "unsubscribe":
+        return Unsubscribe(_channel(obj))
     raise _wrong_type(frame_type, _CLIENT_TYPES, _SERVER_TYPES)
 
 
@@ -499,6 +702,16 @@ def decode_server_frame(
         return _welcome(obj)
     if frame_type == "error":
         return _error(obj)
+    if frame_type == "pub":
+        return _pub(obj)
+    if frame_type == "subscribed":
+        return _subscribed(obj)
+    if frame_type == "unsubscribed":
+        return _unsubscribed(obj)
+    if frame_type == "join":
+        return Join(_channel(obj), _member(obj))
+    if frame_type == "leave":
+        return Leave(_channel(obj), _member(obj))
     raise _wrong_type(frame_type, _SERVER_TYPES, _CLIENT_TYPES)
 
 
@@ -517,6 +730,10 @@ _AWAITING_HELLO: Final = ConnectionState.AWAITING_HELLO
 _AWAITING_WELCOME: Final = ConnectionState.AWAITING_WELCOME
 _OPEN: Final = ConnectionState.OPEN
 _CLOSED: Final = ConnectionState.CLOSED
+
+
+# Frames a client may send once the connection is open, besides `ack`.
+_OPEN_CLIENT_FRAMES: Final = frozenset({Publish, Auth, Subscribe, Unsubscribe})
 
 
 def _internal(reason: str) -> ProtocolError:
@@ -558,7 +775,7 @@ class ServerProtocol:
                     if frame.seq > self.acked:
                         self.acked = frame.seq
                     return frame
-                if type(frame) is Publish or type(frame) is Auth:
+                if type(frame) in _OPEN_CLIENT_FRAMES:
                     return frame
                 raise ProtocolError("unexpected_frame", "hello was already received")
             if self.hello is not None:
@@ -652,7 +869,7 @@ class ServerRejected:
     reason: str
 
 
-ClientEvent: TypeAlias = Received | Lost | Welcomed | ServerRejected
+ClientEvent: TypeAlias = Received | Lost | Welcomed | ServerRejected | ChannelFrame
 
 _Ranges: TypeAlias = list[tuple[int, int]]
 
@@ -755,9 +972,13 @@ class ClientProtocol:
                 if self.state is not _AWAITING_WELCOME:
                     raise ProtocolError("unexpected_frame", "welcome was already received")
                 return self._on_welcome(frame)
-            assert type(frame) is Error
-            self.state = _CLOSED
-            return [ServerRejected(frame.code, frame.reason)]
+            if type(frame) is Error:
+                self.state = _CLOSED
+                return [ServerRejected(frame.code, frame.reason)]
+            assert isinstance(frame, Subscribed | Unsubscribed | Pub | Join | Leave)
+            if self.state is not _OPEN:
+                raise ProtocolError("unexpected_frame", f"{type(frame).__name__} before welcome")
+            return [frame]
         except ProtocolError:
             self.state = _CLOSED
             raise
@@ -869,6 +1090,29 @@ class ClientProtocol:
                 raise _closed()
             raise _internal("auth before welcome")
         return encode(Auth(token))
+
+    def subscribe(
+        self, channel: str, since: Since | None = None, *, presence: bool = False
+    ) -> str:
+        """The text of a `subscribe` frame; raises ValueError for a bad channel name and
+        `ProtocolError` when the connection is not open."""
+        if not isinstance(channel, str) or CHANNEL_PATTERN.fullmatch(channel) is None:
+            raise ValueError(
+                f"channel must be 1..{MAX_CHANNEL_LENGTH} characters of [A-Za-z0-9._:@-]"
+            )
+        self._require_open("subscribe")
+        return encode(Subscribe(channel, since, presence))
+
+    def unsubscribe(self, channel: str) -> str:
+        """The text of an `unsubscribe` frame."""
+        self._require_open("unsubscribe")
+        return encode(Unsubscribe(channel))
+
+    def _require_open(self, what: str) -> None:
+        if self.state is not _OPEN:
+            if self.state is _CLOSED:
+                raise _closed()
+            raise _internal(f"{what} before welcome")
 
     def publish(self, data: Any, *, id: str | None = None) -> str:
         """The text of a `publish` frame; bytes are sent base64 with enc "base64"."""

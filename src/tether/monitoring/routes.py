@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import api, health, pages, publish
+from . import api, channels, health, pages, publish
 from .openapi import openapi_document
 from .responses import JSONResponse
 from .routing import Endpoint
@@ -32,6 +32,7 @@ ROUTES: list[Endpoint] = [
     *health.ENDPOINTS,
     *api.ENDPOINTS,
     *publish.ENDPOINTS,
+    *channels.ENDPOINTS,
     Endpoint("/openapi.json", openapi, "monitor"),
     *pages.ENDPOINTS,
 ]

@@ -5,6 +5,9 @@
 //   client.addEventListener("message", (e) => console.log(e.detail.seq, e.detail.data));
 //   client.addEventListener("lost", (e) => console.warn("lost", e.detail.count, e.detail.ranges));
 //   await client.connect();
+//   const news = client.subscribe("news");             // a channel: history, recovery, presence
+//   news.addEventListener("message", (e) => console.log(e.detail.offset, e.detail.data));
+//   news.addEventListener("lost", (e) => console.warn("lost", e.detail.count));
 //
 // Plain mode needs no library: `new WebSocket("/ws?client_id=alice")` receives payloads as-is.
 
@@ -21,6 +24,9 @@ const SIZE_SLACK = 64 * 1024;
 // Close codes after which reconnecting would fail the same way (protocol.md §7).
 const FATAL_CLOSES = new Set([1002, 1003, 1007, 1008, 1009, 1010]);
 const CLIENT_ID_RE = /^[A-Za-z0-9._:@-]{1,128}$/;
+const CHANNEL_RE = /^[A-Za-z0-9._:@-]{1,128}$/;
+// `unsubscribed` codes after which a subscription resubscribes from its offset (protocol.md §11).
+const RESUBSCRIBE_CODES = new Set(["slow_consumer", "epoch_changed", "history_gap"]);
 const MAX_TOKEN_LENGTH = 4096;
 const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 const STORAGE_PREFIX = "tether:";
@@ -195,12 +201,151 @@ function decodeServerFrame(raw, maxSize) {
     }
     case "error":
       return { type: "error", code: str(obj, "code"), reason: str(obj, "reason") };
+    case "subscribed": {
+      const offset = int(obj, "offset", 0);
+      const after = int(obj, "after", 0, 0);
+      if (after > offset) throw invalid("after must not exceed offset");
+      return {
+        type: "subscribed",
+        channel: channelOf(obj),
+        epoch: str(obj, "epoch"),
+        offset,
+        recovered: bool(obj, "recovered"),
+        lost: int(obj, "lost", 0, 0),
+        after,
+        reset: bool(obj, "reset", false),
+      };
+    }
+    case "unsubscribed": {
+      const code = obj.code ?? null;
+      if (code !== null && typeof code !== "string") throw invalid("code must be a string or absent");
+      return { type: "unsubscribed", channel: channelOf(obj), reason: str(obj, "reason"), code };
+    }
+    case "pub": {
+      if (!("data" in obj)) throw invalid("data is required");
+      const enc = obj.enc ?? null;
+      if (enc !== null && enc !== "base64") throw invalid('enc must be "base64" or absent');
+      return {
+        type: "pub", channel: channelOf(obj), offset: int(obj, "offset", 1), id: str(obj, "id"), enc, data: obj.data,
+      };
+    }
+    case "join":
+    case "leave": {
+      const clientId = str(obj, "client_id");
+      if (!CLIENT_ID_RE.test(clientId)) throw invalid("client_id must be 1..128 characters of [A-Za-z0-9._:@-]");
+      return { type: obj.type, channel: channelOf(obj), clientId };
+    }
     case "hello":
     case "ack":
     case "publish":
+    case "auth":
+    case "subscribe":
+    case "unsubscribe":
       throw new ProtocolViolation("unexpected_frame", `'${obj.type}' frames go the other way`);
     default:
-      throw new ProtocolViolation("unknown_type", "type must be one of ['error', 'msg', 'welcome']");
+      throw new ProtocolViolation(
+        "unknown_type",
+        "type must be one of ['error', 'join', 'leave', 'msg', 'pub', 'subscribed', 'unsubscribed', 'welcome']",
+      );
+  }
+}
+
+function channelOf(obj) {
+  const channel = obj.channel;
+  if (typeof channel !== "string" || !CHANNEL_RE.test(channel)) {
+    throw invalid("channel must be 1..128 characters of [A-Za-z0-9._:@-]");
+  }
+  return channel;
+}
+
+/**
+ * One channel subscription of a TetherClient (from `client.subscribe(name)`). Events:
+ * `message` (detail {channel, offset, id, data}: each offset once, in order), `lost`
+ * (detail {channel, count, after, reset}: messages that will never arrive), `join` /
+ * `leave` (detail {channel, clientId}; with `presence: true`), `subscribed` (each answer
+ * of the server) and `unsubscribed` (detail {code, reason}: it ended). It resubscribes from
+ * its offset after every reconnect, and with the client's `storage` after a page reload.
+ * `ready` resolves at the first answer, rejects on refusal.
+ */
+export class TetherSubscription extends EventTarget {
+  constructor(client, channel, { presence = false, since = null } = {}) {
+    super();
+    /** @readonly */ this.channel = channel;
+    /** @readonly */ this.presence = presence;
+    this.client = client;
+    // With the client's `storage`, the position survives a page reload.
+    this._key = `${STORAGE_PREFIX}channel:${client.clientId}:${channel}`;
+    if (since === null && client._storage) {
+      const saved = client._storage.getItem(this._key);
+      const match = saved === null ? null : /^([^:]{1,64}):(\d+)$/.exec(saved);
+      if (match && isInt(Number(match[2]), 0)) since = { epoch: match[1], offset: Number(match[2]) };
+    }
+    /** @type {string | null} */ this.epoch = since ? since.epoch : null;
+    this.offset = since ? since.offset : 0;
+    this.counters = { received: 0, duplicates: 0, lost: 0, resubscribes: 0 };
+    this.active = false; // the server answered the last `subscribe`
+    this.ended = false;
+    this._sentOn = null; // the WebSocket the last `subscribe` went out on
+    this.ready = new Promise((resolve, reject) => {
+      this._resolve = resolve;
+      this._reject = reject;
+    });
+    this.ready.catch(() => {}); // callers that do not await see no unhandled rejection
+  }
+
+  /** End the subscription. */
+  unsubscribe() {
+    this.client._unsubscribe(this);
+  }
+
+  _onSubscribed(frame) {
+    if (this.epoch !== null && (frame.lost > 0 || frame.reset || !frame.recovered)) {
+      this.counters.lost += frame.lost;
+      this._emit("lost", { channel: this.channel, count: frame.lost, after: frame.after - frame.lost, reset: frame.reset });
+    }
+    this.epoch = frame.epoch;
+    this.offset = frame.after;
+    this.active = true;
+    this._persist();
+    this._emit("subscribed", frame);
+    this._resolve();
+  }
+
+  /** @returns {boolean} true when the caller must resubscribe (a hole in the offsets) */
+  _onPub(frame) {
+    if (!this.active) return false;
+    if (frame.offset <= this.offset) {
+      this.counters.duplicates++;
+      return false;
+    }
+    if (frame.offset !== this.offset + 1) {
+      this.active = false;
+      return true;
+    }
+    this.offset = frame.offset;
+    this.counters.received++;
+    this._persist();
+    const data = frame.enc === "base64" ? fromBase64(frame.data) : frame.data;
+    this._emit("message", { channel: this.channel, offset: frame.offset, id: frame.id, data });
+    return false;
+  }
+
+  _persist() {
+    this.client._storage?.setItem(this._key, `${this.epoch}:${this.offset}`);
+  }
+
+  _end(code, reason) {
+    if (this.ended) return;
+    this.ended = true;
+    this.active = false;
+    this._emit("unsubscribed", { code, reason });
+    const error = new Error(`${this.channel}: ${code ?? "unsubscribed"}: ${reason}`);
+    error.code = code;
+    this._reject(error);
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 }
 
@@ -365,6 +510,8 @@ export class TetherClient extends EventTarget {
     this._ended = false;
     this._closeInfo = null;
     this._waiters = new Set(); // pending connect()/publish() waits for a welcome
+    /** @type {Map<string, TetherSubscription>} */
+    this.subscriptions = new Map();
   }
 
   /** @returns {TetherState} */
@@ -416,6 +563,102 @@ export class TetherClient extends EventTarget {
       frame.data = data === undefined ? null : data;
     }
     this._ws.send(JSON.stringify(frame));
+  }
+
+  /**
+   * Subscribe to a channel (protocol.md §11): returns a TetherSubscription at once (attach
+   * listeners, await `sub.ready` for the server's answer). It resumes from its last offset
+   * after any reconnect. `since` ({epoch, offset}) resumes a position saved earlier;
+   * `presence` asks for join/leave events.
+   * @param {string} channel
+   * @param {{presence?: boolean, since?: {epoch: string, offset: number} | null}} [options]
+   * @returns {TetherSubscription}
+   */
+  subscribe(channel, options = {}) {
+    if (typeof channel !== "string" || !CHANNEL_RE.test(channel)) {
+      throw new RangeError("channel must be 1..128 characters of [A-Za-z0-9._:@-]");
+    }
+    if (this._ended) throw new Error("TetherClient is closed");
+    let sub = this.subscriptions.get(channel);
+    if (sub === undefined) {
+      sub = new TetherSubscription(this, channel, options);
+      this.subscriptions.set(channel, sub);
+      this._sendSubscribe(sub);
+    }
+    return sub;
+  }
+
+  _sendSubscribe(sub) {
+    const ws = this._ws;
+    if (ws === null || !this._open || sub._sentOn === ws || sub.ended) return;
+    sub.active = false;
+    sub._sentOn = ws;
+    /** @type {Record<string, any>} */
+    const frame = { type: "subscribe", channel: sub.channel };
+    if (sub.epoch !== null) frame.since = { epoch: sub.epoch, offset: sub.offset };
+    if (sub.presence) frame.presence = true;
+    try {
+      ws.send(JSON.stringify(frame));
+    } catch {
+      sub._sentOn = null; // sent again after the next welcome
+    }
+  }
+
+  _unsubscribe(sub) {
+    if (this.subscriptions.get(sub.channel) === sub) this.subscriptions.delete(sub.channel);
+    sub._end(null, "unsubscribed");
+    if (this._ws !== null && this._open) {
+      try {
+        this._ws.send(JSON.stringify({ type: "unsubscribe", channel: sub.channel }));
+      } catch {
+        /* the connection is going; nothing is subscribed on the next one */
+      }
+    }
+  }
+
+  _onChannelFrame(ws, frame) {
+    let sub = this.subscriptions.get(frame.channel);
+    if (frame.type === "subscribed") {
+      if (sub === undefined) {
+        // The server subscribed this client itself (hub.subscribe).
+        sub = new TetherSubscription(this, frame.channel);
+        sub._sentOn = ws;
+        this.subscriptions.set(frame.channel, sub);
+        this._emit("subscription", sub);
+      }
+      sub._onSubscribed(frame);
+      return;
+    }
+    if (sub === undefined) return; // in flight when the application unsubscribed
+    if (frame.type === "pub") {
+      if (sub._onPub(frame)) {
+        sub.counters.resubscribes++;
+        sub._sentOn = null;
+        this._sendSubscribe(sub);
+      }
+    } else if (frame.type === "unsubscribed") {
+      if (frame.code !== null && RESUBSCRIBE_CODES.has(frame.code)) {
+        sub.counters.resubscribes++;
+        sub._sentOn = null;
+        this._sendSubscribe(sub);
+      } else if (frame.code === null && !sub.active) {
+        // the answer to an earlier unsubscribe of this channel
+      } else if (frame.code === "unavailable" && sub.epoch !== null) {
+        // The server's channel store is down for now: keep the position, ask again shortly.
+        sub._sentOn = null;
+        setTimeout(() => {
+          if (this.subscriptions.get(sub.channel) === sub && !sub.ended) {
+            sub.counters.resubscribes++;
+            this._sendSubscribe(sub);
+          }
+        }, 200 + Math.random() * 800);
+      } else {
+        this.subscriptions.delete(frame.channel);
+        sub._end(frame.code, frame.reason);
+      }
+    } else {
+      sub._emit(frame.type, { channel: frame.channel, clientId: frame.clientId });
+    }
   }
 
   /** Acknowledge what was received, close the connection and stop. Idempotent. */
@@ -582,6 +825,10 @@ export class TetherClient extends EventTarget {
         if (this._open) throw new ProtocolViolation("unexpected_frame", "welcome was already received");
         this._onWelcome(frame);
         this._scheduleRefresh(ws);
+        for (const sub of [...this.subscriptions.values()]) this._sendSubscribe(sub);
+      } else if (frame.type !== "error") {
+        if (!this._open) throw new ProtocolViolation("unexpected_frame", `${frame.type} before welcome`);
+        this._onChannelFrame(ws, frame);
       } else {
         // The server closes next; the close code decides whether to come back (_onClose).
         this._rejection = frame;
@@ -776,6 +1023,8 @@ export class TetherClient extends EventTarget {
     this._ws = null;
     this._open = false;
     this._setState("closed");
+    for (const sub of [...this.subscriptions.values()]) sub._end("closed", "the client stopped");
+    this.subscriptions.clear();
     const failure = this._endError();
     for (const waiter of [...this._waiters]) waiter.reject(failure);
     this._waiters.clear();

@@ -84,6 +84,9 @@ class Identity:
 
     client_id: str
     expires_in: float | None = None
+    # The channels the credentials grant (names, or prefixes ending in "*"); None: any
+    # channel the hub's `authorize_subscribe` hooks allow.
+    channels: frozenset[str] | None = None
 
 
 Authenticate = Callable[[ConnectionInfo, "protocol.Hello | None"], Awaitable["str | Identity"]]
@@ -217,6 +220,8 @@ class Session:
         self.failed = False
         # When the connection's credentials expire, in loop time (None: never).
         self.expires_at: float | None = None
+        # The channels its credentials grant (None: no restriction from the credentials).
+        self.channel_grants: frozenset[str] | None = None
         cfg = hub.config
         self.bucket = TokenBucket(cfg.max_inbound_rate, cfg.max_inbound_rate * BURST_FACTOR)
 
@@ -242,6 +247,7 @@ class Session:
         finally:
             counter.open -= 1
             if self.client_id is not None:
+                self.hub.channel_connection_closed(self.client_id, self)
                 await self.hub.disconnect(self.client_id, transport=self, failed=self.failed)
 
     async def _over_capacity(self) -> None:
@@ -388,6 +394,8 @@ class Session:
                     await self.hub.receive(client_id, protocol.decode_data(frame))
                 elif isinstance(frame, protocol.Auth):
                     await self._reauthenticate(client_id, frame.token)
+                elif isinstance(frame, protocol.Subscribe | protocol.Unsubscribe):
+                    await self.hub.channel_frame(client_id, self, frame, self.channel_grants)
         except _Ended:
             return
         except protocol.ProtocolError as error:
@@ -472,6 +480,8 @@ class Session:
         self._set_expiry(identity)
 
     def _set_expiry(self, identity: str | Identity) -> None:
+        """Take the expiry and the channel grants of fresh credentials."""
+        self.channel_grants = identity.channels if isinstance(identity, Identity) else None
         remaining = identity.expires_in if isinstance(identity, Identity) else None
         if remaining is None:
             self.expires_at = None

@@ -394,6 +394,7 @@ function onRealtime(m) {
   if (m.messages) showTotals(m.messages);
   refreshClients(false);
   refreshHistory(false);
+  refreshChannels(false);
   if (q.dead_letters !== state.lastDead) {
     state.lastDead = q.dead_letters;
     refreshDeadLetters();
@@ -470,6 +471,7 @@ function connect() {
     setLive("live", "live");
     refreshClients(true);
     refreshDeadLetters();
+    refreshChannels(true);
     refreshHealth();
   });
   ws.addEventListener("message", onMessage);
@@ -674,6 +676,39 @@ async function refreshDeadLetters() {
       el("td", { "data-label": "reason" }, d.reason), el("td", { class: "data", "data-label": "data", title: d.data }, d.data));
     tr.addEventListener("click", () => openClient(d.client_id));
     body.append(tr);
+  }
+}
+
+// ------------------------------------------------------------------ channels
+
+const channelSeen = new Map(); // name -> {offset, at, epoch}: the publish rate between two reads
+let channelsReadAt = -Infinity;
+
+async function refreshChannels(force) {
+  const now = performance.now();
+  if (!force && now - channelsReadAt < 2000) return; // the list costs the store a read: at most every 2 s
+  channelsReadAt = now;
+  let page;
+  try {
+    page = await api("api/channels");
+  } catch {
+    return;
+  }
+  setText("channels-total", fmtInt(page.channels.length));
+  const body = $("channels-body");
+  body.replaceChildren();
+  if (!page.channels.length) body.append(el("tr", {}, el("td", { colspan: "5", class: "muted" }, "none")));
+  for (const c of page.channels) {
+    const seen = channelSeen.get(c.name);
+    let rate = "–";
+    if (seen && seen.epoch === c.epoch && now > seen.at) rate = fmtNum((c.offset - seen.offset) / ((now - seen.at) / 1000)) + "/s";
+    channelSeen.set(c.name, { offset: c.offset, at: now, epoch: c.epoch });
+    body.append(el("tr", { "data-testid": "channel-row", "data-channel": c.name },
+      el("td", { class: "id", "data-label": "channel" }, c.name),
+      el("td", { "data-label": "subscribers here", "data-testid": "channel-subscribers" }, fmtInt(c.subscribers)),
+      el("td", { "data-label": "last offset" }, fmtInt(c.offset)),
+      el("td", { "data-label": "history", "data-testid": "channel-depth" }, fmtInt(c.depth)),
+      el("td", { "data-label": "rate" }, rate)));
   }
 }
 

@@ -1,0 +1,164 @@
+"""Where channel streams and presence live: the `ChannelStore` protocol and its memory store.
+
+A store appends each published message once (one operation, whatever the number of
+subscribers), answers recovery and history reads, and keeps presence. A *shared* store
+(Redis) also tells every node of each publish and presence change, through `StoreEvents`;
+the memory store serves one process, whose hub fans out what it appends itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..clock import Clock
+from .model import ChannelMessage, ChannelStream, Position, Recovery
+
+__all__ = [
+    "Appended",
+    "ChannelInfo",
+    "ChannelStore",
+    "MemoryChannelStore",
+    "StoreEvents",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """A store's answer to an append: the message (the held one for a duplicate id)."""
+
+    epoch: str
+    message: ChannelMessage
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    """A channel as the store knows it: epoch, last offset, messages held."""
+
+    name: str
+    epoch: str
+    offset: int
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreEvents:
+    """What a shared store reports from other nodes: a message appended (channel, epoch,
+    message), a presence change (channel, client_id, joined), and `resync` when it may
+    have missed reports (its listener reconnected): re-read every channel served."""
+
+    published: Callable[[str, str, ChannelMessage], Awaitable[None]]
+    presence: Callable[[str, str, bool], Awaitable[None]]
+    resync: Callable[[], Awaitable[None]]
+
+
+class ChannelStore(Protocol):
+    """The storage of channel streams and presence. Methods raise
+    `tether.backends.BackendError` (`OutcomeUnknown` when an append may have happened)."""
+
+    name: str
+    shared: bool
+
+    async def start(self, events: StoreEvents) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def append(
+        self, channel: str, message_id: str, data: Any, data_json: bytes, enc: str | None
+    ) -> Appended: ...
+
+    async def recover(self, channel: str, since: Position | None) -> Recovery: ...
+
+    async def read(self, channel: str, after: int, limit: int) -> tuple[str, list[ChannelMessage]]:
+        """The epoch and up to `limit` held messages above offset `after`."""
+        ...
+
+    async def channels(self) -> list[ChannelInfo]: ...
+
+    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None: ...
+
+    async def presence_remove(self, channel: str, client_id: str) -> None: ...
+
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]: ...
+
+
+class MemoryChannelStore:
+    """Channel streams in this process. A stream with nothing held that saw no publish
+    for a day (`model.POSITION_KEPT`) is forgotten (its next publish starts a new epoch),
+    so memory follows the channels in use, not every channel ever named."""
+
+    name = "memory"
+    shared = False
+
+    def __init__(self, size: int, ttl: float, clock: Clock) -> None:
+        self.size = size
+        self.ttl = ttl
+        self.clock = clock
+        self._streams: dict[str, ChannelStream] = {}
+        self._presence: dict[str, dict[str, dict[str, Any]]] = {}
+        self._swept_at = clock.now()
+
+    async def start(self, events: StoreEvents) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _stream(self, channel: str) -> ChannelStream:
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = ChannelStream(self.size, self.ttl)
+        return stream
+
+    def append_now(
+        self, channel: str, message_id: str, data: Any, data_json: bytes, enc: str | None
+    ) -> Appended:
+        """`append` without suspending (the memory store never waits)."""
+        now = self.clock.now()
+        if now - self._swept_at > self.ttl:  # at most one sweep per TTL
+            self._sweep(now)
+        stream = self._stream(channel)
+        message, duplicate = stream.append(message_id, data, data_json, enc, now, self.clock.wall())
+        return Appended(stream.epoch, message, duplicate)
+
+    async def append(
+        self, channel: str, message_id: str, data: Any, data_json: bytes, enc: str | None
+    ) -> Appended:
+        return self.append_now(channel, message_id, data, data_json, enc)
+
+    def _sweep(self, now: float) -> None:
+        self._swept_at = now
+        for name in [n for n, s in self._streams.items() if s.idle(now)]:
+            if name not in self._presence:  # subscribed channels keep their epoch
+                del self._streams[name]
+
+    async def recover(self, channel: str, since: Position | None) -> Recovery:
+        return self._stream(channel).recover(since, self.clock.now())
+
+    async def read(self, channel: str, after: int, limit: int) -> tuple[str, list[ChannelMessage]]:
+        stream = self._streams.get(channel)
+        if stream is None:
+            return "", []
+        return stream.epoch, stream.read(after, limit, self.clock.now())
+
+    async def channels(self) -> list[ChannelInfo]:
+        now = self.clock.now()
+        return [
+            ChannelInfo(name, s.epoch, s.top, len(s.held(now)))
+            for name, s in sorted(self._streams.items())
+        ]
+
+    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None:
+        self._presence.setdefault(channel, {})[client_id] = info
+
+    async def presence_remove(self, channel: str, client_id: str) -> None:
+        members = self._presence.get(channel)
+        if members is not None:
+            members.pop(client_id, None)
+            if not members:
+                del self._presence[channel]
+
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        return dict(self._presence.get(channel, {}))
