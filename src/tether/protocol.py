@@ -593,9 +593,7 @@ def _error(obj: dict[str, Any]) -> Error:
 def _channel(obj: dict[str, Any]) -> str:
     channel = obj.get("channel")
     if type(channel) is not str or CHANNEL_PATTERN.fullmatch(channel) is None:
-        raise _invalid(
-            f"channel must be 1..{MAX_CHANNEL_LENGTH} characters of [A-Za-z0-9._:@-]"
-        )
+        raise _invalid(f"channel must be 1..{MAX_CHANNEL_LENGTH} characters of [A-Za-z0-9._:@-]")
     return channel
 
 
@@ -1091,9 +1089,7 @@ class ClientProtocol:
             raise _internal("auth before welcome")
         return encode(Auth(token))
 
-    def subscribe(
-        self, channel: str, since: Since | None = None, *, presence: bool = False
-    ) -> str:
+    def subscribe(self, channel: str, since: Since | None = None, *, presence: bool = False) -> str:
         """The text of a `subscribe` frame; raises ValueError for a bad channel name and
         `ProtocolError` when the connection is not open."""
         if not isinstance(channel, str) or CHANNEL_PATTERN.fullmatch(channel) is None:
