@@ -38,7 +38,7 @@ from .base import (
     StreamState,
 )
 from .redis_batch import Request, StreamBatcher
-from .redis_connection import CommandClient, LuaScript, RedisConnections
+from .redis_connection import CommandClient, LuaScript, RedisConnections, never_sent
 from .redis_keys import RedisKeys, bucket_of
 from .redis_scripts import SCRIPTS
 from .redis_wire import WireCodec
@@ -75,20 +75,6 @@ def _redact(url: str) -> str:
         host = f"{host}:{parts.port}"
     netloc = f"{user}:***@{host}" if user else f":***@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """Whether a failed call certainly never reached Redis (so nothing was stored): the
-    connection could not be made. Anything else after the call was written — a timeout
-    or a connection lost mid-reply — leaves the outcome unknown."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
-            return True
-        if isinstance(seen, RedisConnectionError) and "connecting to" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _text(value: Any) -> str:
@@ -304,7 +290,7 @@ class RedisBackend:
             except _UNAVAILABLE as exc:
                 self._failed(what, exc)
                 if attempt + 1 == attempts:
-                    if not retry and not _never_sent(exc):
+                    if not retry and not never_sent(exc):
                         raise OutcomeUnknown(f"Redis {what}: no reply ({exc})") from exc
                     # Unreachable: for a moment, fail fast instead of waiting to connect.
                     self._fail_fast_until = asyncio.get_running_loop().time() + 0.25

@@ -653,3 +653,17 @@ def _confirmed(results: list[Any], wait: tuple[int, int] | None) -> list[Any]:
         f"not confirmed by {wait[0]} replica(s) within {wait[1]} ms (got {acked!r})"
     )
     return [r if isinstance(r, Exception) else shortfall for r in results]
+
+
+def never_sent(exc: BaseException) -> bool:
+    """Whether a failed call certainly never reached Redis (so nothing was written): the
+    connection could not be made. Anything else after the call was written — a timeout
+    or a connection lost mid-reply — leaves the outcome unknown."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        if isinstance(seen, RedisConnectionError) and "connecting to" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

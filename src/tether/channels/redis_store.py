@@ -36,7 +36,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..backends.base import BackendError, OutcomeUnknown
-from ..backends.redis_connection import LuaScript, RedisConnections
+from ..backends.redis_connection import LuaScript, RedisConnections, never_sent
 from ..clock import Clock
 from ..config import HubConfig
 from .model import POSITION_KEPT, ChannelMessage, Position, Recovery, new_epoch, recover
@@ -199,19 +199,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _never_sent(exc: BaseException) -> bool:
-    """Whether a failed call certainly never reached Redis (the connection could not be
-    made): then nothing was appended. Anything else leaves the outcome unknown."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
-            return True
-        if isinstance(seen, RedisConnectionError) and "connecting to" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 def _message(entry: Any) -> ChannelMessage:
     """A stream entry [id, [i, <id>, d, <json>, e, <enc>, t, <ms>]] as a ChannelMessage."""
     entry_id, fields = entry
@@ -316,7 +303,7 @@ class RedisChannelStore:
         try:
             return await run()
         except _UNAVAILABLE as exc:
-            if what == "publish" and not _never_sent(exc):
+            if what == "publish" and not never_sent(exc):
                 raise OutcomeUnknown(f"Redis {what}: no reply ({exc})") from exc
             raise BackendError(f"Redis {what} failed: {exc}") from exc
         except RedisError as exc:
