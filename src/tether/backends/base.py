@@ -215,3 +215,36 @@ class Backend(Protocol):
         ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+class SingleNode:
+    """The routing half of `Backend` for a backend that serves one hub process: nobody
+    else holds connections, so presence, doorbells, forwarding and cluster membership
+    are all empty (`members` None: the hub's own view is complete)."""
+
+    async def claim(self, client_id: str) -> None:
+        return None
+
+    async def release(self, client_id: str) -> None:
+        return None
+
+    async def owner(self, client_id: str) -> str | None:
+        return None
+
+    async def notify(self, node: str, client_id: str) -> None:
+        return None
+
+    async def forward(self, node: str, client_id: str, envelope: Envelope) -> None:
+        return None
+
+    async def publish_broadcast(self, envelope: Envelope, group: str | None) -> None:
+        return None
+
+    async def join(self, client_id: str, group: str) -> None:
+        return None
+
+    async def leave(self, client_id: str, group: str) -> None:
+        return None
+
+    async def members(self, group: str | None) -> set[str] | None:
+        return None

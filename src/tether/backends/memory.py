@@ -6,10 +6,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..messages import DeadLetter, Envelope
-from .base import Accepted, BackendError, BackendEvents, Refused, StoredOutbox, StreamState
+from .base import (
+    Accepted,
+    BackendError,
+    BackendEvents,
+    Refused,
+    SingleNode,
+    StoredOutbox,
+    StreamState,
+)
 
 
-class MemoryBackend:
+class MemoryBackend(SingleNode):
     """The default backend for one process: fast, simple, not durable."""
 
     name = "memory"
@@ -87,33 +95,6 @@ class MemoryBackend:
 
     async def remember(self, session: StreamState, key: str) -> None:
         return None  # the core records it in the session's window, which is this store
-
-    async def claim(self, client_id: str) -> None:
-        return None
-
-    async def release(self, client_id: str) -> None:
-        return None
-
-    async def owner(self, client_id: str) -> str | None:
-        return None
-
-    async def notify(self, node: str, client_id: str) -> None:
-        return None
-
-    async def forward(self, node: str, client_id: str, envelope: Envelope) -> None:
-        return None
-
-    async def publish_broadcast(self, envelope: Envelope, group: str | None) -> None:
-        return None
-
-    async def join(self, client_id: str, group: str) -> None:
-        return None
-
-    async def leave(self, client_id: str, group: str) -> None:
-        return None
-
-    async def members(self, group: str | None) -> set[str] | None:
-        return None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "durable": False, "shared": False}

@@ -33,7 +33,7 @@ from typing import Any, Protocol, cast
 from ..clock import Clock, SystemClock
 from ..config import HubConfig, OverflowPolicy
 from ..messages import DeadLetter, Envelope
-from .base import Accepted, BackendError, BackendEvents, Refused, StoredOutbox
+from .base import Accepted, BackendError, BackendEvents, Refused, SingleNode, StoredOutbox
 from .base import StreamState as SessionView
 from .redis_wire import WireCodec
 from .sqlite_store import (
@@ -71,7 +71,7 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
-class SqliteBackend:
+class SqliteBackend(SingleNode):
     """Durable storage for a single hub process in one SQLite file (`TETHER_SQLITE_PATH`)."""
 
     name = "sqlite"
@@ -542,32 +542,3 @@ class SqliteBackend:
     async def _remember(self, client_id: str, key: str) -> None:
         with contextlib.suppress(BackendError):  # counted and logged by _call
             await self._call("remember", self.store.remember(client_id, key, ttl_ms=self._dedup_ms))
-
-    # ------------------------------------------------------------------ single node: no routing
-
-    async def claim(self, client_id: str) -> None:
-        return None
-
-    async def release(self, client_id: str) -> None:
-        return None
-
-    async def owner(self, client_id: str) -> str | None:
-        return None
-
-    async def notify(self, node: str, client_id: str) -> None:
-        return None
-
-    async def forward(self, node: str, client_id: str, envelope: Envelope) -> None:
-        return None
-
-    async def publish_broadcast(self, envelope: Envelope, group: str | None) -> None:
-        return None
-
-    async def join(self, client_id: str, group: str) -> None:
-        return None
-
-    async def leave(self, client_id: str, group: str) -> None:
-        return None
-
-    async def members(self, group: str | None) -> set[str] | None:
-        return None
