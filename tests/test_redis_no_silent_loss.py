@@ -19,6 +19,7 @@ from tether import Client, Hub, HubConfig, SendStatus
 from tether.backends.redis import RedisBackend
 from tether.backends.redis_batch import PIPELINE_ITEMS
 from tether.client import Lost
+from tether.clock import Clock, ManualClock
 from tether.protocol import Hello
 from tether.testing import MockWebSocket
 from tether.transports import websockets as tw
@@ -42,13 +43,17 @@ async def nodes(own_redis: OwnRedis) -> AsyncIterator[Factory]:
     """`nodes("a", **config)`: a Hub on the test-owned Redis (backend options via `backend=`)."""
     hubs: list[Hub] = []
 
-    def factory(node_id: str, *, socket_timeout: float = 2.0, **values: Any) -> Hub:
+    def factory(
+        node_id: str, *, socket_timeout: float = 2.0, clock: Clock | None = None, **values: Any
+    ) -> Hub:
         values.setdefault("presence_ttl", 5)
         config = HubConfig(
             backend="redis", redis_url=own_redis.url, redis_prefix="t", node_id=node_id, **values
         )
-        backend = RedisBackend(own_redis.url, "t", node_id, config, socket_timeout=socket_timeout)
-        hub = Hub(config, backend=backend)
+        backend = RedisBackend(
+            own_redis.url, "t", node_id, config, clock=clock, socket_timeout=socket_timeout
+        )
+        hub = Hub(config, backend=backend, clock=clock)
         hubs.append(hub)
         return hub
 
@@ -349,11 +354,12 @@ async def test_expired_messages_do_not_hold_places_in_a_full_stored_outbox(
 ) -> None:
     """Nobody mirrors an offline client's stream to expire it: the store drops what is past
     its TTL before applying the bound, and the hub counts it as expired, not dropped."""
-    hub = nodes("a", max_queue_size=2, overflow_policy="reject")
+    clock = ManualClock()
+    hub = nodes("a", clock=clock, max_queue_size=2, overflow_policy="reject")
     await hub.start()
     for n in range(2):
-        assert (await hub.send("e", n, critical=True, ttl=0.05)).status is SendStatus.QUEUED
-    await asyncio.sleep(0.1)  # Redis' own clock (TIME) decides expiry
+        assert (await hub.send("e", n, critical=True, ttl=5)).status is SendStatus.QUEUED
+    clock.advance(6)  # the hub's clock decides expiry, in the store's scripts too
     third = await hub.send("e", "fresh", critical=True)
     assert third.status is SendStatus.QUEUED, third
     messages = hub.metrics.snapshot().to_dict()["messages"]
@@ -367,16 +373,17 @@ async def test_a_reset_skips_expired_messages_and_numbers_agree(nodes: Factory) 
     """A resume the store cannot vouch for renumbers what it holds after last_seq: an
     expired message is not renumbered, so the hub and the store agree on every seq and
     the live message arrives once."""
-    a = nodes("a")
+    clock = ManualClock()
+    a = nodes("a", clock=clock)
     await acked_fifty(a, "z")
     r = aioredis.Redis.from_url(a.config.redis_url)  # the keys vanish (as on expiry)
     try:
         await r.delete(a.backend.keys.meta("z"), a.backend.keys.out("z"))  # type: ignore[attr-defined]
     finally:
         await r.aclose()
-    assert (await a.send("z", "short", critical=True, ttl=0.05)).status is SendStatus.QUEUED
+    assert (await a.send("z", "short", critical=True, ttl=5)).status is SendStatus.QUEUED
     assert (await a.send("z", "live", critical=True, ttl=60)).status is SendStatus.QUEUED
-    await asyncio.sleep(0.1)
+    clock.advance(6)
     ws = MockWebSocket()
     welcome = await a.connect("z", ws, hello=Hello("z", 50))
     assert welcome is not None and welcome.reset
