@@ -38,7 +38,7 @@ from .base import (
     StreamState,
 )
 from .redis_batch import Request, StreamBatcher
-from .redis_connection import CommandClient, LuaScript, RedisConnections, never_sent
+from .redis_connection import CommandClient, LuaScript, RedisConnections, never_sent, spawn_logged
 from .redis_keys import RedisKeys, bucket_of
 from .redis_scripts import SCRIPTS
 from .redis_wire import WireCodec
@@ -859,17 +859,7 @@ class RedisBackend:
             self._bell(client_id)
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
-        async def guarded() -> None:
-            try:
-                await coroutine
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("tether: handling a cluster event failed")
-
-        task = asyncio.ensure_future(guarded())
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        spawn_logged(self._handlers, coroutine, log, "handling a cluster event")
 
     def _bell(self, client_id: str) -> None:
         """Coalesce doorbells: one pending load per client is enough."""

@@ -106,8 +106,9 @@ import asyncio
 import contextlib
 import contextvars
 import hashlib
+import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -667,3 +668,22 @@ def never_sent(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def spawn_logged(
+    tasks: set[asyncio.Task[Any]], coroutine: Awaitable[Any], logger: logging.Logger, what: str
+) -> None:
+    """Run `coroutine` as a task kept in `tasks` until it ends; a failure is logged (never
+    lost in an unawaited task), a cancellation passes."""
+
+    async def guarded() -> None:
+        try:
+            await coroutine
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("tether: %s failed", what)
+
+    task = asyncio.ensure_future(guarded())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)

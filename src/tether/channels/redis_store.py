@@ -36,7 +36,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..backends.base import BackendError, OutcomeUnknown
-from ..backends.redis_connection import LuaScript, RedisConnections, never_sent
+from ..backends.redis_connection import LuaScript, RedisConnections, never_sent, spawn_logged
 from ..clock import Clock
 from ..config import HubConfig
 from .model import POSITION_KEPT, ChannelMessage, Position, Recovery, new_epoch, recover
@@ -548,14 +548,4 @@ class RedisChannelStore:
             log.warning("tether: ignoring a malformed channel event")
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
-        async def guarded() -> None:
-            try:
-                await coroutine
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("tether: handling a channel event failed")
-
-        task = asyncio.ensure_future(guarded())
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        spawn_logged(self._handlers, coroutine, log, "handling a channel event")
