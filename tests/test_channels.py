@@ -368,6 +368,21 @@ async def test_history_and_presence(make: MakeHub) -> None:
         assert await hub.presence("room") == {}
 
 
+async def test_the_channel_listing_reports_each_channel_with_its_position(make: MakeHub) -> None:
+    hub = make(channel_history_size=4)
+    async with hub:
+        names = [f"list-{n:02d}" for n in range(12)]  # spread over every Cluster node
+        for index, name in enumerate(names):
+            for n in range(index + 1):
+                await hub.publish(name, {"n": n})
+        listing = {c["name"]: c for c in await hub.channels.channels()}
+        assert sorted(listing) == names
+        for index, name in enumerate(names):
+            assert listing[name]["offset"] == index + 1
+            assert listing[name]["depth"] == min(index + 1, 4)
+            assert listing[name]["subscribers"] == 0
+
+
 async def test_server_side_subscribe_and_unsubscribe(make: MakeHub) -> None:
     hub = make()
     async with hub, ws_server(hub) as srv:

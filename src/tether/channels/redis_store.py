@@ -48,6 +48,7 @@ log = logging.getLogger("tether.channels")
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 _FAILURES: tuple[type[BaseException], ...] = (*_UNAVAILABLE, RedisError)
+_LIST_SLICE = 500  # channels read per pipelined round trip when listing
 
 # Shared by the scripts: create the stream's position when missing, drop expired entries.
 _PRELUDE = """
@@ -379,17 +380,26 @@ class RedisChannelStore:
         except _FAILURES as exc:
             raise BackendError(f"Redis channels failed: {exc}") from exc
         infos = []
-        for name in sorted(names):
-            m, s, _, _, _ = self._keys(name)
+        ordered = sorted(names)
+        # One pipelined round trip per slice (per node on Cluster), not two per channel:
+        # the dashboard lists every channel each refresh.
+        for start in range(0, len(ordered), _LIST_SLICE):
+            chunk = ordered[start : start + _LIST_SLICE]
             try:
-                meta = await conn.commands.hgetall(m)
-                depth = await conn.commands.xlen(s)
+                async with conn.commands.pipeline(transaction=False) as pipe:
+                    for name in chunk:
+                        m, s, _, _, _ = self._keys(name)
+                        pipe.hgetall(m)
+                        pipe.xlen(s)
+                    replies = await pipe.execute()
             except _FAILURES as exc:
                 raise BackendError(f"Redis channels failed: {exc}") from exc
-            if not meta:
-                continue
-            values = {_text(k): _text(v) for k, v in meta.items()}
-            infos.append(ChannelInfo(name, values["epoch"], int(values["top"]), int(depth)))
+            for index, name in enumerate(chunk):
+                meta, depth = replies[2 * index], replies[2 * index + 1]
+                if not meta:
+                    continue
+                values = {_text(k): _text(v) for k, v in meta.items()}
+                infos.append(ChannelInfo(name, values["epoch"], int(values["top"]), int(depth)))
         return infos
 
     async def _flush_index(self) -> None:
