@@ -468,6 +468,16 @@ class RedisChannelStore:
                         [p, pi],
                         [client_id, self._expiry_ms(), info, self._keep_ms, "", channel, ""],
                     )
+                    if (channel, client_id) not in self._present:
+                        # Removed while the refresh was in flight: the two calls ran on
+                        # different connections, so the refresh may have re-added it.
+                        # Remove again, silently (the leave was announced already).
+                        await self._eval(
+                            "presence refresh",
+                            _PRESENCE,
+                            [p, pi],
+                            [client_id, 0, "", self._keep_ms, "", channel, ""],
+                        )
                 except BackendError as exc:
                     log.debug("tether: presence refresh failed: %s", exc)
                     break
