@@ -138,7 +138,7 @@ async def test_tether_serve_stack_takes_the_synchronous_path(
     assert spy.awaited == 0
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # uvicorn's legacy implementation
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:The `websockets` implementation")
 @pytest.mark.parametrize(
     ("ws", "middleware"),
     [("wsproto", False), ("websockets", False), ("auto", True)],

@@ -43,12 +43,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import (
-    WebSocket,
-    WebSocketDisconnect,
-    WebSocketDisconnected,
-    WebSocketState,
-)
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from ..access import host_allowed, origin_allowed, origin_patterns
 from ..auth import auth_from_config
@@ -117,11 +112,16 @@ class UvicornStarletteTransport(StarletteTransport):
     Starlette's pass-through wrappers, the unmodified `WebSocketsSansIOProtocol.send`.
     """
 
-    __slots__ = ("awaiting", "protocol")
+    __slots__ = ("awaiting", "conn", "protocol", "transport", "writable")
 
     def __init__(self, websocket: WebSocket, protocol: Any) -> None:
         super().__init__(websocket)
         self.protocol = protocol
+        # Fixed for the connection's life once it is accepted (uvicorn sets them up
+        # before it runs the app); held here to save lookups per frame.
+        self.conn = protocol.conn
+        self.transport = protocol.transport
+        self.writable = protocol.writable
         # Awaited sends in flight: a frame waiting in uvicorn for the buffer to drain
         # must not be overtaken by a synchronous write.
         self.awaiting = 0
@@ -134,27 +134,29 @@ class UvicornStarletteTransport(StarletteTransport):
             self.awaiting -= 1
 
     def try_send(self, data: str | bytes) -> bool:
-        """Write now if uvicorn's `send` would write at once: accepted and open, no close
-        sent or received, not disconnected, the transport writable (uvicorn's flow
-        control) with under `WRITE_LIMIT` unsent, and no awaited send waiting. False
-        means "use `send`", which waits for the buffer to drain under `send_timeout`."""
+        """Write now if uvicorn's `send` would write at once: open (no close sent or
+        received, not disconnected), writable (uvicorn's flow control) with under
+        `WRITE_LIMIT` unsent, and no awaited send waiting. False means "use `send`",
+        which waits for the buffer to drain under `send_timeout`.
+
+        A close by the app is seen here through uvicorn's `close_sent` (or, while the
+        close waits for the buffer, through `writable`)."""
         p = self.protocol
+        conn = self.conn
         if (
             self.awaiting
             or p.close_sent
             or p.disconnected
-            or not p.writable.is_set()
-            or self.websocket.application_state is not WebSocketState.CONNECTED
-            or p.transport.get_write_buffer_size() > WRITE_LIMIT
-            or p.conn.state is not _OPEN
+            or not self.writable.is_set()
+            or self.transport.get_write_buffer_size() > WRITE_LIMIT
+            or conn.state is not _OPEN
         ):
             return False
-        conn = p.conn
         if isinstance(data, str):
             conn.send_text(data.encode())
         else:
             conn.send_binary(data)
-        p.transport.write(b"".join(conn.data_to_send()))
+        self.transport.write(b"".join(conn.data_to_send()))
         return True
 
 
