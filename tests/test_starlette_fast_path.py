@@ -96,9 +96,12 @@ def fastapi_app(hub: Hub) -> fastapi.FastAPI:
     return app
 
 
-async def deliver_in_order(hub: Hub, url: str, count: int = 200) -> None:
+async def deliver_in_order(
+    hub: Hub, url: str, count: int = 200, compression: str | None = None
+) -> None:
     """Plain sends and broadcasts to one client arrive complete and in order."""
-    async with connect(f"{url}/ws?client_id=bob", compression=None) as bob:
+    async with connect(f"{url}/ws?client_id=bob", compression=compression) as bob:
+        assert bool(bob.protocol.extensions) == (compression is not None)
         await until(lambda: hub.is_connected("bob"))
         for n in range(count):
             if n % 2:
@@ -121,6 +124,17 @@ async def test_writes_take_the_synchronous_path_under_uvicorns_default_protocol(
     assert spy.fast == [True] * 200
     assert spy.awaited == 0
     assert [type(t) for t in spy.transports] == [UvicornStarletteTransport]
+
+
+async def test_synchronous_writes_are_compressed_when_the_client_negotiated_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn offers permessage-deflate by default; the frames go through its extension."""
+    spy = WriteSpy(monkeypatch)
+    hub = Hub()
+    async with hub, served(starlette_app(hub)) as url:
+        await deliver_in_order(hub, url, compression="deflate")
+    assert spy.fast == [True] * 200
 
 
 async def test_tether_serve_stack_takes_the_synchronous_path(
