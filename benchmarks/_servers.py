@@ -239,21 +239,29 @@ class TetherServer(BenchServer):
 
 
 class _Uvicorn:
-    """An in-process uvicorn server on an ephemeral loopback port (`ws`: its WebSocket implementation)."""
+    """An in-process uvicorn server on an ephemeral loopback port: `websockets-sansio`, no
+    pings, no deflate, or (`as_users_run_it`) uvicorn's own WebSocket defaults."""
 
-    def __init__(self, app: Any, ws: str = "websockets-sansio") -> None:
+    def __init__(self, app: Any, *, as_users_run_it: bool = False) -> None:
         import uvicorn
 
+        ws_options: dict[str, Any] = (
+            {}
+            if as_users_run_it
+            else {
+                "ws": "websockets-sansio",
+                "ws_ping_interval": None,
+                "ws_per_message_deflate": False,
+            }
+        )
         config = uvicorn.Config(
             app,
             host=HOST,
             port=0,
             log_level="warning",
-            ws=ws,
-            ws_ping_interval=None,
-            ws_per_message_deflate=False,
             lifespan="off",
             access_log=False,
+            **ws_options,
         )
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task[None] | None = None
@@ -279,8 +287,8 @@ class TetherStarletteServer(TetherServer):
     """Tether's Starlette adapter under uvicorn, as users run it.
 
     `stack="app"`: `add_tether` on a Starlette app (what FastAPI users write) under
-    `uvicorn.Server` with its defaults (the default WebSocket implementation, heartbeats
-    off so no ping interrupts a round). `stack="serve"`: `create_app` under
+    `uvicorn.Server` with its WebSocket defaults (implementation, pings, deflate offered;
+    the receivers do not ask for compression). `stack="serve"`: `create_app` under
     `BackgroundServer`, the `tether serve` stack with Tether's uvicorn protocol classes.
     """
 
@@ -312,7 +320,7 @@ class TetherStarletteServer(TetherServer):
 
         app = Starlette()
         add_tether(app, self.hub, "/ws")
-        self.uv = _Uvicorn(app, ws="auto")
+        self.uv = _Uvicorn(app, as_users_run_it=True)
         self.port = await self.uv.start()
 
     async def stop(self) -> None:

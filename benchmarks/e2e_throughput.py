@@ -142,6 +142,8 @@ def run(quick: bool = False) -> Result:
         "cases": [{"clients": c, "messages_per_client": m} for c, m in cases],
         "payload": "JSON object ~90 bytes, text frames, no compression",
         "receivers": "one separate process (uvloop), websockets clients; v1 acks every 64 msgs / 50 ms",
+        "starlette": "add_tether on Starlette under uvicorn's WebSocket defaults; "
+        "'tether serve stack': create_app under BackgroundServer (Tether's protocol classes)",
         "measured": "first send -> last arrival at the receivers (CLOCK_MONOTONIC); server CPU = process_time",
     }
     return make_result(NAME, params, rows, targets)
