@@ -62,6 +62,7 @@ __all__ = [
     "StarletteTransport",
     "UvicornStarletteTransport",
     "starlette_transport",
+    "uvicorn_protocol",
     "websocket_endpoint",
     "websocket_route",
 ]
