@@ -239,21 +239,29 @@ class TetherServer(BenchServer):
 
 
 class _Uvicorn:
-    """An in-process uvicorn server on an ephemeral loopback port (websockets protocol)."""
+    """An in-process uvicorn server on an ephemeral loopback port: `websockets-sansio`, no
+    pings, no deflate, or (`as_users_run_it`) uvicorn's own WebSocket defaults."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, as_users_run_it: bool = False) -> None:
         import uvicorn
 
+        ws_options: dict[str, Any] = (
+            {}
+            if as_users_run_it
+            else {
+                "ws": "websockets-sansio",
+                "ws_ping_interval": None,
+                "ws_per_message_deflate": False,
+            }
+        )
         config = uvicorn.Config(
             app,
             host=HOST,
             port=0,
             log_level="warning",
-            ws="websockets-sansio",
-            ws_ping_interval=None,
-            ws_per_message_deflate=False,
             lifespan="off",
             access_log=False,
+            **ws_options,
         )
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task[None] | None = None
@@ -276,30 +284,53 @@ class _Uvicorn:
 
 
 class TetherStarletteServer(TetherServer):
-    """Tether's Starlette adapter under uvicorn: the same server stack as FastAPI peers."""
+    """Tether's Starlette adapter under uvicorn, as users run it.
 
-    def __init__(self, *, critical: bool, clients_hint: int = 1000) -> None:
+    `stack="app"`: `add_tether` on a Starlette app (what FastAPI users write) under
+    `uvicorn.Server` with its WebSocket defaults (implementation, pings, deflate offered;
+    the receivers do not ask for compression). `stack="serve"`: `create_app` under
+    `BackgroundServer`, the `tether serve` stack with Tether's uvicorn protocol classes.
+    """
+
+    def __init__(self, *, critical: bool, clients_hint: int = 1000, stack: str = "app") -> None:
         super().__init__(critical=critical, clients_hint=clients_hint)
-        self.name += " (starlette/uvicorn)"
-        self.uv: _Uvicorn | None = None
+        if stack not in ("app", "serve"):
+            raise ValueError(f"stack must be 'app' or 'serve', not {stack!r}")
+        self.stack = stack
+        self.name += STARLETTE_LABEL if stack == "app" else SERVE_LABEL
+        self.uv: Any = None
 
     @property
     def url(self) -> str:
         return f"ws://{HOST}:{self.port}/ws?client_id={{id}}"
 
     async def start(self) -> None:
+        await self.hub.start()
+        if self.stack == "serve":
+            from tether.monitoring import BackgroundServer, create_app
+
+            app = create_app(self.hub, start_hub=False, host=HOST)
+            self.uv = BackgroundServer(app, HOST, 0, access_log=False)
+            await self.uv.start()
+            self.port = self.uv.port
+            return
         from starlette.applications import Starlette
 
-        from tether.transports.starlette import websocket_route
+        from tether.transports.starlette import add_tether
 
-        await self.hub.start()
-        self.uv = _Uvicorn(Starlette(routes=[websocket_route(self.hub, path="/ws")]))
+        app = Starlette()
+        add_tether(app, self.hub, "/ws")
+        self.uv = _Uvicorn(app, as_users_run_it=True)
         self.port = await self.uv.start()
 
     async def stop(self) -> None:
         if self.uv is not None:
             await self.uv.stop()
         await self.hub.shutdown(flush=False)
+
+
+STARLETTE_LABEL = " (starlette add_tether/uvicorn)"
+SERVE_LABEL = " (tether serve stack)"
 
 
 class SocketIOServer(BenchServer):

@@ -1,5 +1,7 @@
 """Benchmark: end-to-end delivery over loopback sockets to receivers in a separate process —
-raw `websockets` (send, broadcast()), Tether plain mode, Tether tether.v1 critical with acks."""
+raw `websockets` (send, broadcast()), Tether plain mode and tether.v1 critical with acks through
+each adapter: `websockets`, Starlette (`add_tether` under uvicorn's defaults) and the `tether
+serve` stack (`create_app` under Tether's uvicorn protocol classes)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._common import Result, check, cli_main, make_result, raise_fd_limit, rnd, run_loop
-from ._servers import BenchServer, RawServer, TetherServer, measure
+from ._servers import (
+    SERVE_LABEL,
+    STARLETTE_LABEL,
+    BenchServer,
+    RawServer,
+    TetherServer,
+    TetherStarletteServer,
+    measure,
+)
 
 NAME = "e2e_throughput"
 
@@ -16,6 +26,12 @@ RAW_SEND = "raw websockets send"
 RAW_BROADCAST = "raw websockets broadcast()"
 PLAIN = "tether plain"
 CRITICAL = "tether v1 critical+acks"
+# (label suffix, target name prefix, goal plain, goal critical) per adapter
+ADAPTERS = (
+    ("", "", 0.85, 0.6),
+    (STARLETTE_LABEL, "starlette_", 0.7, 0.5),
+    (SERVE_LABEL, "serve_", 0.7, 0.5),
+)
 
 
 def _servers(clients: int) -> list[BenchServer]:
@@ -24,6 +40,10 @@ def _servers(clients: int) -> list[BenchServer]:
         RawServer("broadcast"),
         TetherServer(critical=False, clients_hint=clients),
         TetherServer(critical=True, clients_hint=clients),
+        TetherStarletteServer(critical=False, clients_hint=clients),
+        TetherStarletteServer(critical=True, clients_hint=clients),
+        TetherStarletteServer(critical=False, clients_hint=clients, stack="serve"),
+        TetherStarletteServer(critical=True, clients_hint=clients, stack="serve"),
     ]
 
 
@@ -85,12 +105,19 @@ def run(quick: bool = False) -> Result:
         rows.extend(rows_for(clients, messages, figures, "asyncio"))
         raw = figures[RAW_SEND]["deliveries_per_s"]
         best_raw = max(raw, figures[RAW_BROADCAST]["deliveries_per_s"])
-        targets[f"plain_vs_raw_send_{clients}_clients"] = check(
-            figures[PLAIN]["deliveries_per_s"] / raw, unit="x", goal=0.85, higher_is_better=True
-        )
-        targets[f"critical_acks_vs_raw_send_{clients}_clients"] = check(
-            figures[CRITICAL]["deliveries_per_s"] / raw, unit="x", goal=0.5, higher_is_better=True
-        )
+        for label, prefix, goal_plain, goal_critical in ADAPTERS:
+            targets[f"{prefix}plain_vs_raw_send_{clients}_clients"] = check(
+                figures[PLAIN + label]["deliveries_per_s"] / raw,
+                unit="x",
+                goal=goal_plain,
+                higher_is_better=True,
+            )
+            targets[f"{prefix}critical_acks_vs_raw_send_{clients}_clients"] = check(
+                figures[CRITICAL + label]["deliveries_per_s"] / raw,
+                unit="x",
+                goal=goal_critical,
+                higher_is_better=True,
+            )
         if clients > 1:
             targets[f"plain_vs_best_raw_{clients}_clients"] = check(
                 figures[PLAIN]["deliveries_per_s"] / best_raw,
@@ -115,6 +142,8 @@ def run(quick: bool = False) -> Result:
         "cases": [{"clients": c, "messages_per_client": m} for c, m in cases],
         "payload": "JSON object ~90 bytes, text frames, no compression",
         "receivers": "one separate process (uvloop), websockets clients; v1 acks every 64 msgs / 50 ms",
+        "starlette": "add_tether on Starlette under uvicorn's WebSocket defaults; "
+        "'tether serve stack': create_app under BackgroundServer (Tether's protocol classes)",
         "measured": "first send -> last arrival at the receivers (CLOCK_MONOTONIC); server CPU = process_time",
     }
     return make_result(NAME, params, rows, targets)

@@ -37,6 +37,7 @@ def _servers(clients: int, have: dict[str, bool]) -> list[BenchServer]:
         RawServer("send"),
         TetherServer(critical=False, clients_hint=clients),
         TetherServer(critical=True, clients_hint=clients),
+        TetherStarletteServer(critical=False, clients_hint=clients),
         TetherStarletteServer(critical=True, clients_hint=clients),
     ]
     if have["python-socketio"]:

@@ -194,8 +194,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         "bench",
         help="run the benchmarks (from a source checkout) and print the results table",
         description="Run Tether's benchmarks: hashing, breaker, cleanup, metrics, end-to-end "
-        "throughput against raw websockets and peer libraries, scale and recovery. Results "
-        "are ratios from one run and medians of repetitions; goals are reported, not enforced.",
+        "throughput against raw websockets (through both adapters: websockets, and Starlette "
+        "under uvicorn as FastAPI apps and `tether serve` run it) and peer libraries, scale "
+        "and recovery. Results are ratios from one run and medians of repetitions; goals are "
+        "reported, not enforced.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a small smoke run (seconds; for CI, no thresholds)"

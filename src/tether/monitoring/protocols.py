@@ -129,7 +129,11 @@ class TetherH11Protocol(H11Protocol):
 
 class TetherWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's `websockets-sansio` WebSocket protocol with a ping budget and a bounded
-    write buffer (the library queues one pong per ping, read or not)."""
+    write buffer (the library queues one pong per ping, read or not).
+
+    It keeps uvicorn's `send` as is: the Starlette adapter writes synchronously only into
+    a protocol whose `send` is that one (`tether.transports.starlette.uvicorn_protocol`),
+    and its `close_sent` set by `cut` stops those writes."""
 
     def __init__(
         self,

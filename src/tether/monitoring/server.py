@@ -30,7 +30,10 @@ EMFILE_WARNING_INTERVAL = 10.0
 def uvicorn_options(config: HubConfig, guard: ConnectionGuard | None = None) -> dict[str, Any]:
     """`uvicorn.Config` keyword arguments for serving a hub of `config` (what `tether
     serve` uses): the hardened protocol classes, heartbeats, the frame size limit and
-    the concurrency limit. Attach the guard with `attach_guard(uvicorn_config, guard)`."""
+    the concurrency limit. Attach the guard with `attach_guard(uvicorn_config, guard)`.
+
+    `TetherWebSocketProtocol` keeps uvicorn's `send`, so the Starlette adapter's
+    synchronous write (`tether.transports.starlette.UvicornStarletteTransport`) applies."""
     guard = guard or connection_guard(config)
     return {
         "http": TetherH11Protocol,
@@ -74,7 +77,11 @@ class GuardCollector(Collector):
 
 class AcceptErrorHandler:
     """A loop exception handler that turns asyncio's "accept() out of system resource"
-    report (a traceback per retry) into a counted, rate-limited one-line warning."""
+    report (a traceback per retry) into a counted, rate-limited one-line warning.
+
+    asyncio's own loop only: under uvloop, libuv accepts and closes the connections it has
+    no descriptor for (its reserve-descriptor trick) and reports nothing, so they are
+    neither counted nor warned about. `tether serve` runs asyncio's loop."""
 
     def __init__(self, stats: GuardStats, previous: Any) -> None:
         self.stats = stats

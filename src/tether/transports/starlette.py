@@ -23,12 +23,20 @@ is accepted (uvicorn answers HTTP 403; `create_app` answers a bad Host with 400 
 expiry. Pings and the write buffer are bounded by the uvicorn protocol classes in
 `tether.monitoring.protocols` (`tether serve` uses them; see `uvicorn_options`). With no
 `authenticate` hook given and `auth_secret` set, clients need tokens signed with it.
+
+Fast path: under uvicorn's default WebSocket implementation (`websockets-sansio`, also
+what `tether serve` runs), when nothing but Starlette's own pass-through wrappers stands
+between the endpoint and uvicorn's `send`, the transport gets a synchronous `try_send`
+that writes the frame straight into the connection, the way the `websockets` adapter
+does (see `UvicornStarletteTransport`). Any other server, implementation or a
+middleware that wraps `send` keeps the plain ASGI path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import CodeType, MethodType
 from typing import Any
 
 from starlette.applications import Starlette
@@ -43,13 +51,21 @@ from ..hub import Hub
 from .base import TransportClosed
 from .connection import (
     SUBPROTOCOL,
+    WRITE_LIMIT,
     Authenticate,
     ConnectionInfo,
     PeerGone,
     Session,
 )
 
-__all__ = ["StarletteTransport", "websocket_endpoint", "websocket_route"]
+__all__ = [
+    "StarletteTransport",
+    "UvicornStarletteTransport",
+    "starlette_transport",
+    "uvicorn_protocol",
+    "websocket_endpoint",
+    "websocket_route",
+]
 
 
 class StarletteTransport:
@@ -86,6 +102,139 @@ class StarletteTransport:
             await self.websocket.close(code, reason)
         except (WebSocketDisconnect, WebSocketDisconnected, OSError) as exc:
             raise TransportClosed(repr(exc)) from exc
+
+
+class UvicornStarletteTransport(StarletteTransport):
+    """A `StarletteTransport` served by uvicorn's `websockets-sansio` protocol, with
+    `try_send`: the frame is written into uvicorn's connection at once, without the
+    task, timeout and ASGI `send` layers of an awaited delivery.
+
+    Made by `starlette_transport` only when the endpoint's `send` is, through nothing but
+    Starlette's pass-through wrappers, the unmodified `WebSocketsSansIOProtocol.send`.
+    """
+
+    __slots__ = ("awaiting", "conn", "protocol", "transport", "writable")
+
+    def __init__(self, websocket: WebSocket, protocol: Any) -> None:
+        super().__init__(websocket)
+        self.protocol = protocol
+        # Fixed for the connection's life once it is accepted (uvicorn sets them up
+        # before it runs the app); held here to save lookups per frame.
+        self.conn = protocol.conn
+        self.transport = protocol.transport
+        self.writable = protocol.writable
+        # Awaited sends in flight: a frame waiting in uvicorn for the buffer to drain
+        # must not be overtaken by a synchronous write.
+        self.awaiting = 0
+
+    async def send(self, data: str | bytes) -> None:
+        self.awaiting += 1
+        try:
+            await super().send(data)
+        finally:
+            self.awaiting -= 1
+
+    def try_send(self, data: str | bytes) -> bool:
+        """Write now if uvicorn's `send` would write at once: open (no close sent or
+        received, not disconnected), writable (uvicorn's flow control) with under
+        `WRITE_LIMIT` unsent, and no awaited send waiting. False means "use `send`",
+        which waits for the buffer to drain under `send_timeout`.
+
+        A close by the app is seen here through uvicorn's `close_sent` (or, while the
+        close waits for the buffer, through `writable`)."""
+        p = self.protocol
+        conn = self.conn
+        if (
+            self.awaiting
+            or p.close_sent
+            or p.disconnected
+            or not self.writable.is_set()
+            or self.transport.get_write_buffer_size() > WRITE_LIMIT
+            or conn.state is not _OPEN
+        ):
+            return False
+        if isinstance(data, str):
+            conn.send_text(data.encode())
+        else:
+            conn.send_binary(data)
+        self.transport.write(b"".join(conn.data_to_send()))
+        return True
+
+
+def _sender_code() -> CodeType | None:
+    """The code of the `send` wrapper Starlette's exception handling puts around every
+    endpoint, if it only watches for `http.response.start` and passes messages on."""
+    try:
+        from starlette._exception_handler import wrap_app_handling_exceptions
+    except ImportError:  # pragma: no cover - a Starlette without it
+        return None
+    for outer in wrap_app_handling_exceptions.__code__.co_consts:
+        if isinstance(outer, CodeType) and outer.co_name == "wrapped_app":
+            for inner in outer.co_consts:
+                if (
+                    isinstance(inner, CodeType)
+                    and inner.co_name == "sender"
+                    and "send" in inner.co_freevars
+                    and {c for c in inner.co_consts if isinstance(c, str)}
+                    <= {"type", "http.response.start"}
+                ):
+                    return inner
+    return None  # pragma: no cover - a Starlette whose wrapper changed
+
+
+def _sansio_send() -> Any:
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import (
+            WebSocketsSansIOProtocol,
+        )
+    except ImportError:  # pragma: no cover - served by another server
+        return None
+    return WebSocketsSansIOProtocol.send
+
+
+try:
+    from websockets.protocol import State as _WsState
+
+    _OPEN: Any = _WsState.OPEN
+except ImportError:  # pragma: no cover - uvicorn's sansio implementation needs it
+    _OPEN = None
+_SENDER_CODE = _sender_code()
+_SEND_CELL = _SENDER_CODE.co_freevars.index("send") if _SENDER_CODE is not None else 0
+_SANSIO_SEND = _sansio_send()
+
+
+def uvicorn_protocol(websocket: WebSocket) -> Any | None:
+    """The uvicorn `websockets-sansio` protocol object whose `send` the endpoint's `send`
+    is, looking through Starlette's pass-through wrappers only; None for anything else
+    (another server or implementation, a subclass overriding `send`, a middleware)."""
+    send: Any = websocket._send
+    for _ in range(8):
+        if _SENDER_CODE is None or getattr(send, "__code__", None) is not _SENDER_CODE:
+            break
+        send = send.__closure__[_SEND_CELL].cell_contents
+    if (
+        _SANSIO_SEND is None
+        or _OPEN is None
+        or not isinstance(send, MethodType)
+        or send.__func__ is not _SANSIO_SEND
+    ):
+        return None
+    protocol = send.__self__
+    if not all(
+        hasattr(protocol, name)
+        for name in ("conn", "transport", "writable", "close_sent", "disconnected")
+    ):
+        return None  # pragma: no cover - a uvicorn whose protocol changed
+    return protocol
+
+
+def starlette_transport(websocket: WebSocket) -> StarletteTransport:
+    """The transport for an accepted `websocket`: with `try_send` when it is served by
+    uvicorn's `websockets-sansio` protocol directly (see `uvicorn_protocol`)."""
+    protocol = uvicorn_protocol(websocket)
+    if protocol is None:
+        return StarletteTransport(websocket)
+    return UvicornStarletteTransport(websocket, protocol)
 
 
 def websocket_endpoint(
@@ -126,7 +275,7 @@ def websocket_endpoint(
         )
         await Session(
             hub,
-            StarletteTransport(websocket),
+            starlette_transport(websocket),
             info,
             client_id_param=client_id_param,
             authenticate=authenticate,

@@ -1,0 +1,288 @@
+"""The Starlette adapter's synchronous write under uvicorn, over real sockets: when it is taken,
+when it is not, ordering through a full write buffer, and close/disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import fastapi
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from support import closed_with, hello, recv_json, until
+from tether import Hub, HubConfig, SendStatus
+from tether.monitoring import BackgroundServer, create_app
+from tether.transports.starlette import (
+    StarletteTransport,
+    UvicornStarletteTransport,
+    add_tether,
+    starlette_transport,
+    websocket_endpoint,
+)
+
+V1 = ["tether.v1"]
+
+
+class WriteSpy:
+    """Records every `try_send` result and every awaited `send` of the Starlette transports."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.fast: list[bool] = []
+        self.awaited = 0
+        self.transports: list[StarletteTransport] = []
+        fast_send = UvicornStarletteTransport.try_send
+        awaited_send = StarletteTransport.send
+        init = StarletteTransport.__init__
+        spy = self
+
+        def try_send(transport: UvicornStarletteTransport, data: str | bytes) -> bool:
+            taken = fast_send(transport, data)
+            spy.fast.append(taken)
+            return taken
+
+        async def send(transport: StarletteTransport, data: str | bytes) -> None:
+            spy.awaited += 1
+            await awaited_send(transport, data)
+
+        def track(transport: StarletteTransport, websocket: WebSocket) -> None:
+            init(transport, websocket)
+            spy.transports.append(transport)
+
+        monkeypatch.setattr(UvicornStarletteTransport, "try_send", try_send)
+        monkeypatch.setattr(StarletteTransport, "send", send)
+        monkeypatch.setattr(StarletteTransport, "__init__", track)
+
+
+class WrapSend:
+    """A user middleware that wraps `send` (as a logging or header middleware would)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def wrapped(message: Any) -> None:
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
+@contextlib.asynccontextmanager
+async def served(app: Any, **options: Any) -> AsyncIterator[str]:
+    """`app` under uvicorn on an ephemeral loopback port; yields the ws:// base URL."""
+    options.setdefault("ws_ping_interval", None)
+    async with BackgroundServer(app, log_level="warning", lifespan="off", **options) as server:
+        yield server.ws_url
+
+
+def starlette_app(hub: Hub) -> Starlette:
+    app = Starlette()
+    add_tether(app, hub, "/ws")
+    return app
+
+
+def fastapi_app(hub: Hub) -> fastapi.FastAPI:
+    app = fastapi.FastAPI()
+    app.add_api_websocket_route("/ws", websocket_endpoint(hub))
+    return app
+
+
+async def deliver_in_order(
+    hub: Hub, url: str, count: int = 200, compression: str | None = None
+) -> None:
+    """Plain sends and broadcasts to one client arrive complete and in order."""
+    async with connect(f"{url}/ws?client_id=bob", compression=compression) as bob:
+        assert bool(bob.protocol.extensions) == (compression is not None)
+        await until(lambda: hub.is_connected("bob"))
+        for n in range(count):
+            if n % 2:
+                assert (await hub.send("bob", {"n": n})).status is SendStatus.SENT
+            else:
+                assert (await hub.broadcast({"n": n})).sent == 1
+        got = [orjson.loads(await bob.recv())["n"] for _ in range(count)]
+        assert got == list(range(count))
+
+
+@pytest.mark.parametrize("make_app", [starlette_app, fastapi_app], ids=["starlette", "fastapi"])
+@pytest.mark.parametrize("ws", ["auto", "websockets-sansio"])
+async def test_writes_take_the_synchronous_path_under_uvicorns_default_protocol(
+    monkeypatch: pytest.MonkeyPatch, make_app: Callable[[Hub], Any], ws: str
+) -> None:
+    spy = WriteSpy(monkeypatch)
+    hub = Hub()
+    async with hub, served(make_app(hub), ws=ws) as url:
+        await deliver_in_order(hub, url)
+    assert spy.fast == [True] * 200
+    assert spy.awaited == 0
+    assert [type(t) for t in spy.transports] == [UvicornStarletteTransport]
+
+
+async def test_synchronous_writes_are_compressed_when_the_client_negotiated_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvicorn offers permessage-deflate by default; the frames go through its extension."""
+    spy = WriteSpy(monkeypatch)
+    hub = Hub()
+    async with hub, served(starlette_app(hub)) as url:
+        await deliver_in_order(hub, url, compression="deflate")
+    assert spy.fast == [True] * 200
+
+
+async def test_tether_serve_stack_takes_the_synchronous_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`create_app` under `BackgroundServer`: Tether's own uvicorn protocol classes."""
+    spy = WriteSpy(monkeypatch)
+    hub = Hub()
+    async with hub:
+        server = BackgroundServer(create_app(hub, start_hub=False), log_level="warning")
+        assert server.config.ws.__name__ == "TetherWebSocketProtocol"  # type: ignore[union-attr]
+        async with server:
+            await deliver_in_order(hub, server.ws_url)
+    assert spy.fast == [True] * 200
+    assert spy.awaited == 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:The `websockets` implementation")
+@pytest.mark.parametrize(
+    ("ws", "middleware"),
+    [("wsproto", False), ("websockets", False), ("auto", True)],
+    ids=["wsproto", "legacy-websockets", "middleware-wraps-send"],
+)
+async def test_anything_else_keeps_the_awaited_asgi_path(
+    monkeypatch: pytest.MonkeyPatch, ws: str, middleware: bool
+) -> None:
+    spy = WriteSpy(monkeypatch)
+    hub = Hub()
+    app = starlette_app(hub)
+    if middleware:
+        app = Starlette(routes=app.routes, middleware=[Middleware(WrapSend)])
+    async with hub, served(app, ws=ws) as url:
+        await deliver_in_order(hub, url)
+    assert spy.fast == []
+    assert spy.awaited == 200
+    assert [type(t) for t in spy.transports] == [StarletteTransport]
+
+
+async def test_starlette_transport_without_uvicorn_has_no_try_send() -> None:
+    """A WebSocket whose `send` is not uvicorn's (another server, a test client)."""
+
+    async def receive() -> Any:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b""}
+    transport = starlette_transport(WebSocket(scope, receive, send))
+    assert type(transport) is StarletteTransport
+    assert not hasattr(transport, "try_send")
+
+
+async def stalled_client(url: str) -> ClientConnection:
+    """A tether.v1 connection whose reader stops at once behind a tiny receive buffer."""
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    return await connect(
+        f"{url}/ws",
+        subprotocols=V1,
+        max_queue=1,
+        sock=sock,
+        compression=None,  # type: ignore[list-item]
+    )
+
+
+async def seqs_until_closed(ws: ClientConnection, timeout: float = 10.0) -> list[int]:
+    seqs: list[int] = []
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = orjson.loads(await ws.recv())
+                if frame["type"] == "msg":
+                    seqs.append(frame["seq"])
+    return seqs
+
+
+async def test_full_write_buffer_falls_back_and_send_timeout_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that stops reading: the synchronous write declines once the buffer is full,
+    the awaited send then times out (`send_timeout`), the client is cut off with its
+    messages kept, and on resume every message arrives exactly once, in order."""
+    spy = WriteSpy(monkeypatch)
+    hub = Hub(HubConfig(send_timeout=0.3, max_queue_size=10_000))
+    pad = "x" * 8_000
+    async with hub, served(starlette_app(hub)) as url:
+        stalled = await stalled_client(url)
+        try:
+            await hello(stalled, "slow")
+            sent = 0
+            while hub.is_connected("slow"):
+                assert sent < 2_000, "the stalled client was never cut off"
+                result = await hub.send("slow", {"n": sent, "pad": pad}, critical=True)
+                assert result.status in (SendStatus.SENT, SendStatus.QUEUED)
+                sent += 1
+            assert True in spy.fast and False in spy.fast  # fast, then declined
+            assert spy.awaited >= 1  # the fallback ran (and timed out)
+            snapshot = hub.metrics.snapshot().to_dict()
+            assert snapshot["connections"]["timeouts"] == 1
+            assert hub.pending("slow") == sent  # nothing acked, nothing lost
+            # A few more while away: they queue behind the others.
+            for n in range(sent, sent + 5):
+                status = (await hub.send("slow", {"n": n, "pad": pad}, critical=True)).status
+                assert status is SendStatus.QUEUED
+            sent += 5
+            written = await seqs_until_closed(stalled)
+        finally:
+            stalled.transport.abort()
+        assert written == list(range(1, len(written) + 1))  # in order, no gaps
+        async with connect(f"{url}/ws", subprotocols=V1, compression=None) as back:  # type: ignore[list-item]
+            welcome = await hello(back, "slow", last_seq=len(written))
+            assert welcome["resumed"] is True
+            rest = []
+            while len(written) + len(rest) < sent:
+                frame = await recv_json(back)
+                assert frame["type"] == "msg", frame
+                rest.append((frame["seq"], frame["data"]["n"]))
+            await back.send(orjson.dumps({"type": "ack", "seq": sent}).decode())
+            assert rest == [(s, s - 1) for s in range(len(written) + 1, sent + 1)]
+            await until(lambda: hub.pending("slow") == 0)
+
+
+async def test_no_synchronous_write_after_close_or_disconnect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = WriteSpy(monkeypatch)
+    hub = Hub()
+    async with hub, served(starlette_app(hub)) as url:
+        # the server closes (hub.disconnect): nothing more is written
+        async with connect(f"{url}/ws?client_id=a", compression=None) as a:
+            await until(lambda: hub.is_connected("a"))
+            assert (await hub.send("a", "one")).status is SendStatus.SENT
+            first = spy.transports[-1]
+            assert isinstance(first, UvicornStarletteTransport)
+            await hub.disconnect("a")
+            assert first.try_send("late") is False
+            assert await a.recv() == "one"
+            assert await closed_with(a) == 1000
+        # the client closes: the hub notices, and the transport declines writes
+        async with connect(f"{url}/ws?client_id=b", compression=None) as b:
+            await until(lambda: hub.is_connected("b"))
+            second = spy.transports[-1]
+            await b.close()
+        await until(lambda: not hub.is_connected("b"))
+        assert isinstance(second, UvicornStarletteTransport)
+        assert second.try_send("late") is False
+        assert (await hub.send("b", "gone")).status is SendStatus.DROPPED
