@@ -62,7 +62,8 @@ class MirroredSession(SessionView, Protocol):
 
 log = logging.getLogger("tether.sqlite")
 
-_DIRECT = Accepted(0, direct=True)  # the hub writes it; nothing is stored
+_DIRECT = Accepted(0, direct=True)
+_SPLIT = int(os.environ.get("XSPLIT", "1000000"))  # the hub writes it; nothing is stored
 
 __all__ = ["SqliteBackend"]
 
@@ -101,11 +102,11 @@ class SqliteBackend(SingleNode):
         self._store: SqliteStore | None = None
         self._ok = False
         self._background: set[asyncio.Task[None]] = set()
-        # Appends of the current event-loop turn, submitted together (see _submit_batch).
-        self._batch: list[
-            tuple[tuple[str, NewMessage, str | None, int, bool], Any, SessionView, Envelope]
-        ] = []
-        self._flushing = False
+        # Appends of the current event-loop turn, submitted together (see _submit_batch):
+        # their rows, who sent them, and the one future they all wait on.
+        self._batch: list[tuple[str, Envelope, str | None, int, bool]] = []
+        self._senders: list[SessionView] = []
+        self._waiter: asyncio.Future[list[Accepted | Refused]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,15 +175,17 @@ class SqliteBackend(SingleNode):
 
     # ------------------------------------------------------------------ envelopes <-> rows
 
-    def _row(self, envelope: Envelope) -> NewMessage:
+    def _row(self, envelope: Envelope, offset: float | None = None) -> NewMessage:
+        """`envelope` as a row; `offset` (wall minus hub clock, seconds) when the caller
+        converts many at once."""
         data = envelope.data
         if isinstance(data, bytes):
             kind, raw = MessageKind.BYTES, data
         else:
             raw = data.encode("utf-8", "surrogatepass")
             kind = MessageKind.JSON if envelope.data_json is not None else MessageKind.TEXT
-        clock = self.clock
-        offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
+        if offset is None:
+            offset = self.clock.wall() - self.clock.now()  # hub-clock instants -> wall ms
         return NewMessage(
             envelope.message_id,
             raw,
@@ -296,60 +299,66 @@ class SqliteBackend(SingleNode):
         if envelope.direct and envelope.dedup_key is None and not outbox:
             return _DIRECT  # nothing held for this plain-mode client: the hub writes it
         store = self.store
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Appended | Refusal] = loop.create_future()
-        policy = outbox.policy
+        waiter = self._waiter
+        if waiter is None:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            loop.call_soon(self._submit_batch, store)
+        index = len(self._batch)
         self._batch.append(
             (
-                (
-                    session.client_id,
-                    self._row(envelope),
-                    envelope.dedup_key if session.dedup is not None else None,
-                    outbox.max_size,
-                    policy is OverflowPolicy.DROP_OLDEST,
-                ),
-                waiter,
-                session,
+                session.client_id,
                 envelope,
+                envelope.dedup_key if session.dedup is not None else None,
+                outbox.max_size,
+                outbox.policy is OverflowPolicy.DROP_OLDEST,
             )
         )
-        if not self._flushing:
-            self._flushing = True
-            loop.call_soon(self._submit_batch, store)
+        self._senders.append(session)
         try:
-            result = await waiter
+            outcomes = await waiter
         except BackendError as exc:
             self._failed("append", exc)
             raise
         self._ok = True
-        return self._accepted(session, envelope, result)
+        return outcomes[index]
 
     def _submit_batch(self, store: SqliteStore) -> None:
         """Hand every append gathered in this event-loop turn to the store as one
-        operation (a few µs less per send than one operation each), and route its
-        outcome back to each sender."""
-        batch, self._batch = self._batch, []
-        self._flushing = False
+        operation with one future (per send: no future, no wake-up of its own, one
+        conversion of the clock), then mirror each outcome into its session, in order,
+        whether or not its sender still waits (a cancelled sender's message is stored)."""
+        batch, senders, waiter = self._batch, self._senders, self._waiter
+        self._batch, self._senders, self._waiter = [], [], None
+        if waiter is None or not batch:
+            return
+        clock = self.clock
+        offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
+        rows = [
+            (cid, self._row(envelope, offset), key, max_size, drop_oldest)
+            for cid, envelope, key, max_size, drop_oldest in batch
+        ]
         try:
-            future = store.append_batch([entry[0] for entry in batch], dedup_ttl_ms=self._dedup_ms)
+            future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
         except BackendError as exc:
-            for _, waiter, _, _ in batch:
-                if not waiter.done():
-                    waiter.set_exception(exc)
+            waiter.set_exception(exc)
+            waiter.exception()  # retrieved: every sender may have been cancelled
             return
 
         def settle(done: asyncio.Future[list[Appended | Refusal]]) -> None:
             error = done.exception() if not done.cancelled() else StoreClosedError("cancelled")
             if error is not None:
-                for _, waiter, _, _ in batch:
-                    if not waiter.done():
-                        waiter.set_exception(error)
-                return
-            for (_, waiter, session, envelope), result in zip(batch, done.result(), strict=True):
                 if not waiter.done():
-                    waiter.set_result(result)
-                else:  # the sender was cancelled, but the message is stored: mirror it too
-                    self._accepted(session, envelope, result)
+                    waiter.set_exception(error)
+                    waiter.exception()
+                return
+            accepted = self._accepted
+            outcomes = [
+                accepted(session, item[1], result)
+                for session, item, result in zip(senders, batch, done.result(), strict=True)
+            ]
+            if not waiter.done():
+                waiter.set_result(outcomes)
 
         future.add_done_callback(settle)
 
@@ -487,8 +496,7 @@ class SqliteBackend(SingleNode):
         subset): what stays in the file at shutdown is this total. Counted after the
         writes already queued (an ack the hub has counted as delivered is not pending)."""
         store = self.store
-        if self._batch:  # appends of this turn go first, so that they are counted
-            self._submit_batch(store)
+        self._submit_batch(store)  # appends of this turn go first, so that they are counted
         result: int = await self._call("pending_counts", store.total_pending(after_writes=True))
         return result
 

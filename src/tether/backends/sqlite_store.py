@@ -1033,10 +1033,24 @@ class SqliteStore:
             now = self._now_ms()
             expires = now + dedup_ttl_ms
             append = self._append_step
-            return True, [
-                append(conn, cid, message, key, expires, max_size, drop_oldest, now)
-                for cid, message, key, max_size, drop_oldest in batch
-            ]
+            streams, rows, dirty = self._streams, self._rows, self._dirty
+            out: list[Appended | Refusal] = []
+            for cid, message, key, max_size, drop_oldest in batch:
+                entry = streams.get(cid)
+                if entry is None or key is not None or entry[3] >= max_size:
+                    out.append(append(conn, cid, message, key, expires, max_size, drop_oldest, now))
+                    continue
+                # The common case inline (a known stream with room, no dedup key): what
+                # `_append_step` does then, without its call and checks.
+                seq = entry[2]
+                rows.append(
+                    (entry[0], seq, message[0], int(message[2]), message[1], message[3], message[4])
+                )
+                entry[2] = seq + 1
+                entry[3] += 1
+                dirty.add(cid)
+                out.append(Appended(seq, entry[1]))
+            return True, out
 
         return self._submit(step)
 
