@@ -102,6 +102,8 @@ class SqliteBackend(SingleNode):
         self._store: SqliteStore | None = None
         self._ok = False
         self._background: set[asyncio.Task[None]] = set()
+        self._opening = asyncio.Lock()
+        self._closed = False
         # Appends of the current event-loop turn, submitted together (see _submit_batch):
         # their rows, who sent them, and the one future they all wait on.
         self._batch: list[tuple[str, Envelope, str | None, int, bool]] = []
@@ -114,18 +116,27 @@ class SqliteBackend(SingleNode):
         """Open the file (nothing pending is loaded). Raises StoreOpenError (missing or
         read-only directory), StoreLockedError (another process has the file),
         StoreCorruptError (not a tether store, or damaged), StoreFullError."""
-        if self._store is not None:
-            return
-        self._store = await SqliteStore.open(
-            self.path,
-            synchronous=self._synchronous,
-            clock=self.clock,
-            max_bytes=self._max_bytes,
-            dead_letter_limit=self.config.dead_letter_max_size,
-        )
-        self._ok = True
+        await self.open_store()
+
+    async def open_store(self) -> SqliteStore:
+        """The store, opened on first call (by `start`, or by the channel store when a
+        channel is used before the hub started): one writer for the file."""
+        async with self._opening:
+            if self._closed:
+                raise StoreClosedError(f"sqlite store {self.path} is closed")
+            if self._store is None:
+                self._store = await SqliteStore.open(
+                    self.path,
+                    synchronous=self._synchronous,
+                    clock=self.clock,
+                    max_bytes=self._max_bytes,
+                    dead_letter_limit=self.config.dead_letter_max_size,
+                )
+                self._ok = True
+        return self._store
 
     async def close(self) -> None:
+        self._closed = True
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._store is not None:

@@ -830,6 +830,26 @@ class SqliteStore:
 
         return await asyncio.get_running_loop().run_in_executor(self._reader, snapshot)
 
+    # ------------------------------------------------------------------ other tables
+
+    def transact(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `fn(conn)` on the writer thread inside the next group-committed transaction
+        (with the appends queued beside it); the future resolves with its value once that
+        transaction has committed. For tables other than this store's (the channel store
+        keeps its streams in the same file). `fn` must keep no Python state a rollback
+        would make wrong: a failed transaction is rolled back and each of its operations
+        run again on its own. Raises StoreClosedError at once."""
+
+        def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
+            return True, fn(conn)
+
+        future: asyncio.Future[T] = self._submit(step)
+        return future
+
+    async def query(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the reader connection, in one snapshot of committed data."""
+        return await self._read(fn)
+
     # ------------------------------------------------------------------ writes
 
     def _now_ms(self) -> int:
