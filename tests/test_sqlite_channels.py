@@ -127,6 +127,26 @@ async def test_a_subscriber_with_since_gets_the_rest_through_a_real_socket(
             assert got[-1].offset == 11 and sub.lost == 0 and sub.duplicates == 0
 
 
+async def test_the_first_subscribers_of_a_fresh_hub_wait_for_the_file_to_open(
+    node: Factory,
+) -> None:
+    """Subscribes arriving together before any other channel use: the store opens the
+    file once (one writer) and every one of them is answered `subscribed`."""
+    hub = node()
+    async with hub, ws_server(hub) as srv:
+        clients = [
+            Client(srv.url, client_id=f"f{i}", backoff_base=0.01, backoff_max=0.05)
+            for i in range(8)
+        ]
+        await asyncio.gather(*(client.connect() for client in clients))
+        try:
+            subs = await asyncio.gather(*(client.subscribe("first") for client in clients))
+            assert all(sub.last_subscribed is not None for sub in subs)
+            assert (await hub.publish("first", "hello")).delivered == 8
+        finally:
+            await asyncio.gather(*(client.close() for client in clients))
+
+
 async def test_one_store_write_per_publish_whatever_the_subscribers(node: Factory) -> None:
     hub = node()
     async with hub, ws_server(hub) as srv:

@@ -31,6 +31,7 @@ subscriber has to subscribe again anyway.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import sqlite3
 from typing import TYPE_CHECKING, Any
@@ -100,14 +101,27 @@ class SqliteChannelStore:
         self.trim_every = max(1, min(256, self.size // 8))
         self._backend = backend
         self._store: SqliteStore | None = None
+        self._starting = asyncio.Lock()
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
         self._swept_ms = 0  # writer thread only: the last sweep of idle channels
 
     async def start(self, events: StoreEvents) -> None:
-        store = await self._backend.open_store()
-        await store.transact(self._create_tables)
-        self._store = store
-        self._swept_ms = self._now_ms()
+        await self._ready()
+
+    async def _ready(self) -> SqliteStore:
+        """The backend's store, with the channel tables created: every method waits for
+        it (the service is marked started before `start` returns, so the first
+        subscribers may call in while the file is still being opened)."""
+        store = self._store
+        if store is not None:
+            return store
+        async with self._starting:
+            if self._store is None:
+                opened = await self._backend.open_store()
+                await opened.transact(self._create_tables)
+                self._swept_ms = self._now_ms()
+                self._store = opened
+            return self._store
 
     async def close(self) -> None:
         self._presence.clear()  # the file is closed with the backend
@@ -116,14 +130,6 @@ class SqliteChannelStore:
     def _create_tables(conn: sqlite3.Connection) -> None:
         for statement in _SCHEMA:
             conn.execute(statement)
-
-    @property
-    def store(self) -> SqliteStore:
-        if self._store is None:
-            from ..backends.sqlite_store import StoreClosedError
-
-            raise StoreClosedError("the sqlite channel store is not started")
-        return self._store
 
     def _now_ms(self) -> int:
         return int(self.clock.wall() * 1000)
@@ -241,7 +247,8 @@ class SqliteChannelStore:
     async def append(
         self, channel: str, message_id: str, data: Any, data_json: bytes, enc: str | None
     ) -> Appended:
-        epoch, offset, millis, held = await self.store.transact(
+        store = self._store or await self._ready()
+        epoch, offset, millis, held = await store.transact(
             lambda conn: self._append(conn, channel, message_id, data_json, enc)
         )
         if held is not None:
@@ -251,9 +258,11 @@ class SqliteChannelStore:
         )
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:
-        return await self.store.transact(lambda conn: self._recover(conn, channel, since))
+        store = self._store or await self._ready()
+        return await store.transact(lambda conn: self._recover(conn, channel, since))
 
     async def read(self, channel: str, after: int, limit: int) -> tuple[str, list[ChannelMessage]]:
+        store = self._store or await self._ready()
         now = self._now_ms()
 
         def read(conn: sqlite3.Connection) -> tuple[str, list[ChannelMessage]]:
@@ -264,11 +273,11 @@ class SqliteChannelStore:
                 return "", []
             return row[1], self._window(conn, row[0], row[2], after, limit, now)
 
-        return await self.store.query(read)
+        return await store.query(read)
 
     async def channels(self) -> list[ChannelInfo]:
-        now = self._now_ms()
-        deadline = now - self._ttl_ms
+        store = self._store or await self._ready()
+        deadline = self._now_ms() - self._ttl_ms
 
         def read(conn: sqlite3.Connection) -> list[ChannelInfo]:
             infos = []
@@ -283,7 +292,7 @@ class SqliteChannelStore:
                 infos.append(ChannelInfo(name, epoch, top, int(depth)))
             return infos
 
-        return await self.store.query(read)
+        return await store.query(read)
 
     # ------------------------------------------------------------------ presence (memory)
 
