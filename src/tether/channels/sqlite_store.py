@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..backends.base import BackendError
 from ..clock import Clock
 from ..config import HubConfig
 from .model import POSITION_KEPT, ChannelMessage, Position, Recovery, new_epoch, recover
@@ -102,6 +103,11 @@ class SqliteChannelStore:
         self._backend = backend
         self._store: SqliteStore | None = None
         self._starting = asyncio.Lock()
+        # Publishes of the current event-loop turn, submitted together (see _submit).
+        self._batch: list[tuple[str, str, bytes, str | None]] = []
+        self._waiter: asyncio.Future[list[tuple[str, int, int, tuple[Any, ...] | None]]] | None = (
+            None
+        )
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
         self._swept_ms = 0  # writer thread only: the last sweep of idle channels
 
@@ -191,8 +197,10 @@ class SqliteChannelStore:
             self._sweep(conn, now)
         cid, epoch, top = self._position(conn, channel, now)
         held = conn.execute(
-            f"SELECT {_COLUMNS} FROM channel_messages WHERE cid = ? AND message_id = ? "
-            "AND off > ? AND time_ms > ?",
+            # By id: left to itself the planner takes the (cid, off) index and reads
+            # the whole history on every publish.
+            f"SELECT {_COLUMNS} FROM channel_messages INDEXED BY channel_messages_by_id "
+            "WHERE cid = ? AND message_id = ? AND off > ? AND time_ms > ?",
             (cid, message_id, self._floor(top), now - self._ttl_ms),
         ).fetchone()
         if held is not None:
@@ -248,14 +256,47 @@ class SqliteChannelStore:
         self, channel: str, message_id: str, data: Any, data_json: bytes, enc: str | None
     ) -> Appended:
         store = self._store or await self._ready()
-        epoch, offset, millis, held = await store.transact(
-            lambda conn: self._append(conn, channel, message_id, data_json, enc)
-        )
+        waiter = self._waiter
+        if waiter is None:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            loop.call_soon(self._submit, store)
+        index = len(self._batch)
+        self._batch.append((channel, message_id, data_json, enc))
+        epoch, offset, millis, held = (await waiter)[index]
         if held is not None:
             return Appended(epoch, _message(held), True)
         return Appended(
             epoch, ChannelMessage(offset, message_id, data, millis / 1000.0, data_json, enc), False
         )
+
+    def _submit(self, store: SqliteStore) -> None:
+        """Queue the publishes of this event-loop turn as ONE writer operation with one
+        future (one queue entry, one wake-up), so that they share a transaction."""
+        batch, waiter = self._batch, self._waiter
+        self._batch, self._waiter = [], None
+        if waiter is None:
+            return
+        try:
+            future = store.transact(lambda conn: [self._append(conn, *item) for item in batch])
+        except BackendError as exc:
+            waiter.set_exception(exc)
+            waiter.exception()  # retrieved: every publisher may have been cancelled
+            return
+
+        def settle(
+            done: asyncio.Future[list[tuple[str, int, int, tuple[Any, ...] | None]]],
+        ) -> None:
+            if waiter.done():
+                return
+            error = done.exception() if not done.cancelled() else BackendError("cancelled")
+            if error is not None:
+                waiter.set_exception(error)
+                waiter.exception()
+            else:
+                waiter.set_result(done.result())
+
+        future.add_done_callback(settle)
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:
         store = self._store or await self._ready()
