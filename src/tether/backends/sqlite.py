@@ -351,7 +351,7 @@ class SqliteBackend(SingleNode):
         ]
         try:
             future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
-        except BackendError as exc:
+        except Exception as exc:  # closed, or a bad bound: every sender is told, none hangs
             waiter.set_exception(exc)
             waiter.exception()  # retrieved: every sender may have been cancelled
             return

@@ -279,7 +279,7 @@ class SqliteChannelStore:
             return
         try:
             future = store.transact(lambda conn: [self._append(conn, *item) for item in batch])
-        except BackendError as exc:
+        except Exception as exc:  # the store is closed: every publisher is told, none hangs
             waiter.set_exception(exc)
             waiter.exception()  # retrieved: every publisher may have been cancelled
             return
