@@ -147,6 +147,23 @@ async def test_the_first_subscribers_of_a_fresh_hub_wait_for_the_file_to_open(
             await asyncio.gather(*(client.close() for client in clients))
 
 
+async def test_a_cancelled_publish_does_not_cancel_the_publishes_sharing_its_commit(
+    node: Factory,
+) -> None:
+    hub = node()
+    async with hub:
+        await hub.publish("mixed", 0)
+        publishes = [asyncio.ensure_future(hub.publish("mixed", n)) for n in range(1, 4)]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # every publish runs up to its wait for the shared commit
+        publishes[1].cancel()
+        results = await asyncio.gather(*publishes, return_exceptions=True)
+        assert isinstance(results[1], asyncio.CancelledError)
+        assert [r.status for r in (results[0], results[2])] == [PublishStatus.PUBLISHED] * 2
+        # The cancelled one was appended all the same: offsets 2..4 are all held.
+        assert [m.offset for m in await hub.history("mixed", since=1)] == [2, 3, 4]
+
+
 async def test_one_store_write_per_publish_whatever_the_subscribers(node: Factory) -> None:
     hub = node()
     async with hub, ws_server(hub) as srv:

@@ -62,8 +62,7 @@ class MirroredSession(SessionView, Protocol):
 
 log = logging.getLogger("tether.sqlite")
 
-_DIRECT = Accepted(0, direct=True)
-_SPLIT = int(os.environ.get("XSPLIT", "1000000"))  # the hub writes it; nothing is stored
+_DIRECT = Accepted(0, direct=True)  # the hub writes it; nothing is stored
 
 __all__ = ["SqliteBackend"]
 
@@ -105,10 +104,9 @@ class SqliteBackend(SingleNode):
         self._opening = asyncio.Lock()
         self._closed = False
         # Appends of the current event-loop turn, submitted together (see _submit_batch):
-        # their rows, who sent them, and the one future they all wait on.
+        # their rows, and who sent them and waits for each.
         self._batch: list[tuple[str, Envelope, str | None, int, bool]] = []
-        self._senders: list[SessionView] = []
-        self._waiter: asyncio.Future[list[Accepted | Refused]] | None = None
+        self._senders: list[tuple[SessionView, asyncio.Future[Accepted | Refused]]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -310,12 +308,12 @@ class SqliteBackend(SingleNode):
         if envelope.direct and envelope.dedup_key is None and not outbox:
             return _DIRECT  # nothing held for this plain-mode client: the hub writes it
         store = self.store
-        waiter = self._waiter
-        if waiter is None:
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
+        loop = asyncio.get_running_loop()
+        # One future per sender: a sender cancelled while the commit runs must not
+        # cancel the others' (awaiting a shared future would cancel it for all).
+        waiter: asyncio.Future[Accepted | Refused] = loop.create_future()
+        if not self._batch:
             loop.call_soon(self._submit_batch, store)
-        index = len(self._batch)
         self._batch.append(
             (
                 session.client_id,
@@ -325,23 +323,23 @@ class SqliteBackend(SingleNode):
                 outbox.policy is OverflowPolicy.DROP_OLDEST,
             )
         )
-        self._senders.append(session)
+        self._senders.append((session, waiter))
         try:
-            outcomes = await waiter
+            outcome = await waiter
         except BackendError as exc:
             self._failed("append", exc)
             raise
         self._ok = True
-        return outcomes[index]
+        return outcome
 
     def _submit_batch(self, store: SqliteStore) -> None:
         """Hand every append gathered in this event-loop turn to the store as one
-        operation with one future (per send: no future, no wake-up of its own, one
-        conversion of the clock), then mirror each outcome into its session, in order,
-        whether or not its sender still waits (a cancelled sender's message is stored)."""
-        batch, senders, waiter = self._batch, self._senders, self._waiter
-        self._batch, self._senders, self._waiter = [], [], None
-        if waiter is None or not batch:
+        operation (one queue entry, one wake-up, one conversion of the clock), then
+        mirror each outcome into its session, in order, whether or not its sender still
+        waits (a cancelled sender's message is stored), and settle each sender."""
+        batch, senders = self._batch, self._senders
+        self._batch, self._senders = [], []
+        if not batch:
             return
         clock = self.clock
         offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
@@ -352,24 +350,23 @@ class SqliteBackend(SingleNode):
         try:
             future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
         except Exception as exc:  # closed, or a bad bound: every sender is told, none hangs
-            waiter.set_exception(exc)
-            waiter.exception()  # retrieved: every sender may have been cancelled
+            for _, waiter in senders:
+                if not waiter.done():
+                    waiter.set_exception(exc)
             return
 
         def settle(done: asyncio.Future[list[Appended | Refusal]]) -> None:
             error = done.exception() if not done.cancelled() else StoreClosedError("cancelled")
             if error is not None:
-                if not waiter.done():
-                    waiter.set_exception(error)
-                    waiter.exception()
+                for _, waiter in senders:
+                    if not waiter.done():
+                        waiter.set_exception(error)
                 return
             accepted = self._accepted
-            outcomes = [
-                accepted(session, item[1], result)
-                for session, item, result in zip(senders, batch, done.result(), strict=True)
-            ]
-            if not waiter.done():
-                waiter.set_result(outcomes)
+            for (session, waiter), item, result in zip(senders, batch, done.result(), strict=True):
+                outcome = accepted(session, item[1], result)
+                if not waiter.done():
+                    waiter.set_result(outcome)
 
         future.add_done_callback(settle)
 

@@ -74,6 +74,9 @@ _SCHEMA = (
 
 _COLUMNS = "off, message_id, data, enc, time_ms"
 
+# A publish as the writer did it: epoch, offset, time ms, the held row for a duplicate id.
+_Outcome = tuple[str, int, int, tuple[Any, ...] | None]
+
 
 def _message(row: tuple[Any, ...]) -> ChannelMessage:
     """A row (off, message_id, data, enc, time_ms) as a ChannelMessage."""
@@ -103,11 +106,10 @@ class SqliteChannelStore:
         self._backend = backend
         self._store: SqliteStore | None = None
         self._starting = asyncio.Lock()
-        # Publishes of the current event-loop turn, submitted together (see _submit).
+        # Publishes of the current event-loop turn, submitted together (see _submit),
+        # and their publishers' futures.
         self._batch: list[tuple[str, str, bytes, str | None]] = []
-        self._waiter: asyncio.Future[list[tuple[str, int, int, tuple[Any, ...] | None]]] | None = (
-            None
-        )
+        self._waiters: list[asyncio.Future[_Outcome]] = []
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
         self._swept_ms = 0  # writer thread only: the last sweep of idle channels
 
@@ -256,14 +258,15 @@ class SqliteChannelStore:
         self, channel: str, message_id: str, data: Any, data_json: bytes, enc: str | None
     ) -> Appended:
         store = self._store or await self._ready()
-        waiter = self._waiter
-        if waiter is None:
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
+        loop = asyncio.get_running_loop()
+        # One future per publisher: a publisher cancelled while the commit runs must not
+        # cancel the others' (awaiting a shared future would cancel it for all).
+        waiter: asyncio.Future[_Outcome] = loop.create_future()
+        if not self._batch:
             loop.call_soon(self._submit, store)
-        index = len(self._batch)
         self._batch.append((channel, message_id, data_json, enc))
-        epoch, offset, millis, held = (await waiter)[index]
+        self._waiters.append(waiter)
+        epoch, offset, millis, held = await waiter
         if held is not None:
             return Appended(epoch, _message(held), True)
         return Appended(
@@ -271,30 +274,30 @@ class SqliteChannelStore:
         )
 
     def _submit(self, store: SqliteStore) -> None:
-        """Queue the publishes of this event-loop turn as ONE writer operation with one
-        future (one queue entry, one wake-up), so that they share a transaction."""
-        batch, waiter = self._batch, self._waiter
-        self._batch, self._waiter = [], None
-        if waiter is None:
+        """Queue the publishes of this event-loop turn as ONE writer operation (one queue
+        entry, one wake-up), so that they share a transaction."""
+        batch, waiters = self._batch, self._waiters
+        self._batch, self._waiters = [], []
+        if not batch:
             return
         try:
             future = store.transact(lambda conn: [self._append(conn, *item) for item in batch])
         except Exception as exc:  # the store is closed: every publisher is told, none hangs
-            waiter.set_exception(exc)
-            waiter.exception()  # retrieved: every publisher may have been cancelled
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
             return
 
-        def settle(
-            done: asyncio.Future[list[tuple[str, int, int, tuple[Any, ...] | None]]],
-        ) -> None:
-            if waiter.done():
-                return
+        def settle(done: asyncio.Future[list[_Outcome]]) -> None:
             error = done.exception() if not done.cancelled() else BackendError("cancelled")
-            if error is not None:
-                waiter.set_exception(error)
-                waiter.exception()
-            else:
-                waiter.set_result(done.result())
+            results = done.result() if error is None else [None] * len(waiters)
+            for waiter, result in zip(waiters, results, strict=True):
+                if waiter.done():
+                    continue
+                if result is None:
+                    waiter.set_exception(error or BackendError("cancelled"))
+                else:
+                    waiter.set_result(result)
 
         future.add_done_callback(settle)
 
