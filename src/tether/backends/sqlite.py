@@ -364,7 +364,12 @@ class SqliteBackend(SingleNode):
                 return
             accepted = self._accepted
             for (session, waiter), item, result in zip(senders, batch, done.result(), strict=True):
-                outcome = accepted(session, item[1], result)
+                try:
+                    outcome = accepted(session, item[1], result)
+                except Exception as exc:  # a bug in mirroring: that sender is told, no hang
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                    continue
                 if not waiter.done():
                     waiter.set_result(outcome)
 
