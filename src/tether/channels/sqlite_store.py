@@ -211,7 +211,9 @@ class SqliteChannelStore:
         conn.execute(
             "INSERT INTO channel_messages (cid, off, message_id, data, enc, time_ms) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (cid, top, message_id, data_json, enc, now),
+            # A bytearray: sqlite3 binds it directly, `bytes` go through its adapter
+            # lookup first (see backends.sqlite_store._BLOB).
+            (cid, top, message_id, bytearray(data_json), enc, now),
         )
         conn.execute(
             "UPDATE channels SET top = ?, published_ms = ?, active_ms = ? WHERE cid = ?",
