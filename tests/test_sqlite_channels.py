@@ -282,3 +282,20 @@ async def test_channel_history_survives_a_sigkilled_server(
     finally:
         await client.close()
     assert [m["offset"] for m in history["messages"]] == [39, 40, 41]
+
+
+async def test_an_idle_channel_is_forgotten_after_a_day_unless_subscribed(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node(clock=clock, channel_history_ttl=60)
+    async with hub:
+        old = await hub.publish("old", 1)
+        kept = await hub.publish("kept", 1)
+        store = hub.channels.store
+        await store.presence_add("kept", "someone", {})  # a subscriber here keeps its epoch
+        clock.advance(86_400 + 61)
+        await hub.publish("other", 1)  # the first publish after a TTL sweeps
+        assert [i.name for i in await store.channels()] == ["kept", "other"]
+        again = await hub.publish("old", 2)
+        assert again.offset == 1 and again.epoch != old.epoch  # a new epoch
+        still = await hub.publish("kept", 2)
+        assert (still.offset, still.epoch) == (2, kept.epoch)
