@@ -1,11 +1,15 @@
 """Benchmark: channel publish fan-out over loopback sockets vs raw `websockets` broadcast(), and
-the Redis channel store vs the memory one (one append per publish, whatever the subscribers)."""
+the Redis and SQLite channel stores vs the memory one (one append per publish, whatever the
+subscribers; on SQLite each publish is committed to the file before it is handed out)."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from tether import Hub, HubConfig
@@ -19,6 +23,7 @@ CHANNEL = "bench"
 RAW_BROADCAST = "raw websockets broadcast()"
 MEMORY = "tether channel (memory)"
 REDIS = "tether channel (redis)"
+SQLITE = "tether channel (sqlite)"
 
 
 class ChannelServer(BenchServer):
@@ -28,13 +33,17 @@ class ChannelServer(BenchServer):
     receiver_mode = "channel"
     receiver_options = {"channel": CHANNEL}  # noqa: RUF012
 
-    def __init__(self, *, redis: bool, clients_hint: int) -> None:
+    def __init__(self, *, redis: bool = False, sqlite: bool = False, clients_hint: int) -> None:
         super().__init__()
-        self.name = REDIS if redis else MEMORY
+        self.name = REDIS if redis else SQLITE if sqlite else MEMORY
         values = bench_hub_config(clients_hint).model_dump(exclude_unset=True)
         self.prefix = f"bench-{uuid.uuid4().hex[:10]}"
         if redis:
             values.update(backend="redis", redis_prefix=self.prefix)
+        self.workdir: Path | None = None
+        if sqlite:  # a fresh file in the system temp directory, removed at stop
+            self.workdir = Path(tempfile.mkdtemp(prefix="tether-bench-channels-"))
+            values.update(backend="sqlite", sqlite_path=str(self.workdir / "tether.db"))
         self.redis = redis
         self.hub = Hub(HubConfig(**values))
         self.server: Any = None
@@ -66,6 +75,8 @@ class ChannelServer(BenchServer):
             self.server.close()
             await self.server.wait_closed()
         await self.hub.shutdown(flush=False)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         if self.redis:
             import redis.asyncio as aioredis
 
@@ -83,6 +94,7 @@ async def _run(clients: int, messages: int, repeat: int) -> dict[str, dict[str, 
         RawServer("broadcast"),
         ChannelServer(redis=False, clients_hint=clients),
         ChannelServer(redis=True, clients_hint=clients),
+        ChannelServer(sqlite=True, clients_hint=clients),
     ]
     try:
         for server in servers:
@@ -145,6 +157,8 @@ def run(quick: bool = False) -> Result:
         "receivers": "one separate process, websockets clients subscribed to one channel",
         "measured": "first publish -> last arrival at the receivers (CLOCK_MONOTONIC)",
         "redis": "one local server; one script call per publish",
+        "sqlite": "a file in the system temp directory, synchronous=NORMAL (the default); "
+        "one writer operation per publish, committed before it is handed out",
     }
     return make_result(NAME, params, rows, targets)
 

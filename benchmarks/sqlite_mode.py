@@ -20,6 +20,9 @@ machine load), with every round's ratio listed.
   is delivered, nothing to store).
 - broadcast_v1: the same to tether.v1 clients, which ack every 8 broadcasts (each copy is
   stored in one transaction per broadcast, and kept until acknowledged).
+- channel_publish: 100 concurrent producers, each publishing to its own channel one
+  message after another (no subscribers: the store's cost alone; on sqlite every publish
+  is committed to the file before it returns PUBLISHED); publishes/s.
 - file size: bytes of the file (with its WAL) per pending message after `offline`.
 - start-up: `Hub.start()` on a file holding `--backlog` pending messages (1,000 clients
   x 1,000) vs an empty file, the rows read at start-up (must be 0), and the first
@@ -125,10 +128,29 @@ async def _producers(hub: Hub, messages: int, connected: bool, v1: bool) -> dict
     return figures
 
 
+async def _channel_publish(hub: Hub, messages: int) -> dict[str, float]:
+    await hub.start()
+    per_producer = max(1, messages // PRODUCERS)
+    rejected = 0
+
+    async def produce(channel: str) -> None:
+        nonlocal rejected
+        for n in range(per_producer):
+            result = await hub.publish(channel, {"n": n, **PAYLOAD})
+            rejected += result.status.value != "published"
+
+    start = time.perf_counter()
+    await asyncio.gather(*(produce(f"ch{i}") for i in range(PRODUCERS)))
+    elapsed = time.perf_counter() - start
+    return {"per_s": per_producer * PRODUCERS / elapsed, "rejected": rejected}
+
+
 async def _one(kind: str, workdir: Path, scenario: str, size: int, sync: str) -> dict[str, float]:
     path = workdir / f"{scenario}-{time.monotonic_ns()}.db"
     hub = Hub(_config(kind, path, sync))
     try:
+        if scenario == "channel_publish":
+            return await _channel_publish(hub, size)
         if scenario.startswith("broadcast"):
             return await _broadcast(hub, size, v1=scenario == "broadcast_v1")
         connected = scenario.startswith("producers")
@@ -209,6 +231,7 @@ SIZES = {
     "producers_v1": 10_000,
     "broadcast": 20,
     "broadcast_v1": 24,
+    "channel_publish": 10_000,
 }
 
 

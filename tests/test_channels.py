@@ -32,12 +32,16 @@ MakeHub = Callable[..., Hub]
 
 
 def hub_factory(kind: str, request: pytest.FixtureRequest) -> MakeHub:
-    """`make(clock=None, **HubConfig fields)`: a hub whose channels live in memory, or in
-    Redis (one server, a 3-master Cluster, or a Sentinel-managed master) under a private
+    """`make(clock=None, **HubConfig fields)`: a hub whose channels live in memory, in a
+    SQLite file of the test's own, or in Redis (one server, a 3-master Cluster, or a Sentinel-managed master) under a private
     key prefix (on one server, deleted after the test)."""
 
     def factory(clock: ManualClock | None = None, **values: Any) -> Hub:
-        if kind == "redis":
+        if kind == "sqlite":
+            tmp_path = request.getfixturevalue("tmp_path")
+            values.setdefault("sqlite_path", str(tmp_path / f"channels-{uuid.uuid4().hex[:8]}.db"))
+            values.update(backend="sqlite")
+        elif kind == "redis":
             prefix = request.getfixturevalue("redis_prefix")
             values.update(backend="redis", redis_url=REDIS_URL, redis_prefix=prefix)
         elif kind == "redis-sentinel":
@@ -61,6 +65,7 @@ def hub_factory(kind: str, request: pytest.FixtureRequest) -> MakeHub:
 @pytest.fixture(
     params=[
         "memory",
+        "sqlite",
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("redis-cluster", marks=[pytest.mark.redis, pytest.mark.slow]),
         pytest.param("redis-sentinel", marks=[pytest.mark.redis, pytest.mark.slow]),
@@ -71,7 +76,7 @@ def make(request: pytest.FixtureRequest) -> MakeHub:
     return hub_factory(str(request.param), request)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def make_heavy(request: pytest.FixtureRequest) -> MakeHub:
     """For tests that store tens of MB: memory, and one Redis server whose keys are
     deleted right after (the topology-agnostic store code is the same)."""

@@ -227,6 +227,25 @@ async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(node: F
     assert ws.seqs() == [1, 2, 3] and ws.data() == ["one", "two", "three"]
 
 
+async def test_a_cancelled_send_does_not_cancel_the_sends_sharing_its_commit(
+    node: Factory,
+) -> None:
+    """Sends of one event-loop turn share one store operation: cancelling one of them
+    leaves the others to complete (and the cancelled one is stored all the same)."""
+    hub = node(ManualClock())
+    for i in range(3):  # streams known: the next sends go straight to their commit
+        assert (await hub.send(f"c{i}", "first", critical=True)).seq == 1
+    sends = [asyncio.ensure_future(hub.send(f"c{i}", f"m{i}", critical=True)) for i in range(3)]
+    await asyncio.sleep(0)  # every send runs up to its wait for the shared commit
+    sends[1].cancel()
+    results = await asyncio.gather(*sends, return_exceptions=True)
+    assert isinstance(results[1], asyncio.CancelledError)
+    for result in (results[0], results[2]):
+        assert not isinstance(result, BaseException)
+        assert (result.status, result.seq) == (SendStatus.QUEUED, 2)
+    assert [await hub.stored_pending(f"c{i}") for i in range(3)] == [2, 2, 2]
+
+
 async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:
     clock = ManualClock()
     hub = node(clock, max_retries=1, failure_threshold=100, retry_base_delay=0.1)

@@ -7,8 +7,10 @@ from typing import Any
 
 from . import protocol
 from .backends import Backend
+from .backends.sqlite import SqliteBackend
 from .channels import ChannelMessage, Channels, Position, PublishResult, PublishStatus
 from .channels.service import Authorizer, SubscribeRefused
+from .channels.store import ChannelStore
 from .clock import Clock
 from .config import HubConfig
 from .metrics import HubMetrics
@@ -18,7 +20,7 @@ from .transports.base import Transport
 
 class HubChannels:
     """Owns the hub's `Channels` service: streams, subscribers, fan-out and presence live
-    there; this class picks its store (Redis when the outboxes are in Redis), finds a
+    there; this class picks its store (where the outboxes are: Redis, the SQLite file), finds a
     client's connection for server-side subscribes and reports the metrics section."""
 
     def __init__(
@@ -43,11 +45,15 @@ class HubChannels:
         """The channels service (created on first use)."""
         if self._service is None:
             node_id = self._backend.node_id or self._session_id[:12]
-            store = None
+            store: ChannelStore | None = None
             if self._backend.name == "redis":  # channels live where the outboxes do
                 from .channels.redis_store import RedisChannelStore
 
                 store = RedisChannelStore(self._config, self._clock, node_id)
+            elif isinstance(self._backend, SqliteBackend):  # in the same file, same writer
+                from .channels.sqlite_store import SqliteChannelStore
+
+                store = SqliteChannelStore(self._config, self._clock, self._backend)
             self._service = Channels(self._config, self._clock, store=store, node_id=node_id)
         return self._service
 

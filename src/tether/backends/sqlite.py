@@ -101,11 +101,12 @@ class SqliteBackend(SingleNode):
         self._store: SqliteStore | None = None
         self._ok = False
         self._background: set[asyncio.Task[None]] = set()
-        # Appends of the current event-loop turn, submitted together (see _submit_batch).
-        self._batch: list[
-            tuple[tuple[str, NewMessage, str | None, int, bool], Any, SessionView, Envelope]
-        ] = []
-        self._flushing = False
+        self._opening = asyncio.Lock()
+        self._closed = False
+        # Appends of the current event-loop turn, submitted together (see _submit_batch):
+        # their rows, and who sent them and waits for each.
+        self._batch: list[tuple[str, Envelope, str | None, int, bool]] = []
+        self._senders: list[tuple[SessionView, asyncio.Future[Accepted | Refused]]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -113,18 +114,27 @@ class SqliteBackend(SingleNode):
         """Open the file (nothing pending is loaded). Raises StoreOpenError (missing or
         read-only directory), StoreLockedError (another process has the file),
         StoreCorruptError (not a tether store, or damaged), StoreFullError."""
-        if self._store is not None:
-            return
-        self._store = await SqliteStore.open(
-            self.path,
-            synchronous=self._synchronous,
-            clock=self.clock,
-            max_bytes=self._max_bytes,
-            dead_letter_limit=self.config.dead_letter_max_size,
-        )
-        self._ok = True
+        await self.open_store()
+
+    async def open_store(self) -> SqliteStore:
+        """The store, opened on first call (by `start`, or by the channel store when a
+        channel is used before the hub started): one writer for the file."""
+        async with self._opening:
+            if self._closed:
+                raise StoreClosedError(f"sqlite store {self.path} is closed")
+            if self._store is None:
+                self._store = await SqliteStore.open(
+                    self.path,
+                    synchronous=self._synchronous,
+                    clock=self.clock,
+                    max_bytes=self._max_bytes,
+                    dead_letter_limit=self.config.dead_letter_max_size,
+                )
+                self._ok = True
+        return self._store
 
     async def close(self) -> None:
+        self._closed = True
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._store is not None:
@@ -174,15 +184,17 @@ class SqliteBackend(SingleNode):
 
     # ------------------------------------------------------------------ envelopes <-> rows
 
-    def _row(self, envelope: Envelope) -> NewMessage:
+    def _row(self, envelope: Envelope, offset: float | None = None) -> NewMessage:
+        """`envelope` as a row; `offset` (wall minus hub clock, seconds) when the caller
+        converts many at once."""
         data = envelope.data
         if isinstance(data, bytes):
             kind, raw = MessageKind.BYTES, data
         else:
             raw = data.encode("utf-8", "surrogatepass")
             kind = MessageKind.JSON if envelope.data_json is not None else MessageKind.TEXT
-        clock = self.clock
-        offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
+        if offset is None:
+            offset = self.clock.wall() - self.clock.now()  # hub-clock instants -> wall ms
         return NewMessage(
             envelope.message_id,
             raw,
@@ -297,43 +309,48 @@ class SqliteBackend(SingleNode):
             return _DIRECT  # nothing held for this plain-mode client: the hub writes it
         store = self.store
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Appended | Refusal] = loop.create_future()
-        policy = outbox.policy
+        # One future per sender: a sender cancelled while the commit runs must not
+        # cancel the others' (awaiting a shared future would cancel it for all).
+        waiter: asyncio.Future[Accepted | Refused] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._submit_batch, store)
         self._batch.append(
             (
-                (
-                    session.client_id,
-                    self._row(envelope),
-                    envelope.dedup_key if session.dedup is not None else None,
-                    outbox.max_size,
-                    policy is OverflowPolicy.DROP_OLDEST,
-                ),
-                waiter,
-                session,
+                session.client_id,
                 envelope,
+                envelope.dedup_key if session.dedup is not None else None,
+                outbox.max_size,
+                outbox.policy is OverflowPolicy.DROP_OLDEST,
             )
         )
-        if not self._flushing:
-            self._flushing = True
-            loop.call_soon(self._submit_batch, store)
+        self._senders.append((session, waiter))
         try:
-            result = await waiter
+            outcome = await waiter
         except BackendError as exc:
             self._failed("append", exc)
             raise
         self._ok = True
-        return self._accepted(session, envelope, result)
+        return outcome
 
     def _submit_batch(self, store: SqliteStore) -> None:
         """Hand every append gathered in this event-loop turn to the store as one
-        operation (a few µs less per send than one operation each), and route its
-        outcome back to each sender."""
-        batch, self._batch = self._batch, []
-        self._flushing = False
+        operation (one queue entry, one wake-up, one conversion of the clock), then
+        mirror each outcome into its session, in order, whether or not its sender still
+        waits (a cancelled sender's message is stored), and settle each sender."""
+        batch, senders = self._batch, self._senders
+        self._batch, self._senders = [], []
+        if not batch:
+            return
+        clock = self.clock
+        offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
+        rows = [
+            (cid, self._row(envelope, offset), key, max_size, drop_oldest)
+            for cid, envelope, key, max_size, drop_oldest in batch
+        ]
         try:
-            future = store.append_batch([entry[0] for entry in batch], dedup_ttl_ms=self._dedup_ms)
-        except BackendError as exc:
-            for _, waiter, _, _ in batch:
+            future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
+        except Exception as exc:  # closed, or a bad bound: every sender is told, none hangs
+            for _, waiter in senders:
                 if not waiter.done():
                     waiter.set_exception(exc)
             return
@@ -341,15 +358,20 @@ class SqliteBackend(SingleNode):
         def settle(done: asyncio.Future[list[Appended | Refusal]]) -> None:
             error = done.exception() if not done.cancelled() else StoreClosedError("cancelled")
             if error is not None:
-                for _, waiter, _, _ in batch:
+                for _, waiter in senders:
                     if not waiter.done():
                         waiter.set_exception(error)
                 return
-            for (_, waiter, session, envelope), result in zip(batch, done.result(), strict=True):
+            accepted = self._accepted
+            for (session, waiter), item, result in zip(senders, batch, done.result(), strict=True):
+                try:
+                    outcome = accepted(session, item[1], result)
+                except Exception as exc:  # a bug in mirroring: that sender is told, no hang
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                    continue
                 if not waiter.done():
-                    waiter.set_result(result)
-                else:  # the sender was cancelled, but the message is stored: mirror it too
-                    self._accepted(session, envelope, result)
+                    waiter.set_result(outcome)
 
         future.add_done_callback(settle)
 
@@ -487,8 +509,7 @@ class SqliteBackend(SingleNode):
         subset): what stays in the file at shutdown is this total. Counted after the
         writes already queued (an ack the hub has counted as delivered is not pending)."""
         store = self.store
-        if self._batch:  # appends of this turn go first, so that they are counted
-            self._submit_batch(store)
+        self._submit_batch(store)  # appends of this turn go first, so that they are counted
         result: int = await self._call("pending_counts", store.total_pending(after_writes=True))
         return result
 

@@ -313,6 +313,10 @@ CREATE TABLE IF NOT EXISTS purge (sid INTEGER PRIMARY KEY);  -- dropped streams 
 
 _PENDING_COLUMNS = "seq, message_id, kind, data, created_ms, expires_ms, attempts"
 
+# _BLOB: message bytes are bound as a bytearray. sqlite3 binds int, float, str and
+# bytearray directly but sends `bytes` through its adapter lookup first (a key tuple, a
+# dict lookup, two attribute lookups): 1.6 vs 1.0 us per inserted row, measured.
+
 # Primary result codes (the low byte of sqlite_errorcode).
 _SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 3, 8, 10, 11
 _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 13, 14, 26
@@ -830,6 +834,26 @@ class SqliteStore:
 
         return await asyncio.get_running_loop().run_in_executor(self._reader, snapshot)
 
+    # ------------------------------------------------------------------ other tables
+
+    def transact(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `fn(conn)` on the writer thread inside the next group-committed transaction
+        (with the appends queued beside it); the future resolves with its value once that
+        transaction has committed. For tables other than this store's (the channel store
+        keeps its streams in the same file). `fn` must keep no Python state a rollback
+        would make wrong: a failed transaction is rolled back and each of its operations
+        run again on its own. Raises StoreClosedError at once."""
+
+        def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
+            return True, fn(conn)
+
+        future: asyncio.Future[T] = self._submit(step)
+        return future
+
+    async def query(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` on the reader connection, in one snapshot of committed data."""
+        return await self._read(fn)
+
     # ------------------------------------------------------------------ writes
 
     def _now_ms(self) -> int:
@@ -927,7 +951,7 @@ class SqliteStore:
                 next_seq,
                 message.message_id,
                 int(message.kind),
-                message.data,
+                bytearray(message.data),  # see _BLOB
                 message.created_ms,
                 message.expires_ms,
             )
@@ -1033,10 +1057,32 @@ class SqliteStore:
             now = self._now_ms()
             expires = now + dedup_ttl_ms
             append = self._append_step
-            return True, [
-                append(conn, cid, message, key, expires, max_size, drop_oldest, now)
-                for cid, message, key, max_size, drop_oldest in batch
-            ]
+            streams, rows, dirty = self._streams, self._rows, self._dirty
+            out: list[Appended | Refusal] = []
+            for cid, message, key, max_size, drop_oldest in batch:
+                entry = streams.get(cid)
+                if entry is None or key is not None or entry[3] >= max_size:
+                    out.append(append(conn, cid, message, key, expires, max_size, drop_oldest, now))
+                    continue
+                # The common case inline (a known stream with room, no dedup key): what
+                # `_append_step` does then, without its call and checks.
+                seq = entry[2]
+                rows.append(
+                    (
+                        entry[0],
+                        seq,
+                        message[0],
+                        int(message[2]),
+                        bytearray(message[1]),  # see _BLOB
+                        message[3],
+                        message[4],
+                    )
+                )
+                entry[2] = seq + 1
+                entry[3] += 1
+                dirty.add(cid)
+                out.append(Appended(seq, entry[1]))
+            return True, out
 
         return self._submit(step)
 
