@@ -52,7 +52,8 @@ class _Call:
 
     script: str
     group: Hashable
-    items: list[tuple[_Ticket, int, str, list[Any] | None]] = field(default_factory=list)
+    # (ticket, index in it, item, payload); index -1: the sink is the item's own future
+    items: list[tuple[Any, int, str, list[Any] | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,22 @@ class StreamBatcher:
             if call is None:
                 call = queue[(script, group)] = _Call(script, group)
             call.items.append((ticket, index, item, payload))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return future
+
+    def submit_one(
+        self, script: str, group: Hashable, item: str, payload: list[Any] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one item; the future gets its reply itself (not a list of one). The
+        common case (one send), without a ticket."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        call = self._queue.get((script, group))
+        if call is None:
+            call = self._queue[(script, group)] = _Call(script, group)
+        call.items.append((future, -1, item, payload))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._start)
@@ -174,6 +191,10 @@ class StreamBatcher:
                 self._fail(chunk, BackendError(f"Redis {chunk.script} failed: {reply}"))
             else:
                 for (ticket, index, _, _), value in zip(chunk.items, reply, strict=True):
+                    if index < 0:
+                        if not ticket.done():
+                            ticket.set_result(value)
+                        continue
                     ticket.replies[index] = value
                     ticket.missing -= 1
                     if ticket.missing == 0 and not ticket.future.done():
@@ -183,9 +204,10 @@ class StreamBatcher:
 
     @staticmethod
     def _fail(chunk: _Call, failure: BackendError) -> None:
-        for ticket, _, _, _ in chunk.items:
-            if not ticket.future.done():
-                ticket.future.set_exception(failure)
+        for ticket, index, _, _ in chunk.items:
+            future = ticket if index < 0 else ticket.future
+            if not future.done():
+                future.set_exception(failure)
 
     @staticmethod
     def _request(chunk: _Call) -> Request:
@@ -194,15 +216,20 @@ class StreamBatcher:
         index: dict[int, int] = {}
         payloads: list[Any] = []
         parts: list[str] = []
+        append = parts.append
+        last, prefix = None, ""
         for _, _, item, payload in chunk.items:
             if payload is None:
-                parts.append(item)
+                append(item)
                 continue
-            position = index.get(id(payload))
-            if position is None:
-                position = index[id(payload)] = len(index) + 1
-                payloads.extend(payload)
-            parts.append(f"{position}|{item}")
+            if payload is not last:  # a broadcast's copies share one payload, in a row
+                position = index.get(id(payload))
+                if position is None:
+                    position = index[id(payload)] = len(index) + 1
+                    payloads.extend(payload)
+                last, prefix = payload, f"{position}|"
+            append(prefix)
+            append(item)
         return Request(chunk.script, chunk.group, payloads, "".join(parts))
 
     async def close(self) -> None:
