@@ -315,9 +315,8 @@ class RedisBackend:
             group = request.group
             key = [self._node_keys.get(group, group) if isinstance(group, str) else "-"]
             if request.script == "append":
-                npay = len(request.payloads) // 2
                 now_ms = self.wire.wall_ms(self.clock.now())
-                args = [*header, npay, *request.payloads, request.items, now_ms]
+                args = [*header, request.payloads, request.items, now_ms]
             elif request.script == "release":
                 args = [self.node_id, self._tombstone_ms, request.items]
             else:
@@ -421,7 +420,7 @@ class RedisBackend:
             entries = [(group(s.client_id), item(s, e, local, probe, now)) for s, e, local in items]
         else:
             entries = [(0, item(s, e, local, probe, now)) for s, e, local in items]
-        return self._b.submit("append", entries, self.wire.payload_args(items[0][1]))
+        return self._b.submit("append", entries, self.wire.payload(items[0][1]))
 
     def _accepted(self, session: StreamState, envelope: Envelope, reply: Any) -> Accepted | Refused:
         if isinstance(reply, list):
@@ -462,7 +461,7 @@ class RedisBackend:
         self._gate()
         item = self._item(session, envelope, local, False, self.clock.now())
         group = self._group(session.client_id) if self._cluster else 0
-        future = self._b.submit_one("append", group, item, self.wire.payload_args(envelope))
+        future = self._b.submit_one("append", group, item, self.wire.payload(envelope))
         try:
             reply = await future
         except NotReplicated:  # stored on the master only: not accepted

@@ -53,17 +53,17 @@ class _Call:
     script: str
     group: Hashable
     # (ticket, index in it, item, payload); index -1: the sink is the item's own future
-    items: list[tuple[Any, int, str, list[Any] | None]] = field(default_factory=list)
+    items: list[tuple[Any, int, str, bytes | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """What the runner sends for one call: `payloads` (shared payload arguments, in
-    index order) and `items` (one string, the items joined)."""
+    """What the runner sends for one call: `payloads` (the payload table: each shared
+    payload once, in index order, joined) and `items` (one string, the items joined)."""
 
     script: str
     group: Hashable
-    payloads: list[Any]
+    payloads: bytes
     items: str
 
 
@@ -92,7 +92,7 @@ class StreamBatcher:
         self,
         script: str,
         entries: Sequence[tuple[Hashable, str]],
-        payload: list[Any] | None = None,
+        payload: bytes | None = None,
     ) -> asyncio.Future[list[Any]]:
         """Queue items `(group, item string)`; the future gets their replies, in order.
         `payload` (shared by these items) is sent once per call however many use it."""
@@ -114,7 +114,7 @@ class StreamBatcher:
         return future
 
     def submit_one(
-        self, script: str, group: Hashable, item: str, payload: list[Any] | None = None
+        self, script: str, group: Hashable, item: str, payload: bytes | None = None
     ) -> asyncio.Future[Any]:
         """Queue one item; the future gets its reply itself (not a list of one). The
         common case (one send), without a ticket."""
@@ -214,7 +214,7 @@ class StreamBatcher:
         """The payload table (each shared payload once) and the joined items, each
         prefixed with its payload's index when it has one."""
         index: dict[int, int] = {}
-        payloads: list[Any] = []
+        payloads: list[bytes] = []
         parts: list[str] = []
         append = parts.append
         last, prefix = None, ""
@@ -226,11 +226,11 @@ class StreamBatcher:
                 position = index.get(id(payload))
                 if position is None:
                     position = index[id(payload)] = len(index) + 1
-                    payloads.extend(payload)
+                    payloads.append(payload)
                 last, prefix = payload, f"{position}|"
             append(prefix)
             append(item)
-        return Request(chunk.script, chunk.group, payloads, "".join(parts))
+        return Request(chunk.script, chunk.group, b"".join(payloads), "".join(parts))
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -56,10 +56,11 @@ end
 # Store critical messages, one per item. Most of a pipeline's cost in Python is packing
 # and parsing arguments, so a call's items travel as one string, and a client's keys
 # derive from its base key (declared or not, they share the call's slot: see redis_keys).
-# KEYS: 1, the call's slot key. ARGV: max_size, policy, dedup_ms, fresh epoch, n_payloads,
-#   then 2 per payload: "kind|expires wall ms|created wall ms|message id", data,
-#   then the items (one argument, concatenated), then the caller's wall-clock ms (its clock
-#   decides what has expired). Each item is
+# KEYS: 1, the call's slot key. ARGV: max_size, policy, dedup_ms, fresh epoch, the payload
+#   table (one argument, concatenated; each payload
+#   "kind|expires wall ms|created wall ms|id length|data length|" + message id + data),
+#   the items (one argument, concatenated), the caller's wall-clock ms (its clock decides
+#   what has expired). Each item is
 #   "payload index|base key|flags|floor|known|keep ms|expected epoch|dedup key length|"
 #   followed by the dedup key.
 #   flags: 1 = check and record the dedup key; 2 = probe: an earlier attempt to store this
@@ -87,11 +88,21 @@ APPEND = (
     + _TOP
     + """
 local max, policy, dedup_ms, fresh = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-local npay = tonumber(ARGV[5])
-local blob = ARGV[6 + npay * 2]
-local hub_now = tonumber(ARGV[7 + npay * 2])  -- the caller's clock decides expiry
-local results, heads = {}, {}
-local pos, i = 1, 0
+local table_, blob = ARGV[5], ARGV[6]
+local hub_now = tonumber(ARGV[7])  -- the caller's clock decides expiry
+local payloads = {}
+local pos = 1
+while pos <= #table_ do
+  local kind, x, c, ml, dl, at = string.match(table_,
+    '^([^|]*)|(%d+)|(%d+)|(%d+)|(%d+)|()', pos)
+  ml, dl = tonumber(ml), tonumber(dl)
+  payloads[#payloads + 1] = {kind, x, c, string.sub(table_, at, at + ml - 1),
+                             string.sub(table_, at + ml, at + ml + dl - 1)}
+  pos = at + ml + dl
+end
+local results = {}
+local i = 0
+pos = 1
 while pos <= #blob do
   i = i + 1
   local pi, base, flags, floor, known, keep, expect, dlen, at = string.match(blob,
@@ -99,14 +110,8 @@ while pos <= #blob do
   dlen = tonumber(dlen)
   local dkey = string.sub(blob, at, at + dlen - 1)
   pos = at + dlen
-  local p = 6 + (tonumber(pi) - 1) * 2
-  local head = heads[p]
-  if not head then
-    head = {string.match(ARGV[p], '^([^|]*)|(%d+)|(%d+)|(.*)$')}
-    heads[p] = head
-  end
-  local kind, x, c, mid = head[1], head[2], head[3], head[4]
-  local data = ARGV[p + 1]
+  local head = payloads[tonumber(pi)]
+  local kind, x, c, mid, data = head[1], head[2], head[3], head[4], head[5]
   floor, known, keep = tonumber(floor), tonumber(known), tonumber(keep)
   local meta, out = base .. '#m', base .. '#o'
   local dd = base .. '#d:' .. dkey
