@@ -273,7 +273,7 @@ class RedisBackend:
         if self._redis is None:
             raise BackendError("backend not started or closed")
         # Real (loop) time, not the hub clock: sockets time out in real time.
-        if asyncio.get_running_loop().time() < self._fail_fast_until:
+        if self._fail_fast_until and asyncio.get_running_loop().time() < self._fail_fast_until:
             self.errors += 1
             raise BackendError("Redis unreachable (retrying shortly)")
 

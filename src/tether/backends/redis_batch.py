@@ -85,6 +85,7 @@ class StreamBatcher:
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one loop it runs on
         self.pipelines = 0  # pipelines sent, for tests and benchmarks
         self.calls = 0  # script calls sent
 
@@ -96,7 +97,9 @@ class StreamBatcher:
     ) -> asyncio.Future[list[Any]]:
         """Queue items `(group, item string)`; the future gets their replies, in order.
         `payload` (shared by these items) is sent once per call however many use it."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         if not entries:
             future.set_result([])
@@ -118,7 +121,9 @@ class StreamBatcher:
     ) -> asyncio.Future[Any]:
         """Queue one item; the future gets its reply itself (not a list of one). The
         common case (one send), without a ticket."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         call = self._queue.get((script, group))
         if call is None:

@@ -114,12 +114,15 @@ while pos <= #blob do
   local kind, x, c, mid, data = head[1], head[2], head[3], head[4], head[5]
   floor, known, keep = tonumber(floor), tonumber(known), tonumber(keep)
   local meta, out = base .. '#m', base .. '#o'
-  local dd = base .. '#d:' .. dkey
-  local fl = tonumber(flags)
+  local fl = string.byte(flags) - 48  -- one digit
   local dflag = fl % 2 == 1
   local direct = fl >= 4
   local prior = false
-  if dflag then prior = redis.call('GET', dd) end
+  local dd
+  if dflag then
+    dd = base .. '#d:' .. dkey
+    prior = redis.call('GET', dd)
+  end
   if not prior and math.floor(fl / 2) % 2 == 1 then
     for _, e in ipairs(redis.call('XRANGE', out, '-', '+')) do
       local f = e[2]
