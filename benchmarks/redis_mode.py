@@ -7,6 +7,8 @@ Transports are MockWebSocket in plain mode (no network to the client), so the fi
 isolate what the backend costs: memory does no I/O; Redis stores every copy (one batched
 script call per event-loop turn, per cluster slot group) and trims it once written.
 Memory and Redis alternate round by round; each figure is the median of the rounds.
+`<kind>_cpu_us` is this process's CPU time per delivery or send (the Redis server's is
+not included): steadier than the rates on a shared machine.
 
 - broadcast: one critical broadcast to 1,000 connected plain-mode clients, repeated;
   deliveries/s (a delivery is a write: each copy is stored, written, then trimmed).

@@ -564,7 +564,10 @@ class RedisBackend:
             del unknown[next(iter(unknown))]
 
     async def ack(self, session: StreamState, seq: int) -> bool:
-        return (await self.ack_many([(session, seq)]))[0]
+        cid = session.client_id
+        group = self._group(cid) if self._cluster else 0
+        item = f"{self.keys.base(cid)}|{seq}|{self._keep_ms}|{session.epoch or ''};"
+        return int(await self._b.submit_one("ack", group, item)) >= 0
 
     async def ack_many(self, acks: Sequence[tuple[StreamState, int]]) -> list[bool]:
         keep = self._keep_ms
