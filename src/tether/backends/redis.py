@@ -403,7 +403,9 @@ class RedisBackend:
         if local and envelope.direct:
             flags |= 4  # write it directly if nothing of the client's is held anywhere
         base = self.keys.base(cid)
-        return f"{base}|{flags}|{floor}|{known}|{keep}|{expect}|{len(dedup)}|{dedup}"
+        # The script cuts the key out by its length in bytes (UTF-8, as sent).
+        size = len(dedup) if dedup.isascii() else len(dedup.encode("utf-8", "surrogatepass"))
+        return f"{base}|{flags}|{floor}|{known}|{keep}|{expect}|{size}|{dedup}"
 
     def _submit_appends(
         self, items: Sequence[tuple[StreamState, Envelope, bool]], *, gate: bool = True
