@@ -425,6 +425,9 @@ class RedisBackend:
         return self._b.submit("append", entries, self.wire.payload(items[0][1]))
 
     def _accepted(self, session: StreamState, envelope: Envelope, reply: Any) -> Accepted | Refused:
+        if reply.__class__ is int:  # stored in the epoch the session mirrors (the item's)
+            envelope.seq = reply
+            return Accepted(reply, (), (), False, session.epoch, None)
         if isinstance(reply, list):
             head, evicted, gap, expired = reply
         else:

@@ -77,7 +77,9 @@ end
 #          one means the stream was recreated under a connected client, and a counter
 #          below `floor` in the same epoch that it was rolled back (a failover lost writes):
 #          either way the item says `changed`
-# Returns per item: "D|seq it was stored with" duplicate, "W" write directly, "F" full, or
+# Returns per item: "D|seq it was stored with" duplicate, "W" write directly, "F" full, the
+# seq alone (an integer) when stored in the epoch the caller expects with nothing else to
+# say (the common case: no string to build or parse), or
 # "seq|changed|epoch|holder" (holder: the presence value when the client is not
 # connected here, '' otherwise, so the caller can ring that node) — or {that string,
 # evicted entries, gap entries, expired entries} when any is non-empty (expired: found
@@ -201,11 +203,16 @@ while pos <= #blob do
       end
       local holder = ''
       if known < 0 then holder = redis.call('GET', base .. '#p') or '' end
-      local head = s .. '|' .. changed .. '|' .. epoch .. '|' .. holder
-      if #evicted > 0 or #gap > 0 or #expired > 0 then
-        results[i] = {head, evicted, gap, expired}
+      local extra = #evicted > 0 or #gap > 0 or #expired > 0
+      if not extra and changed == '0' and holder == '' and expect ~= '' then
+        results[i] = s  -- the common case: stored in the epoch the caller mirrors
       else
-        results[i] = head
+        local head = s .. '|' .. changed .. '|' .. epoch .. '|' .. holder
+        if extra then
+          results[i] = {head, evicted, gap, expired}
+        else
+          results[i] = head
+        end
       end
     end
   end
