@@ -7,6 +7,8 @@ Transports are MockWebSocket in plain mode (no network to the client), so the fi
 isolate what the backend costs: memory does no I/O; Redis stores every copy (one batched
 script call per event-loop turn, per cluster slot group) and trims it once written.
 Memory and Redis alternate round by round; each figure is the median of the rounds.
+`<kind>_cpu_us` is this process's CPU time per delivery or send (the Redis server's is
+not included): steadier than the rates on a shared machine.
 
 - broadcast: one critical broadcast to 1,000 connected plain-mode clients, repeated;
   deliveries/s (a delivery is a write: each copy is stored, written, then trimmed).
@@ -80,7 +82,7 @@ async def _broadcast(hub: Hub, messages: int, *, v1: bool) -> dict[str, float]:
     ids = [f"b{i}" for i in range(CLIENTS)]
     await _connect(hub, ids, v1=v1)
     rejected = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for n in range(messages):
         result = await hub.broadcast({"n": n, "text": "x" * 64}, critical=True)
         rejected += result.rejected + result.unknown
@@ -88,7 +90,9 @@ async def _broadcast(hub: Hub, messages: int, *, v1: bool) -> dict[str, float]:
             # Clients ack in batches (as tether.Client does), each from its own connection.
             await asyncio.gather(*(hub.ack(cid, hub.highest_sent(cid)) for cid in ids))
     elapsed = time.perf_counter() - start
-    return {"per_s": messages * CLIENTS / elapsed, "rejected": rejected}
+    ops = messages * CLIENTS
+    cpu_us = (time.process_time() - cpu) / ops * 1e6
+    return {"per_s": ops / elapsed, "rejected": rejected, "cpu_us": cpu_us}
 
 
 async def _producers(hub: Hub, messages: int, connected: bool, v1: bool) -> dict[str, float]:
@@ -108,10 +112,12 @@ async def _producers(hub: Hub, messages: int, connected: bool, v1: bool) -> dict
             if v1 and n % 64 == 63:  # the client acks every 64 messages
                 await hub.ack(cid, hub.highest_sent(cid))
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(produce(cid) for cid in ids))
     elapsed = time.perf_counter() - start
-    return {"per_s": per_producer * PRODUCERS / elapsed, "rejected": rejected}
+    ops = per_producer * PRODUCERS
+    cpu_us = (time.process_time() - cpu) / ops * 1e6
+    return {"per_s": ops / elapsed, "rejected": rejected, "cpu_us": cpu_us}
 
 
 async def _one(kind: str, url: str, scenario: str, size: int, cluster: bool) -> dict[str, float]:
@@ -173,6 +179,8 @@ async def main(rounds: int, url: str, cluster_url: str | None) -> dict[str, Any]
                 runs["cluster"].append(await _one("redis", cluster_url, scenario, size, True))
         medians = {k: statistics.median(r["per_s"] for r in v) for k, v in runs.items()}
         entry: dict[str, Any] = {f"{k}_per_s": round(v) for k, v in medians.items()}
+        for k, v in runs.items():  # this process's CPU per op (the Redis server's not included)
+            entry[f"{k}_cpu_us"] = round(statistics.median(r["cpu_us"] for r in v), 1)
         entry["redis_vs_memory"] = round(medians["redis"] / medians["memory"], 3)
         entry["redis_rejected"] = sum(r["rejected"] for r in runs["redis"])
         if cluster_url:

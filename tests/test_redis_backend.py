@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -109,6 +110,38 @@ async def test_payload_kinds_round_trip_through_redis(node: Factory) -> None:
     assert [f.get("enc") for f in ws.frames if f["type"] == "msg"][1] == "base64"
     assert data[2] == {"id": "x1", "v": [1, 2]}
     assert ws.seqs() == [1, 2, 3]
+
+
+async def test_sends_batched_into_one_script_call_keep_their_own_ids_and_payloads(
+    node: Factory,
+) -> None:
+    # Sent concurrently to offline clients: one append call carries all four payloads in
+    # its payload table. Ids and data with "|" or non-ASCII must not bleed into each other.
+    hub = node("a")
+    sends: list[tuple[str, str, Any]] = [
+        ("d0", "a|b|c", "x|y"),
+        ("d1", "ü-ñ|😀", b"|\x00|\xff"),
+        ("d2", "plain", {"k": "|", "n": 1}),
+        ("d3", "", "empty id falls back to a generated one"),
+    ]
+    await hub.start()
+    pipelines = hub.backend.describe()["pipelines"]
+    results = await asyncio.gather(
+        *(hub.send(cid, data, critical=True, message_id=mid or None) for cid, mid, data in sends)
+    )
+    assert [res.status for res in results] == [SendStatus.QUEUED] * 4
+    assert hub.backend.describe()["pipelines"] == pipelines + 1  # one round trip for all
+    for (cid, mid, data), res in zip(sends, results, strict=True):
+        ws = MockWebSocket()
+        await hub.connect(cid, ws, hello=v1_hello(cid))
+        (frame,) = [f for f in ws.frames if f["type"] == "msg"]
+        assert frame["id"] == res.message_id
+        if mid:
+            assert frame["id"] == mid
+        if isinstance(data, bytes):
+            assert base64.b64decode(frame["data"]) == data
+        else:
+            assert frame["data"] == data
 
 
 async def test_v1_ack_trims_and_resume_after_restart(node: Factory) -> None:

@@ -58,6 +58,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 DEAD_LETTER_TTL_MS = 7 * 86_400 * 1000  # dead letters are for inspection, not forever
 _LUA = {name: LuaScript(source) for name, source in SCRIPTS.items()}
 MAX_UNKNOWN = 10_000  # appends with an unknown outcome remembered for a probing resend
+_DIRECT = Accepted(0, direct=True)  # frozen: one answer for every direct write
 
 
 def _ms(seconds: float) -> int:
@@ -272,7 +273,7 @@ class RedisBackend:
         if self._redis is None:
             raise BackendError("backend not started or closed")
         # Real (loop) time, not the hub clock: sockets time out in real time.
-        if asyncio.get_running_loop().time() < self._fail_fast_until:
+        if self._fail_fast_until and asyncio.get_running_loop().time() < self._fail_fast_until:
             self.errors += 1
             raise BackendError("Redis unreachable (retrying shortly)")
 
@@ -314,9 +315,8 @@ class RedisBackend:
             group = request.group
             key = [self._node_keys.get(group, group) if isinstance(group, str) else "-"]
             if request.script == "append":
-                npay = len(request.payloads) // 2
                 now_ms = self.wire.wall_ms(self.clock.now())
-                args = [*header, npay, *request.payloads, request.items, now_ms]
+                args = [*header, request.payloads, request.items, now_ms]
             elif request.script == "release":
                 args = [self.node_id, self._tombstone_ms, request.items]
             else:
@@ -368,12 +368,6 @@ class RedisBackend:
 
     # ------------------------------------------------------------------ critical messages
 
-    def _dedup_key(self, session: StreamState, envelope: Envelope) -> str | None:
-        """The dedup key recorded with a stored message."""
-        if session.dedup is None or not self._dedup_on:
-            return None
-        return envelope.dedup_key
-
     def _group(self, client_id: str) -> Hashable:
         """The script call a client's item joins: one per Cluster node (the batched
         scripts may touch many slots of one node), one for everything on a single Redis."""
@@ -387,30 +381,31 @@ class RedisBackend:
         self._node_keys[node] = key  # any key of that node routes the call there
         return node
 
-    def _entry(
-        self, session: StreamState, envelope: Envelope, local: bool, probe: bool
-    ) -> tuple[Hashable, str]:
-        """An append item (see `redis_scripts.APPEND`) and its batch group."""
+    def _item(
+        self, session: StreamState, envelope: Envelope, local: bool, probe: bool, now: float
+    ) -> str:
+        """An append item (see `redis_scripts.APPEND`); `now` is the hub clock's."""
         cid = session.client_id
-        dedup = self._dedup_key(session, envelope) or ""
-        ttl_ms = _ms(max(0.001, envelope.expires_at - self.clock.now()))
+        dedup = (envelope.dedup_key or "") if self._dedup_on and session.dedup is not None else ""
         # With `local` the session mirrors the stream: seqs below its next_seq are
         # already in it, and anything between that and ours was stored by other nodes
         # (a doorbell still on its way) and comes back as the gap, to keep FIFO.
         if local:
-            floor = session.next_seq - 1
-            known, expect = floor, session.epoch or ""
+            floor = known = session.next_seq - 1
+            expect = session.epoch or ""
         else:
             floor, known, expect = 0, -1, ""
-        keep = max(self._keep_ms, ttl_ms)
+        # The keys live at least as long as the message (and client_ttl).
+        keep = max(self._keep_ms, int((envelope.expires_at - now) * 1000))
         flags = 1 if dedup else 0
-        if probe or (cid, envelope.message_id) in self._unknown:
+        if probe or (self._unknown and (cid, envelope.message_id) in self._unknown):
             flags |= 2  # an attempt whose reply was lost may have stored it: look first
-        if envelope.direct and local:
+        if local and envelope.direct:
             flags |= 4  # write it directly if nothing of the client's is held anywhere
         base = self.keys.base(cid)
-        item = f"{base}|{flags}|{floor}|{known}|{keep}|{expect}|{len(dedup)}|{dedup}"
-        return self._group(cid), item
+        # The script cuts the key out by its length in bytes (UTF-8, as sent).
+        size = len(dedup) if dedup.isascii() else len(dedup.encode("utf-8", "surrogatepass"))
+        return f"{base}|{flags}|{floor}|{known}|{keep}|{expect}|{size}|{dedup}"
 
     def _submit_appends(
         self, items: Sequence[tuple[StreamState, Envelope, bool]], *, gate: bool = True
@@ -420,28 +415,39 @@ class RedisBackend:
         if gate:
             self._gate()
         probe = not gate
-        entries = [self._entry(s, e, local, probe) for s, e, local in items]
-        return self._b.submit("append", entries, self.wire.payload_args(items[0][1]))
+        now = self.clock.now()
+        item = self._item
+        if self._cluster:
+            group = self._group
+            entries = [(group(s.client_id), item(s, e, local, probe, now)) for s, e, local in items]
+        else:
+            entries = [(0, item(s, e, local, probe, now)) for s, e, local in items]
+        return self._b.submit("append", entries, self.wire.payload(items[0][1]))
 
     def _accepted(self, session: StreamState, envelope: Envelope, reply: Any) -> Accepted | Refused:
+        if reply.__class__ is int:  # stored in the epoch the session mirrors (the item's)
+            envelope.seq = reply
+            return Accepted(reply, (), (), False, session.epoch, None)
         if isinstance(reply, list):
             head, evicted, gap, expired = reply
         else:
-            head, evicted, gap, expired = reply, (), (), ()
-        text = _text(head)
-        if text == "W":
-            return Accepted(0, direct=True)
-        if text[0] == "D":
+            head, evicted, gap, expired = reply, None, None, None
+        text = head.decode() if isinstance(head, bytes) else str(head)
+        first = text[0]
+        if first == "W":
+            return _DIRECT
+        if first == "D":
             return Refused.DUPLICATE
-        if text == "F":
+        if first == "F":
             return Refused.FULL
         seq_text, changed, epoch, holder_text = text.split("|", 3)
         seq = envelope.seq = int(seq_text)
-        holder = holder_text or None
-        if holder is not None and holder.startswith("~"):
-            holder = None
+        # none, or a tombstone: nobody to ring
+        holder = None if not holder_text or holder_text[0] == "~" else holder_text
+        if evicted is None:
+            return Accepted(seq, (), (), changed == "1", epoch, holder)
         from_entry = self.wire.from_entry
-        accepted = Accepted(
+        return Accepted(
             seq,
             tuple(from_entry(e) for e in evicted) if evicted else (),
             tuple(from_entry(e) for e in gap) if gap else (),
@@ -450,7 +456,6 @@ class RedisBackend:
             holder,
             expired=tuple(from_entry(e) for e in expired) if expired else (),
         )
-        return accepted
 
     async def append(
         self, session: StreamState, envelope: Envelope, *, local: bool
@@ -458,9 +463,25 @@ class RedisBackend:
         """Store a critical message (in a pipeline with whatever else this event-loop turn
         stores). Raises `BackendError` when it was certainly not stored and
         `OutcomeUnknown` when it may have been."""
-        outcome = (await self.append_many([(session, envelope, local)]))[0]
-        if isinstance(outcome, BackendError):
-            raise outcome
+        self._gate()
+        item = self._item(session, envelope, local, False, self.clock.now())
+        group = self._group(session.client_id) if self._cluster else 0
+        future = self._b.submit_one("append", group, item, self.wire.payload(envelope))
+        try:
+            reply = await future
+        except NotReplicated:  # stored on the master only: not accepted
+            self._remember_unknown(session.client_id, envelope.message_id)
+            raise
+        except OutcomeUnknown as exc:
+            outcome = (await self._resolve([(session, envelope, local)], exc))[0]
+            if isinstance(outcome, BackendError):
+                raise outcome from None
+            return outcome
+        if self._unknown:
+            self._unknown.pop((session.client_id, envelope.message_id), None)
+        outcome = self._accepted(session, envelope, reply)
+        if isinstance(outcome, Accepted) and outcome.holder not in (None, self.node_id):
+            await self._ring_holders([(session, envelope, local)], [outcome])
         return outcome
 
     async def append_many(
@@ -482,12 +503,18 @@ class RedisBackend:
         except BackendError as exc:
             return [exc] * len(items)
         unknown = self._unknown
+        accepted = self._accepted
         outcomes: list[Accepted | Refused | BackendError] = []
+        ring = False
         for (session, envelope, _), reply in zip(items, replies, strict=True):
             if unknown:
                 unknown.pop((session.client_id, envelope.message_id), None)
-            outcomes.append(self._accepted(session, envelope, reply))
-        await self._ring_holders(items, outcomes)
+            outcome = accepted(session, envelope, reply)
+            if not ring and isinstance(outcome, Accepted) and outcome.holder is not None:
+                ring = outcome.holder != self.node_id
+            outcomes.append(outcome)
+        if ring:
+            await self._ring_holders(items, outcomes)
         return outcomes
 
     async def _ring_holders(
@@ -542,7 +569,10 @@ class RedisBackend:
             del unknown[next(iter(unknown))]
 
     async def ack(self, session: StreamState, seq: int) -> bool:
-        return (await self.ack_many([(session, seq)]))[0]
+        cid = session.client_id
+        group = self._group(cid) if self._cluster else 0
+        item = f"{self.keys.base(cid)}|{seq}|{self._keep_ms}|{session.epoch or ''};"
+        return int(await self._b.submit_one("ack", group, item)) >= 0
 
     async def ack_many(self, acks: Sequence[tuple[StreamState, int]]) -> list[bool]:
         keep = self._keep_ms

@@ -52,17 +52,18 @@ class _Call:
 
     script: str
     group: Hashable
-    items: list[tuple[_Ticket, int, str, list[Any] | None]] = field(default_factory=list)
+    # (ticket, index in it, item, payload); index -1: the sink is the item's own future
+    items: list[tuple[Any, int, str, bytes | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """What the runner sends for one call: `payloads` (shared payload arguments, in
-    index order) and `items` (one string, the items joined)."""
+    """What the runner sends for one call: `payloads` (the payload table: each shared
+    payload once, in index order, joined) and `items` (one string, the items joined)."""
 
     script: str
     group: Hashable
-    payloads: list[Any]
+    payloads: bytes
     items: str
 
 
@@ -84,6 +85,7 @@ class StreamBatcher:
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one loop it runs on
         self.pipelines = 0  # pipelines sent, for tests and benchmarks
         self.calls = 0  # script calls sent
 
@@ -91,11 +93,13 @@ class StreamBatcher:
         self,
         script: str,
         entries: Sequence[tuple[Hashable, str]],
-        payload: list[Any] | None = None,
+        payload: bytes | None = None,
     ) -> asyncio.Future[list[Any]]:
         """Queue items `(group, item string)`; the future gets their replies, in order.
         `payload` (shared by these items) is sent once per call however many use it."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         if not entries:
             future.set_result([])
@@ -107,6 +111,24 @@ class StreamBatcher:
             if call is None:
                 call = queue[(script, group)] = _Call(script, group)
             call.items.append((ticket, index, item, payload))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._start)
+        return future
+
+    def submit_one(
+        self, script: str, group: Hashable, item: str, payload: bytes | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue one item; the future gets its reply itself (not a list of one). The
+        common case (one send), without a ticket."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        call = self._queue.get((script, group))
+        if call is None:
+            call = self._queue[(script, group)] = _Call(script, group)
+        call.items.append((future, -1, item, payload))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._start)
@@ -174,6 +196,10 @@ class StreamBatcher:
                 self._fail(chunk, BackendError(f"Redis {chunk.script} failed: {reply}"))
             else:
                 for (ticket, index, _, _), value in zip(chunk.items, reply, strict=True):
+                    if index < 0:
+                        if not ticket.done():
+                            ticket.set_result(value)
+                        continue
                     ticket.replies[index] = value
                     ticket.missing -= 1
                     if ticket.missing == 0 and not ticket.future.done():
@@ -183,27 +209,33 @@ class StreamBatcher:
 
     @staticmethod
     def _fail(chunk: _Call, failure: BackendError) -> None:
-        for ticket, _, _, _ in chunk.items:
-            if not ticket.future.done():
-                ticket.future.set_exception(failure)
+        for ticket, index, _, _ in chunk.items:
+            future = ticket if index < 0 else ticket.future
+            if not future.done():
+                future.set_exception(failure)
 
     @staticmethod
     def _request(chunk: _Call) -> Request:
         """The payload table (each shared payload once) and the joined items, each
         prefixed with its payload's index when it has one."""
         index: dict[int, int] = {}
-        payloads: list[Any] = []
+        payloads: list[bytes] = []
         parts: list[str] = []
+        append = parts.append
+        last, prefix = None, ""
         for _, _, item, payload in chunk.items:
             if payload is None:
-                parts.append(item)
+                append(item)
                 continue
-            position = index.get(id(payload))
-            if position is None:
-                position = index[id(payload)] = len(index) + 1
-                payloads.extend(payload)
-            parts.append(f"{position}|{item}")
-        return Request(chunk.script, chunk.group, payloads, "".join(parts))
+            if payload is not last:  # a broadcast's copies share one payload, in a row
+                position = index.get(id(payload))
+                if position is None:
+                    position = index[id(payload)] = len(index) + 1
+                    payloads.append(payload)
+                last, prefix = payload, f"{position}|"
+            append(prefix)
+            append(item)
+        return Request(chunk.script, chunk.group, b"".join(payloads), "".join(parts))
 
     async def close(self) -> None:
         for task in list(self._tasks):

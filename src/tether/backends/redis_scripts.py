@@ -56,10 +56,11 @@ end
 # Store critical messages, one per item. Most of a pipeline's cost in Python is packing
 # and parsing arguments, so a call's items travel as one string, and a client's keys
 # derive from its base key (declared or not, they share the call's slot: see redis_keys).
-# KEYS: 1, the call's slot key. ARGV: max_size, policy, dedup_ms, fresh epoch, n_payloads,
-#   then 2 per payload: "kind|expires wall ms|created wall ms|message id", data,
-#   then the items (one argument, concatenated), then the caller's wall-clock ms (its clock
-#   decides what has expired). Each item is
+# KEYS: 1, the call's slot key. ARGV: max_size, policy, dedup_ms, fresh epoch, the payload
+#   table (one argument, concatenated; each payload
+#   "kind|expires wall ms|created wall ms|id length|data length|" + message id + data),
+#   the items (one argument, concatenated), the caller's wall-clock ms (its clock decides
+#   what has expired). Each item is
 #   "payload index|base key|flags|floor|known|keep ms|expected epoch|dedup key length|"
 #   followed by the dedup key.
 #   flags: 1 = check and record the dedup key; 2 = probe: an earlier attempt to store this
@@ -76,7 +77,9 @@ end
 #          one means the stream was recreated under a connected client, and a counter
 #          below `floor` in the same epoch that it was rolled back (a failover lost writes):
 #          either way the item says `changed`
-# Returns per item: "D|seq it was stored with" duplicate, "W" write directly, "F" full, or
+# Returns per item: "D|seq it was stored with" duplicate, "W" write directly, "F" full, the
+# seq alone (an integer) when stored in the epoch the caller expects with nothing else to
+# say (the common case: no string to build or parse), or
 # "seq|changed|epoch|holder" (holder: the presence value when the client is not
 # connected here, '' otherwise, so the caller can ring that node) — or {that string,
 # evicted entries, gap entries, expired entries} when any is non-empty (expired: found
@@ -87,11 +90,21 @@ APPEND = (
     + _TOP
     + """
 local max, policy, dedup_ms, fresh = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-local npay = tonumber(ARGV[5])
-local blob = ARGV[6 + npay * 2]
-local hub_now = tonumber(ARGV[7 + npay * 2])  -- the caller's clock decides expiry
-local results, heads = {}, {}
-local pos, i = 1, 0
+local table_, blob = ARGV[5], ARGV[6]
+local hub_now = tonumber(ARGV[7])  -- the caller's clock decides expiry
+local payloads = {}
+local pos = 1
+while pos <= #table_ do
+  local kind, x, c, ml, dl, at = string.match(table_,
+    '^([^|]*)|(%d+)|(%d+)|(%d+)|(%d+)|()', pos)
+  ml, dl = tonumber(ml), tonumber(dl)
+  payloads[#payloads + 1] = {kind, x, c, string.sub(table_, at, at + ml - 1),
+                             string.sub(table_, at + ml, at + ml + dl - 1)}
+  pos = at + ml + dl
+end
+local results = {}
+local i = 0
+pos = 1
 while pos <= #blob do
   i = i + 1
   local pi, base, flags, floor, known, keep, expect, dlen, at = string.match(blob,
@@ -99,22 +112,19 @@ while pos <= #blob do
   dlen = tonumber(dlen)
   local dkey = string.sub(blob, at, at + dlen - 1)
   pos = at + dlen
-  local p = 6 + (tonumber(pi) - 1) * 2
-  local head = heads[p]
-  if not head then
-    head = {string.match(ARGV[p], '^([^|]*)|(%d+)|(%d+)|(.*)$')}
-    heads[p] = head
-  end
-  local kind, x, c, mid = head[1], head[2], head[3], head[4]
-  local data = ARGV[p + 1]
+  local head = payloads[tonumber(pi)]
+  local kind, x, c, mid, data = head[1], head[2], head[3], head[4], head[5]
   floor, known, keep = tonumber(floor), tonumber(known), tonumber(keep)
   local meta, out = base .. '#m', base .. '#o'
-  local dd = base .. '#d:' .. dkey
-  local fl = tonumber(flags)
+  local fl = string.byte(flags) - 48  -- one digit
   local dflag = fl % 2 == 1
   local direct = fl >= 4
   local prior = false
-  if dflag then prior = redis.call('GET', dd) end
+  local dd
+  if dflag then
+    dd = base .. '#d:' .. dkey
+    prior = redis.call('GET', dd)
+  end
   if not prior and math.floor(fl / 2) % 2 == 1 then
     for _, e in ipairs(redis.call('XRANGE', out, '-', '+')) do
       local f = e[2]
@@ -193,11 +203,16 @@ while pos <= #blob do
       end
       local holder = ''
       if known < 0 then holder = redis.call('GET', base .. '#p') or '' end
-      local head = s .. '|' .. changed .. '|' .. epoch .. '|' .. holder
-      if #evicted > 0 or #gap > 0 or #expired > 0 then
-        results[i] = {head, evicted, gap, expired}
+      local extra = #evicted > 0 or #gap > 0 or #expired > 0
+      if not extra and changed == '0' and holder == '' and expect ~= '' then
+        results[i] = s  -- the common case: stored in the epoch the caller mirrors
       else
-        results[i] = head
+        local head = s .. '|' .. changed .. '|' .. epoch .. '|' .. holder
+        if extra then
+          results[i] = {head, evicted, gap, expired}
+        else
+          results[i] = head
+        end
       end
     end
   end

@@ -67,13 +67,22 @@ class WireCodec:
     def local(self, wall_ms: int) -> float:
         return wall_ms / 1000 - self.clock.wall() + self.clock.now()
 
-    def payload_args(self, envelope: Envelope) -> list[Any]:
-        """The two `APPEND` payload arguments of an envelope: its packed header and data."""
+    def payload(self, envelope: Envelope) -> bytes:
+        """An envelope's entry in an `APPEND` call's payload table (see `redis_scripts`):
+        "kind|expires wall ms|created wall ms|id length|data length|" + id + data."""
         kind, raw = kind_of(envelope)
-        offset = self.clock.wall() - self.clock.now()
-        expires = int((envelope.expires_at + offset) * 1000)
-        created = int((envelope.created_at + offset) * 1000)
-        return [f"{kind}|{expires}|{created}|{envelope.message_id}", raw]
+        clock = self.clock
+        offset = clock.wall() - clock.now()
+        mid = envelope.message_id.encode("utf-8", "surrogatepass")
+        return b"%s|%d|%d|%d|%d|%s%s" % (
+            kind.encode(),
+            int((envelope.expires_at + offset) * 1000),
+            int((envelope.created_at + offset) * 1000),
+            len(mid),
+            len(raw),
+            mid,
+            raw,
+        )
 
     def from_entry(self, entry: Any) -> Envelope:
         """An envelope from a stream entry `(id, fields)`."""
