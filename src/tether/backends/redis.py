@@ -58,7 +58,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 DEAD_LETTER_TTL_MS = 7 * 86_400 * 1000  # dead letters are for inspection, not forever
 _LUA = {name: LuaScript(source) for name, source in SCRIPTS.items()}
 MAX_UNKNOWN = 10_000  # appends with an unknown outcome remembered for a probing resend
-_DIRECT = Accepted(0, direct=True)  # frozen: one answer for every direct write
+_DIRECT = Accepted(0, direct=True)  # read-only: one answer for every direct write
 
 
 def _ms(seconds: float) -> int:
