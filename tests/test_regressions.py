@@ -6,6 +6,7 @@ the memory-only ones say why.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import tracemalloc
@@ -15,6 +16,7 @@ import pytest
 
 from tether import CircuitState, Hub, HubConfig, SendStatus
 from tether.clock import ManualClock
+from tether.protocol import Hello
 from tether.testing import MockWebSocket, connect_mock_clients, drive_until
 
 MakeHub = Callable[..., Hub]
@@ -169,6 +171,26 @@ async def test_metrics_memory_is_flat_in_the_number_of_events(hub: Hub) -> None:
 
     assert grown(after_10k) < 100 * 1024
     assert grown(after_50k) < 100 * 1024
+
+
+async def test_a_message_id_with_a_lone_surrogate_is_refused_alone(bhub: Hub) -> None:
+    # Python strings may hold lone surrogates; no store or wire can. Refused up front with
+    # a reason, the sends sharing its event-loop turn (one store round trip) unharmed.
+    bad, good = "a\ud800b", "ok-1"
+    results = await asyncio.gather(
+        bhub.send("offline-1", "x", critical=True, message_id=bad),
+        bhub.send("offline-2", "y", critical=True, message_id=good),
+        bhub.send("offline-3", "z", critical=True),
+    )
+    assert results[0].status is SendStatus.REJECTED
+    assert "message_id" in (results[0].reason or "")
+    assert [r.status for r in results[1:]] == [SendStatus.QUEUED, SendStatus.QUEUED]
+    ws = MockWebSocket()
+    await bhub.connect("offline-2", ws, hello=Hello("offline-2", 0))
+    assert [f["id"] for f in ws.frames if f.get("type") == "msg"] == [good]
+    channel = await bhub.publish("room", "p", message_id=bad)
+    assert channel.status.value == "rejected"
+    assert "message_id" in (channel.reason or "")
 
 
 class _Discard(list[object]):

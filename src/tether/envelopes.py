@@ -9,7 +9,7 @@ import orjson
 
 from .clock import Clock
 from .config import DedupMode, HubConfig
-from .messages import Envelope
+from .messages import Envelope, unicode_text
 from .resilience import content_key
 
 MAX_TTL = 10 * 365 * 86_400.0  # seconds: a finite deadline every store can represent
@@ -54,6 +54,8 @@ class EnvelopeFactory:
         if message_id is not None:
             if not isinstance(message_id, str):
                 raise Rejected("message_id must be a string")
+            if not unicode_text(message_id):
+                raise Rejected("message_id is not valid Unicode text (a lone surrogate)")
             explicit = message_id
         else:
             explicit = explicit_id(payload, None)

@@ -95,6 +95,18 @@ class ShutdownStats:
         return asdict(self)
 
 
+def unicode_text(value: str) -> bool:
+    """True when `value` encodes as UTF-8: no lone surrogates (which Python strings may
+    hold, but no store, wire format or peer can carry)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(slots=True)
 class Envelope:
     """One message on its way to one client.

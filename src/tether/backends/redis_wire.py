@@ -73,7 +73,7 @@ class WireCodec:
         kind, raw = kind_of(envelope)
         clock = self.clock
         offset = clock.wall() - clock.now()
-        mid = envelope.message_id.encode("utf-8", "surrogatepass")
+        mid = envelope.message_id.encode()  # valid: checked when prepared
         return b"%s|%d|%d|%d|%d|%s%s" % (
             kind.encode(),
             int((envelope.expires_at + offset) * 1000),

@@ -28,6 +28,7 @@ from .. import protocol
 from ..backends.base import BackendError, OutcomeUnknown
 from ..clock import Clock
 from ..config import HubConfig
+from ..messages import unicode_text
 from ..transports.base import Transport, TransportClosed
 from .model import (
     ChannelMessage,
@@ -180,6 +181,8 @@ class Channels:
         explicit = _explicit_id(payload, message_id)
         try:
             check_channel(channel)
+            if not unicode_text(explicit):
+                raise ValueError("message_id is not valid Unicode text (a lone surrogate)")
             data_json, enc = _encode(payload, self.config.max_message_size)
         except ValueError as exc:
             self.counters.rejected += 1
