@@ -286,3 +286,104 @@ async def test_no_synchronous_write_after_close_or_disconnect(
         assert isinstance(second, UvicornStarletteTransport)
         assert second.try_send("late") is False
         assert (await hub.send("b", "gone")).status is SendStatus.DROPPED
+
+
+class _Conn:
+    """The sans-I/O connection's part `try_send` uses: state, framing, bytes out."""
+
+    def __init__(self) -> None:
+        from websockets.protocol import State
+
+        self.state = State.OPEN
+        self.frames: list[bytes] = []
+
+    def send_text(self, data: bytes) -> None:
+        self.frames.append(data)
+
+    def send_binary(self, data: bytes) -> None:
+        self.frames.append(data)
+
+    def data_to_send(self) -> list[bytes]:
+        out, self.frames = self.frames, []
+        return out
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class _Protocol:
+    def __init__(self) -> None:
+        self.conn = _Conn()
+        self.transport = _Transport()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.close_sent = False
+        self.disconnected = False
+
+
+async def test_a_synchronous_write_never_overtakes_an_awaited_one() -> None:
+    """uvicorn's `send` waits for the buffer to drain before it writes: while one waits,
+    a synchronous write would put a later frame on the wire first."""
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def receive() -> Any:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        await release.wait()  # uvicorn's send, waiting for `writable`
+        order.append(message["text"])
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b""}
+    protocol = _Protocol()
+    websocket = WebSocket(scope, receive, send)
+    websocket.application_state = websocket.client_state = type(websocket.client_state).CONNECTED
+    transport = UvicornStarletteTransport(websocket, protocol)
+    assert transport.try_send("alone")
+    awaited = asyncio.create_task(transport.send("first"))
+    await asyncio.sleep(0)
+    assert not transport.try_send("second")  # would overtake "first"
+    release.set()
+    await awaited
+    assert order == ["first"]
+    assert transport.try_send("second")
+    assert protocol.transport.written == [b"alone", b"second"]
+
+
+async def test_no_synchronous_write_into_a_closing_transport() -> None:
+    """asyncio closes a transport whose write failed (reset) before uvicorn hears of it:
+    a frame written then would be discarded yet reported written."""
+
+    async def receive() -> Any:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b""}
+    protocol = _Protocol()
+    transport = UvicornStarletteTransport(WebSocket(scope, receive, send), protocol)
+    assert transport.try_send("a")
+    protocol.transport.closing = True
+    assert not transport.try_send("b")
+    assert protocol.transport.written == [b"a"]
+
+
+def test_the_installed_uvicorns_send_is_one_the_synchronous_write_was_checked_against() -> None:
+    """Fails when a uvicorn upgrade changed the `send` that `try_send` mirrors: re-check
+    `UvicornStarletteTransport.try_send` against it, then add its digest."""
+    from tether.transports import starlette
+
+    assert starlette._SANSIO_SEND is not None

@@ -34,6 +34,9 @@ middleware that wraps `send` keeps the plain ASGI path.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import CodeType, MethodType
@@ -149,6 +152,7 @@ class UvicornStarletteTransport(StarletteTransport):
             or p.close_sent
             or p.disconnected
             or not self.writable.is_set()
+            or self.transport.is_closing()  # a failed write closed it; uvicorn hears later
             or self.transport.get_write_buffer_size() > WRITE_LIMIT
             or conn.state is not _OPEN
         ):
@@ -182,6 +186,17 @@ def _sender_code() -> CodeType | None:
     return None  # pragma: no cover - a Starlette whose wrapper changed
 
 
+log = logging.getLogger("tether.transports")
+
+# `try_send` does what uvicorn's `WebSocketsSansIOProtocol.send` does for a text or binary
+# frame, synchronously. It is used only with a `send` whose source is one it was checked
+# against (uvicorn 0.55): a changed `send` (a lock, a queue) keeps the ASGI path, with a
+# warning, until the write is checked against it again.
+_CHECKED_SEND_SOURCES = frozenset(
+    {"3b8afeb81b9b9ae8bb72df7cea930130317636d1de3f86b7c4d3113c64f749d5"}  # uvicorn 0.55
+)
+
+
 def _sansio_send() -> Any:
     try:
         from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -189,7 +204,18 @@ def _sansio_send() -> Any:
         )
     except ImportError:  # pragma: no cover - served by another server
         return None
-    return WebSocketsSansIOProtocol.send
+    send = WebSocketsSansIOProtocol.send
+    try:
+        digest = hashlib.sha256(inspect.getsource(send).encode()).hexdigest()
+    except (OSError, TypeError):  # pragma: no cover - installed without sources
+        digest = ""
+    if digest not in _CHECKED_SEND_SOURCES:
+        log.warning(
+            "tether: this uvicorn's WebSocket send is not one the Starlette adapter's "
+            "synchronous write was checked against; frames take the ASGI path (slower)"
+        )
+        return None
+    return send
 
 
 try:
@@ -207,7 +233,7 @@ def uvicorn_protocol(websocket: WebSocket) -> Any | None:
     """The uvicorn `websockets-sansio` protocol object whose `send` the endpoint's `send`
     is, looking through Starlette's pass-through wrappers only; None for anything else
     (another server or implementation, a subclass overriding `send`, a middleware)."""
-    send: Any = websocket._send
+    send: Any = getattr(websocket, "_send", None)
     for _ in range(8):
         if _SENDER_CODE is None or getattr(send, "__code__", None) is not _SENDER_CODE:
             break
