@@ -55,6 +55,14 @@ class Accounting:
             mine.messages_delivered += 1
             self._latency.record(now - envelope.created_at)
 
+    def delivered_many(self, client: ClientSession, envelopes: list[Envelope], now: float) -> None:
+        """Messages an ack delivered, all at `now`."""
+        count = len(envelopes)
+        self.totals.messages_delivered += count
+        if self._detailed:
+            client.stats.counters.messages_delivered += count
+            self._latency.record_ages(now, envelopes)
+
     @property
     def timed(self) -> bool:
         """Whether `delivered` needs a clock reading (latency is recorded)."""

@@ -10,7 +10,7 @@ import resource
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -21,6 +21,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .clock import Clock
+
+if TYPE_CHECKING:
+    from .messages import Envelope
 
 # Latency buckets grow by 5 % from 10 µs to ~10 min: about 370 integers whatever the
 # number of events, and any percentile is within 5 % of the true value.
@@ -57,6 +60,19 @@ class LatencyHistogram:
         self.buckets[_bucket_of(_UPPER_BOUNDS, seconds)] += 1
         self.count += 1
         self.total += seconds
+
+    def record_ages(self, now: float, envelopes: Iterable[Envelope]) -> None:
+        """Record `now - created_at` of each envelope (what one ack delivered)."""
+        buckets, bounds = self.buckets, _UPPER_BOUNDS
+        count = 0
+        total = 0.0
+        for envelope in envelopes:
+            seconds = now - envelope.created_at
+            buckets[_bucket_of(bounds, seconds)] += 1
+            total += seconds
+            count += 1
+        self.count += count
+        self.total += total
 
 
 def percentile(buckets: Iterable[int], count: int, q: float) -> float:

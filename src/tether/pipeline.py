@@ -54,6 +54,11 @@ class DeliveryPipeline:
         self.best_effort = BestEffort(clock, backend, accounting, writer)
         # A backend that can store without suspending lets critical fan-out skip tasks.
         self.append_now = getattr(backend, "append_now", None)
+        # A store that is the session's own outbox (nothing durable or shared to trim):
+        # an ack is settled in process, without awaiting the backend.
+        self.acks_in_process = (
+            self.append_now is not None and not backend.durable and not backend.shared
+        )
         self._overflow_warned_at = -_WARN_EVERY
         self._overflow_unwarned = 0
 
@@ -409,6 +414,28 @@ class DeliveryPipeline:
 
     async def acknowledge(self, client: ClientSession, seq: int) -> int:
         """A tether.v1 ack of every message up to `seq` (already validated): delivered."""
+        delivered = self._settle_ack(client, seq)
+        if delivered is not None and not self.acks_in_process:
+            try:
+                current = await self.backend.ack(client, seq)
+            except BackendError as exc:  # re-sent on resume; the client drops the duplicate
+                log.warning("tether: could not record ack %d of %s: %s", seq, client.client_id, exc)
+            else:
+                if not current:  # the stored stream is no longer the one this ack speaks of
+                    self.streams.lost(client)
+        return delivered or 0
+
+    def acknowledge_now(self, client: ClientSession, seq: int) -> int | None:
+        """`acknowledge` without suspending, when the store needs no word of it (the
+        session's outbox is the store): how many messages it delivered. None when the
+        store must be told: nothing was done, use `acknowledge`."""
+        if not self.acks_in_process:
+            return None
+        return self._settle_ack(client, seq) or 0
+
+    def _settle_ack(self, client: ClientSession, seq: int) -> int | None:
+        """Trim the outbox up to `seq` and count what that delivered; None when the ack
+        delivered nothing (a repeat)."""
         outbox = client.outbox
         done = outbox.ack(seq)
         late = outbox.evicted_unacked.take_upto(seq) if outbox.evicted_unacked else 0
@@ -417,17 +444,13 @@ class DeliveryPipeline:
         if seq > client.acked:
             client.acked = seq
         now = self.clock.now()  # one clock read times every message this ack delivers
-        for envelope in done:
-            self.delivered(client, envelope, now)
         client.last_seen = now
-        if done or late:
-            try:
-                current = await self.backend.ack(client, seq)
-            except BackendError as exc:  # re-sent on resume; the client drops the duplicate
-                log.warning("tether: could not record ack %d of %s: %s", seq, client.client_id, exc)
-            else:
-                if not current:  # the stored stream is no longer the one this ack speaks of
-                    self.streams.lost(client)
+        if done:
+            self._acct.delivered_many(client, done, now)
+            if client.drained is not None and not client.outbox:
+                client.drained.set()
+        elif not late:
+            return None
         return len(done)
 
     def settle_evicted(self, client: ClientSession, acked: int) -> None:

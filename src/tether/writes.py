@@ -75,12 +75,29 @@ def msg_frame(client: ClientSession, envelope: Envelope) -> str | bytes:
     if data_json is None:  # str or bytes data: its JSON form is made once, when first sent
         data_json, _ = protocol.encode_data(envelope.data)
         envelope.data_json = data_json
-    return protocol.encode_msg(
-        envelope.seq if envelope.critical else None,
-        envelope.message_id,
-        data_json,
-        enc=envelope.enc,
-    )
+    seq = envelope.seq if envelope.critical else None
+    if seq is None:
+        return protocol.encode_msg(None, envelope.message_id, data_json, enc=envelope.enc)
+    # A broadcast's copies share their id and data: only the seq differs, so the rest of
+    # the frame is made once, for the first copy, and reused while the copies are written.
+    last = _LAST_TAIL
+    if last[0] is data_json and last[1] == envelope.message_id and last[2] == envelope.enc:
+        tail = last[3]
+    else:
+        tail = _tail_of(data_json, envelope.message_id, envelope.enc)
+    return f'{{"type":"msg","seq":{seq}{tail}'
+
+
+_LAST_TAIL: tuple[object, str, str | None, str] = (None, "", None, "")
+
+
+def _tail_of(data_json: bytes, message_id: str, enc: str | None) -> str:
+    """What follows the seq in a critical `msg` frame (see `protocol.encode_msg`)."""
+    global _LAST_TAIL
+    frame = protocol.encode_msg(0, message_id, data_json, enc=enc)
+    tail = frame[len('{"type":"msg","seq":0') :]
+    _LAST_TAIL = (data_json, message_id, enc, tail)
+    return tail
 
 
 class Writer:

@@ -90,20 +90,41 @@ class WebSocketsTransport:
         """Write now, without awaiting, if the connection can take the frame at once:
         open, no fragmented send in progress, write buffer under `WRITE_LIMIT`. This is
         what `websockets.broadcast()` does; it halves the cost of a delivery. False
-        means "use `send`", which waits for the buffer to drain under `send_timeout`."""
+        means "use `send`", which waits for the buffer to drain under `send_timeout`.
+
+        Without extensions (no compression) the frame is framed here and written to the
+        socket directly — the bytes the library would write — and a frame whose data is
+        the very object framed last (a broadcast's shared payload) is framed once."""
         ws = self.ws
+        protocol = ws.protocol
         if (
-            ws.protocol.state is not State.OPEN
+            protocol.state is not State.OPEN
             or ws.send_in_progress is not None
             or ws.transport.get_write_buffer_size() > WRITE_LIMIT
         ):
             return False
-        if isinstance(data, str):
-            ws.protocol.send_text(data.encode())
-        else:
-            ws.protocol.send_binary(data)
-        ws.send_data()
+        if (
+            protocol.extensions
+            or protocol.writes
+            or protocol.expect_continuation_frame
+            or protocol.debug
+        ):
+            if isinstance(data, str):
+                protocol.send_text(data.encode())
+            else:
+                protocol.send_binary(data)
+            ws.send_data()
+            return True
+        last = _LAST_FRAME  # one read: (data, frame) stay a pair
+        frame = last[1] if last[0] is data else _frame_of(data)
+        ws.transport.write(frame)
         return True
+
+    def set_frame_hook(self, hook: Callable[[str], bool] | None) -> None:
+        """Let `hook` take complete text frames as they arrive (see `Session.frame_now`);
+        None removes it. Only `GuardedServerConnection` (what `serve()` uses) offers it."""
+        if isinstance(self.ws, GuardedServerConnection):
+            self.ws.frame_hook = hook
 
     async def recv(self) -> str | bytes:
         try:
@@ -125,7 +146,35 @@ class WebSocketsTransport:
 
 log = logging.getLogger("tether.transports")
 
+_TEXT_HEADER = 0x81  # FIN + text opcode: a whole frame, server side (never masked)
+_BINARY_HEADER = 0x82
+_LAST_FRAME: tuple[object, bytes] = (None, b"")
+
+
+def _frame_of(data: str | bytes) -> bytes:
+    """The WebSocket frame of one whole message (unmasked, no extension); remembered as
+    the last one framed, for the next client of the same broadcast."""
+    global _LAST_FRAME
+    if isinstance(data, str):
+        payload = data.encode()
+        first = _TEXT_HEADER
+    else:
+        payload = data
+        first = _BINARY_HEADER
+    size = len(payload)
+    if size < 126:
+        header = bytes((first, size))
+    elif size < 65536:
+        header = bytes((first, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((first, 127)) + size.to_bytes(8, "big")
+    frame = header + payload
+    _LAST_FRAME = (data, frame)
+    return frame
+
+
 _CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG})
+_TEXT = Opcode.TEXT
 
 
 class GuardedServerConnection(ServerConnection):
@@ -151,6 +200,8 @@ class GuardedServerConnection(ServerConnection):
         max_size = getattr(self.protocol, "max_message_size", None) or 1 << 20
         self.buffer_bound = write_buffer_bound(max_size)
         self.cut_reason: str | None = None
+        # Set by the session while a tether.v1 connection is open (`Session.frame_now`).
+        self.frame_hook: Callable[[str], bool] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -175,15 +226,25 @@ class GuardedServerConnection(ServerConnection):
         self.transport.abort()
 
     def process_event(self, event: Event) -> None:
-        if isinstance(event, Request) and self.guard is not None:
+        if type(event) is Frame:
+            opcode = event.opcode
+            if opcode is _TEXT:
+                hook = self.frame_hook
+                if hook is not None and event.fin and not len(self.recv_messages.frames):
+                    # A whole text frame with nothing queued ahead of it: the session
+                    # may settle it here (an ack) instead of waking its task for it.
+                    try:
+                        if hook(str(event.data, "utf-8")):
+                            return
+                    except UnicodeDecodeError:
+                        pass  # the library reports it (1007)
+                    except Exception:
+                        log.exception("tether: frame hook failed; the frame goes to recv")
+            elif opcode in _CONTROL_OPCODES and not self.control_budget.take():
+                self.cut(f"more than {CONTROL_FRAME_RATE:g} pings/pongs per second")
+                return
+        elif isinstance(event, Request) and self.guard is not None:
             self.guard.done(self)  # the request arrived; `open_timeout` covers the rest
-        if (
-            isinstance(event, Frame)
-            and event.opcode in _CONTROL_OPCODES
-            and not self.control_budget.take()
-        ):
-            self.cut(f"more than {CONTROL_FRAME_RATE:g} pings/pongs per second")
-            return
         super().process_event(event)
 
     def data_received(self, data: bytes) -> None:
