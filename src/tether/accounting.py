@@ -58,6 +58,18 @@ class Accounting:
         if self._detailed:
             self._latency.record(now - envelope.created_at)
 
+    def sent_and_delivered_untimed(self, client: ClientSession) -> None:
+        """`sent_and_delivered` in a fan-out batch, whose latency `delivered_latency`
+        records once for all its writes."""
+        mine = client.stats.counters
+        mine.messages_sent += 1
+        mine.messages_delivered += 1
+
+    def delivered_latency(self, envelope: Envelope, now: float, count: int) -> None:
+        """`count` deliveries of `envelope` (a broadcast's), all done by `now`."""
+        if self._detailed:
+            self._latency.record_many(now - envelope.created_at, count)
+
     def delivered_total(self) -> int:
         """Messages delivered so far, hub-wide."""
         return self.metrics.total("messages_delivered")

@@ -66,6 +66,12 @@ class LatencyHistogram:
         if len(pending) >= PENDING_SAMPLES:
             self.fold()
 
+    def record_many(self, seconds: float, count: int) -> None:
+        """`count` samples of the same latency (the writes of one fan-out): binned now."""
+        self.buckets[_bucket_of(_UPPER_BOUNDS, seconds)] += count
+        self.count += count
+        self.total += seconds * count
+
     def record_ages(self, now: float, envelopes: Iterable[Envelope]) -> None:
         """Record `now - created_at` of each envelope (what one ack delivered)."""
         pending = self.pending
