@@ -283,8 +283,9 @@ class GuardedServerConnection(ServerConnection):
         each then costs a header check, an unmask and the hook, not the library's
         frame parser, an event and a queue."""
         protocol = self.protocol
-        parser = protocol.parser
-        waiting = getattr(parser, "gi_yieldfrom", None)
+        waiting = protocol.parser  # the generator the parser is suspended in, innermost
+        while (inner := getattr(waiting, "gi_yieldfrom", None)) is not None:
+            waiting = inner
         if (
             getattr(waiting, "gi_code", None) is not _AT_EOF
             or protocol.state is not State.OPEN
