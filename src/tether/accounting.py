@@ -44,6 +44,10 @@ class Accounting:
         if self._detailed:
             self._latency.record(now - envelope.created_at)
 
+    def delivered_untimed(self, client: ClientSession) -> None:
+        """`delivered` in a fan-out batch, whose latency `delivered_latency` records once."""
+        client.stats.counters.messages_delivered += 1
+
     def delivered_many(self, client: ClientSession, envelopes: list[Envelope], now: float) -> None:
         """Messages an ack delivered, all at `now`."""
         client.stats.counters.messages_delivered += len(envelopes)

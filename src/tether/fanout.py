@@ -101,8 +101,14 @@ class FanOut:
         if pipeline.append_now is None:  # a store that must be awaited
             return await self._deliver_stored(targets, template)
         # each client's copy gets its own seq and attempts in its outbox
+        pipeline.start_batch()
         return await _fan_out(
-            targets, template, copies=True, now=pipeline.accept_now, awaited=pipeline.deliver
+            targets,
+            template,
+            copies=True,
+            now=pipeline.accept_now,
+            awaited=pipeline.deliver,
+            synchronous_done=pipeline.end_batch,
         )
 
     async def publish(self, template: Envelope, group: str | None) -> None:
@@ -209,15 +215,17 @@ async def _fan_out(
     `synchronous_done` is called once the synchronous part is over, before any await."""
     results: list[SendResult] = []
     waiting = []
-    for client in targets:
-        envelope = copy_for_client(template) if copies else template
-        result = now(client, envelope) if now is not None else None
-        if result is None:
-            waiting.append(awaited(client, envelope))
-        else:
-            results.append(result)
-    if synchronous_done is not None:
-        synchronous_done(template)
+    try:
+        for client in targets:
+            envelope = copy_for_client(template) if copies else template
+            result = now(client, envelope) if now is not None else None
+            if result is None:
+                waiting.append(awaited(client, envelope))
+            else:
+                results.append(result)
+    finally:
+        if synchronous_done is not None:
+            synchronous_done(template)
     if waiting:
         results += await asyncio.gather(*waiting)
     return results

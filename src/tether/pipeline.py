@@ -60,6 +60,9 @@ class DeliveryPipeline:
             self.append_now is not None and not backend.durable and not backend.shared
         )
         self._overflow_warned_at = -_WARN_EVERY
+        self._batching = False
+        self._batch_now = 0.0
+        self._batch_delivered = 0
         self._overflow_unwarned = 0
 
     async def deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
@@ -126,15 +129,30 @@ class DeliveryPipeline:
             )
         return self.queued(client, envelope)
 
+    def start_batch(self) -> None:
+        """Begin a fan-out's synchronous loop of `accept_now` (nothing may await until
+        `end_batch`): one clock read stamps every client it touches, and the latency of
+        the plain-mode deliveries it makes is recorded once."""
+        self._batch_now = self.clock.now()
+        self._batching = True
+        self._batch_delivered = 0
+
+    def end_batch(self, envelope: Envelope) -> None:
+        """The batch's writes are done: their latency, up to now, in one sample."""
+        self._batching = False
+        if self._batch_delivered:
+            self._acct.delivered_latency(envelope, self.clock.now(), self._batch_delivered)
+            self._batch_delivered = 0
+
     def accept_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
         """A critical delivery done without suspending (a store that appends in process,
         lock free, socket ready), or None — then nothing was stored and `deliver` takes
         over. Once stored, a write the socket cannot take at once stays at the head of
-        the queue and is flushed in the background."""
+        the queue and is flushed in the background. Inside a batch (`start_batch`)."""
         append = self.append_now
         if append is None or not can_write_now(client) or client.lock.locked():
             return None
-        client.last_seen = self.clock.now()
+        client.last_seen = self._batch_now
         refused = self._refused(client, envelope, append(client, envelope))
         if refused is not None:
             return refused
@@ -406,9 +424,13 @@ class DeliveryPipeline:
         self, client: ClientSession, envelope: Envelope, now: float | None = None
     ) -> None:
         acct = self._acct
-        if now is None and acct.timed:
-            now = self.clock.now()
-        acct.delivered(client, envelope, now or 0.0)
+        if self._batching:  # timed once for the whole batch, by `end_batch`
+            acct.delivered_untimed(client)
+            self._batch_delivered += 1
+        else:
+            if now is None and acct.timed:
+                now = self.clock.now()
+            acct.delivered(client, envelope, now or 0.0)
         if client.drained is not None and not client.outbox:
             client.drained.set()
 
