@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .metrics import Counters, HubMetrics
+from .metrics import PENDING_SAMPLES, Counters, HubMetrics
 from .resilience import CircuitState
 
 if TYPE_CHECKING:
@@ -22,13 +22,16 @@ class Accounting:
     (they are cheap and rare). This class is the only code that knows that difference.
     """
 
-    __slots__ = ("_detailed", "_latency", "metrics", "totals")
+    __slots__ = ("_detailed", "_latency", "_sample", "_samples", "metrics", "totals")
 
     def __init__(self, metrics: HubMetrics) -> None:
         self.metrics = metrics
         self.totals: Counters = metrics.counters
         self._detailed = metrics.enabled
         self._latency = metrics.latency
+        # A delivery's latency sample is a list append (the histogram bins them in batches).
+        self._samples = metrics.latency.pending
+        self._sample = metrics.latency.pending.append
 
     # -- messages
     # sent, delivered and queued are counted on the client only, metrics on or off (the
@@ -42,7 +45,9 @@ class Accounting:
         """A message reached the client: written (plain) or acknowledged (tether.v1)."""
         client.stats.counters.messages_delivered += 1
         if self._detailed:
-            self._latency.record(now - envelope.created_at)
+            self._sample(now - envelope.created_at)
+            if len(self._samples) >= PENDING_SAMPLES:
+                self._latency.fold()
 
     def delivered_untimed(self, client: ClientSession) -> None:
         """`delivered` in a fan-out batch, whose latency `delivered_latency` records once."""
@@ -60,7 +65,9 @@ class Accounting:
         mine.messages_sent += 1
         mine.messages_delivered += 1
         if self._detailed:
-            self._latency.record(now - envelope.created_at)
+            self._sample(now - envelope.created_at)
+            if len(self._samples) >= PENDING_SAMPLES:
+                self._latency.fold()
 
     def sent_and_delivered_untimed(self, client: ClientSession) -> None:
         """`sent_and_delivered` in a fan-out batch, whose latency `delivered_latency`

@@ -83,11 +83,10 @@ class LatencyHistogram:
         """Bin the buffered samples. Sorted first: then each bucket they touch costs one
         binary search, however many samples fall in it (deliveries come in bursts of
         similar latency)."""
-        pending = self.pending
-        if not pending:
+        if not self.pending:
             return
-        self.pending = []
-        pending.sort()
+        pending = sorted(self.pending)
+        self.pending.clear()  # the same list: `Accounting` appends to it directly
         buckets, bounds = self.buckets, _UPPER_BOUNDS
         last = len(bounds)
         size = len(pending)
