@@ -230,7 +230,9 @@ class Hub:
                 explicit_id(payload, message_id) or self._envelopes.new_id(),
                 rejected.reason,
             )
-        return await self._pipeline.deliver(client, envelope)
+        pipeline = self._pipeline
+        result = pipeline.deliver_now(client, envelope)  # no lock, task or await needed
+        return result if result is not None else await pipeline.deliver(client, envelope)
 
     async def broadcast(
         self,

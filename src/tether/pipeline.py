@@ -65,6 +65,15 @@ class DeliveryPipeline:
         self._batch_delivered = 0
         self._overflow_unwarned = 0
 
+    def deliver_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
+        """`deliver` when it completes without suspending (what a fan-out does for each
+        client), else None: nothing was done, await `deliver`."""
+        if envelope.critical:
+            return self.accept_now(client, envelope)
+        if envelope.dedup_key is None:  # a key is checked through the backend: awaited
+            return self.best_effort.send_now(client, envelope)
+        return None
+
     async def deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
         """Deliver one envelope (takes the client's lock)."""
         lock = client.lock  # acquire/release: `async with` adds two coroutine frames
@@ -148,11 +157,12 @@ class DeliveryPipeline:
         """A critical delivery done without suspending (a store that appends in process,
         lock free, socket ready), or None — then nothing was stored and `deliver` takes
         over. Once stored, a write the socket cannot take at once stays at the head of
-        the queue and is flushed in the background. Inside a batch (`start_batch`)."""
+        the queue and is flushed in the background. A fan-out calls it inside a batch
+        (`start_batch`); `Hub.send` alone."""
         append = self.append_now
         if append is None or not can_write_now(client) or client.lock.locked():
             return None
-        client.last_seen = self._batch_now
+        client.last_seen = self._batch_now if self._batching else self.clock.now()
         refused = self._refused(client, envelope, append(client, envelope))
         if refused is not None:
             return refused

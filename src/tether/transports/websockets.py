@@ -239,7 +239,7 @@ class GuardedServerConnection(ServerConnection):
             opcode = event.opcode
             if opcode is _TEXT:
                 hook = self.frame_hook
-                if hook is not None and event.fin and not len(self.recv_messages.frames):
+                if hook is not None and event.fin and not _queued(self):
                     # A whole text frame with nothing queued ahead of it: the session
                     # may settle it here (an ack) instead of waking its task for it.
                     try:
@@ -286,13 +286,15 @@ class GuardedServerConnection(ServerConnection):
         waiting = protocol.parser  # the generator the parser is suspended in, innermost
         while (inner := getattr(waiting, "gi_yieldfrom", None)) is not None:
             waiting = inner
+        # Library internals, read defensively: another version without them takes the
+        # library's own path for every frame.
         if (
             getattr(waiting, "gi_code", None) is not _AT_EOF
             or protocol.state is not State.OPEN
-            or protocol.current_size is not None
+            or getattr(protocol, "current_size", 0) is not None
             or protocol.extensions
-            or protocol.reader.buffer
-            or len(self.recv_messages.frames)
+            or getattr(getattr(protocol, "reader", None), "buffer", True)
+            or _queued(self)
         ):
             return 0
         hook = self.frame_hook
@@ -336,6 +338,12 @@ class GuardedServerConnection(ServerConnection):
         else:
             transport.close()
             self.loop.call_later(self.close_timeout or 5.0, transport.abort)
+
+
+def _queued(connection: ServerConnection) -> int:
+    """Frames received but not yet read by the connection's task (1 if unknown)."""
+    frames = getattr(connection.recv_messages, "frames", None)
+    return 1 if frames is None else len(frames)
 
 
 def guarded_connection(guard: ConnectionGuard) -> type[GuardedServerConnection]:
