@@ -82,22 +82,21 @@ def msg_frame(client: ClientSession, envelope: Envelope) -> str | bytes:
     # the frame is made once, for the first copy, and reused while the copies are written.
     last = _LAST_TAIL
     if last[0] is data_json and last[1] == envelope.message_id and last[2] == envelope.enc:
-        tail = last[3]
-    else:
-        tail = _tail_of(data_json, envelope.message_id, envelope.enc)
-    return f'{{"type":"msg","seq":{seq}{tail}'
+        return f"{_MSG_HEAD}{seq}{last[3]}"
+    return _framed(seq, data_json, envelope.message_id, envelope.enc)
 
 
+_MSG_HEAD = '{"type":"msg","seq":'
 _LAST_TAIL: tuple[object, str, str | None, str] = (None, "", None, "")
 
 
-def _tail_of(data_json: bytes, message_id: str, enc: str | None) -> str:
-    """What follows the seq in a critical `msg` frame (see `protocol.encode_msg`)."""
+def _framed(seq: int, data_json: bytes, message_id: str, enc: str | None) -> str:
+    """A critical `msg` frame (`protocol.encode_msg`); what follows its seq is kept for
+    the next copy of the same message."""
     global _LAST_TAIL
-    frame = protocol.encode_msg(0, message_id, data_json, enc=enc)
-    tail = frame[len('{"type":"msg","seq":0') :]
-    _LAST_TAIL = (data_json, message_id, enc, tail)
-    return tail
+    frame = protocol.encode_msg(seq, message_id, data_json, enc=enc)
+    _LAST_TAIL = (data_json, message_id, enc, frame[len(_MSG_HEAD) + len(str(seq)) :])
+    return frame
 
 
 class Writer:
