@@ -231,7 +231,7 @@ class Hub:
                 rejected.reason,
             )
         pipeline = self._pipeline
-        result = pipeline.deliver_now(client, envelope)  # no lock, task or await needed
+        result = pipeline.deliver_now(client, envelope)  # best-effort: no lock, task or await
         return result if result is not None else await pipeline.deliver(client, envelope)
 
     async def broadcast(

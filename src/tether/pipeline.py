@@ -66,13 +66,14 @@ class DeliveryPipeline:
         self._overflow_unwarned = 0
 
     def deliver_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
-        """`deliver` when it completes without suspending (what a fan-out does for each
-        client), else None: nothing was done, await `deliver`."""
-        if envelope.critical:
-            return self.accept_now(client, envelope)
-        if envelope.dedup_key is None:  # a key is checked through the backend: awaited
-            return self.best_effort.send_now(client, envelope)
-        return None
+        """`deliver` of a best-effort message when it completes without suspending (what
+        a fan-out does for each client), else None: nothing was done, await `deliver`.
+        A critical one always goes through `deliver`: a single send waits (up to
+        `send_timeout`) for a socket that cannot take the frame at once, where a
+        fan-out's `accept_now` leaves it to a background flush."""
+        if envelope.critical or envelope.dedup_key is not None:  # a key: the backend's
+            return None
+        return self.best_effort.send_now(client, envelope)
 
     async def deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
         """Deliver one envelope (takes the client's lock)."""
@@ -158,11 +159,11 @@ class DeliveryPipeline:
         lock free, socket ready), or None — then nothing was stored and `deliver` takes
         over. Once stored, a write the socket cannot take at once stays at the head of
         the queue and is flushed in the background. A fan-out calls it inside a batch
-        (`start_batch`); `Hub.send` alone."""
+        (`start_batch`)."""
         append = self.append_now
         if append is None or not can_write_now(client) or client.lock.locked():
             return None
-        client.last_seen = self._batch_now if self._batching else self.clock.now()
+        client.last_seen = self._batch_now
         refused = self._refused(client, envelope, append(client, envelope))
         if refused is not None:
             return refused
