@@ -55,7 +55,7 @@ def test_overflow_drop_newest_and_reject_keep_the_queue() -> None:
         box.push(env(1))
         box.push(env(2))
         outcome = box.push(env(3))
-        assert not outcome.accepted and outcome.evicted == []
+        assert not outcome.accepted and not outcome.evicted
         assert [e.seq for e in box] == [1, 2]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .metrics import Counters, HubMetrics
+from .metrics import PENDING_SAMPLES, Counters, HubMetrics
 from .resilience import CircuitState
 
 if TYPE_CHECKING:
@@ -15,45 +15,75 @@ if TYPE_CHECKING:
 class Accounting:
     """One method per event; each bumps the hub-wide counter and the client's own.
 
-    Hub-wide counters are always kept (results and shutdown statistics rely on them).
-    Per-client message counters and the latency histogram are kept only when metrics
-    are enabled; per-client connection and breaker counters always are (they are cheap
-    and rare). This class is the only code that knows that difference.
+    Hub-wide counters are always kept (results and shutdown statistics rely on them);
+    the per-delivery ones (sent, delivered, queued) are kept per client only and summed
+    when read. Other per-client message counters and the latency histogram are kept only
+    when metrics are enabled; per-client connection and breaker counters always are
+    (they are cheap and rare). This class is the only code that knows that difference.
     """
 
-    __slots__ = ("_detailed", "_latency", "metrics", "totals")
+    __slots__ = ("_detailed", "_latency", "_sample", "_samples", "metrics", "totals")
 
     def __init__(self, metrics: HubMetrics) -> None:
         self.metrics = metrics
         self.totals: Counters = metrics.counters
         self._detailed = metrics.enabled
         self._latency = metrics.latency
+        # A delivery's latency sample is a list append (the histogram bins them in batches).
+        self._samples = metrics.latency.pending
+        self._sample = metrics.latency.pending.append
 
     # -- messages
+    # sent, delivered and queued are counted on the client only, metrics on or off (the
+    # hub-wide values are summed when read): one integer add per delivery either way.
 
     def sent(self, client: ClientSession) -> None:
         """A message was written to the client's connection (or forwarded) for the first time."""
-        self.totals.messages_sent += 1
-        if self._detailed:
-            client.stats.counters.messages_sent += 1
+        client.stats.counters.messages_sent += 1
 
     def delivered(self, client: ClientSession, envelope: Envelope, now: float) -> None:
         """A message reached the client: written (plain) or acknowledged (tether.v1)."""
-        self.totals.messages_delivered += 1
+        client.stats.counters.messages_delivered += 1
         if self._detailed:
-            client.stats.counters.messages_delivered += 1
-            self._latency.record(now - envelope.created_at)
+            self._sample(now - envelope.created_at)
+            if len(self._samples) >= PENDING_SAMPLES:
+                self._latency.fold()
+
+    def delivered_untimed(self, client: ClientSession) -> None:
+        """`delivered` in a fan-out batch, whose latency `delivered_latency` records once."""
+        client.stats.counters.messages_delivered += 1
+
+    def delivered_many(self, client: ClientSession, envelopes: list[Envelope], now: float) -> None:
+        """Messages an ack delivered, all at `now`."""
+        client.stats.counters.messages_delivered += len(envelopes)
+        if self._detailed:
+            self._latency.record_ages(now, envelopes)
 
     def sent_and_delivered(self, client: ClientSession, envelope: Envelope, now: float) -> None:
         """A best-effort message was written: sent and delivered in one event."""
-        totals = self.totals
-        totals.messages_sent += 1
-        totals.messages_delivered += 1
+        mine = client.stats.counters
+        mine.messages_sent += 1
+        mine.messages_delivered += 1
         if self._detailed:
-            mine = client.stats.counters
-            mine.messages_sent += 1
-            mine.messages_delivered += 1
-            self._latency.record(now - envelope.created_at)
+            self._sample(now - envelope.created_at)
+            if len(self._samples) >= PENDING_SAMPLES:
+                self._latency.fold()
+
+    def sent_and_delivered_untimed(self, client: ClientSession) -> None:
+        """`sent_and_delivered` in a fan-out batch, whose latency `delivered_latency`
+        records once for all its writes."""
+        mine = client.stats.counters
+        mine.messages_sent += 1
+        mine.messages_delivered += 1
+
+    def delivered_latency(self, envelope: Envelope, now: float, count: int) -> None:
+        """`count` deliveries of `envelope` (a broadcast's), all done by `now`."""
+        if self._detailed:
+            self._latency.record_many(now - envelope.created_at, count)
+
+    def delivered_total(self) -> int:
+        """Messages delivered so far, hub-wide."""
+        return self.metrics.total("messages_delivered")
 
     @property
     def timed(self) -> bool:
@@ -61,16 +91,12 @@ class Accounting:
         return self._detailed
 
     def queued(self, client: ClientSession) -> None:
-        self.totals.messages_queued += 1
-        if self._detailed:
-            client.stats.counters.messages_queued += 1
+        client.stats.counters.messages_queued += 1
 
     def delivered_evicted(self, client: ClientSession, count: int) -> None:
         """`count` in-flight messages pushed out of the outbox were acknowledged after all:
         delivered (no latency sample: their envelopes are gone)."""
-        self.totals.messages_delivered += count
-        if self._detailed:
-            client.stats.counters.messages_delivered += count
+        client.stats.counters.messages_delivered += count
 
     def dropped(self, client: ClientSession, count: int = 1) -> None:
         self.totals.messages_dropped += count

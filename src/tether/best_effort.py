@@ -22,7 +22,7 @@ from .writes import (
 class BestEffort:
     """Sends that are never stored: SENT when written, else DROPPED with the reason."""
 
-    __slots__ = ("_acct", "_backend", "_clock", "_writer")
+    __slots__ = ("_acct", "_backend", "_batch_now", "_batch_sent", "_clock", "_writer")
 
     def __init__(
         self, clock: Clock, backend: Backend, accounting: Accounting, writer: Writer
@@ -31,6 +31,8 @@ class BestEffort:
         self._backend = backend
         self._acct = accounting
         self._writer = writer
+        self._batch_now = 0.0
+        self._batch_sent = 0
 
     async def send(self, client: ClientSession, envelope: Envelope) -> SendResult:
         """Write now or drop (lock held); touches the client with the clock read that also
@@ -66,6 +68,34 @@ class BestEffort:
         if outcome is PENDING:
             return None
         return self.written(client, envelope, outcome)
+
+    def start_batch(self) -> None:
+        """Begin a fan-out's synchronous loop (nothing may await until `end_batch`): one
+        clock read stamps every client it writes to."""
+        self._batch_now = self._clock.now()
+        self._batch_sent = 0
+
+    def send_now_batched(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
+        """`send_now` inside a batch: the batch's clock read touches the client; the
+        latency of the batch's writes is recorded once, by `end_batch`."""
+        if not can_write_now(client) or client.lock.locked():
+            return None
+        frame = msg_frame(client, envelope) if client.v1 else envelope.data
+        outcome = self._writer.write_now(client, frame)
+        if outcome is PENDING:
+            return None
+        if outcome is not OK:
+            return self.dropped(client, envelope, outcome.value)
+        client.last_seen = self._batch_now
+        self._acct.sent_and_delivered_untimed(client)
+        self._batch_sent += 1
+        return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
+
+    def end_batch(self, envelope: Envelope) -> None:
+        """The batch's writes are all done: their latency, up to now, in one sample."""
+        if self._batch_sent:
+            self._acct.delivered_latency(envelope, self._clock.now(), self._batch_sent)
+            self._batch_sent = 0
 
     def written(
         self, client: ClientSession, envelope: Envelope, outcome: WriteOutcome

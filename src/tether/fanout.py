@@ -82,16 +82,33 @@ class FanOut:
         pipeline = self._pipeline
         if not template.critical:
             # A best-effort envelope is never stored or changed per client: shared. Without
-            # a dedup key (checked through the backend) most deliveries finish synchronously.
-            now = pipeline.best_effort.send_now if template.dedup_key is None else None
+            # a dedup key (checked through the backend) most deliveries finish synchronously,
+            # in one batch: one clock read stamps them, one latency sample times them.
+            if template.dedup_key is not None:
+                return await _fan_out(
+                    targets, template, copies=False, now=None, awaited=pipeline.deliver
+                )
+            best_effort = pipeline.best_effort
+            best_effort.start_batch()
             return await _fan_out(
-                targets, template, copies=False, now=now, awaited=pipeline.deliver
+                targets,
+                template,
+                copies=False,
+                now=best_effort.send_now_batched,
+                awaited=pipeline.deliver,
+                synchronous_done=best_effort.end_batch,
             )
         if pipeline.append_now is None:  # a store that must be awaited
             return await self._deliver_stored(targets, template)
         # each client's copy gets its own seq and attempts in its outbox
+        pipeline.start_batch()
         return await _fan_out(
-            targets, template, copies=True, now=pipeline.accept_now, awaited=pipeline.deliver
+            targets,
+            template,
+            copies=True,
+            now=pipeline.accept_now,
+            awaited=pipeline.deliver,
+            synchronous_done=pipeline.end_batch,
         )
 
     async def publish(self, template: Envelope, group: str | None) -> None:
@@ -191,18 +208,24 @@ async def _fan_out(
     copies: bool,
     now: Callable[[ClientSession, Envelope], SendResult | None] | None,
     awaited: Callable[[ClientSession, Envelope], Awaitable[SendResult]],
+    synchronous_done: Callable[[Envelope], None] | None = None,
 ) -> list[SendResult]:
     """Deliver to each target with `now` (no task) when it completes synchronously, the
-    rest with `awaited`, concurrently. `copies`: each client gets its own envelope."""
+    rest with `awaited`, concurrently. `copies`: each client gets its own envelope.
+    `synchronous_done` is called once the synchronous part is over, before any await."""
     results: list[SendResult] = []
     waiting = []
-    for client in targets:
-        envelope = copy_for_client(template) if copies else template
-        result = now(client, envelope) if now is not None else None
-        if result is None:
-            waiting.append(awaited(client, envelope))
-        else:
-            results.append(result)
+    try:
+        for client in targets:
+            envelope = copy_for_client(template) if copies else template
+            result = now(client, envelope) if now is not None else None
+            if result is None:
+                waiting.append(awaited(client, envelope))
+            else:
+                results.append(result)
+    finally:
+        if synchronous_done is not None:
+            synchronous_done(template)
     if waiting:
         results += await asyncio.gather(*waiting)
     return results

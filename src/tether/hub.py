@@ -230,7 +230,9 @@ class Hub:
                 explicit_id(payload, message_id) or self._envelopes.new_id(),
                 rejected.reason,
             )
-        return await self._pipeline.deliver(client, envelope)
+        pipeline = self._pipeline
+        result = pipeline.deliver_now(client, envelope)  # best-effort: no lock, task or await
+        return result if result is not None else await pipeline.deliver(client, envelope)
 
     async def broadcast(
         self,
@@ -275,11 +277,27 @@ class Hub:
         """A tether.v1 client acknowledged every message up to `seq`. Returns how many
         messages that delivered. Raises `protocol.ProtocolError` for an unknown client
         or an ack beyond what was written to the client."""
+        client = self._acked_client(client_id, seq)
+        done = self._pipeline.acknowledge_now(client, seq)
+        return done if done is not None else await self._pipeline.acknowledge(client, seq)
+
+    @property
+    def acks_in_process(self) -> bool:
+        """Whether `ack_now` settles acks (the backend needs no word of them)."""
+        return self._pipeline.acks_in_process
+
+    def ack_now(self, client_id: str, seq: int) -> int | None:
+        """`ack` without suspending, for adapters that handle acks as they arrive: how
+        many messages it delivered, or None when the backend must be awaited (then
+        nothing was done: call `ack`). Raises like `ack`."""
+        return self._pipeline.acknowledge_now(self._acked_client(client_id, seq), seq)
+
+    def _acked_client(self, client_id: str, seq: int) -> ClientSession:
         client = self._registry.get(client_id)
         if client is None:
             raise protocol.ProtocolError("invalid_ack", f"unknown client {client_id!r}")
         protocol.check_ack(seq, client.highest_written)
-        return await self._pipeline.acknowledge(client, seq)
+        return client
 
     # ------------------------------------------------------------------ inbound and groups
 

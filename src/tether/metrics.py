@@ -10,7 +10,7 @@ import resource
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CollectorRegistry,
@@ -21,6 +21,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .clock import Clock
+
+if TYPE_CHECKING:
+    from .messages import Envelope
 
 # Latency buckets grow by 5 % from 10 µs to ~10 min: about 370 integers whatever the
 # number of events, and any percentile is within 5 % of the true value.
@@ -42,21 +45,67 @@ _bucket_of = bisect.bisect_right
 
 
 class LatencyHistogram:
-    """Log-scale histogram of seconds; memory is fixed, recording is O(1)."""
+    """Log-scale histogram of seconds; memory is fixed.
 
-    __slots__ = ("buckets", "count", "total")
+    Recording appends the sample to a short buffer (a list append on the delivery path);
+    the buffer is binned in batches — when it fills, and before anything reads the
+    histogram (`fold`, which snapshots call) — so readers always see every sample.
+    """
+
+    __slots__ = ("buckets", "count", "pending", "total")
 
     def __init__(self) -> None:
         self.buckets = [0] * LATENCY_BUCKETS
         self.count = 0
         self.total = 0.0
+        self.pending: list[float] = []
 
     def record(self, seconds: float) -> None:
-        # A binary search over the precomputed bucket bounds (C, ~9 float compares) is
-        # cheaper than math.log and a division; same bucket as log(s / MIN) / log(1.05).
-        self.buckets[_bucket_of(_UPPER_BOUNDS, seconds)] += 1
-        self.count += 1
-        self.total += seconds
+        pending = self.pending
+        pending.append(seconds)
+        if len(pending) >= PENDING_SAMPLES:
+            self.fold()
+
+    def record_many(self, seconds: float, count: int) -> None:
+        """`count` samples of the same latency (the writes of one fan-out): binned now."""
+        self.buckets[_bucket_of(_UPPER_BOUNDS, seconds)] += count
+        self.count += count
+        self.total += seconds * count
+
+    def record_ages(self, now: float, envelopes: Iterable[Envelope]) -> None:
+        """Record `now - created_at` of each envelope (what one ack delivered)."""
+        pending = self.pending
+        pending += [now - envelope.created_at for envelope in envelopes]
+        if len(pending) >= PENDING_SAMPLES:
+            self.fold()
+
+    def fold(self) -> None:
+        """Bin the buffered samples. Sorted first: then each bucket they touch costs one
+        binary search, however many samples fall in it (deliveries come in bursts of
+        similar latency)."""
+        if not self.pending:
+            return
+        pending = sorted(self.pending)
+        self.pending.clear()  # the same list: `Accounting` appends to it directly
+        buckets, bounds = self.buckets, _UPPER_BOUNDS
+        last = len(bounds)
+        size = len(pending)
+        i = 0
+        while i < size:
+            index = _bucket_of(bounds, pending[i])
+            if index >= last:  # the open-ended last bucket takes the rest
+                buckets[index] += size - i
+                break
+            j = _first_at_or_above(pending, bounds[index], i)
+            buckets[index] += j - i
+            i = j
+        self.count += size
+        self.total += sum(pending)
+
+
+# Samples buffered before binning: 512 floats (~16 KiB) at most, whatever the traffic.
+PENDING_SAMPLES = 512
+_first_at_or_above = bisect.bisect_left
 
 
 def percentile(buckets: Iterable[int], count: int, q: float) -> float:
@@ -110,6 +159,12 @@ class Counters:
 
 
 COUNTER_FIELDS = _counter_fields()
+# Counted per client only (one integer add per delivery); the hub-wide value is the sum
+# over tracked clients plus what forgotten clients left in `HubMetrics.counters`.
+PER_CLIENT_ONLY = frozenset({"messages_sent", "messages_delivered", "messages_queued"})
+_SENT = COUNTER_FIELDS.index("messages_sent")
+_DELIVERED = COUNTER_FIELDS.index("messages_delivered")
+_QUEUED = COUNTER_FIELDS.index("messages_queued")
 
 
 @dataclass(slots=True)
@@ -293,7 +348,10 @@ class HubMetrics:
     """The metrics of one hub.
 
     Counting is always on (hub results depend on it and it costs a field add); with
-    `enabled=False` the latency histogram and per-client stats are not recorded.
+    `enabled=False` the latency histogram and most per-client counters are not recorded.
+    The per-delivery counters (`PER_CLIENT_ONLY`: sent, delivered, queued) are counted
+    once, on the client's stats, in both modes; hub-wide values are summed when read
+    (`total`, `totals`, snapshots), so a delivery costs one integer add either way.
     """
 
     def __init__(self, clock: Clock, *, enabled: bool = True) -> None:
@@ -327,7 +385,47 @@ class HubMetrics:
         return stats
 
     def forget(self, client_id: str) -> bool:
-        return self.clients.pop(client_id, None) is not None
+        stats = self.clients.pop(client_id, None)
+        if stats is None:
+            return False
+        self._retire(stats)
+        return True
+
+    def forget_all(self) -> int:
+        """Forget every client's stats (their counts stay in the totals)."""
+        for stats in self.clients.values():
+            self._retire(stats)
+        count = len(self.clients)
+        self.clients.clear()
+        return count
+
+    def _retire(self, stats: ClientStats) -> None:
+        """A forgotten client's share of the per-client-only counters joins `counters`."""
+        mine, totals = stats.counters, self.counters
+        totals.messages_sent += mine.messages_sent
+        totals.messages_delivered += mine.messages_delivered
+        totals.messages_queued += mine.messages_queued
+
+    def total(self, name: str) -> int:
+        """A hub-wide counter by field name, exact now (per-client-only ones summed)."""
+        value: int = getattr(self.counters, name)
+        if name in PER_CLIENT_ONLY:
+            value += sum(getattr(stats.counters, name) for stats in self.clients.values())
+        return value
+
+    def totals(self) -> tuple[int, ...]:
+        """Every hub-wide counter, in `COUNTER_FIELDS` order, exact now."""
+        sent = delivered = queued = 0
+        for stats in self.clients.values():
+            mine = stats.counters
+            sent += mine.messages_sent
+            delivered += mine.messages_delivered
+            queued += mine.messages_queued
+        values = list(self.counters.as_tuple())
+        values[_SENT] += sent
+        values[_DELIVERED] += delivered
+        values[_QUEUED] += queued
+        return tuple(values)
 
     def record_latency(self, seconds: float) -> None:
         if self.enabled:
@@ -338,13 +436,14 @@ class HubMetrics:
         return self.clock.now() - self._started
 
     def snapshot(self, *, include_clients: bool = False) -> MetricsSnapshot:
+        self.latency.fold()  # readers see every sample recorded so far
         clients = None
         if include_clients:
             clients = {cid: self.client_dict(cid) for cid in list(self.clients)}
         return MetricsSnapshot(
             taken_at=self.clock.wall(),
             uptime_seconds=self.uptime,
-            counters=self.counters.as_tuple(),
+            counters=self.totals(),
             gauges=self._gauges(),
             latency_buckets=tuple(self.latency.buckets),
             latency_count=self.latency.count,

@@ -54,8 +54,26 @@ class DeliveryPipeline:
         self.best_effort = BestEffort(clock, backend, accounting, writer)
         # A backend that can store without suspending lets critical fan-out skip tasks.
         self.append_now = getattr(backend, "append_now", None)
+        # A store that is the session's own outbox (nothing durable or shared to trim):
+        # an ack is settled in process, without awaiting the backend.
+        self.acks_in_process = (
+            self.append_now is not None and not backend.durable and not backend.shared
+        )
         self._overflow_warned_at = -_WARN_EVERY
+        self._batching = False
+        self._batch_now = 0.0
+        self._batch_delivered = 0
         self._overflow_unwarned = 0
+
+    def deliver_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
+        """`deliver` of a best-effort message when it completes without suspending (what
+        a fan-out does for each client), else None: nothing was done, await `deliver`.
+        A critical one always goes through `deliver`: a single send waits (up to
+        `send_timeout`) for a socket that cannot take the frame at once, where a
+        fan-out's `accept_now` leaves it to a background flush."""
+        if envelope.critical or envelope.dedup_key is not None:  # a key: the backend's
+            return None
+        return self.best_effort.send_now(client, envelope)
 
     async def deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
         """Deliver one envelope (takes the client's lock)."""
@@ -121,15 +139,31 @@ class DeliveryPipeline:
             )
         return self.queued(client, envelope)
 
+    def start_batch(self) -> None:
+        """Begin a fan-out's synchronous loop of `accept_now` (nothing may await until
+        `end_batch`): one clock read stamps every client it touches, and the latency of
+        the plain-mode deliveries it makes is recorded once."""
+        self._batch_now = self.clock.now()
+        self._batching = True
+        self._batch_delivered = 0
+
+    def end_batch(self, envelope: Envelope) -> None:
+        """The batch's writes are done: their latency, up to now, in one sample."""
+        self._batching = False
+        if self._batch_delivered:
+            self._acct.delivered_latency(envelope, self.clock.now(), self._batch_delivered)
+            self._batch_delivered = 0
+
     def accept_now(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
         """A critical delivery done without suspending (a store that appends in process,
         lock free, socket ready), or None — then nothing was stored and `deliver` takes
         over. Once stored, a write the socket cannot take at once stays at the head of
-        the queue and is flushed in the background."""
+        the queue and is flushed in the background. A fan-out calls it inside a batch
+        (`start_batch`)."""
         append = self.append_now
         if append is None or not can_write_now(client) or client.lock.locked():
             return None
-        client.last_seen = self.clock.now()
+        client.last_seen = self._batch_now
         refused = self._refused(client, envelope, append(client, envelope))
         if refused is not None:
             return refused
@@ -401,14 +435,40 @@ class DeliveryPipeline:
         self, client: ClientSession, envelope: Envelope, now: float | None = None
     ) -> None:
         acct = self._acct
-        if now is None and acct.timed:
-            now = self.clock.now()
-        acct.delivered(client, envelope, now or 0.0)
+        if self._batching:  # timed once for the whole batch, by `end_batch`
+            acct.delivered_untimed(client)
+            self._batch_delivered += 1
+        else:
+            if now is None and acct.timed:
+                now = self.clock.now()
+            acct.delivered(client, envelope, now or 0.0)
         if client.drained is not None and not client.outbox:
             client.drained.set()
 
     async def acknowledge(self, client: ClientSession, seq: int) -> int:
         """A tether.v1 ack of every message up to `seq` (already validated): delivered."""
+        delivered = self._settle_ack(client, seq)
+        if delivered is not None and not self.acks_in_process:
+            try:
+                current = await self.backend.ack(client, seq)
+            except BackendError as exc:  # re-sent on resume; the client drops the duplicate
+                log.warning("tether: could not record ack %d of %s: %s", seq, client.client_id, exc)
+            else:
+                if not current:  # the stored stream is no longer the one this ack speaks of
+                    self.streams.lost(client)
+        return delivered or 0
+
+    def acknowledge_now(self, client: ClientSession, seq: int) -> int | None:
+        """`acknowledge` without suspending, when the store needs no word of it (the
+        session's outbox is the store): how many messages it delivered. None when the
+        store must be told: nothing was done, use `acknowledge`."""
+        if not self.acks_in_process:
+            return None
+        return self._settle_ack(client, seq) or 0
+
+    def _settle_ack(self, client: ClientSession, seq: int) -> int | None:
+        """Trim the outbox up to `seq` and count what that delivered; None when the ack
+        delivered nothing (a repeat)."""
         outbox = client.outbox
         done = outbox.ack(seq)
         late = outbox.evicted_unacked.take_upto(seq) if outbox.evicted_unacked else 0
@@ -417,17 +477,13 @@ class DeliveryPipeline:
         if seq > client.acked:
             client.acked = seq
         now = self.clock.now()  # one clock read times every message this ack delivers
-        for envelope in done:
-            self.delivered(client, envelope, now)
         client.last_seen = now
-        if done or late:
-            try:
-                current = await self.backend.ack(client, seq)
-            except BackendError as exc:  # re-sent on resume; the client drops the duplicate
-                log.warning("tether: could not record ack %d of %s: %s", seq, client.client_id, exc)
-            else:
-                if not current:  # the stored stream is no longer the one this ack speaks of
-                    self.streams.lost(client)
+        if done:
+            self._acct.delivered_many(client, done, now)
+            if client.drained is not None and not client.outbox:
+                client.drained.set()
+        elif not late:
+            return None
         return len(done)
 
     def settle_evicted(self, client: ClientSession, acked: int) -> None:

@@ -786,6 +786,26 @@ class ServerProtocol:
             self.state = _CLOSED
             raise
 
+    def receive_ack(self, raw: str | bytes, highest_sent: int) -> Ack | None:
+        """`receive` for the frame a client sends most, on an open connection: a valid
+        `ack` (of at most `highest_sent`, which it records), or None for anything else —
+        then nothing changed and the frame goes to `receive`, which reports any error."""
+        if self.state is not _OPEN:
+            return None
+        try:
+            frame = decode_client_frame(raw, max_size=self.max_message_size)
+        except ProtocolError:
+            return None
+        if type(frame) is not Ack:
+            return None
+        if highest_sent > self.highest_sent:
+            self.highest_sent = highest_sent
+        if frame.seq > self.highest_sent:
+            return None
+        if frame.seq > self.acked:
+            self.acked = frame.seq
+        return frame
+
     def welcome(self, welcome: Welcome) -> str:
         """Accept the connection: returns the `welcome` text and opens the connection."""
         if self.state is _CLOSED:

@@ -132,7 +132,7 @@ class ClientRegistry:
             client.outbox.drain()
         self.sessions.clear()
         self.groups.clear()
-        self.metrics.clients.clear()
+        self.metrics.forget_all()
 
     def _forget_evicted(self, client: ClientSession) -> None:
         """In-flight messages pushed out of the outbox and never acknowledged: dropped."""

@@ -68,9 +68,9 @@ class Shutdown:
         """Deliver what connected clients have pending. Returns (flushed, persisted,
         dropped) of the messages pending at the start."""
         registry = self._registry
-        totals = self._acct.totals
+        acct = self._acct
         # Before the count, so that a delivery counted meanwhile is counted as flushed.
-        delivered_before = totals.messages_delivered
+        delivered_before = acct.delivered_total()
         stored_at_start = await self._stored_pending_total()
         pending_at_start = (
             stored_at_start if stored_at_start is not None else registry.pending_total()
@@ -80,7 +80,7 @@ class Shutdown:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(budget):
                     await asyncio.gather(*(self._pipeline.drain(c) for c in connected))
-        flushed = totals.messages_delivered - delivered_before
+        flushed = acct.delivered_total() - delivered_before
         stored_now = await self._stored_pending_total() if stored_at_start is not None else None
         if stored_now is not None:  # what stays in the shared store for this node's clients
             persisted = stored_now

@@ -75,12 +75,28 @@ def msg_frame(client: ClientSession, envelope: Envelope) -> str | bytes:
     if data_json is None:  # str or bytes data: its JSON form is made once, when first sent
         data_json, _ = protocol.encode_data(envelope.data)
         envelope.data_json = data_json
-    return protocol.encode_msg(
-        envelope.seq if envelope.critical else None,
-        envelope.message_id,
-        data_json,
-        enc=envelope.enc,
-    )
+    seq = envelope.seq if envelope.critical else None
+    if seq is None:
+        return protocol.encode_msg(None, envelope.message_id, data_json, enc=envelope.enc)
+    # A broadcast's copies share their id and data: only the seq differs, so the rest of
+    # the frame is made once, for the first copy, and reused while the copies are written.
+    last = _LAST_TAIL
+    if last[0] is data_json and last[1] == envelope.message_id and last[2] == envelope.enc:
+        return f"{_MSG_HEAD}{seq}{last[3]}"
+    return _framed(seq, data_json, envelope.message_id, envelope.enc)
+
+
+_MSG_HEAD = '{"type":"msg","seq":'
+_LAST_TAIL: tuple[object, str, str | None, str] = (None, "", None, "")
+
+
+def _framed(seq: int, data_json: bytes, message_id: str, enc: str | None) -> str:
+    """A critical `msg` frame (`protocol.encode_msg`); what follows its seq is kept for
+    the next copy of the same message."""
+    global _LAST_TAIL
+    frame = protocol.encode_msg(seq, message_id, data_json, enc=enc)
+    _LAST_TAIL = (data_json, message_id, enc, frame[len(_MSG_HEAD) + len(str(seq)) :])
+    return frame
 
 
 class Writer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import OverflowPolicy
 from ..messages import Envelope
@@ -59,12 +59,17 @@ class SeqRuns:
         return taken
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PushOutcome:
     """What a push did: whether the new message is in, and what it pushed out."""
 
     accepted: bool
-    evicted: list[Envelope] = field(default_factory=list)
+    evicted: tuple[Envelope, ...] = ()
+
+
+# The common outcomes, shared: a push (one per critical delivery) allocates nothing else.
+_PUSHED = PushOutcome(True)
+_REFUSED = PushOutcome(False)
 
 
 class Outbox:
@@ -110,16 +115,19 @@ class Outbox:
         return self.queue[0] if self.queue else None
 
     def push(self, envelope: Envelope) -> PushOutcome:
-        evicted: list[Envelope] = []
-        if len(self) >= self.max_size:
+        inflight, queue = self.inflight, self.queue
+        outcome = _PUSHED
+        if len(inflight) + len(queue) >= self.max_size:
             if self.policy is not OverflowPolicy.DROP_OLDEST:
-                return PushOutcome(False)
-            while len(self) >= self.max_size:
-                evicted.append(self.inflight.popleft() if self.inflight else self.queue.popleft())
-        self.queue.append(envelope)
+                return _REFUSED
+            evicted: list[Envelope] = []
+            while len(inflight) + len(queue) >= self.max_size:
+                evicted.append(inflight.popleft() if inflight else queue.popleft())
+            outcome = PushOutcome(True, tuple(evicted))
+        queue.append(envelope)
         if envelope.expires_at < self._next_expiry:
             self._next_expiry = envelope.expires_at
-        return PushOutcome(True, evicted)
+        return outcome
 
     def mark_written(self, *, keep: bool) -> Envelope:
         """The head of `queue` was written: keep it in flight (awaiting an ack) or let it go."""

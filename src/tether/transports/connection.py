@@ -224,6 +224,8 @@ class Session:
         self.channel_grants: frozenset[str] | None = None
         cfg = hub.config
         self.bucket = TokenBucket(cfg.max_inbound_rate, cfg.max_inbound_rate * BURST_FACTOR)
+        # The tether.v1 state while the connection is open (for `frame_now`).
+        self._sp: protocol.ServerProtocol | None = None
 
     async def run(self) -> None:
         """Serve the connection; on any exit detach it from the hub (its outbox stays)."""
@@ -383,6 +385,10 @@ class Session:
             self._connected(client_id)
             assert welcome is not None
             sp.welcome(welcome)  # the hub already wrote it; this opens the protocol state
+            self._sp = sp
+            hook = getattr(self.conn, "set_frame_hook", None)
+            if hook is not None and self.hub.acks_in_process:  # handle acks as they arrive
+                hook(self.frame_now)
             while True:
                 raw = await self._recv_v1(sp)
                 # The hub writes `msg` frames itself; it knows the highest seq written.
@@ -400,6 +406,30 @@ class Session:
             return
         except protocol.ProtocolError as error:
             await self._fail(sp, error)
+        finally:
+            self._sp = None
+            hook = getattr(self.conn, "set_frame_hook", None)
+            if hook is not None:
+                hook(None)
+
+    def frame_now(self, raw: str | bytes) -> bool:
+        """A text frame the adapter received while nothing is queued ahead of it: handled
+        at once, in the adapter's receive callback (no task switch), when it is a valid
+        ack the hub settles without suspending — the frame a busy tether.v1 connection
+        receives most. False: nothing was done, the frame goes to `recv` as usual
+        (anything else, an invalid ack, a rate-limited peer, a store to await)."""
+        sp = self._sp
+        client_id = self.client_id
+        if sp is None or client_id is None or self.expires_at is not None:
+            return False
+        hub = self.hub
+        ack = sp.receive_ack(raw, hub.highest_sent(client_id))
+        if ack is None or not self.bucket.take():
+            return False
+        try:
+            return hub.ack_now(client_id, ack.seq) is not None
+        except protocol.ProtocolError:
+            return False  # `recv` gets it and reports the error
 
     async def _recv_v1(self, sp: protocol.ServerProtocol) -> str | bytes:
         try:

@@ -26,6 +26,7 @@ connection's write buffer is bounded (`write_limit` 64 KiB); the session enforce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
@@ -38,7 +39,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
+from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
+from websockets.utils import apply_mask as _apply_mask
 
 from ..access import host_allowed, origin_patterns
 from ..auth import auth_from_config
@@ -90,20 +93,41 @@ class WebSocketsTransport:
         """Write now, without awaiting, if the connection can take the frame at once:
         open, no fragmented send in progress, write buffer under `WRITE_LIMIT`. This is
         what `websockets.broadcast()` does; it halves the cost of a delivery. False
-        means "use `send`", which waits for the buffer to drain under `send_timeout`."""
+        means "use `send`", which waits for the buffer to drain under `send_timeout`.
+
+        Without extensions (no compression) the frame is framed here and written to the
+        socket directly — the bytes the library would write — and a frame whose data is
+        the very object framed last (a broadcast's shared payload) is framed once."""
         ws = self.ws
+        protocol = ws.protocol
         if (
-            ws.protocol.state is not State.OPEN
+            protocol.state is not State.OPEN
             or ws.send_in_progress is not None
             or ws.transport.get_write_buffer_size() > WRITE_LIMIT
         ):
             return False
-        if isinstance(data, str):
-            ws.protocol.send_text(data.encode())
-        else:
-            ws.protocol.send_binary(data)
-        ws.send_data()
+        if (
+            protocol.extensions
+            or protocol.writes
+            or protocol.expect_continuation_frame
+            or protocol.debug
+        ):
+            if isinstance(data, str):
+                protocol.send_text(data.encode())
+            else:
+                protocol.send_binary(data)
+            ws.send_data()
+            return True
+        last = _LAST_FRAME  # one read: (data, frame) stay a pair
+        frame = last[1] if last[0] is data else _frame_of(data)
+        ws.transport.write(frame)
         return True
+
+    def set_frame_hook(self, hook: Callable[[str], bool] | None) -> None:
+        """Let `hook` take complete text frames as they arrive (see `Session.frame_now`);
+        None removes it. Only `GuardedServerConnection` (what `serve()` uses) offers it."""
+        if isinstance(self.ws, GuardedServerConnection):
+            self.ws.frame_hook = hook
 
     async def recv(self) -> str | bytes:
         try:
@@ -125,7 +149,41 @@ class WebSocketsTransport:
 
 log = logging.getLogger("tether.transports")
 
+with contextlib.suppress(ImportError):  # the library's C version, when it was built
+    from websockets.speedups import apply_mask as _apply_mask
+
+_TEXT_HEADER = 0x81  # FIN + text opcode: a whole frame, server side (never masked)
+_BINARY_HEADER = 0x82
+_LAST_FRAME: tuple[object, bytes] = (None, b"")
+
+
+def _frame_of(data: str | bytes) -> bytes:
+    """The WebSocket frame of one whole message (unmasked, no extension); remembered as
+    the last one framed, for the next client of the same broadcast."""
+    global _LAST_FRAME
+    if isinstance(data, str):
+        payload = data.encode()
+        first = _TEXT_HEADER
+    else:
+        payload = data
+        first = _BINARY_HEADER
+    size = len(payload)
+    if size < 126:
+        header = bytes((first, size))
+    elif size < 65536:
+        header = bytes((first, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((first, 127)) + size.to_bytes(8, "big")
+    frame = header + payload
+    _LAST_FRAME = (data, frame)
+    return frame
+
+
 _CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG})
+# What the library's frame parser runs while it waits for a new frame with nothing
+# buffered (see `GuardedServerConnection._take_small_text_frames`).
+_AT_EOF = StreamReader.at_eof.__code__
+_TEXT = Opcode.TEXT
 
 
 class GuardedServerConnection(ServerConnection):
@@ -151,6 +209,8 @@ class GuardedServerConnection(ServerConnection):
         max_size = getattr(self.protocol, "max_message_size", None) or 1 << 20
         self.buffer_bound = write_buffer_bound(max_size)
         self.cut_reason: str | None = None
+        # Set by the session while a tether.v1 connection is open (`Session.frame_now`).
+        self.frame_hook: Callable[[str], bool] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -175,20 +235,36 @@ class GuardedServerConnection(ServerConnection):
         self.transport.abort()
 
     def process_event(self, event: Event) -> None:
-        if isinstance(event, Request) and self.guard is not None:
+        if type(event) is Frame:
+            opcode = event.opcode
+            if opcode is _TEXT:
+                hook = self.frame_hook
+                if hook is not None and event.fin and not _queued(self):
+                    # A whole text frame with nothing queued ahead of it: the session
+                    # may settle it here (an ack) instead of waking its task for it.
+                    try:
+                        if hook(str(event.data, "utf-8")):
+                            return
+                    except UnicodeDecodeError:
+                        pass  # the library reports it (1007)
+                    except Exception:
+                        log.exception("tether: frame hook failed; the frame goes to recv")
+            elif opcode in _CONTROL_OPCODES and not self.control_budget.take():
+                self.cut(f"more than {CONTROL_FRAME_RATE:g} pings/pongs per second")
+                return
+        elif isinstance(event, Request) and self.guard is not None:
             self.guard.done(self)  # the request arrived; `open_timeout` covers the rest
-        if (
-            isinstance(event, Frame)
-            and event.opcode in _CONTROL_OPCODES
-            and not self.control_budget.take()
-        ):
-            self.cut(f"more than {CONTROL_FRAME_RATE:g} pings/pongs per second")
-            return
         super().process_event(event)
 
     def data_received(self, data: bytes) -> None:
         if self.cut_reason is not None:
             return
+        if self.frame_hook is not None:
+            taken = self._take_small_text_frames(data)
+            if taken:
+                if taken == len(data):
+                    return
+                data = data[taken:]
         super().data_received(data)
         transport = self.transport
         if (
@@ -197,6 +273,53 @@ class GuardedServerConnection(ServerConnection):
             and transport.get_write_buffer_size() > self.buffer_bound
         ):
             self.cut(f"write buffer over {self.buffer_bound} bytes: the peer does not read")
+
+    def _take_small_text_frames(self, data: bytes) -> int:
+        """Hand the whole, small text frames at the start of `data` to `frame_hook` as
+        long as it takes them; returns how many bytes they were (the rest goes to the
+        library). Only at a frame boundary with nothing pending: the library's parser
+        waits for a new frame with nothing buffered, no message is half received or
+        queued, no extension is in use. A busy tether.v1 connection mostly sends acks:
+        each then costs a header check, an unmask and the hook, not the library's
+        frame parser, an event and a queue."""
+        protocol = self.protocol
+        waiting = protocol.parser  # the generator the parser is suspended in, innermost
+        while (inner := getattr(waiting, "gi_yieldfrom", None)) is not None:
+            waiting = inner
+        # Library internals, read defensively: another version without them takes the
+        # library's own path for every frame.
+        if (
+            getattr(waiting, "gi_code", None) is not _AT_EOF
+            or protocol.state is not State.OPEN
+            or getattr(protocol, "current_size", 0) is not None
+            or protocol.extensions
+            or getattr(getattr(protocol, "reader", None), "buffer", True)
+            or _queued(self)
+        ):
+            return 0
+        hook = self.frame_hook
+        assert hook is not None
+        size = len(data)
+        start = 0
+        while start + 6 <= size:
+            # FIN + text, no RSV bits; masked (as every client frame must be); 7-bit length
+            second = data[start + 1]
+            if data[start] != _TEXT_HEADER or second < 0x80 or second >= 0x80 + 126:
+                break
+            end = start + 6 + (second & 0x7F)
+            if end > size:
+                break
+            try:
+                text = str(_apply_mask(data[start + 6 : end], data[start + 2 : start + 6]), "utf-8")
+                if not hook(text):
+                    break
+            except UnicodeDecodeError:
+                break  # the library reports it (1007)
+            except Exception:
+                log.exception("tether: frame hook failed; the frame goes to the library")
+                break
+            start = end
+        return start
 
     def cut(self, reason: str) -> None:
         """Close with 1008 and `reason`; drop the TCP connection now if its buffer is large."""
@@ -215,6 +338,12 @@ class GuardedServerConnection(ServerConnection):
         else:
             transport.close()
             self.loop.call_later(self.close_timeout or 5.0, transport.abort)
+
+
+def _queued(connection: ServerConnection) -> int:
+    """Frames received but not yet read by the connection's task (1 if unknown)."""
+    frames = getattr(connection.recv_messages, "frames", None)
+    return 1 if frames is None else len(frames)
 
 
 def guarded_connection(guard: ConnectionGuard) -> type[GuardedServerConnection]:
