@@ -26,7 +26,6 @@ connection's write buffer is bounded (`write_limit` 64 KiB); the session enforce
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
@@ -39,9 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
-from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
-from websockets.utils import apply_mask as _apply_mask
 
 from ..access import host_allowed, origin_patterns
 from ..auth import auth_from_config
@@ -149,9 +146,6 @@ class WebSocketsTransport:
 
 log = logging.getLogger("tether.transports")
 
-with contextlib.suppress(ImportError):  # the library's C version, when it was built
-    from websockets.speedups import apply_mask as _apply_mask
-
 _TEXT_HEADER = 0x81  # FIN + text opcode: a whole frame, server side (never masked)
 _BINARY_HEADER = 0x82
 _LAST_FRAME: tuple[object, bytes] = (None, b"")
@@ -180,9 +174,6 @@ def _frame_of(data: str | bytes) -> bytes:
 
 
 _CONTROL_OPCODES = frozenset({Opcode.PING, Opcode.PONG})
-# What the library's frame parser runs while it waits for a new frame with nothing
-# buffered (see `GuardedServerConnection._take_small_text_frames`).
-_AT_EOF = StreamReader.at_eof.__code__
 _TEXT = Opcode.TEXT
 
 
@@ -259,12 +250,6 @@ class GuardedServerConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self.cut_reason is not None:
             return
-        if self.frame_hook is not None:
-            taken = self._take_small_text_frames(data)
-            if taken:
-                if taken == len(data):
-                    return
-                data = data[taken:]
         super().data_received(data)
         transport = self.transport
         if (
@@ -273,53 +258,6 @@ class GuardedServerConnection(ServerConnection):
             and transport.get_write_buffer_size() > self.buffer_bound
         ):
             self.cut(f"write buffer over {self.buffer_bound} bytes: the peer does not read")
-
-    def _take_small_text_frames(self, data: bytes) -> int:
-        """Hand the whole, small text frames at the start of `data` to `frame_hook` as
-        long as it takes them; returns how many bytes they were (the rest goes to the
-        library). Only at a frame boundary with nothing pending: the library's parser
-        waits for a new frame with nothing buffered, no message is half received or
-        queued, no extension is in use. A busy tether.v1 connection mostly sends acks:
-        each then costs a header check, an unmask and the hook, not the library's
-        frame parser, an event and a queue."""
-        protocol = self.protocol
-        waiting = protocol.parser  # the generator the parser is suspended in, innermost
-        while (inner := getattr(waiting, "gi_yieldfrom", None)) is not None:
-            waiting = inner
-        # Library internals, read defensively: another version without them takes the
-        # library's own path for every frame.
-        if (
-            getattr(waiting, "gi_code", None) is not _AT_EOF
-            or protocol.state is not State.OPEN
-            or getattr(protocol, "current_size", 0) is not None
-            or protocol.extensions
-            or getattr(getattr(protocol, "reader", None), "buffer", True)
-            or _queued(self)
-        ):
-            return 0
-        hook = self.frame_hook
-        assert hook is not None
-        size = len(data)
-        start = 0
-        while start + 6 <= size:
-            # FIN + text, no RSV bits; masked (as every client frame must be); 7-bit length
-            second = data[start + 1]
-            if data[start] != _TEXT_HEADER or second < 0x80 or second >= 0x80 + 126:
-                break
-            end = start + 6 + (second & 0x7F)
-            if end > size:
-                break
-            try:
-                text = str(_apply_mask(data[start + 6 : end], data[start + 2 : start + 6]), "utf-8")
-                if not hook(text):
-                    break
-            except UnicodeDecodeError:
-                break  # the library reports it (1007)
-            except Exception:
-                log.exception("tether: frame hook failed; the frame goes to the library")
-                break
-            start = end
-        return start
 
     def cut(self, reason: str) -> None:
         """Close with 1008 and `reason`; drop the TCP connection now if its buffer is large."""
