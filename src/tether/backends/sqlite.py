@@ -267,9 +267,6 @@ class SqliteBackend(SingleNode):
             mirror.epoch = loaded.stream.epoch
         mirror.stream_known = True
 
-    def _dedup_key(self, session: SessionView, envelope: Envelope) -> str | None:
-        return envelope.dedup_key if session.dedup is not None else None
-
     def _accepted(
         self, session: SessionView, envelope: Envelope, result: Appended | Refusal
     ) -> Accepted | Refused:
