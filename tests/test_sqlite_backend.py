@@ -246,6 +246,30 @@ async def test_a_cancelled_send_does_not_cancel_the_sends_sharing_its_commit(
     assert [await hub.stored_pending(f"c{i}") for i in range(3)] == [2, 2, 2]
 
 
+class BrokenWallClock(ManualClock):
+    """A clock whose wall time turns into NaN: no message can be converted to a row."""
+
+    broken = False
+
+    def wall(self) -> float:
+        return float("nan") if self.broken else super().wall()
+
+
+async def test_a_send_whose_row_cannot_be_made_is_told_and_does_not_hang(node: Factory) -> None:
+    clock = BrokenWallClock()
+    hub = node(clock)
+    assert (await hub.send("ann", "first", critical=True)).seq == 1  # stream known
+    clock.broken = True
+    # A hang guard only (pytest-timeout would also end it): the sender must be answered.
+    outcome = await asyncio.wait_for(
+        asyncio.gather(hub.send("ann", "second", critical=True), return_exceptions=True), 10
+    )
+    clock.broken = False
+    result = outcome[0]
+    assert isinstance(result, BaseException) or result.status is SendStatus.REJECTED
+    assert await hub.stored_pending("ann") == 1  # nothing of the failed turn was stored
+
+
 async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:
     clock = ManualClock()
     hub = node(clock, max_retries=1, failure_threshold=100, retry_base_delay=0.1)

@@ -339,14 +339,14 @@ class SqliteBackend(SingleNode):
         if not batch:
             return
         clock = self.clock
-        offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
-        rows = [
-            (cid, self._row(envelope, offset), key, max_size, drop_oldest)
-            for cid, envelope, key, max_size, drop_oldest in batch
-        ]
         try:
+            offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
+            rows = [
+                (cid, self._row(envelope, offset), key, max_size, drop_oldest)
+                for cid, envelope, key, max_size, drop_oldest in batch
+            ]
             future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
-        except Exception as exc:  # closed, or a bad bound: every sender is told, none hangs
+        except Exception as exc:  # closed, a bad bound or row: every sender is told, none hangs
             for _, waiter in senders:
                 if not waiter.done():
                     waiter.set_exception(exc)
