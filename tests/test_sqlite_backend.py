@@ -20,7 +20,7 @@ import pytest_asyncio
 from test_sqlite_store import tmpfs
 from tether import Hub, HubConfig, SendStatus
 from tether.backends.sqlite import SqliteBackend
-from tether.backends.sqlite_store import StoreLockedError
+from tether.backends.sqlite_store import SqliteStore, StoreLockedError
 from tether.client import Client
 from tether.clock import ManualClock
 from tether.protocol import Hello
@@ -326,6 +326,41 @@ async def test_a_second_hub_on_the_same_file_is_refused(node: Factory, tmp_path:
     second = Hub(HubConfig(backend="sqlite", sqlite_path=str(tmp_path / "tether.db")))
     with pytest.raises(StoreLockedError, match="single-node"):
         await second.start()
+
+
+async def test_a_close_during_an_open_closes_the_store_so_the_file_can_be_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channel used before the hub started opens the file; a shutdown meanwhile must
+    not leave that store (writer thread, file lock) open behind it."""
+    real_open = SqliteStore.open
+    entered, release = asyncio.Event(), asyncio.Event()
+    opened: list[SqliteStore] = []
+
+    async def gated_open(*args: Any, **kwargs: Any) -> SqliteStore:
+        entered.set()
+        await release.wait()
+        store = await real_open(*args, **kwargs)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(SqliteStore, "open", gated_open)
+    path = tmp_path / "tether.db"
+    backend = SqliteBackend(path)
+    opening = asyncio.ensure_future(backend.open_store())
+    await entered.wait()  # the open is under way
+    closing = asyncio.ensure_future(backend.close())
+    release.set()
+    try:
+        await closing
+        await asyncio.gather(opening, return_exceptions=True)
+        monkeypatch.setattr(SqliteStore, "open", real_open)
+        again = SqliteBackend(path)
+        await again.open_store()  # StoreLockedError if the first store were still open
+        await again.close()
+    finally:
+        for store in opened:
+            await store.close()
 
 
 # ---------------------------------------------------------------------------- tether serve

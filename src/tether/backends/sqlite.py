@@ -134,11 +134,14 @@ class SqliteBackend(SingleNode):
         return self._store
 
     async def close(self) -> None:
-        self._closed = True
+        self._closed = True  # an open still waiting for the lock sees it and refuses
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._store is not None:
-            await self._store.close()
+        # An open in progress (a channel used before the hub started) finishes first, so
+        # that its store is closed here too: no writer thread or file lock outlives us.
+        async with self._opening:
+            if self._store is not None:
+                await self._store.close()
         self._ok = False
 
     @property
