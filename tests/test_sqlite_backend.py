@@ -363,6 +363,21 @@ async def test_a_close_during_an_open_closes_the_store_so_the_file_can_be_reopen
             await store.close()
 
 
+def test_importing_tether_loads_no_sqlite_module() -> None:
+    """Only a hub on the sqlite backend pays for sqlite3 and the store modules."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, tether; print(sorted(m for m in sys.modules if 'sqlite' in m))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert loaded == "[]"
+
+
 # ---------------------------------------------------------------------------- tether serve
 
 
