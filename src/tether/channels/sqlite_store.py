@@ -42,7 +42,7 @@ from ..backends.base import BackendError
 from ..clock import Clock
 from ..config import HubConfig
 from .model import POSITION_KEPT, ChannelMessage, Position, Recovery, new_epoch, recover
-from .store import Appended, ChannelInfo, StoreEvents
+from .store import Appended, ChannelInfo, LocalPresence, StoreEvents
 
 if TYPE_CHECKING:
     from ..backends.sqlite import SqliteBackend
@@ -88,10 +88,11 @@ def _message(row: tuple[Any, ...]) -> ChannelMessage:
     return ChannelMessage(offset, msg_id, data, millis / 1000.0, raw, enc)
 
 
-class SqliteChannelStore:
-    """`ChannelStore` in the SQLite backend's file (see the module docstring). Methods
-    raise the backend's `StoreError`s (`BackendError`s): a publish that raised was not
-    stored (its transaction rolled back)."""
+class SqliteChannelStore(LocalPresence):
+    """`ChannelStore` in the SQLite backend's file (see the module docstring); presence
+    is this process's (`LocalPresence`). Methods raise the backend's `StoreError`s
+    (`BackendError`s): a publish that raised was not stored (its transaction rolled
+    back)."""
 
     name = "sqlite"
     shared = False
@@ -339,18 +340,3 @@ class SqliteChannelStore:
             return infos
 
         return await store.query(read)
-
-    # ------------------------------------------------------------------ presence (memory)
-
-    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None:
-        self._presence.setdefault(channel, {})[client_id] = info
-
-    async def presence_remove(self, channel: str, client_id: str) -> None:
-        members = self._presence.get(channel)
-        if members is not None:
-            members.pop(client_id, None)
-            if not members:
-                del self._presence[channel]
-
-    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
-        return dict(self._presence.get(channel, {}))
