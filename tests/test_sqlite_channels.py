@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -147,21 +148,54 @@ async def test_the_first_subscribers_of_a_fresh_hub_wait_for_the_file_to_open(
             await asyncio.gather(*(client.close() for client in clients))
 
 
+def hold_the_writer(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, threading.Event]:
+    """Make the writer stop at the next channel operation it receives: `received` is set
+    once it holds it, and it goes on (and commits) when `proceed` is set."""
+    backend = hub.backend
+    assert isinstance(backend, SqliteBackend)
+    store = backend.store
+    loop = asyncio.get_running_loop()
+    received, proceed = asyncio.Event(), threading.Event()
+    transact = store.transact
+
+    def held(fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run(conn: sqlite3.Connection) -> Any:
+            loop.call_soon_threadsafe(received.set)
+            proceed.wait(30)  # a hang guard only: the test sets it
+            return fn(conn)
+
+        monkeypatch.setattr(store, "transact", transact)  # only the next operation
+        return transact(run)
+
+    monkeypatch.setattr(store, "transact", held)
+    return received, proceed
+
+
 async def test_a_cancelled_publish_does_not_cancel_the_publishes_sharing_its_commit(
-    node: Factory,
+    node: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = node()
-    async with hub:
+    async with hub, ws_server(hub) as srv:
         await hub.publish("mixed", 0)
-        publishes = [asyncio.ensure_future(hub.publish("mixed", n)) for n in range(1, 4)]
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)  # every publish runs up to its wait for the shared commit
-        publishes[1].cancel()
-        results = await asyncio.gather(*publishes, return_exceptions=True)
-        assert isinstance(results[1], asyncio.CancelledError)
-        assert [r.status for r in (results[0], results[2])] == [PublishStatus.PUBLISHED] * 2
-        # The cancelled one was appended all the same: offsets 2..4 are all held.
-        assert [m.offset for m in await hub.history("mixed", since=1)] == [2, 3, 4]
+        client = Client(srv.url, client_id="sue", backoff_base=0.01, backoff_max=0.05)
+        async with client:
+            sub = await client.subscribe("mixed")
+            received, proceed = hold_the_writer(hub, monkeypatch)
+            publishes = [asyncio.ensure_future(hub.publish("mixed", n)) for n in range(1, 4)]
+            await received.wait()  # the writer holds the shared commit of all three
+            publishes[2].cancel()  # the last: no later publish hands it out either
+            proceed.set()
+            results = await asyncio.gather(*publishes, return_exceptions=True)
+            assert isinstance(results[2], asyncio.CancelledError)
+            assert [r.status for r in results[:2]] == [PublishStatus.PUBLISHED] * 2
+            # The cancelled one was appended all the same: offsets 2..4 are all held,
+            # and this node's subscriber gets it without waiting for another publish.
+            assert [m.offset for m in await hub.history("mixed", since=1)] == [2, 3, 4]
+            got: list[Publication] = []
+            await asyncio.wait_for(collect(sub, got, 3), 10)
+            assert [(p.offset, p.data) for p in got] == [(2, 1), (3, 2), (4, 3)]
 
 
 async def test_one_store_write_per_publish_whatever_the_subscribers(node: Factory) -> None:

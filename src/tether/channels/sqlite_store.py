@@ -109,12 +109,15 @@ class SqliteChannelStore(LocalPresence):
         self._starting = asyncio.Lock()
         # Publishes of the current event-loop turn, submitted together (see _submit),
         # and their publishers' futures.
-        self._batch: list[tuple[str, str, bytes, str | None]] = []
+        self._batch: list[tuple[str, str, Any, bytes, str | None]] = []
         self._waiters: list[asyncio.Future[_Outcome]] = []
+        self._events: StoreEvents | None = None
+        self._handing: set[asyncio.Task[None]] = set()
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
         self._swept_ms = 0  # writer thread only: the last sweep of idle channels
 
     async def start(self, events: StoreEvents) -> None:
+        self._events = events
         await self._ready()
 
     async def _ready(self) -> SqliteStore:
@@ -134,6 +137,8 @@ class SqliteChannelStore(LocalPresence):
 
     async def close(self) -> None:
         self._presence.clear()  # the file is closed with the backend
+        for task in list(self._handing):
+            task.cancel()
 
     @staticmethod
     def _create_tables(conn: sqlite3.Connection) -> None:
@@ -267,14 +272,35 @@ class SqliteChannelStore(LocalPresence):
         waiter: asyncio.Future[_Outcome] = loop.create_future()
         if not self._batch:
             loop.call_soon(self._submit, store)
-        self._batch.append((channel, message_id, data_json, enc))
+        self._batch.append((channel, message_id, data, data_json, enc))
         self._waiters.append(waiter)
-        epoch, offset, millis, held = await waiter
+        try:
+            epoch, offset, millis, held = await waiter
+        except asyncio.CancelledError:
+            # Stored, but cancelled before it could return: the service cannot hand it out.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._hand_out(channel, (message_id, data, data_json, enc), waiter.result())
+            raise
         if held is not None:
             return Appended(epoch, _message(held), True)
         return Appended(
             epoch, ChannelMessage(offset, message_id, data, millis / 1000.0, data_json, enc), False
         )
+
+    def _hand_out(
+        self, channel: str, item: tuple[str, Any, bytes, str | None], outcome: _Outcome
+    ) -> None:
+        """A publish stored whose publisher was cancelled (so `Channels.publish` does not
+        hand it to this node's subscribers): hand it out through the store events, as a
+        shared store reports a publish, instead of leaving it until the next publish."""
+        epoch, offset, millis, held = outcome
+        if held is not None or self._events is None:
+            return  # a duplicate was handed out when it was first published
+        message_id, data, data_json, enc = item
+        message = ChannelMessage(offset, message_id, data, millis / 1000.0, data_json, enc)
+        task = asyncio.ensure_future(self._events.published(channel, epoch, message))
+        self._handing.add(task)
+        task.add_done_callback(self._handing.discard)
 
     def _submit(self, store: SqliteStore) -> None:
         """Queue the publishes of this event-loop turn as ONE writer operation (one queue
@@ -284,7 +310,9 @@ class SqliteChannelStore(LocalPresence):
         if not batch:
             return
         try:
-            future = store.transact(lambda conn: [self._append(conn, *item) for item in batch])
+            future = store.transact(
+                lambda conn: [self._append(conn, c, i, j, e) for c, i, _, j, e in batch]
+            )
         except Exception as exc:  # the store is closed: every publisher is told, none hangs
             for waiter in waiters:
                 if not waiter.done():
@@ -294,8 +322,10 @@ class SqliteChannelStore(LocalPresence):
         def settle(done: asyncio.Future[list[_Outcome]]) -> None:
             error = done.exception() if not done.cancelled() else BackendError("cancelled")
             results = done.result() if error is None else [None] * len(waiters)
-            for waiter, result in zip(waiters, results, strict=True):
-                if waiter.done():
+            for waiter, item, result in zip(waiters, batch, results, strict=True):
+                if waiter.done():  # cancelled: its publisher will not hand it out
+                    if result is not None:
+                        self._hand_out(item[0], item[1:], result)
                     continue
                 if result is None:
                     waiter.set_exception(error or BackendError("cancelled"))
