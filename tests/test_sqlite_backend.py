@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -211,16 +212,58 @@ async def test_expiry_counts_each_message_once_when_a_session_holds_it(node: Fac
     assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1
 
 
-async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(node: Factory) -> None:
+class HeldWriter:
+    """Keeps the hub's SQLite writer busy in a transaction until `release`, and sets
+    `submitted` once the hub hands the writer its next appends: their senders then wait
+    for a commit that cannot happen before the release (no counting of sleep(0)s)."""
+
+    def __init__(self, hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.store = store_of(hub)
+        self.monkeypatch = monkeypatch
+        self.submitted = asyncio.Event()
+        self._gate = threading.Event()
+        self._blocker: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> HeldWriter:
+        loop = asyncio.get_running_loop()
+        running = asyncio.Event()
+
+        def block(conn: Any) -> None:
+            loop.call_soon_threadsafe(running.set)
+            self._gate.wait(30)  # a hang guard only: release() sets it
+
+        self._blocker = self.store.transact(block)
+        await running.wait()
+        append_batch = self.store.append_batch
+
+        def submit(*args: Any, **kwargs: Any) -> Any:
+            future = append_batch(*args, **kwargs)
+            self.submitted.set()
+            return future
+
+        self.monkeypatch.setattr(self.store, "append_batch", submit)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._gate.set()
+        if self._blocker is not None:
+            await self._blocker
+
+
+async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(
+    node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub = node(ManualClock())
     ws = MockWebSocket()
     await hub.connect("lea", ws, hello=Hello("lea", 0))
     assert (await hub.send("lea", "one", critical=True)).seq == 1
-    sending = asyncio.ensure_future(hub.send("lea", "two", critical=True))
-    await asyncio.sleep(0)  # the send runs up to its wait for the commit
-    sending.cancel()
+    async with HeldWriter(hub, monkeypatch) as writer:
+        sending = asyncio.ensure_future(hub.send("lea", "two", critical=True))
+        await writer.submitted.wait()  # the send waits for its commit
+        sending.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sending
+    assert sending.cancelled()
     third = await hub.send("lea", "three", critical=True)
     assert third.seq == 3
     await hub.retry_now()
@@ -228,16 +271,17 @@ async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(node: F
 
 
 async def test_a_cancelled_send_does_not_cancel_the_sends_sharing_its_commit(
-    node: Factory,
+    node: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sends of one event-loop turn share one store operation: cancelling one of them
     leaves the others to complete (and the cancelled one is stored all the same)."""
     hub = node(ManualClock())
     for i in range(3):  # streams known: the next sends go straight to their commit
         assert (await hub.send(f"c{i}", "first", critical=True)).seq == 1
-    sends = [asyncio.ensure_future(hub.send(f"c{i}", f"m{i}", critical=True)) for i in range(3)]
-    await asyncio.sleep(0)  # every send runs up to its wait for the shared commit
-    sends[1].cancel()
+    async with HeldWriter(hub, monkeypatch) as writer:
+        sends = [asyncio.ensure_future(hub.send(f"c{i}", f"m{i}", critical=True)) for i in range(3)]
+        await writer.submitted.wait()  # every send waits for the shared commit
+        sends[1].cancel()
     results = await asyncio.gather(*sends, return_exceptions=True)
     assert isinstance(results[1], asyncio.CancelledError)
     for result in (results[0], results[2]):
