@@ -333,3 +333,71 @@ async def test_an_idle_channel_is_forgotten_after_a_day_unless_subscribed(node: 
         assert again.offset == 1 and again.epoch != old.epoch  # a new epoch
         still = await hub.publish("kept", 2)
         assert (still.offset, still.epoch) == (2, kept.epoch)
+
+
+def file_store(hub: Hub) -> Any:
+    backend = hub.backend
+    assert isinstance(backend, SqliteBackend)
+    return backend.store
+
+
+async def test_the_ttl_sweep_is_set_based_and_in_chunks_of_the_deletion_budget(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    path = tmp_path / "tether.db"
+    config = HubConfig(backend="sqlite", sqlite_path=str(path), channel_history_ttl=60)
+    backend = SqliteBackend(path, config, clock=clock, chunk_rows=4)
+    hub = Hub(config, clock=clock, backend=backend)
+    async with hub:
+        for n in range(5):
+            for m in range(3):
+                await hub.publish(f"idle{n}", m)
+        store = backend.store
+        statements: list[str] = []
+        await store.transact(lambda conn: conn.set_trace_callback(statements.append))
+        expired = "SELECT count(*) FROM channel_messages"
+
+        clock.advance(61)  # past the TTL (not a day): all 15 rows expired
+        await hub.publish("fresh", 1)  # the first publish after a TTL sweeps
+        for _ in range(20):  # each transaction takes the sweep one chunk further
+            if rows(path, expired) == [(1,)]:
+                break
+            await store.transact(lambda conn: None)
+        assert rows(path, expired) == [(1,)]  # only the fresh message is left
+        sweeps = [s for s in statements if "DELETE FROM channel_messages WHERE id IN" in s]
+        assert len(sweeps) >= 4  # 15 rows, at most 4 per transaction
+        infos = await hub.channels.store.channels()  # positions outlive the history
+        assert [(i.name, i.offset, i.depth) for i in infos] == [
+            ("fresh", 1, 1),
+            *[(f"idle{n}", 3, 0) for n in range(5)],
+        ]
+
+        statements.clear()
+        clock.advance(61)
+        await hub.publish("fresh", 2)  # the next sweep: the idle channels hold nothing
+        deletes = [s for s in statements if s.startswith("DELETE FROM channel_messages")]
+        assert len(deletes) == 1  # one set-based delete, not one per idle channel
+        await store.transact(lambda conn: conn.set_trace_callback(None))
+
+
+async def test_a_sweep_that_fails_fails_no_publish_and_is_tried_again(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node(clock=clock, channel_history_ttl=60)
+    async with hub:
+        old = await hub.publish("old", 1)
+        store = file_store(hub)
+        await store.transact(
+            lambda conn: conn.execute(
+                "CREATE TRIGGER not_now BEFORE DELETE ON channels "
+                "BEGIN SELECT RAISE(ABORT, 'not now'); END"
+            )
+        )
+        clock.advance(86_400 + 61)
+        first = await hub.publish("other", 1)  # its sweep fails and is rolled back
+        assert first.status is PublishStatus.PUBLISHED
+        await store.transact(lambda conn: conn.execute("DROP TRIGGER not_now"))
+        await hub.publish("other", 2)  # the sweep is still due: it runs now
+        assert [i.name for i in await hub.channels.store.channels()] == ["other"]
+        again = await hub.publish("old", 2)
+        assert again.offset == 1 and again.epoch != old.epoch  # forgotten: a new epoch

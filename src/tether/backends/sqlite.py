@@ -87,6 +87,7 @@ class SqliteBackend(SingleNode):
         clock: Clock | None = None,
         synchronous: Synchronous | None = None,
         max_bytes: int | None = None,
+        chunk_rows: int = 5000,
     ) -> None:
         self.path = os.fspath(path)
         self.config = config if config is not None else HubConfig(backend="sqlite")
@@ -97,6 +98,7 @@ class SqliteBackend(SingleNode):
         cfg = self.config
         self._synchronous: Synchronous = synchronous or cfg.sqlite_synchronous.value
         self._max_bytes = max_bytes
+        self._chunk_rows = chunk_rows  # rows one transaction deletes (SqliteStore.open)
         self._dedup_ms = _ms(cfg.dedup_window)
         self._store: SqliteStore | None = None
         self._ok = False
@@ -128,6 +130,7 @@ class SqliteBackend(SingleNode):
                     synchronous=self._synchronous,
                     clock=self.clock,
                     max_bytes=self._max_bytes,
+                    chunk_rows=self._chunk_rows,
                     dead_letter_limit=self.config.dead_letter_max_size,
                 )
                 self._ok = True

@@ -17,10 +17,13 @@ transaction has committed, so a PUBLISHED offset is in the file.
 
 The history is what the stream holds above `top - TETHER_CHANNEL_HISTORY_SIZE` and
 younger than `TETHER_CHANNEL_HISTORY_TTL`: every read applies that bound exactly, while
-the rows behind it are deleted in batches (every `trim_every` publishes of a channel,
-and, once per TTL, all rows of channels with no publish within the TTL). A channel with
-nothing held and no publish or subscribe for a day (`model.POSITION_KEPT`) and no
-subscriber here is forgotten, as in memory: its next publish starts a new epoch.
+the rows behind it are deleted in batches: every `trim_every` publishes of a channel,
+and once per TTL by a sweep of the rows of channels with no publish within the TTL. A
+channel with nothing held and no publish or subscribe for a day (`model.POSITION_KEPT`)
+and no subscriber here is forgotten by that sweep: its next publish starts a new epoch.
+The sweep is a store operation of its own beside the publishes, set-based and in chunks
+of the store's deletion budget (`chunk_rows` per transaction), so no publish waits
+behind a sweep of many channels.
 
 After a restart the epoch and offsets continue from the file: a subscriber resubscribing
 with `since` recovers exactly what the history still holds (`recovered: true`), or is told
@@ -114,7 +117,8 @@ class SqliteChannelStore(LocalPresence):
         self._events: StoreEvents | None = None
         self._handing: set[asyncio.Task[None]] = set()
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
-        self._swept_ms = 0  # writer thread only: the last sweep of idle channels
+        self._swept_ms = 0  # when the last sweep that committed began (wall ms)
+        self._sweeping = False
 
     async def start(self, events: StoreEvents) -> None:
         self._events = events
@@ -171,25 +175,59 @@ class SqliteChannelStore(LocalPresence):
         """The offset at and below which the size bound drops messages."""
         return max(0, top - self.size)
 
-    def _sweep(self, conn: sqlite3.Connection, now_ms: int) -> None:
-        """Once per TTL: delete the rows of channels with no publish within the TTL (all
-        expired), and forget channels idle for a day with no subscriber here."""
-        self._swept_ms = now_ms
-        deadline = now_ms - self._ttl_ms
-        idle = [
-            r[0]
-            for r in conn.execute("SELECT cid FROM channels WHERE published_ms <= ?", (deadline,))
-        ]
-        conn.executemany("DELETE FROM channel_messages WHERE cid = ?", [(cid,) for cid in idle])
-        forgotten = [
-            (cid,)
-            for cid, name in conn.execute(
-                "SELECT cid, name FROM channels WHERE active_ms <= ?", (now_ms - self._keep_ms,)
+    def _sweep(
+        self, conn: sqlite3.Connection, budget: int, carry: Any, now_ms: int, kept: frozenset[str]
+    ) -> tuple[int, bool, Any]:
+        """One chunk of a sweep (`SqliteStore.transact_chunks`): first delete the rows of
+        the channels with no publish within the TTL (all expired; only channels that
+        still hold rows are visited), then forget the channels idle for a day with
+        nothing held and no subscriber here (`kept`). At most `budget` rows per call;
+        `carry` is the cid the forgetting has reached (None: still deleting rows)."""
+        if carry is None:
+            deleted = conn.execute(
+                "DELETE FROM channel_messages WHERE id IN (SELECT m.id FROM channels c "
+                "JOIN channel_messages m ON m.cid = c.cid WHERE c.published_ms <= ? LIMIT ?)",
+                (now_ms - self._ttl_ms, budget),
+            ).rowcount
+            if deleted >= budget:
+                return deleted, False, None
+            budget -= deleted
+            carry = 0
+        else:
+            deleted = 0
+        idle = conn.execute(
+            "SELECT cid, name FROM channels c WHERE cid > ? AND active_ms <= ? AND NOT EXISTS "
+            "(SELECT 1 FROM channel_messages m WHERE m.cid = c.cid) ORDER BY cid LIMIT ?",
+            (carry, now_ms - self._keep_ms, budget),
+        ).fetchall()
+        conn.executemany(
+            "DELETE FROM channels WHERE cid = ?",
+            [(cid,) for cid, name in idle if name not in kept],  # subscribed: keep the epoch
+        )
+        if len(idle) < budget:
+            return deleted + len(idle), True, None
+        return deleted + len(idle), False, idle[-1][0]
+
+    def _start_sweep(self, store: SqliteStore) -> None:
+        """Once per TTL (on a publish): sweep in chunks, beside the publishes. The time of
+        the sweep is recorded only once it has committed: a failed one is tried again
+        by the next publish."""
+        began = self._now_ms()
+        kept = frozenset(self._presence)
+        try:
+            future = store.transact_chunks(
+                lambda conn, budget, carry: self._sweep(conn, budget, carry, began, kept)
             )
-            if name not in self._presence  # subscribed channels keep their epoch
-        ]
-        conn.executemany("DELETE FROM channel_messages WHERE cid = ?", forgotten)
-        conn.executemany("DELETE FROM channels WHERE cid = ?", forgotten)
+        except BackendError:  # closed: nothing to sweep
+            return
+        self._sweeping = True
+
+        def swept(done: asyncio.Future[Any]) -> None:
+            self._sweeping = False
+            if not done.cancelled() and done.exception() is None:
+                self._swept_ms = began
+
+        future.add_done_callback(swept)
 
     def _append(
         self,
@@ -201,8 +239,6 @@ class SqliteChannelStore(LocalPresence):
     ) -> tuple[str, int, int, tuple[Any, ...] | None]:
         """(epoch, offset, time ms, the held row when `message_id` is a duplicate)."""
         now = self._now_ms()
-        if now - self._swept_ms > self._ttl_ms:
-            self._sweep(conn, now)
         cid, epoch, top = self._position(conn, channel, now)
         held = conn.execute(
             # By id: left to itself the planner takes the (cid, off) index and reads
@@ -309,6 +345,8 @@ class SqliteChannelStore(LocalPresence):
         self._batch, self._waiters = [], []
         if not batch:
             return
+        if not self._sweeping and self._now_ms() - self._swept_ms > self._ttl_ms:
+            self._start_sweep(store)  # queued first: a publish after it sees its outcome
         try:
             future = store.transact(
                 lambda conn: [self._append(conn, c, i, j, e) for c, i, _, j, e in batch]
