@@ -401,3 +401,26 @@ async def test_a_sweep_that_fails_fails_no_publish_and_is_tried_again(node: Fact
         assert [i.name for i in await hub.channels.store.channels()] == ["other"]
         again = await hub.publish("old", 2)
         assert again.offset == 1 and again.epoch != old.epoch  # forgotten: a new epoch
+
+
+async def test_listing_the_channels_is_one_query_with_exact_depths(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node(clock=clock, channel_history_size=2, channel_history_ttl=60)
+    async with hub:
+        await hub.publish("gone", 1)
+        clock.advance(61)  # the message of "gone" has expired (its position has not)
+        for n in range(3):
+            await hub.publish("full", n)  # the size bound holds the last two
+        await hub.publish("one", 1)
+        store = file_store(hub)
+        statements: list[str] = []
+        await store.query(lambda conn: conn.set_trace_callback(statements.append))
+        infos = await hub.channels.store.channels()
+        await store.query(lambda conn: conn.set_trace_callback(None))
+        assert [(i.name, i.offset, i.depth) for i in infos] == [
+            ("full", 3, 2),
+            ("gone", 1, 0),
+            ("one", 1, 1),
+        ]
+        selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        assert len(selects) == 1  # not one count per channel

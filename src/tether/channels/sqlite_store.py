@@ -395,16 +395,13 @@ class SqliteChannelStore(LocalPresence):
         deadline = self._now_ms() - self._ttl_ms
 
         def read(conn: sqlite3.Connection) -> list[ChannelInfo]:
-            infos = []
-            for cid, name, epoch, top in conn.execute(
-                "SELECT cid, name, epoch, top FROM channels ORDER BY name"
-            ).fetchall():
-                depth = conn.execute(
-                    "SELECT count(*) FROM channel_messages WHERE cid = ? AND off > ? "
-                    "AND time_ms > ?",
-                    (cid, self._floor(top), deadline),
-                ).fetchone()[0]
-                infos.append(ChannelInfo(name, epoch, top, int(depth)))
-            return infos
+            rows = conn.execute(
+                "SELECT c.name, c.epoch, c.top, count(m.id) FROM channels c "
+                "LEFT JOIN channel_messages m ON m.cid = c.cid "
+                "AND m.off > max(0, c.top - ?) AND m.time_ms > ? "
+                "GROUP BY c.cid ORDER BY c.name",
+                (self.size, deadline),
+            ).fetchall()
+            return [ChannelInfo(name, epoch, top, depth) for name, epoch, top, depth in rows]
 
         return await store.query(read)
