@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest_asyncio
 from test_sqlite_store import tmpfs
 from tether import Hub, HubConfig, SendStatus
 from tether.backends.sqlite import SqliteBackend
-from tether.backends.sqlite_store import StoreLockedError
+from tether.backends.sqlite_store import SqliteStore, StoreLockedError
 from tether.client import Client
 from tether.clock import ManualClock
 from tether.protocol import Hello
@@ -211,16 +212,58 @@ async def test_expiry_counts_each_message_once_when_a_session_holds_it(node: Fac
     assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1
 
 
-async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(node: Factory) -> None:
+class HeldWriter:
+    """Keeps the hub's SQLite writer busy in a transaction until `release`, and sets
+    `submitted` once the hub hands the writer its next appends: their senders then wait
+    for a commit that cannot happen before the release (no counting of sleep(0)s)."""
+
+    def __init__(self, hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.store = store_of(hub)
+        self.monkeypatch = monkeypatch
+        self.submitted = asyncio.Event()
+        self._gate = threading.Event()
+        self._blocker: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> HeldWriter:
+        loop = asyncio.get_running_loop()
+        running = asyncio.Event()
+
+        def block(conn: Any) -> None:
+            loop.call_soon_threadsafe(running.set)
+            self._gate.wait(30)  # a hang guard only: release() sets it
+
+        self._blocker = self.store.transact(block)
+        await running.wait()
+        append_batch = self.store.append_batch
+
+        def submit(*args: Any, **kwargs: Any) -> Any:
+            future = append_batch(*args, **kwargs)
+            self.submitted.set()
+            return future
+
+        self.monkeypatch.setattr(self.store, "append_batch", submit)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._gate.set()
+        if self._blocker is not None:
+            await self._blocker
+
+
+async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(
+    node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hub = node(ManualClock())
     ws = MockWebSocket()
     await hub.connect("lea", ws, hello=Hello("lea", 0))
     assert (await hub.send("lea", "one", critical=True)).seq == 1
-    sending = asyncio.ensure_future(hub.send("lea", "two", critical=True))
-    await asyncio.sleep(0)  # the send runs up to its wait for the commit
-    sending.cancel()
+    async with HeldWriter(hub, monkeypatch) as writer:
+        sending = asyncio.ensure_future(hub.send("lea", "two", critical=True))
+        await writer.submitted.wait()  # the send waits for its commit
+        sending.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await sending
+    assert sending.cancelled()
     third = await hub.send("lea", "three", critical=True)
     assert third.seq == 3
     await hub.retry_now()
@@ -228,22 +271,47 @@ async def test_a_send_cancelled_while_its_commit_runs_is_still_delivered(node: F
 
 
 async def test_a_cancelled_send_does_not_cancel_the_sends_sharing_its_commit(
-    node: Factory,
+    node: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Sends of one event-loop turn share one store operation: cancelling one of them
     leaves the others to complete (and the cancelled one is stored all the same)."""
     hub = node(ManualClock())
     for i in range(3):  # streams known: the next sends go straight to their commit
         assert (await hub.send(f"c{i}", "first", critical=True)).seq == 1
-    sends = [asyncio.ensure_future(hub.send(f"c{i}", f"m{i}", critical=True)) for i in range(3)]
-    await asyncio.sleep(0)  # every send runs up to its wait for the shared commit
-    sends[1].cancel()
+    async with HeldWriter(hub, monkeypatch) as writer:
+        sends = [asyncio.ensure_future(hub.send(f"c{i}", f"m{i}", critical=True)) for i in range(3)]
+        await writer.submitted.wait()  # every send waits for the shared commit
+        sends[1].cancel()
     results = await asyncio.gather(*sends, return_exceptions=True)
     assert isinstance(results[1], asyncio.CancelledError)
     for result in (results[0], results[2]):
         assert not isinstance(result, BaseException)
         assert (result.status, result.seq) == (SendStatus.QUEUED, 2)
     assert [await hub.stored_pending(f"c{i}") for i in range(3)] == [2, 2, 2]
+
+
+class BrokenWallClock(ManualClock):
+    """A clock whose wall time turns into NaN: no message can be converted to a row."""
+
+    broken = False
+
+    def wall(self) -> float:
+        return float("nan") if self.broken else super().wall()
+
+
+async def test_a_send_whose_row_cannot_be_made_is_told_and_does_not_hang(node: Factory) -> None:
+    clock = BrokenWallClock()
+    hub = node(clock)
+    assert (await hub.send("ann", "first", critical=True)).seq == 1  # stream known
+    clock.broken = True
+    # A hang guard only (pytest-timeout would also end it): the sender must be answered.
+    outcome = await asyncio.wait_for(
+        asyncio.gather(hub.send("ann", "second", critical=True), return_exceptions=True), 10
+    )
+    clock.broken = False
+    result = outcome[0]
+    assert isinstance(result, BaseException) or result.status is SendStatus.REJECTED
+    assert await hub.stored_pending("ann") == 1  # nothing of the failed turn was stored
 
 
 async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:
@@ -302,6 +370,56 @@ async def test_a_second_hub_on_the_same_file_is_refused(node: Factory, tmp_path:
     second = Hub(HubConfig(backend="sqlite", sqlite_path=str(tmp_path / "tether.db")))
     with pytest.raises(StoreLockedError, match="single-node"):
         await second.start()
+
+
+async def test_a_close_during_an_open_closes_the_store_so_the_file_can_be_reopened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A channel used before the hub started opens the file; a shutdown meanwhile must
+    not leave that store (writer thread, file lock) open behind it."""
+    real_open = SqliteStore.open
+    entered, release = asyncio.Event(), asyncio.Event()
+    opened: list[SqliteStore] = []
+
+    async def gated_open(*args: Any, **kwargs: Any) -> SqliteStore:
+        entered.set()
+        await release.wait()
+        store = await real_open(*args, **kwargs)
+        opened.append(store)
+        return store
+
+    monkeypatch.setattr(SqliteStore, "open", gated_open)
+    path = tmp_path / "tether.db"
+    backend = SqliteBackend(path)
+    opening = asyncio.ensure_future(backend.open_store())
+    await entered.wait()  # the open is under way
+    closing = asyncio.ensure_future(backend.close())
+    release.set()
+    try:
+        await closing
+        await asyncio.gather(opening, return_exceptions=True)
+        monkeypatch.setattr(SqliteStore, "open", real_open)
+        again = SqliteBackend(path)
+        await again.open_store()  # StoreLockedError if the first store were still open
+        await again.close()
+    finally:
+        for store in opened:
+            await store.close()
+
+
+def test_importing_tether_loads_no_sqlite_module() -> None:
+    """Only a hub on the sqlite backend pays for sqlite3 and the store modules."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, tether; print(sorted(m for m in sys.modules if 'sqlite' in m))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert loaded == "[]"
 
 
 # ---------------------------------------------------------------------------- tether serve

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -147,21 +148,54 @@ async def test_the_first_subscribers_of_a_fresh_hub_wait_for_the_file_to_open(
             await asyncio.gather(*(client.close() for client in clients))
 
 
+def hold_the_writer(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, threading.Event]:
+    """Make the writer stop at the next channel operation it receives: `received` is set
+    once it holds it, and it goes on (and commits) when `proceed` is set."""
+    backend = hub.backend
+    assert isinstance(backend, SqliteBackend)
+    store = backend.store
+    loop = asyncio.get_running_loop()
+    received, proceed = asyncio.Event(), threading.Event()
+    transact = store.transact
+
+    def held(fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run(conn: sqlite3.Connection) -> Any:
+            loop.call_soon_threadsafe(received.set)
+            proceed.wait(30)  # a hang guard only: the test sets it
+            return fn(conn)
+
+        monkeypatch.setattr(store, "transact", transact)  # only the next operation
+        return transact(run)
+
+    monkeypatch.setattr(store, "transact", held)
+    return received, proceed
+
+
 async def test_a_cancelled_publish_does_not_cancel_the_publishes_sharing_its_commit(
-    node: Factory,
+    node: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = node()
-    async with hub:
+    async with hub, ws_server(hub) as srv:
         await hub.publish("mixed", 0)
-        publishes = [asyncio.ensure_future(hub.publish("mixed", n)) for n in range(1, 4)]
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)  # every publish runs up to its wait for the shared commit
-        publishes[1].cancel()
-        results = await asyncio.gather(*publishes, return_exceptions=True)
-        assert isinstance(results[1], asyncio.CancelledError)
-        assert [r.status for r in (results[0], results[2])] == [PublishStatus.PUBLISHED] * 2
-        # The cancelled one was appended all the same: offsets 2..4 are all held.
-        assert [m.offset for m in await hub.history("mixed", since=1)] == [2, 3, 4]
+        client = Client(srv.url, client_id="sue", backoff_base=0.01, backoff_max=0.05)
+        async with client:
+            sub = await client.subscribe("mixed")
+            received, proceed = hold_the_writer(hub, monkeypatch)
+            publishes = [asyncio.ensure_future(hub.publish("mixed", n)) for n in range(1, 4)]
+            await received.wait()  # the writer holds the shared commit of all three
+            publishes[2].cancel()  # the last: no later publish hands it out either
+            proceed.set()
+            results = await asyncio.gather(*publishes, return_exceptions=True)
+            assert isinstance(results[2], asyncio.CancelledError)
+            assert [r.status for r in results[:2]] == [PublishStatus.PUBLISHED] * 2
+            # The cancelled one was appended all the same: offsets 2..4 are all held,
+            # and this node's subscriber gets it without waiting for another publish.
+            assert [m.offset for m in await hub.history("mixed", since=1)] == [2, 3, 4]
+            got: list[Publication] = []
+            await asyncio.wait_for(collect(sub, got, 3), 10)
+            assert [(p.offset, p.data) for p in got] == [(2, 1), (3, 2), (4, 3)]
 
 
 async def test_one_store_write_per_publish_whatever_the_subscribers(node: Factory) -> None:
@@ -299,3 +333,94 @@ async def test_an_idle_channel_is_forgotten_after_a_day_unless_subscribed(node: 
         assert again.offset == 1 and again.epoch != old.epoch  # a new epoch
         still = await hub.publish("kept", 2)
         assert (still.offset, still.epoch) == (2, kept.epoch)
+
+
+def file_store(hub: Hub) -> Any:
+    backend = hub.backend
+    assert isinstance(backend, SqliteBackend)
+    return backend.store
+
+
+async def test_the_ttl_sweep_is_set_based_and_in_chunks_of_the_deletion_budget(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    path = tmp_path / "tether.db"
+    config = HubConfig(backend="sqlite", sqlite_path=str(path), channel_history_ttl=60)
+    backend = SqliteBackend(path, config, clock=clock, chunk_rows=4)
+    hub = Hub(config, clock=clock, backend=backend)
+    async with hub:
+        for n in range(5):
+            for m in range(3):
+                await hub.publish(f"idle{n}", m)
+        store = backend.store
+        statements: list[str] = []
+        await store.transact(lambda conn: conn.set_trace_callback(statements.append))
+        expired = "SELECT count(*) FROM channel_messages"
+
+        clock.advance(61)  # past the TTL (not a day): all 15 rows expired
+        await hub.publish("fresh", 1)  # the first publish after a TTL sweeps
+        for _ in range(20):  # each transaction takes the sweep one chunk further
+            if rows(path, expired) == [(1,)]:
+                break
+            await store.transact(lambda conn: None)
+        assert rows(path, expired) == [(1,)]  # only the fresh message is left
+        sweeps = [s for s in statements if "DELETE FROM channel_messages WHERE id IN" in s]
+        assert len(sweeps) >= 4  # 15 rows, at most 4 per transaction
+        infos = await hub.channels.store.channels()  # positions outlive the history
+        assert [(i.name, i.offset, i.depth) for i in infos] == [
+            ("fresh", 1, 1),
+            *[(f"idle{n}", 3, 0) for n in range(5)],
+        ]
+
+        statements.clear()
+        clock.advance(61)
+        await hub.publish("fresh", 2)  # the next sweep: the idle channels hold nothing
+        deletes = [s for s in statements if s.startswith("DELETE FROM channel_messages")]
+        assert len(deletes) == 1  # one set-based delete, not one per idle channel
+        await store.transact(lambda conn: conn.set_trace_callback(None))
+
+
+async def test_a_sweep_that_fails_fails_no_publish_and_is_tried_again(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node(clock=clock, channel_history_ttl=60)
+    async with hub:
+        old = await hub.publish("old", 1)
+        store = file_store(hub)
+        await store.transact(
+            lambda conn: conn.execute(
+                "CREATE TRIGGER not_now BEFORE DELETE ON channels "
+                "BEGIN SELECT RAISE(ABORT, 'not now'); END"
+            )
+        )
+        clock.advance(86_400 + 61)
+        first = await hub.publish("other", 1)  # its sweep fails and is rolled back
+        assert first.status is PublishStatus.PUBLISHED
+        await store.transact(lambda conn: conn.execute("DROP TRIGGER not_now"))
+        await hub.publish("other", 2)  # the sweep is still due: it runs now
+        assert [i.name for i in await hub.channels.store.channels()] == ["other"]
+        again = await hub.publish("old", 2)
+        assert again.offset == 1 and again.epoch != old.epoch  # forgotten: a new epoch
+
+
+async def test_listing_the_channels_is_one_query_with_exact_depths(node: Factory) -> None:
+    clock = ManualClock()
+    hub = node(clock=clock, channel_history_size=2, channel_history_ttl=60)
+    async with hub:
+        await hub.publish("gone", 1)
+        clock.advance(61)  # the message of "gone" has expired (its position has not)
+        for n in range(3):
+            await hub.publish("full", n)  # the size bound holds the last two
+        await hub.publish("one", 1)
+        store = file_store(hub)
+        statements: list[str] = []
+        await store.query(lambda conn: conn.set_trace_callback(statements.append))
+        infos = await hub.channels.store.channels()
+        await store.query(lambda conn: conn.set_trace_callback(None))
+        assert [(i.name, i.offset, i.depth) for i in infos] == [
+            ("full", 3, 2),
+            ("gone", 1, 0),
+            ("one", 1, 1),
+        ]
+        selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+        assert len(selects) == 1  # not one count per channel

@@ -7,7 +7,6 @@ from typing import Any
 
 from . import protocol
 from .backends import Backend
-from .backends.sqlite import SqliteBackend
 from .channels import ChannelMessage, Channels, Position, PublishResult, PublishStatus
 from .channels.service import Authorizer, SubscribeRefused
 from .channels.store import ChannelStore
@@ -50,10 +49,12 @@ class HubChannels:
                 from .channels.redis_store import RedisChannelStore
 
                 store = RedisChannelStore(self._config, self._clock, node_id)
-            elif isinstance(self._backend, SqliteBackend):  # in the same file, same writer
+            elif self._backend.name == "sqlite":  # in the same file, same writer
+                from .backends.sqlite import SqliteBackend
                 from .channels.sqlite_store import SqliteChannelStore
 
-                store = SqliteChannelStore(self._config, self._clock, self._backend)
+                if isinstance(self._backend, SqliteBackend):
+                    store = SqliteChannelStore(self._config, self._clock, self._backend)
             self._service = Channels(self._config, self._clock, store=store, node_id=node_id)
         return self._service
 

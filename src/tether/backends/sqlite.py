@@ -87,6 +87,7 @@ class SqliteBackend(SingleNode):
         clock: Clock | None = None,
         synchronous: Synchronous | None = None,
         max_bytes: int | None = None,
+        chunk_rows: int = 5000,
     ) -> None:
         self.path = os.fspath(path)
         self.config = config if config is not None else HubConfig(backend="sqlite")
@@ -97,6 +98,7 @@ class SqliteBackend(SingleNode):
         cfg = self.config
         self._synchronous: Synchronous = synchronous or cfg.sqlite_synchronous.value
         self._max_bytes = max_bytes
+        self._chunk_rows = chunk_rows  # rows one transaction deletes (SqliteStore.open)
         self._dedup_ms = _ms(cfg.dedup_window)
         self._store: SqliteStore | None = None
         self._ok = False
@@ -128,17 +130,21 @@ class SqliteBackend(SingleNode):
                     synchronous=self._synchronous,
                     clock=self.clock,
                     max_bytes=self._max_bytes,
+                    chunk_rows=self._chunk_rows,
                     dead_letter_limit=self.config.dead_letter_max_size,
                 )
                 self._ok = True
         return self._store
 
     async def close(self) -> None:
-        self._closed = True
+        self._closed = True  # an open still waiting for the lock sees it and refuses
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._store is not None:
-            await self._store.close()
+        # An open in progress (a channel used before the hub started) finishes first, so
+        # that its store is closed here too: no writer thread or file lock outlives us.
+        async with self._opening:
+            if self._store is not None:
+                await self._store.close()
         self._ok = False
 
     @property
@@ -267,9 +273,6 @@ class SqliteBackend(SingleNode):
             mirror.epoch = loaded.stream.epoch
         mirror.stream_known = True
 
-    def _dedup_key(self, session: SessionView, envelope: Envelope) -> str | None:
-        return envelope.dedup_key if session.dedup is not None else None
-
     def _accepted(
         self, session: SessionView, envelope: Envelope, result: Appended | Refusal
     ) -> Accepted | Refused:
@@ -342,14 +345,14 @@ class SqliteBackend(SingleNode):
         if not batch:
             return
         clock = self.clock
-        offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
-        rows = [
-            (cid, self._row(envelope, offset), key, max_size, drop_oldest)
-            for cid, envelope, key, max_size, drop_oldest in batch
-        ]
         try:
+            offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
+            rows = [
+                (cid, self._row(envelope, offset), key, max_size, drop_oldest)
+                for cid, envelope, key, max_size, drop_oldest in batch
+            ]
             future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
-        except Exception as exc:  # closed, or a bad bound: every sender is told, none hangs
+        except Exception as exc:  # closed, a bad bound or row: every sender is told, none hangs
             for _, waiter in senders:
                 if not waiter.done():
                     waiter.set_exception(exc)

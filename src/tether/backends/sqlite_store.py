@@ -850,6 +850,29 @@ class SqliteStore:
         future: asyncio.Future[T] = self._submit(step)
         return future
 
+    def transact_chunks(
+        self, fn: Callable[[sqlite3.Connection, int, Any], tuple[int, bool, Any]]
+    ) -> asyncio.Future[Any]:
+        """`transact` for a deletion of any size, within the budget that ack / expire /
+        drop_stream share (`chunk_rows` rows per transaction, so that the appends beside
+        it never wait long): `fn(conn, budget, carry) -> (rows deleted, finished, value)`
+        deletes at most `budget` rows; unfinished, it runs again in the next transaction
+        with `value` as its carry (None the first time); finished, the future resolves
+        with `value` once that transaction has committed. The carry is kept only when
+        its transaction commits, so `fn` follows the same rules as in `transact`.
+        Raises StoreClosedError at once."""
+
+        def step(conn: sqlite3.Connection, carry: Any) -> tuple[bool, Any]:
+            if self._budget <= 0:
+                return False, carry  # this transaction has deleted enough: next one
+            deleted, finished, value = fn(conn, self._budget, carry)
+            self._budget -= deleted
+            self._freed = self._freed or deleted > 0
+            return finished, value
+
+        future: asyncio.Future[Any] = self._submit(step)
+        return future
+
     async def query(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` on the reader connection, in one snapshot of committed data."""
         return await self._read(fn)

@@ -17,10 +17,13 @@ transaction has committed, so a PUBLISHED offset is in the file.
 
 The history is what the stream holds above `top - TETHER_CHANNEL_HISTORY_SIZE` and
 younger than `TETHER_CHANNEL_HISTORY_TTL`: every read applies that bound exactly, while
-the rows behind it are deleted in batches (every `trim_every` publishes of a channel,
-and, once per TTL, all rows of channels with no publish within the TTL). A channel with
-nothing held and no publish or subscribe for a day (`model.POSITION_KEPT`) and no
-subscriber here is forgotten, as in memory: its next publish starts a new epoch.
+the rows behind it are deleted in batches: every `trim_every` publishes of a channel,
+and once per TTL by a sweep of the rows of channels with no publish within the TTL. A
+channel with nothing held and no publish or subscribe for a day (`model.POSITION_KEPT`)
+and no subscriber here is forgotten by that sweep: its next publish starts a new epoch.
+The sweep is a store operation of its own beside the publishes, set-based and in chunks
+of the store's deletion budget (`chunk_rows` per transaction), so no publish waits
+behind a sweep of many channels.
 
 After a restart the epoch and offsets continue from the file: a subscriber resubscribing
 with `since` recovers exactly what the history still holds (`recovered: true`), or is told
@@ -42,7 +45,7 @@ from ..backends.base import BackendError
 from ..clock import Clock
 from ..config import HubConfig
 from .model import POSITION_KEPT, ChannelMessage, Position, Recovery, new_epoch, recover
-from .store import Appended, ChannelInfo, StoreEvents
+from .store import Appended, ChannelInfo, LocalPresence, StoreEvents
 
 if TYPE_CHECKING:
     from ..backends.sqlite import SqliteBackend
@@ -88,10 +91,11 @@ def _message(row: tuple[Any, ...]) -> ChannelMessage:
     return ChannelMessage(offset, msg_id, data, millis / 1000.0, raw, enc)
 
 
-class SqliteChannelStore:
-    """`ChannelStore` in the SQLite backend's file (see the module docstring). Methods
-    raise the backend's `StoreError`s (`BackendError`s): a publish that raised was not
-    stored (its transaction rolled back)."""
+class SqliteChannelStore(LocalPresence):
+    """`ChannelStore` in the SQLite backend's file (see the module docstring); presence
+    is this process's (`LocalPresence`). Methods raise the backend's `StoreError`s
+    (`BackendError`s): a publish that raised was not stored (its transaction rolled
+    back)."""
 
     name = "sqlite"
     shared = False
@@ -108,12 +112,16 @@ class SqliteChannelStore:
         self._starting = asyncio.Lock()
         # Publishes of the current event-loop turn, submitted together (see _submit),
         # and their publishers' futures.
-        self._batch: list[tuple[str, str, bytes, str | None]] = []
+        self._batch: list[tuple[str, str, Any, bytes, str | None]] = []
         self._waiters: list[asyncio.Future[_Outcome]] = []
+        self._events: StoreEvents | None = None
+        self._handing: set[asyncio.Task[None]] = set()
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
-        self._swept_ms = 0  # writer thread only: the last sweep of idle channels
+        self._swept_ms = 0  # when the last sweep that committed began (wall ms)
+        self._sweeping = False
 
     async def start(self, events: StoreEvents) -> None:
+        self._events = events
         await self._ready()
 
     async def _ready(self) -> SqliteStore:
@@ -133,6 +141,8 @@ class SqliteChannelStore:
 
     async def close(self) -> None:
         self._presence.clear()  # the file is closed with the backend
+        for task in list(self._handing):
+            task.cancel()
 
     @staticmethod
     def _create_tables(conn: sqlite3.Connection) -> None:
@@ -165,25 +175,59 @@ class SqliteChannelStore:
         """The offset at and below which the size bound drops messages."""
         return max(0, top - self.size)
 
-    def _sweep(self, conn: sqlite3.Connection, now_ms: int) -> None:
-        """Once per TTL: delete the rows of channels with no publish within the TTL (all
-        expired), and forget channels idle for a day with no subscriber here."""
-        self._swept_ms = now_ms
-        deadline = now_ms - self._ttl_ms
-        idle = [
-            r[0]
-            for r in conn.execute("SELECT cid FROM channels WHERE published_ms <= ?", (deadline,))
-        ]
-        conn.executemany("DELETE FROM channel_messages WHERE cid = ?", [(cid,) for cid in idle])
-        forgotten = [
-            (cid,)
-            for cid, name in conn.execute(
-                "SELECT cid, name FROM channels WHERE active_ms <= ?", (now_ms - self._keep_ms,)
+    def _sweep(
+        self, conn: sqlite3.Connection, budget: int, carry: Any, now_ms: int, kept: frozenset[str]
+    ) -> tuple[int, bool, Any]:
+        """One chunk of a sweep (`SqliteStore.transact_chunks`): first delete the rows of
+        the channels with no publish within the TTL (all expired; only channels that
+        still hold rows are visited), then forget the channels idle for a day with
+        nothing held and no subscriber here (`kept`). At most `budget` rows per call;
+        `carry` is the cid the forgetting has reached (None: still deleting rows)."""
+        if carry is None:
+            deleted = conn.execute(
+                "DELETE FROM channel_messages WHERE id IN (SELECT m.id FROM channels c "
+                "JOIN channel_messages m ON m.cid = c.cid WHERE c.published_ms <= ? LIMIT ?)",
+                (now_ms - self._ttl_ms, budget),
+            ).rowcount
+            if deleted >= budget:
+                return deleted, False, None
+            budget -= deleted
+            carry = 0
+        else:
+            deleted = 0
+        idle = conn.execute(
+            "SELECT cid, name FROM channels c WHERE cid > ? AND active_ms <= ? AND NOT EXISTS "
+            "(SELECT 1 FROM channel_messages m WHERE m.cid = c.cid) ORDER BY cid LIMIT ?",
+            (carry, now_ms - self._keep_ms, budget),
+        ).fetchall()
+        conn.executemany(
+            "DELETE FROM channels WHERE cid = ?",
+            [(cid,) for cid, name in idle if name not in kept],  # subscribed: keep the epoch
+        )
+        if len(idle) < budget:
+            return deleted + len(idle), True, None
+        return deleted + len(idle), False, idle[-1][0]
+
+    def _start_sweep(self, store: SqliteStore) -> None:
+        """Once per TTL (on a publish): sweep in chunks, beside the publishes. The time of
+        the sweep is recorded only once it has committed: a failed one is tried again
+        by the next publish."""
+        began = self._now_ms()
+        kept = frozenset(self._presence)
+        try:
+            future = store.transact_chunks(
+                lambda conn, budget, carry: self._sweep(conn, budget, carry, began, kept)
             )
-            if name not in self._presence  # subscribed channels keep their epoch
-        ]
-        conn.executemany("DELETE FROM channel_messages WHERE cid = ?", forgotten)
-        conn.executemany("DELETE FROM channels WHERE cid = ?", forgotten)
+        except BackendError:  # closed: nothing to sweep
+            return
+        self._sweeping = True
+
+        def swept(done: asyncio.Future[Any]) -> None:
+            self._sweeping = False
+            if not done.cancelled() and done.exception() is None:
+                self._swept_ms = began
+
+        future.add_done_callback(swept)
 
     def _append(
         self,
@@ -195,8 +239,6 @@ class SqliteChannelStore:
     ) -> tuple[str, int, int, tuple[Any, ...] | None]:
         """(epoch, offset, time ms, the held row when `message_id` is a duplicate)."""
         now = self._now_ms()
-        if now - self._swept_ms > self._ttl_ms:
-            self._sweep(conn, now)
         cid, epoch, top = self._position(conn, channel, now)
         held = conn.execute(
             # By id: left to itself the planner takes the (cid, off) index and reads
@@ -266,14 +308,35 @@ class SqliteChannelStore:
         waiter: asyncio.Future[_Outcome] = loop.create_future()
         if not self._batch:
             loop.call_soon(self._submit, store)
-        self._batch.append((channel, message_id, data_json, enc))
+        self._batch.append((channel, message_id, data, data_json, enc))
         self._waiters.append(waiter)
-        epoch, offset, millis, held = await waiter
+        try:
+            epoch, offset, millis, held = await waiter
+        except asyncio.CancelledError:
+            # Stored, but cancelled before it could return: the service cannot hand it out.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._hand_out(channel, (message_id, data, data_json, enc), waiter.result())
+            raise
         if held is not None:
             return Appended(epoch, _message(held), True)
         return Appended(
             epoch, ChannelMessage(offset, message_id, data, millis / 1000.0, data_json, enc), False
         )
+
+    def _hand_out(
+        self, channel: str, item: tuple[str, Any, bytes, str | None], outcome: _Outcome
+    ) -> None:
+        """A publish stored whose publisher was cancelled (so `Channels.publish` does not
+        hand it to this node's subscribers): hand it out through the store events, as a
+        shared store reports a publish, instead of leaving it until the next publish."""
+        epoch, offset, millis, held = outcome
+        if held is not None or self._events is None:
+            return  # a duplicate was handed out when it was first published
+        message_id, data, data_json, enc = item
+        message = ChannelMessage(offset, message_id, data, millis / 1000.0, data_json, enc)
+        task = asyncio.ensure_future(self._events.published(channel, epoch, message))
+        self._handing.add(task)
+        task.add_done_callback(self._handing.discard)
 
     def _submit(self, store: SqliteStore) -> None:
         """Queue the publishes of this event-loop turn as ONE writer operation (one queue
@@ -282,8 +345,12 @@ class SqliteChannelStore:
         self._batch, self._waiters = [], []
         if not batch:
             return
+        if not self._sweeping and self._now_ms() - self._swept_ms > self._ttl_ms:
+            self._start_sweep(store)  # queued first: a publish after it sees its outcome
         try:
-            future = store.transact(lambda conn: [self._append(conn, *item) for item in batch])
+            future = store.transact(
+                lambda conn: [self._append(conn, c, i, j, e) for c, i, _, j, e in batch]
+            )
         except Exception as exc:  # the store is closed: every publisher is told, none hangs
             for waiter in waiters:
                 if not waiter.done():
@@ -293,8 +360,10 @@ class SqliteChannelStore:
         def settle(done: asyncio.Future[list[_Outcome]]) -> None:
             error = done.exception() if not done.cancelled() else BackendError("cancelled")
             results = done.result() if error is None else [None] * len(waiters)
-            for waiter, result in zip(waiters, results, strict=True):
-                if waiter.done():
+            for waiter, item, result in zip(waiters, batch, results, strict=True):
+                if waiter.done():  # cancelled: its publisher will not hand it out
+                    if result is not None:
+                        self._hand_out(item[0], item[1:], result)
                     continue
                 if result is None:
                     waiter.set_exception(error or BackendError("cancelled"))
@@ -326,31 +395,13 @@ class SqliteChannelStore:
         deadline = self._now_ms() - self._ttl_ms
 
         def read(conn: sqlite3.Connection) -> list[ChannelInfo]:
-            infos = []
-            for cid, name, epoch, top in conn.execute(
-                "SELECT cid, name, epoch, top FROM channels ORDER BY name"
-            ).fetchall():
-                depth = conn.execute(
-                    "SELECT count(*) FROM channel_messages WHERE cid = ? AND off > ? "
-                    "AND time_ms > ?",
-                    (cid, self._floor(top), deadline),
-                ).fetchone()[0]
-                infos.append(ChannelInfo(name, epoch, top, int(depth)))
-            return infos
+            rows = conn.execute(
+                "SELECT c.name, c.epoch, c.top, count(m.id) FROM channels c "
+                "LEFT JOIN channel_messages m ON m.cid = c.cid "
+                "AND m.off > max(0, c.top - ?) AND m.time_ms > ? "
+                "GROUP BY c.cid ORDER BY c.name",
+                (self.size, deadline),
+            ).fetchall()
+            return [ChannelInfo(name, epoch, top, depth) for name, epoch, top, depth in rows]
 
         return await store.query(read)
-
-    # ------------------------------------------------------------------ presence (memory)
-
-    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None:
-        self._presence.setdefault(channel, {})[client_id] = info
-
-    async def presence_remove(self, channel: str, client_id: str) -> None:
-        members = self._presence.get(channel)
-        if members is not None:
-            members.pop(client_id, None)
-            if not members:
-                del self._presence[channel]
-
-    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
-        return dict(self._presence.get(channel, {}))

@@ -19,6 +19,7 @@ __all__ = [
     "Appended",
     "ChannelInfo",
     "ChannelStore",
+    "LocalPresence",
     "MemoryChannelStore",
     "StoreEvents",
 ]
@@ -84,7 +85,28 @@ class ChannelStore(Protocol):
     async def presence(self, channel: str) -> dict[str, dict[str, Any]]: ...
 
 
-class MemoryChannelStore:
+class LocalPresence:
+    """Presence kept in this process, for the single-node stores (memory, SQLite): the
+    `ChannelStore` presence methods over `_presence` ({channel: {client_id: info}}; the
+    store creates it), whose keys are the channels subscribed here."""
+
+    _presence: dict[str, dict[str, dict[str, Any]]]
+
+    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None:
+        self._presence.setdefault(channel, {})[client_id] = info
+
+    async def presence_remove(self, channel: str, client_id: str) -> None:
+        members = self._presence.get(channel)
+        if members is not None:
+            members.pop(client_id, None)
+            if not members:
+                del self._presence[channel]
+
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        return dict(self._presence.get(channel, {}))
+
+
+class MemoryChannelStore(LocalPresence):
     """Channel streams in this process. A stream with nothing held that saw no publish
     for a day (`model.POSITION_KEPT`) is forgotten (its next publish starts a new epoch),
     so memory follows the channels in use, not every channel ever named."""
@@ -149,16 +171,3 @@ class MemoryChannelStore:
             ChannelInfo(name, s.epoch, s.top, len(s.held(now)))
             for name, s in sorted(self._streams.items())
         ]
-
-    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None:
-        self._presence.setdefault(channel, {})[client_id] = info
-
-    async def presence_remove(self, channel: str, client_id: str) -> None:
-        members = self._presence.get(channel)
-        if members is not None:
-            members.pop(client_id, None)
-            if not members:
-                del self._presence[channel]
-
-    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
-        return dict(self._presence.get(channel, {}))
