@@ -387,3 +387,50 @@ def test_the_installed_uvicorns_send_is_one_the_synchronous_write_was_checked_ag
     from tether.transports import starlette
 
     assert starlette._SANSIO_SEND is not None
+
+
+@pytest.mark.parametrize("stack", ["serve", "stock-uvicorn"])
+async def test_acks_are_settled_as_they_arrive_on_the_tether_serve_stack(
+    monkeypatch: pytest.MonkeyPatch, stack: str
+) -> None:
+    """`tether serve`'s protocol hands whole text frames to the session (an ack then costs
+    no queue, task switch or read pause); stock uvicorn queues every frame for `receive`."""
+    from tether.transports.connection import Session
+
+    taken: list[bool] = []
+    frame_now = Session.frame_now
+
+    def spy(session: Session, raw: str | bytes) -> bool:
+        result = frame_now(session, raw)
+        taken.append(result)
+        return result
+
+    monkeypatch.setattr(Session, "frame_now", spy)
+    hub = Hub()
+    async with hub:
+        context: Any = (
+            BackgroundServer(create_app(hub, start_hub=False), log_level="warning")
+            if stack == "serve"
+            else served(starlette_app(hub))
+        )
+        async with context as entered:
+            url = entered.ws_url if stack == "serve" else entered
+            async with connect(f"{url}/ws", subprotocols=V1) as ws:  # type: ignore[list-item]
+                await hello(ws, "ann")
+                for n in range(1, 31):
+                    assert (await hub.send("ann", {"n": n}, critical=True)).status in (
+                        SendStatus.SENT,
+                        SendStatus.QUEUED,
+                    )
+                seqs = [(await recv_json(ws))["seq"] for _ in range(30)]
+                assert seqs == list(range(1, 31))
+                for seq in (10, 20, 30):
+                    await ws.send(orjson.dumps({"type": "ack", "seq": seq}).decode())
+                await until(lambda: hub.pending("ann") == 0)
+                await ws.send(orjson.dumps({"type": "ack", "seq": 99}).decode())  # not sent
+                assert await closed_with(ws) == 1002  # the session's usual answer (protocol error)
+    if stack == "serve":
+        assert taken[:3] == [True, True, True]
+        assert taken[3] is False  # invalid: left to the session's receive loop
+    else:
+        assert taken == []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.config import Config
@@ -147,6 +148,24 @@ class TetherWebSocketProtocol(WebSocketsSansIOProtocol):
         self.control_budget = TokenBucket(CONTROL_FRAME_RATE, CONTROL_FRAME_BURST)
         self.buffer_bound = write_buffer_bound(config.ws_max_size)
         self.cut_reason: str | None = None
+        # Set by the session while a tether.v1 connection is open (`Session.frame_now`,
+        # through `UvicornStarletteTransport.set_frame_hook`).
+        self.frame_hook: Callable[[str], bool] | None = None
+
+    def handle_text(self, event: Any) -> None:
+        hook = self.frame_hook
+        if hook is not None and event.fin and self.queue.empty() and not self.close_sent:
+            # A whole text frame with nothing queued ahead of it: the session may settle
+            # it here (an ack) instead of queueing it for the app, waking its task and
+            # pausing and resuming the socket's reads for it.
+            try:
+                if hook(event.data.decode()):
+                    return
+            except UnicodeDecodeError:
+                pass  # uvicorn reports it (1007)
+            except Exception:
+                log.exception("tether: frame hook failed; the frame goes to the app")
+        super().handle_text(event)
 
     def handle_ping(self) -> None:
         if self.cut_reason is not None:

@@ -137,6 +137,13 @@ class UvicornStarletteTransport(StarletteTransport):
         finally:
             self.awaiting -= 1
 
+    def set_frame_hook(self, hook: Callable[[str], bool] | None) -> None:
+        """Let `hook` take complete text frames as they arrive (see `Session.frame_now`);
+        None removes it. Only a protocol that looks for one offers it (`tether serve`'s
+        `TetherWebSocketProtocol`); under stock uvicorn every frame goes to `receive`."""
+        if hasattr(self.protocol, "frame_hook"):
+            self.protocol.frame_hook = hook
+
     def try_send(self, data: str | bytes) -> bool:
         """Write now if uvicorn's `send` would write at once: open (no close sent or
         received, not disconnected), writable (uvicorn's flow control) with under
