@@ -188,8 +188,9 @@ class DeliveryPipeline:
         """Count a message written without being stored (plain mode: delivered)."""
         envelope.written_once = True
         self._acct.sent(client)
-        self.delivered(client, envelope)
-        client.last_seen = self.clock.now()
+        now = self.clock.now()  # one reading for the latency sample and last_seen
+        self.delivered(client, envelope, now)
+        client.last_seen = now
         return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)
 
     def store_failed(
