@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from support import closed_with, hello, recv_json, until
 from tether import Hub, HubConfig, SendStatus
 from tether.monitoring import BackgroundServer, create_app
+from tether.monitoring.protocols import TetherWebSocketProtocol
 from tether.transports.starlette import (
     StarletteTransport,
     UvicornStarletteTransport,
@@ -389,7 +390,7 @@ def test_the_installed_uvicorns_send_is_one_the_synchronous_write_was_checked_ag
     assert starlette._SANSIO_SEND is not None
 
 
-@pytest.mark.parametrize("stack", ["serve", "stock-uvicorn"])
+@pytest.mark.parametrize("stack", ["serve", "app-with-tether-protocol", "stock-uvicorn"])
 async def test_acks_are_settled_as_they_arrive_on_the_tether_serve_stack(
     monkeypatch: pytest.MonkeyPatch, stack: str
 ) -> None:
@@ -408,11 +409,12 @@ async def test_acks_are_settled_as_they_arrive_on_the_tether_serve_stack(
     monkeypatch.setattr(Session, "frame_now", spy)
     hub = Hub()
     async with hub:
-        context: Any = (
-            BackgroundServer(create_app(hub, start_hub=False), log_level="warning")
-            if stack == "serve"
-            else served(starlette_app(hub))
-        )
+        if stack == "serve":
+            context: Any = BackgroundServer(create_app(hub, start_hub=False), log_level="warning")
+        elif stack == "app-with-tether-protocol":  # what docs/configuration.md suggests
+            context = served(starlette_app(hub), ws=TetherWebSocketProtocol)
+        else:
+            context = served(starlette_app(hub))
         async with context as entered:
             url = entered.ws_url if stack == "serve" else entered
             async with connect(f"{url}/ws", subprotocols=V1) as ws:  # type: ignore[list-item]
@@ -429,7 +431,7 @@ async def test_acks_are_settled_as_they_arrive_on_the_tether_serve_stack(
                 await until(lambda: hub.pending("ann") == 0)
                 await ws.send(orjson.dumps({"type": "ack", "seq": 99}).decode())  # not sent
                 assert await closed_with(ws) == 1002  # the session's usual answer (protocol error)
-    if stack == "serve":
+    if stack != "stock-uvicorn":
         assert taken[:3] == [True, True, True]
         assert taken[3] is False  # invalid: left to the session's receive loop
     else:
