@@ -91,12 +91,25 @@ def record_transports(hub: Hub) -> Recorded:
         recorded.transports[client_id] = transport
         send = transport.send
 
-        async def counting_send(data: str | bytes) -> None:
-            await send(data)
+        def note(data: str | bytes) -> None:
             if isinstance(data, str) and data.startswith('{"type":"msg","seq":'):
                 recorded.seqs_written.append(orjson.loads(data)["seq"])
 
+        async def counting_send(data: str | bytes) -> None:
+            await send(data)
+            note(data)
+
         transport.send = counting_send  # type: ignore[method-assign]
+        try_send = getattr(transport, "try_send", None)
+        if try_send is not None:  # the synchronous write, when the adapter has one
+
+            def counting_try_send(data: str | bytes) -> bool:
+                taken = bool(try_send(data))
+                if taken:
+                    note(data)
+                return taken
+
+            transport.try_send = counting_try_send  # type: ignore[attr-defined]
         return await connect(client_id, transport, **kwargs)
 
     hub.connect = recording  # type: ignore[method-assign]
