@@ -500,6 +500,26 @@ async def test_a_client_that_stops_reading_resumes_from_history_without_loss(
             assert sub.lost == 0 and sub.resubscribes + client.reconnects >= 1
 
 
+async def test_a_replay_longer_than_the_send_buffer_is_paced_not_cut(make_heavy: MakeHub) -> None:
+    # History is in the store: a resubscribe that misses more than `channel_send_buffer`
+    # messages (each bigger than the socket takes at once) is written as the socket
+    # drains, and a subscriber that reads is never cut as a slow consumer for it.
+    count = 120
+    hub = make_heavy(channel_send_buffer=8, channel_history_size=count, send_timeout=5.0)
+    pad = base64.b64encode(random.Random(7).randbytes(60_000)).decode()
+    async with hub, ws_server(hub) as srv:
+        first = await hub.publish("big", {"n": 1, "pad": pad})
+        for n in range(2, count + 1):
+            await hub.publish("big", {"n": n, "pad": pad})
+        async with fast_client(srv.url, "reader") as client:
+            sub = await client.subscribe("big", since=(first.epoch, 0))
+            got: list[Publication] = []
+            await asyncio.wait_for(collect(sub, got, count), 60)
+        assert [p.data["n"] for p in got] == list(range(1, count + 1))
+        assert hub.channels.counters.slow_consumers == 0
+        assert sub.lost == 0
+
+
 async def test_a_connection_holds_a_bounded_number_of_subscriptions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

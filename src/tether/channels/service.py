@@ -77,7 +77,16 @@ class ChannelCounters:
 class _Conn:
     """One connection's subscriptions on this node and the frames waiting for it."""
 
-    __slots__ = ("client_id", "closed", "draining", "pending", "subs", "transport", "try_send")
+    __slots__ = (
+        "client_id",
+        "closed",
+        "draining",
+        "pending",
+        "replays",
+        "subs",
+        "transport",
+        "try_send",
+    )
 
     def __init__(self, client_id: str, transport: Transport) -> None:
         self.client_id = client_id
@@ -86,6 +95,9 @@ class _Conn:
         self.try_send: Callable[[str | bytes], bool] | None = fast if callable(fast) else None
         self.subs: dict[str, _Sub] = {}
         self.pending: deque[str] = deque()
+        # Subscriptions' history still to write, paced by the socket (see `_replay`):
+        # read from the store already, written one frame at a time as the socket drains.
+        self.replays: deque[tuple[_Sub, deque[ChannelMessage]]] = deque()
         self.draining = False
         self.closed = False
 
@@ -351,6 +363,8 @@ class Channels:
         for sub in list(subs.values()):
             if sub.replaying:
                 sub.buffer.append((message, frame))
+                if len(sub.buffer) > self.config.channel_send_buffer:
+                    self._slow(sub.conn)  # live traffic outruns the replay: from history
             elif message.offset > sub.last:
                 sub.last = message.offset
                 if self._write(sub.conn, frame):
@@ -360,13 +374,72 @@ class Channels:
 
     # ------------------------------------------------------------------ writing
 
+    def _replay(self, conn: _Conn, sub: _Sub, backlog: deque[ChannelMessage]) -> None:
+        """Write a subscription's missed messages as far as the socket takes them at once;
+        the rest is written by `_drain` one frame at a time as the socket drains. History
+        lives in the store, so a long replay neither waits here in memory nor counts
+        against `channel_send_buffer` (it would end the subscription it is answering)."""
+        fast = conn.try_send
+        while backlog and fast is not None and not conn.pending and not conn.replays:
+            message = backlog[0]
+            frame = protocol.encode_pub(
+                sub.channel, message.offset, message.id, message.data_json, message.enc
+            )
+            try:
+                if not fast(frame):
+                    break
+            except Exception as exc:
+                log.debug("tether: channel write to %s failed: %r", conn.client_id, exc)
+                self._drop(conn)
+                return
+            backlog.popleft()
+            sub.last = message.offset
+        if backlog:
+            conn.replays.append((sub, backlog))
+            if not conn.draining:
+                conn.draining = True
+                self._spawn(self._drain(conn))
+        else:
+            self._replayed(conn, sub)
+
+    def _replayed(self, conn: _Conn, sub: _Sub) -> None:
+        """A subscription's replay is written: the live messages that came meanwhile follow."""
+        buffered, sub.buffer = sub.buffer, []
+        sub.replaying = False
+        for message, frame in buffered:
+            if message.offset > sub.last:
+                sub.last = message.offset
+                self._write(conn, frame)
+
+    def _next_frame(self, conn: _Conn) -> str | None:
+        """The next frame `_drain` writes: what waits in `pending`, else the next message
+        of a replay; None when there is nothing."""
+        while True:
+            if conn.pending:
+                return conn.pending.popleft()
+            if not conn.replays:
+                return None
+            sub, backlog = conn.replays[0]
+            if conn.subs.get(sub.channel) is not sub:  # ended meanwhile
+                conn.replays.popleft()
+                continue
+            if not backlog:
+                conn.replays.popleft()
+                self._replayed(conn, sub)  # may queue into `pending`
+                continue
+            message = backlog.popleft()
+            sub.last = message.offset
+            return protocol.encode_pub(
+                sub.channel, message.offset, message.id, message.data_json, message.enc
+            )
+
     def _write(self, conn: _Conn, frame: str) -> bool:
         """Write now, or queue behind what is waiting; False when the connection is gone
         or was found slow (its subscriptions then end)."""
         if conn.closed:
             return False
         fast = conn.try_send
-        if fast is not None and not conn.pending:
+        if fast is not None and not conn.pending and not conn.replays:
             try:
                 if fast(frame):
                     return True
@@ -385,8 +458,10 @@ class Channels:
 
     async def _drain(self, conn: _Conn) -> None:
         try:
-            while conn.pending and not conn.closed:
-                frame = conn.pending.popleft()
+            while not conn.closed:
+                frame = self._next_frame(conn)
+                if frame is None:
+                    break
                 try:
                     async with asyncio.timeout(self.config.send_timeout):
                         await conn.transport.send(frame)
@@ -414,6 +489,7 @@ class Channels:
             len(conn.pending),
         )
         conn.pending.clear()
+        conn.replays.clear()
         for sub in list(conn.subs.values()):
             self._remove(sub)
             conn.pending.append(
@@ -529,21 +605,7 @@ class Channels:
             ),
         )
         sub.last = recovery.after
-        for message in recovery.messages:
-            if message.offset > sub.last:
-                sub.last = message.offset
-                self._write(
-                    conn,
-                    protocol.encode_pub(
-                        channel, message.offset, message.id, message.data_json, message.enc
-                    ),
-                )
-        for message, frame in sub.buffer:
-            if message.offset > sub.last:
-                sub.last = message.offset
-                self._write(conn, frame)
-        sub.buffer = []
-        sub.replaying = False
+        self._replay(conn, sub, deque(m for m in recovery.messages if m.offset > sub.last))
         self.counters.subscribes += 1
         if since is not None:
             if recovery.recovered:
@@ -585,6 +647,7 @@ class Channels:
             return
         conn.closed = True
         conn.pending.clear()
+        conn.replays.clear()
         if self._conns.get(conn.client_id) is conn:
             del self._conns[conn.client_id]
         for sub in list(conn.subs.values()):
