@@ -8,6 +8,7 @@ import math
 import os
 import resource
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -52,13 +53,16 @@ class LatencyHistogram:
     histogram (`fold`, which snapshots call) — so readers always see every sample.
     """
 
-    __slots__ = ("buckets", "count", "pending", "total")
+    __slots__ = ("_folding", "buckets", "count", "pending", "total")
 
     def __init__(self) -> None:
         self.buckets = [0] * LATENCY_BUCKETS
         self.count = 0
         self.total = 0.0
         self.pending: list[float] = []
+        # Folds may run on another thread (a Prometheus exporter's scrape) while the event
+        # loop appends and folds: one fold at a time, and only what it copied is removed.
+        self._folding = threading.Lock()
 
     def record(self, seconds: float) -> None:
         pending = self.pending
@@ -68,9 +72,10 @@ class LatencyHistogram:
 
     def record_many(self, seconds: float, count: int) -> None:
         """`count` samples of the same latency (the writes of one fan-out): binned now."""
-        self.buckets[_bucket_of(_UPPER_BOUNDS, seconds)] += count
-        self.count += count
-        self.total += seconds * count
+        with self._folding:
+            self.buckets[_bucket_of(_UPPER_BOUNDS, seconds)] += count
+            self.count += count
+            self.total += seconds * count
 
     def record_ages(self, now: float, envelopes: Iterable[Envelope]) -> None:
         """Record `now - created_at` of each envelope (what one ack delivered)."""
@@ -85,8 +90,14 @@ class LatencyHistogram:
         similar latency)."""
         if not self.pending:
             return
-        pending = sorted(self.pending)
-        self.pending.clear()  # the same list: `Accounting` appends to it directly
+        with self._folding:
+            self._fold_locked()
+
+    def _fold_locked(self) -> None:
+        buffered = self.pending  # the same list: `Accounting` appends to it directly
+        size = len(buffered)
+        pending = sorted(buffered[:size])
+        del buffered[:size]  # samples appended meanwhile (another thread) stay
         buckets, bounds = self.buckets, _UPPER_BOUNDS
         last = len(bounds)
         size = len(pending)
@@ -410,13 +421,13 @@ class HubMetrics:
         """A hub-wide counter by field name, exact now (per-client-only ones summed)."""
         value: int = getattr(self.counters, name)
         if name in PER_CLIENT_ONLY:
-            value += sum(getattr(stats.counters, name) for stats in self.clients.values())
+            value += sum(getattr(stats.counters, name) for stats in list(self.clients.values()))
         return value
 
     def totals(self) -> tuple[int, ...]:
         """Every hub-wide counter, in `COUNTER_FIELDS` order, exact now."""
         sent = delivered = queued = 0
-        for stats in self.clients.values():
+        for stats in list(self.clients.values()):  # a scrape may run on another thread
             mine = stats.counters
             sent += mine.messages_sent
             delivered += mine.messages_delivered

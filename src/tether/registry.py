@@ -324,7 +324,7 @@ class ClientRegistry:
         pending = 0
         oldest_created: float | None = None
         dead = 0
-        for client in self.sessions.values():
+        for client in list(self.sessions.values()):
             size = len(client.outbox)
             if size:
                 pending += size

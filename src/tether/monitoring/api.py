@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -106,7 +105,9 @@ class DeadLetterPage(BaseModel):
 
 
 async def prometheus(request: Request, m: Monitor) -> Response:
-    body = await asyncio.to_thread(generate_latest, m.hub.metrics.prometheus_registry)
+    # On the event loop: the collector reads live hub state (clients, outboxes) that the
+    # loop mutates; a scrape is a few hundred series, never one per client.
+    body = generate_latest(m.hub.metrics.prometheus_registry)
     return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
