@@ -211,3 +211,52 @@ def _prometheus(hub: Hub) -> str:
     from prometheus_client import generate_latest
 
     return generate_latest(hub.metrics.prometheus_registry).decode()
+
+
+class _GatedTransport:
+    """Takes frames at once unless `blocked`; an awaited write waits for `opened`."""
+
+    def __init__(self) -> None:
+        self.frames: list[str | bytes] = []
+        self.blocked = True
+        self.opened = asyncio.Event()
+
+    def try_send(self, data: str | bytes) -> bool:
+        if self.blocked:
+            return False
+        self.frames.append(data)
+        return True
+
+    async def send(self, data: str | bytes) -> None:
+        await self.opened.wait()
+        self.frames.append(data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        pass
+
+
+@pytest.mark.parametrize("critical", [False, True])
+async def test_a_send_never_overtakes_one_waiting_for_the_clients_turn(critical: bool) -> None:
+    # m1 is in an awaited write, m2 waits for the client's turn; when m1's write ends, a
+    # send made before m2 resumes (the lock is free, its waiter not yet run) goes after m2.
+    hub = make_hub()
+    async with hub:
+        ws = _GatedTransport()
+        await hub.connect("c", ws)
+        first = asyncio.create_task(hub.send("c", "m1", critical=critical))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        second = asyncio.create_task(hub.send("c", "m2", critical=critical))
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+        async def third() -> Any:
+            await ws.opened.wait()  # woken right after m1's write, before m2's turn
+            return await hub.send("c", "m3", critical=critical)
+
+        late = asyncio.create_task(third())
+        await asyncio.sleep(0)
+        ws.blocked = False
+        ws.opened.set()
+        await asyncio.gather(first, second, late)
+        assert ws.frames == ["m1", "m2", "m3"]

@@ -15,6 +15,7 @@ from .writes import (
     Writer,
     blocked,
     can_write_now,
+    delivering,
     msg_frame,
 )
 
@@ -61,7 +62,7 @@ class BestEffort:
         done without a task per client — or None when it needs the awaited `send`. Safe
         without the lock: nothing here awaits, and nothing is written unless the whole
         delivery completes."""
-        if not can_write_now(client) or client.lock.locked():
+        if not can_write_now(client) or delivering(client):
             return None
         frame = msg_frame(client, envelope) if client.v1 else envelope.data
         outcome = self._writer.write_now(client, frame)
@@ -78,7 +79,7 @@ class BestEffort:
     def send_now_batched(self, client: ClientSession, envelope: Envelope) -> SendResult | None:
         """`send_now` inside a batch: the batch's clock read touches the client; the
         latency of the batch's writes is recorded once, by `end_batch`."""
-        if not can_write_now(client) or client.lock.locked():
+        if not can_write_now(client) or delivering(client):
             return None
         frame = msg_frame(client, envelope) if client.v1 else envelope.data
         outcome = self._writer.write_now(client, frame)

@@ -15,7 +15,7 @@ from .protocol import valid_client_id
 from .registry import ClientRegistry
 from .session import ClientSession
 from .tasks import BackgroundTasks
-from .writes import OK
+from .writes import OK, delivering
 
 log = logging.getLogger("tether")
 
@@ -130,7 +130,7 @@ class FanOut:
         free: list[ClientSession] = []
         busy: list[ClientSession] = []
         for client in targets:
-            if client.lock.locked() or (client.connected and client.try_send is None):
+            if delivering(client) or (client.connected and client.try_send is None):
                 busy.append(client)
             else:
                 free.append(client)

@@ -16,7 +16,16 @@ from .resilience import CircuitState, RetryPolicy
 from .session import ClientSession
 from .streams import StreamKeeper, mirror
 from .tasks import BackgroundTasks
-from .writes import CLOSED, NOT_CONNECTED, OK, PENDING, Writer, can_write_now, msg_frame
+from .writes import (
+    CLOSED,
+    NOT_CONNECTED,
+    OK,
+    PENDING,
+    Writer,
+    can_write_now,
+    delivering,
+    msg_frame,
+)
 
 log = logging.getLogger("tether")
 
@@ -161,7 +170,7 @@ class DeliveryPipeline:
         the queue and is flushed in the background. A fan-out calls it inside a batch
         (`start_batch`)."""
         append = self.append_now
-        if append is None or not can_write_now(client) or client.lock.locked():
+        if append is None or not can_write_now(client) or delivering(client):
             return None
         client.last_seen = self._batch_now
         refused = self._refused(client, envelope, append(client, envelope))

@@ -49,6 +49,14 @@ def can_write_now(client: ClientSession, head: Envelope | None = None) -> bool:
     return bool(queue) and queue[0] is head
 
 
+def delivering(client: ClientSession) -> bool:
+    """Whether a delivery to `client` holds its lock or waits for it: a synchronous write
+    now would overtake it. (Right after a release, `locked()` is False while the next
+    waiter has yet to run; asyncio's lock hands it over in order, and so must we.)"""
+    lock = client.lock
+    return lock.locked() or bool(getattr(lock, "_waiters", None))
+
+
 NOT_CONNECTED = "client not connected"
 
 
