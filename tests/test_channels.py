@@ -453,6 +453,33 @@ class GatedTransport:
         return None
 
 
+async def test_presence_events_reach_a_subscriber_whose_replay_is_still_being_written(
+    make: MakeHub,
+) -> None:
+    hub = make()
+    async with hub:
+        first = await hub.publish("room", {"n": 1})
+        for n in range(2, 6):
+            await hub.publish("room", {"n": n})
+        alice = GatedTransport()  # takes nothing until opened: the replay waits
+        await hub.connect("alice", alice)
+        assert await hub.subscribe("alice", "room", since=Position(first.epoch, 0), presence=True)
+        bob = GatedTransport()
+        bob.gate.set()
+        await hub.connect("bob", bob)
+        assert await hub.subscribe("bob", "room")
+        assert await hub.unsubscribe("bob", "room")
+        alice.gate.set()
+        await until(lambda: len(alice.frames) >= 8)
+        kinds = [(f["type"], f.get("offset", f.get("client_id"))) for f in alice.frames]
+        assert kinds[0] == ("subscribed", 5)
+        assert [k for k in kinds if k[0] == "pub"] == [("pub", n) for n in range(1, 6)]
+        assert [k for k in kinds if k[0] in ("join", "leave")] == [
+            ("join", "bob"),
+            ("leave", "bob"),
+        ]
+
+
 async def test_slow_consumer_policy_ends_the_subscription_visibly(make: MakeHub) -> None:
     hub = make(channel_send_buffer=5)
     async with hub:

@@ -106,7 +106,16 @@ class _Sub:
     """A subscription: the last offset written to the connection; while it is being
     answered (`replaying`), live messages wait in `buffer`."""
 
-    __slots__ = ("buffer", "channel", "conn", "epoch", "last", "presence", "replaying")
+    __slots__ = (
+        "answered",
+        "buffer",
+        "channel",
+        "conn",
+        "epoch",
+        "last",
+        "presence",
+        "replaying",
+    )
 
     def __init__(self, conn: _Conn, channel: str, presence: bool) -> None:
         self.conn = conn
@@ -115,6 +124,7 @@ class _Sub:
         self.epoch = ""
         self.last = 0
         self.replaying = True
+        self.answered = False  # `subscribed` written: presence events may follow
         self.buffer: list[tuple[ChannelMessage, str]] = []
 
 
@@ -376,9 +386,12 @@ class Channels:
 
     def _replay(self, conn: _Conn, sub: _Sub, backlog: deque[ChannelMessage]) -> None:
         """Write a subscription's missed messages as far as the socket takes them at once;
-        the rest is written by `_drain` one frame at a time as the socket drains. History
-        lives in the store, so a long replay neither waits here in memory nor counts
-        against `channel_send_buffer` (it would end the subscription it is answering)."""
+        the rest is written by `_drain` one frame at a time as the socket drains. The
+        replay (read from the store once, at most the channel's history) is held until
+        written, outside `channel_send_buffer`: counted there, a long catch-up would end
+        the very subscription it answers. A socket that stalls is cut by `send_timeout`."""
+        if conn.closed or conn.subs.get(sub.channel) is not sub:
+            return  # the connection or the subscription ended while it was answered
         fast = conn.try_send
         while backlog and fast is not None and not conn.pending and not conn.replays:
             message = backlog[0]
@@ -605,6 +618,7 @@ class Channels:
             ),
         )
         sub.last = recovery.after
+        sub.answered = True
         self._replay(conn, sub, deque(m for m in recovery.messages if m.offset > sub.last))
         self.counters.subscribes += 1
         if since is not None:
@@ -695,7 +709,7 @@ class Channels:
         event = protocol.Join(channel, client_id) if joined else protocol.Leave(channel, client_id)
         frame = None
         for sub in list(subs.values()):
-            if sub.presence and not sub.replaying and sub.conn.client_id != client_id:
+            if sub.presence and sub.answered and sub.conn.client_id != client_id:
                 frame = frame or protocol.encode(event)
                 self._write(sub.conn, frame)
 
