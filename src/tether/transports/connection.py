@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from ..hub import Hub
 
 log = logging.getLogger("tether.transports")
+# An ack frame is short ({"type":"ack","seq":N}); anything longer is not offered to
+# `Session.frame_now`, which would parse it only to hand it on.
+_ACK_FRAME_MAX = 128
 
 SUBPROTOCOL = protocol.SUBPROTOCOL
 
@@ -420,8 +423,15 @@ class Session:
         (anything else, an invalid ack, a rate-limited peer, a store to await)."""
         sp = self._sp
         client_id = self.client_id
-        if sp is None or client_id is None or self.expires_at is not None:
-            return False
+        if (
+            sp is None
+            or client_id is None
+            or self.expires_at is not None
+            or not isinstance(raw, str)
+            or len(raw) > _ACK_FRAME_MAX
+            or '"ack"' not in raw
+        ):
+            return False  # not an ack: parsed once, by the receive loop
         hub = self.hub
         ack = sp.receive_ack(raw, hub.highest_sent(client_id))
         if ack is None or not self.bucket.take():
