@@ -387,7 +387,7 @@ def test_the_installed_uvicorns_send_is_one_the_synchronous_write_was_checked_ag
     `UvicornStarletteTransport.try_send` against it, then add its digest."""
     from tether.transports import starlette
 
-    assert starlette._SANSIO_SEND is not None
+    assert starlette._sansio_send() is not None
 
 
 @pytest.mark.parametrize("stack", ["serve", "app-with-tether-protocol", "stock-uvicorn"])

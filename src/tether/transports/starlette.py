@@ -34,6 +34,7 @@ middleware that wraps `send` keeps the plain ASGI path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -200,11 +201,14 @@ log = logging.getLogger("tether.transports")
 # against (uvicorn 0.55): a changed `send` (a lock, a queue) keeps the ASGI path, with a
 # warning, until the write is checked against it again.
 _CHECKED_SEND_SOURCES = frozenset(
-    {"3b8afeb81b9b9ae8bb72df7cea930130317636d1de3f86b7c4d3113c64f749d5"}  # uvicorn 0.55
+    {"8e487fa6d1576005ef20a588aed6751a2878c65c2fe21823a9d0ee99d4ad65f5"}  # uvicorn 0.55
 )
 
 
+@functools.cache
 def _sansio_send() -> Any:
+    """uvicorn's `send`, when it is one `try_send` was checked against (looked up, and any
+    warning logged, on the first WebSocket served, not on import)."""
     try:
         from uvicorn.protocols.websockets.websockets_sansio_impl import (
             WebSocketsSansIOProtocol,
@@ -213,7 +217,9 @@ def _sansio_send() -> Any:
         return None
     send = WebSocketsSansIOProtocol.send
     try:
-        digest = hashlib.sha256(inspect.getsource(send).encode()).hexdigest()
+        # whitespace aside: reformatting uvicorn's source changes nothing `try_send` relies on
+        source = "".join(inspect.getsource(send).split())
+        digest = hashlib.sha256(source.encode()).hexdigest()
     except (OSError, TypeError):  # pragma: no cover - installed without sources
         digest = ""
     if digest not in _CHECKED_SEND_SOURCES:
@@ -233,7 +239,6 @@ except ImportError:  # pragma: no cover - uvicorn's sansio implementation needs 
     _OPEN = None
 _SENDER_CODE = _sender_code()
 _SEND_CELL = _SENDER_CODE.co_freevars.index("send") if _SENDER_CODE is not None else 0
-_SANSIO_SEND = _sansio_send()
 
 
 def uvicorn_protocol(websocket: WebSocket) -> Any | None:
@@ -246,10 +251,10 @@ def uvicorn_protocol(websocket: WebSocket) -> Any | None:
             break
         send = send.__closure__[_SEND_CELL].cell_contents
     if (
-        _SANSIO_SEND is None
-        or _OPEN is None
+        _OPEN is None
         or not isinstance(send, MethodType)
-        or send.__func__ is not _SANSIO_SEND
+        or (sansio_send := _sansio_send()) is None
+        or send.__func__ is not sansio_send
     ):
         return None
     protocol = send.__self__
