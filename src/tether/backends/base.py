@@ -125,7 +125,10 @@ class Backend(Protocol):
 
     # Optional: `append_now(session, envelope) -> Accepted | Refused`, the same as `append`
     # without suspending, for a backend that stores in process. The hub then fans critical
-    # broadcasts out without a task per client; backends without it are awaited.
+    # broadcasts out without a task per client; backends without it are awaited. A backend
+    # with `append_now` that is neither `durable` nor `shared` is taken to keep its streams
+    # in the session's outbox (as memory does): acks are then settled in process and its
+    # `ack` is not called.
 
     async def start(self, events: BackendEvents) -> None: ...
 
