@@ -1,4 +1,4 @@
-"""In-process hub fixtures for the hub-only benchmarks: a transport whose `send` discards."""
+"""In-process hub fixtures for the hub-only benchmarks: transports that discard what they get."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ class NullTransport:
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed = True
+
+
+class SocketLikeTransport(NullTransport):
+    """A `NullTransport` that also takes every frame synchronously, as the `websockets`
+    adapter's `try_send` does when the socket can take it: the hub's real hot path (no
+    send task, no timeout), so the figures are the hub's and the backend's."""
+
+    __slots__ = ()
+
+    def try_send(self, data: str | bytes) -> bool:
+        self.frames += 1
+        return True
 
 
 async def connect_many(hub: Hub, count: int, prefix: str = "c") -> list[str]:

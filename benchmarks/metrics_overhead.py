@@ -17,7 +17,7 @@ from tether.clock import SystemClock
 from tether.metrics import HubMetrics
 
 from ._common import Result, check, cli_main, make_result, median, rnd
-from ._hubkit import connect_many
+from ._hubkit import SocketLikeTransport, connect_many
 
 NAME = "metrics_overhead"
 CLIENTS = 100
@@ -28,28 +28,6 @@ ACK_EVERY = 64  # tether.v1 receivers ack cumulatively every 64 messages (like t
 # "Flat": bounded whatever the number of events. What remains are int objects for counters
 # and histogram buckets past the small-int cache, and the bounded latency-sample buffer.
 FLAT = 64 * 1024
-
-
-class SocketLikeTransport:
-    """A `tether.Transport` that takes every frame synchronously, as the `websockets`
-    adapter's `try_send` does when the socket can take it: the hub's real hot path
-    (no send task, no timeout), so metrics are weighed against the cheapest delivery."""
-
-    __slots__ = ("closed", "frames")
-
-    def __init__(self) -> None:
-        self.frames = 0
-        self.closed = False
-
-    def try_send(self, data: str | bytes) -> bool:
-        self.frames += 1
-        return True
-
-    async def send(self, data: str | bytes) -> None:
-        self.frames += 1
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        self.closed = True
 
 
 Round = Callable[[int], Awaitable[int]]  # (first message number) -> deliveries made

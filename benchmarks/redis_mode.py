@@ -37,27 +37,11 @@ import redis.asyncio as aioredis
 from tether import Hub, HubConfig
 from tether.protocol import Hello
 
+from ._hubkit import SocketLikeTransport
+
 CLIENTS = 1000
 PRODUCERS = 100
 ACK_EVERY = 8  # broadcasts between a client's acks (tether.Client: 64 messages or 50 ms)
-
-
-class _Socket:
-    """A transport whose socket always takes the frame at once (`try_send`), as an open,
-    drained WebSocket does: the figures are the hub's and the backend's, not a mock's."""
-
-    def __init__(self) -> None:
-        self.frames = 0
-
-    def try_send(self, data: str | bytes) -> bool:
-        self.frames += 1
-        return True
-
-    async def send(self, data: str | bytes) -> None:
-        self.frames += 1
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        return None
 
 
 def _config(kind: str, url: str, prefix: str, cluster: bool) -> HubConfig:
@@ -75,7 +59,7 @@ def _config(kind: str, url: str, prefix: str, cluster: bool) -> HubConfig:
 
 async def _connect(hub: Hub, ids: list[str], *, v1: bool = False) -> None:
     for cid in ids:
-        await hub.connect(cid, _Socket(), hello=Hello(cid, 0) if v1 else None)
+        await hub.connect(cid, SocketLikeTransport(), hello=Hello(cid, 0) if v1 else None)
 
 
 async def _broadcast(hub: Hub, messages: int, *, v1: bool) -> dict[str, float]:

@@ -47,28 +47,12 @@ from tether.backends.sqlite import SqliteBackend
 from tether.backends.sqlite_store import MessageKind, NewMessage, SqliteStore
 from tether.protocol import Hello
 
+from ._hubkit import SocketLikeTransport
+
 CLIENTS = 1000
 PRODUCERS = 100
 ACK_EVERY = 8  # broadcasts between a client's acks (tether.Client: 64 messages or 50 ms)
 PAYLOAD = {"text": "x" * 64}
-
-
-class _Socket:
-    """A transport whose socket always takes the frame at once (`try_send`), as an open,
-    drained WebSocket does: the figures are the hub's and the backend's, not a mock's."""
-
-    def __init__(self) -> None:
-        self.frames = 0
-
-    def try_send(self, data: str | bytes) -> bool:
-        self.frames += 1
-        return True
-
-    async def send(self, data: str | bytes) -> None:
-        self.frames += 1
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        return None
 
 
 def _config(kind: str, path: Path, synchronous: str) -> HubConfig:
@@ -82,7 +66,7 @@ def _config(kind: str, path: Path, synchronous: str) -> HubConfig:
 
 async def _connect(hub: Hub, ids: list[str], *, v1: bool = False) -> None:
     for cid in ids:
-        await hub.connect(cid, _Socket(), hello=Hello(cid, 0) if v1 else None)
+        await hub.connect(cid, SocketLikeTransport(), hello=Hello(cid, 0) if v1 else None)
 
 
 async def _broadcast(hub: Hub, messages: int, *, v1: bool) -> dict[str, float]:
@@ -206,7 +190,7 @@ async def _startup(workdir: Path, backlog: int, sync: str, rounds: int) -> dict[
                     backend = hub.backend
                     assert isinstance(backend, SqliteBackend)
                     rows_at_start.append(backend.store.rows_loaded)
-                    socket = _Socket()
+                    socket = SocketLikeTransport()
                     start = time.perf_counter()
                     await hub.connect("c7", socket, hello=Hello("c7", 0))
                     first_connect.append(time.perf_counter() - start)
