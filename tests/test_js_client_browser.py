@@ -166,6 +166,9 @@ async def test_5000_critical_messages_survive_server_kills_and_a_page_drop(
                 await asyncio.sleep(0)
             if n in server_kills:
                 await until(lambda: live() is not None)  # every kill really cuts a connection
+                # ... one whose welcome the page has taken (a reconnect counts from then)
+                await page.wait_for_function("() => window.client.state === 'connected'")
+                await until(lambda: live() is not None)
                 live().transport.abort()  # drop TCP, no close handshake
                 kills += 1
             if n == page_drop:
