@@ -108,7 +108,7 @@ import contextvars
 import hashlib
 import logging
 import random
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -686,4 +686,7 @@ def spawn_logged(
 
     task = asyncio.ensure_future(guarded())
     tasks.add(task)
+    if isinstance(coroutine, Coroutine):
+        # A task cancelled before it ran never awaited `coroutine`: close it, quietly.
+        task.add_done_callback(lambda done: coroutine.close() if done.cancelled() else None)
     task.add_done_callback(tasks.discard)
