@@ -286,8 +286,9 @@ class DeliveryPipeline:
             client.dedup.record(key)
         for evicted in stored.evicted:
             acct.overflow(client)
-            if evicted.in_flight and evicted.seq is not None:
-                # Written, not yet acknowledged: delivered if an ack still covers it,
+            if (evicted.in_flight or evicted.written_once) and evicted.seq is not None:
+                # Written, not yet acknowledged (in flight, or back in the queue after its
+                # connection dropped): delivered if an ack or the next hello covers it,
                 # dropped when the stream moves on without it (`settle_evicted`).
                 client.outbox.evicted_unacked.add(evicted.seq)
             else:

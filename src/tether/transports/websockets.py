@@ -100,6 +100,7 @@ class WebSocketsTransport:
         if (
             protocol.state is not State.OPEN
             or ws.send_in_progress is not None
+            or ws.transport.is_closing()  # a failed write closed it; the library hears later
             or ws.transport.get_write_buffer_size() > WRITE_LIMIT
         ):
             return False
