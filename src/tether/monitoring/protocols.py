@@ -37,6 +37,7 @@ from ..transports.connection import (
     CONTROL_FRAME_RATE,
     WRITE_LIMIT,
     TokenBucket,
+    offer_frame,
     write_buffer_bound,
 )
 from ..transports.guard import ConnectionGuard, GuardStats
@@ -154,17 +155,17 @@ class TetherWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_text(self, event: Any) -> None:
         hook = self.frame_hook
-        if hook is not None and event.fin and self.queue.empty() and not self.close_sent:
-            # A whole text frame with nothing queued ahead of it: the session may settle
-            # it here (an ack) instead of queueing it for the app, waking its task and
-            # pausing and resuming the socket's reads for it.
-            try:
-                if hook(event.data.decode()):
-                    return
-            except UnicodeDecodeError:
-                pass  # uvicorn reports it (1007)
-            except Exception:
-                log.exception("tether: frame hook failed; the frame goes to the app")
+        # A whole text frame with nothing queued ahead of it: the session may settle it
+        # here (an ack) instead of queueing it for the app, waking its task and pausing
+        # and resuming the socket's reads for it.
+        if (
+            hook is not None
+            and event.fin
+            and self.queue.empty()
+            and not self.close_sent
+            and offer_frame(hook, event.data)
+        ):
+            return
         super().handle_text(event)
 
     def handle_ping(self) -> None:

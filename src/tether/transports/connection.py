@@ -30,6 +30,21 @@ log = logging.getLogger("tether.transports")
 # `Session.frame_now`, which would parse it only to hand it on.
 _ACK_FRAME_MAX = 128
 
+
+def offer_frame(hook: Callable[[str], bool], data: bytes | bytearray | memoryview) -> bool:
+    """Hand a whole text frame's bytes to a session's frame hook (`Session.frame_now`)
+    from an adapter's receive callback; True when the hook took it. Invalid UTF-8 and a
+    failing hook leave the frame to the adapter's usual path (which reports 1007 for the
+    former); a failure is logged, never raised into the server's protocol code."""
+    try:
+        return hook(str(data, "utf-8"))
+    except UnicodeDecodeError:
+        return False
+    except Exception:
+        log.exception("tether: frame hook failed; the frame goes the usual way")
+        return False
+
+
 SUBPROTOCOL = protocol.SUBPROTOCOL
 
 # Close codes after which a connection ended normally rather than failed.

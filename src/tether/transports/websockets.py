@@ -56,6 +56,7 @@ from .connection import (
     Session,
     TokenBucket,
     TooBig,
+    offer_frame,
     write_buffer_bound,
 )
 from .guard import ConnectionGuard, connection_guard
@@ -231,16 +232,15 @@ class GuardedServerConnection(ServerConnection):
             opcode = event.opcode
             if opcode is _TEXT:
                 hook = self.frame_hook
-                if hook is not None and event.fin and not _queued(self):
-                    # A whole text frame with nothing queued ahead of it: the session
-                    # may settle it here (an ack) instead of waking its task for it.
-                    try:
-                        if hook(str(event.data, "utf-8")):
-                            return
-                    except UnicodeDecodeError:
-                        pass  # the library reports it (1007)
-                    except Exception:
-                        log.exception("tether: frame hook failed; the frame goes to recv")
+                # A whole text frame with nothing queued ahead of it: the session may
+                # settle it here (an ack) instead of waking its task for it.
+                if (
+                    hook is not None
+                    and event.fin
+                    and not _queued(self)
+                    and offer_frame(hook, event.data)
+                ):
+                    return
             elif opcode in _CONTROL_OPCODES and not self.control_budget.take():
                 self.cut(f"more than {CONTROL_FRAME_RATE:g} pings/pongs per second")
                 return
