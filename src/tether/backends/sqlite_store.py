@@ -313,6 +313,23 @@ CREATE TABLE IF NOT EXISTS purge (sid INTEGER PRIMARY KEY);  -- dropped streams 
 
 _PENDING_COLUMNS = "seq, message_id, kind, data, created_ms, expires_ms, attempts"
 
+# Appended rows are inserted up to _INSERT_ROWS per statement (224 parameters, far under
+# SQLite's limits); the statement text for each row count is built once.
+_ROW_WIDTH = 7  # sid, seq, message_id, kind, data, created_ms, expires_ms
+_INSERT_ROWS = 32
+_INSERT_SQL: dict[int, str] = {}
+
+
+def _insert_sql(count: int) -> str:
+    sql = _INSERT_SQL.get(count)
+    if sql is None:
+        sql = _INSERT_SQL[count] = (
+            "INSERT INTO pending (sid, seq, message_id, kind, data, created_ms, expires_ms, "
+            "attempts) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, 0)"] * count)
+        )
+    return sql
+
+
 # _BLOB: message bytes are bound as a bytearray. sqlite3 binds int, float, str and
 # bytearray directly but sends `bytes` through its adapter lookup first (a key tuple, a
 # dict lookup, two attribute lookups): 1.6 vs 1.0 us per inserted row, measured.
@@ -437,7 +454,9 @@ class SqliteStore:
         # other operation reads the table; dropped on rollback.
         self._streams: dict[str, list[Any]] = {}
         self._dirty: set[str] = set()
-        self._rows: list[tuple[Any, ...]] = []  # appended rows, inserted at the flush
+        # Appended rows, flat (_ROW_WIDTH values each), inserted at the flush: flat so
+        # that a multi-row INSERT binds a slice of it as it is.
+        self._rows: list[Any] = []
         self._lock_fd: int | None = None
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -896,13 +915,15 @@ class SqliteStore:
 
     def _flush_streams(self, conn: sqlite3.Connection) -> None:
         """Insert the rows appends made and write the streams they changed back."""
-        if self._rows:
-            conn.executemany(
-                "INSERT INTO pending (sid, seq, message_id, kind, data, created_ms, "
-                "expires_ms, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                self._rows,
-            )
-            self._rows.clear()
+        rows = self._rows
+        if rows:
+            # Multi-row INSERTs, not executemany: one statement step per _INSERT_ROWS rows
+            # instead of one reset, bind and step per row (fewer instructions per send).
+            step = _INSERT_ROWS * _ROW_WIDTH
+            for start in range(0, len(rows), step):
+                part = rows[start : start + step]
+                conn.execute(_insert_sql(len(part) // _ROW_WIDTH), part)
+            rows.clear()
         if self._dirty:
             conn.executemany(
                 "UPDATE streams SET next_seq = ?, pending = ? WHERE sid = ?",
@@ -968,16 +989,14 @@ class SqliteStore:
                 (sid, sid, pending - max_size + 1),
             ).fetchall()
             evicted = tuple(sorted((_row_message(r) for r in rows), key=lambda m: m.seq))
-        self._rows.append(
-            (
-                sid,
-                next_seq,
-                message.message_id,
-                int(message.kind),
-                bytearray(message.data),  # see _BLOB
-                message.created_ms,
-                message.expires_ms,
-            )
+        self._rows += (
+            sid,
+            next_seq,
+            message.message_id,
+            int(message.kind),
+            bytearray(message.data),  # see _BLOB
+            message.created_ms,
+            message.expires_ms,
         )
         entry[2] = next_seq + 1
         entry[3] = pending + 1 - len(evicted)
@@ -1090,16 +1109,14 @@ class SqliteStore:
                 # The common case inline (a known stream with room, no dedup key): what
                 # `_append_step` does then, without its call and checks.
                 seq = entry[2]
-                rows.append(
-                    (
-                        entry[0],
-                        seq,
-                        message[0],
-                        int(message[2]),
-                        bytearray(message[1]),  # see _BLOB
-                        message[3],
-                        message[4],
-                    )
+                rows += (
+                    entry[0],
+                    seq,
+                    message[0],
+                    int(message[2]),
+                    bytearray(message[1]),  # see _BLOB
+                    message[3],
+                    message[4],
                 )
                 entry[2] = seq + 1
                 entry[3] += 1
