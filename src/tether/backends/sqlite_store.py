@@ -330,6 +330,21 @@ def _insert_sql(count: int) -> str:
     return sql
 
 
+_UPDATE_SQL: dict[int, str] = {}
+
+
+def _update_sql(count: int) -> str:
+    """The write-back of `count` streams' (next_seq, pending, sid) in one statement."""
+    sql = _UPDATE_SQL.get(count)
+    if sql is None:
+        sql = _UPDATE_SQL[count] = (
+            "UPDATE streams SET next_seq = v.column1, pending = v.column2 FROM (VALUES "
+            + ", ".join(["(?, ?, ?)"] * count)
+            + ") AS v WHERE streams.sid = v.column3"
+        )
+    return sql
+
+
 # _BLOB: message bytes are bound as a bytearray. sqlite3 binds int, float, str and
 # bytearray directly but sends `bytes` through its adapter lookup first (a key tuple, a
 # dict lookup, two attribute lookups): 1.6 vs 1.0 us per inserted row, measured.
@@ -925,10 +940,16 @@ class SqliteStore:
                 conn.execute(_insert_sql(len(part) // _ROW_WIDTH), part)
             rows.clear()
         if self._dirty:
-            conn.executemany(
-                "UPDATE streams SET next_seq = ?, pending = ? WHERE sid = ?",
-                [(e[2], e[3], e[0]) for e in (self._streams[c] for c in self._dirty)],
-            )
+            # Likewise one UPDATE ... FROM (VALUES ...) per _INSERT_ROWS streams.
+            streams = self._streams
+            values: list[int] = []
+            for client_id in self._dirty:
+                entry = streams[client_id]
+                values += (entry[2], entry[3], entry[0])
+            step = _INSERT_ROWS * 3
+            for start in range(0, len(values), step):
+                part = values[start : start + step]
+                conn.execute(_update_sql(len(part) // 3), part)
             self._dirty.clear()
 
     def _touch(self, conn: sqlite3.Connection, client_id: str | None = None) -> None:
