@@ -63,8 +63,16 @@ class MirroredSession(SessionView, Protocol):
 log = logging.getLogger("tether.sqlite")
 
 _DIRECT = Accepted(0, direct=True)  # the hub writes it; nothing is stored
+# An Enum class's attribute goes through EnumType.__getattr__'s slot (~0.3 us): read once.
+_DROP_OLDEST = OverflowPolicy.DROP_OLDEST
+_JSON, _TEXT, _BYTES = MessageKind.JSON, MessageKind.TEXT, MessageKind.BYTES
+# NewMessage(...) runs the NamedTuple's Python-level __new__; tuple.__new__ builds the
+# same record in C (what NamedTuple._make does), once per send.
+_new_message = tuple.__new__
 
 __all__ = ["SqliteBackend"]
+
+_Pending = tuple[SessionView, Envelope, "asyncio.Future[Accepted | Refused]", str | None, int, bool]
 
 
 def _ms(seconds: float) -> int:
@@ -106,9 +114,8 @@ class SqliteBackend(SingleNode):
         self._opening = asyncio.Lock()
         self._closed = False
         # Appends of the current event-loop turn, submitted together (see _submit_batch):
-        # their rows, and who sent them and waits for each.
-        self._batch: list[tuple[str, Envelope, str | None, int, bool]] = []
-        self._senders: list[tuple[SessionView, asyncio.Future[Accepted | Refused]]] = []
+        # (session, envelope, its sender's future, dedup key, max_size, drop_oldest).
+        self._batch: list[_Pending] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,11 +201,17 @@ class SqliteBackend(SingleNode):
         """`envelope` as a row; `offset` (wall minus hub clock, seconds) when the caller
         converts many at once."""
         data = envelope.data
-        if isinstance(data, bytes):
-            kind, raw = MessageKind.BYTES, data
+        raw = envelope.data_json
+        if data.__class__ is bytes:
+            kind, raw = _BYTES, data
+        elif raw is not None and raw[0] != 0x22:
+            # A JSON payload: `data` is these bytes decoded (the hub encoded it once). A
+            # text payload's JSON form, made when it was first written, is a JSON string,
+            # the only JSON that starts with a quote (0x22); orjson's output for any
+            # other value never does.
+            kind = _JSON
         else:
-            raw = data.encode("utf-8", "surrogatepass")
-            kind = MessageKind.JSON if envelope.data_json is not None else MessageKind.TEXT
+            kind, raw = _TEXT, data.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
         if offset is None:
             offset = self.clock.wall() - self.clock.now()  # hub-clock instants -> wall ms
         return NewMessage(
@@ -281,7 +294,7 @@ class SqliteBackend(SingleNode):
             return Refused.DUPLICATE if result is Refusal.DUPLICATE else Refused.FULL
         assert isinstance(result, Appended)
         seq = envelope.seq = result.seq
-        mirror = cast("MirroredSession", session)
+        mirror: MirroredSession = session  # type: ignore[assignment]  # cast() without a call
         # The mirror holds what the store holds, so under drop_oldest the outbox pushes
         # out the same oldest messages the store deleted; the store's list is the truth.
         outcome = session.outbox.push(envelope)
@@ -294,7 +307,7 @@ class SqliteBackend(SingleNode):
         if key is not None and session.dedup is not None:
             session.dedup.record(key)  # the local window answers best-effort checks cheaply
         if not result.evicted:
-            return Accepted(seq, (), epoch=result.epoch)
+            return Accepted(seq, (), (), False, result.epoch)  # positional: cheaper
         mine = {e.seq: e for e in outcome.evicted}
         evicted = tuple(mine.get(m.seq) or self._envelope(m) for m in result.evicted)
         return Accepted(seq, evicted, epoch=result.epoch)
@@ -305,28 +318,30 @@ class SqliteBackend(SingleNode):
         """Store a critical message (dedup check, seq, bound, TTL in one transaction) and
         mirror it into the session. Raises StoreError (a BackendError; StoreFullError when
         the disk is full): then nothing was stored."""
-        if not cast("MirroredSession", session).stream_known:
+        mirror: MirroredSession = session  # type: ignore[assignment]  # cast() without a call
+        if not mirror.stream_known:
             await self._ensure_loaded(session)
         outbox = session.outbox
         if envelope.direct and envelope.dedup_key is None and not outbox:
             return _DIRECT  # nothing held for this plain-mode client: the hub writes it
-        store = self.store
+        store = self._store or self.store  # the property raises when it is not open
         loop = asyncio.get_running_loop()
         # One future per sender: a sender cancelled while the commit runs must not
         # cancel the others' (awaiting a shared future would cancel it for all).
         waiter: asyncio.Future[Accepted | Refused] = loop.create_future()
-        if not self._batch:
+        batch = self._batch
+        if not batch:
             loop.call_soon(self._submit_batch, store)
-        self._batch.append(
+        batch.append(
             (
-                session.client_id,
+                session,
                 envelope,
+                waiter,
                 envelope.dedup_key if session.dedup is not None else None,
                 outbox.max_size,
-                outbox.policy is OverflowPolicy.DROP_OLDEST,
+                outbox.policy is _DROP_OLDEST,
             )
         )
-        self._senders.append((session, waiter))
         try:
             outcome = await waiter
         except BackendError as exc:
@@ -340,35 +355,54 @@ class SqliteBackend(SingleNode):
         operation (one queue entry, one wake-up, one conversion of the clock), then
         mirror each outcome into its session, in order, whether or not its sender still
         waits (a cancelled sender's message is stored), and settle each sender."""
-        batch, senders = self._batch, self._senders
-        self._batch, self._senders = [], []
+        batch = self._batch
+        self._batch = []
         if not batch:
             return
         clock = self.clock
         try:
             offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
-            rows = [
-                (cid, self._row(envelope, offset), key, max_size, drop_oldest)
-                for cid, envelope, key, max_size, drop_oldest in batch
-            ]
+            rows: list[tuple[str, NewMessage, str | None, int, bool]] = []
+            for session, envelope, _, key, max_size, drop_oldest in batch:
+                # `_row` inlined: once per send.
+                data = envelope.data
+                raw = envelope.data_json
+                if data.__class__ is bytes:
+                    kind, raw = _BYTES, data
+                elif raw is not None and raw[0] != 0x22:  # a JSON payload (see _row)
+                    kind = _JSON
+                else:
+                    kind, raw = _TEXT, data.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+                message = _new_message(
+                    NewMessage,
+                    (
+                        envelope.message_id,
+                        raw,
+                        kind,
+                        int((envelope.created_at + offset) * 1000),
+                        int((envelope.expires_at + offset) * 1000),
+                    ),
+                )
+                rows.append((session.client_id, message, key, max_size, drop_oldest))
             future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
         except Exception as exc:  # closed, a bad bound or row: every sender is told, none hangs
-            for _, waiter in senders:
-                if not waiter.done():
-                    waiter.set_exception(exc)
+            for item in batch:
+                if not item[2].done():
+                    item[2].set_exception(exc)
             return
 
         def settle(done: asyncio.Future[list[Appended | Refusal]]) -> None:
             error = done.exception() if not done.cancelled() else StoreClosedError("cancelled")
             if error is not None:
-                for _, waiter in senders:
-                    if not waiter.done():
-                        waiter.set_exception(error)
+                for item in batch:
+                    if not item[2].done():
+                        item[2].set_exception(error)
                 return
             accepted = self._accepted
-            for (session, waiter), item, result in zip(senders, batch, done.result(), strict=True):
+            results = done.result()
+            for (session, envelope, waiter, _, _, _), result in zip(batch, results, strict=True):
                 try:
-                    outcome = accepted(session, item[1], result)
+                    outcome = accepted(session, envelope, result)
                 except Exception as exc:  # a bug in mirroring: that sender is told, no hang
                     if not waiter.done():
                         waiter.set_exception(exc)
