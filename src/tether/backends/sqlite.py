@@ -75,6 +75,22 @@ __all__ = ["SqliteBackend"]
 _Pending = tuple[SessionView, Envelope, "asyncio.Future[Accepted | Refused]", str | None, int, bool]
 
 
+def _kind_and_bytes(envelope: Envelope) -> tuple[MessageKind, bytes]:
+    """How a payload is stored: its kind and its bytes (the hub's JSON bytes reused)."""
+    data = envelope.data
+    if data.__class__ is bytes:
+        return _BYTES, data
+    raw = envelope.data_json
+    # A JSON payload carries its encoding from the start, and `data` is it decoded. A
+    # text payload gets a JSON form too once written to a tether.v1 client: a JSON
+    # string, so it starts with a quote, and it is never equal to the text itself. A
+    # JSON payload may start with a quote as well (a datetime, a UUID): then the
+    # comparison tells them apart.
+    if raw is not None and (raw[0] != 0x22 or raw.decode() == data):
+        return _JSON, raw
+    return _TEXT, data.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -200,26 +216,18 @@ class SqliteBackend(SingleNode):
     def _row(self, envelope: Envelope, offset: float | None = None) -> NewMessage:
         """`envelope` as a row; `offset` (wall minus hub clock, seconds) when the caller
         converts many at once."""
-        data = envelope.data
-        raw = envelope.data_json
-        if data.__class__ is bytes:
-            kind, raw = _BYTES, data
-        elif raw is not None and raw[0] != 0x22:
-            # A JSON payload: `data` is these bytes decoded (the hub encoded it once). A
-            # text payload's JSON form, made when it was first written, is a JSON string,
-            # the only JSON that starts with a quote (0x22); orjson's output for any
-            # other value never does.
-            kind = _JSON
-        else:
-            kind, raw = _TEXT, data.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
         if offset is None:
             offset = self.clock.wall() - self.clock.now()  # hub-clock instants -> wall ms
-        return NewMessage(
-            envelope.message_id,
-            raw,
-            kind,
-            int((envelope.created_at + offset) * 1000),
-            int((envelope.expires_at + offset) * 1000),
+        kind, raw = _kind_and_bytes(envelope)
+        return _new_message(
+            NewMessage,
+            (
+                envelope.message_id,
+                raw,
+                kind,
+                int((envelope.created_at + offset) * 1000),
+                int((envelope.expires_at + offset) * 1000),
+            ),
         )
 
     def _envelope(self, message: StoredMessage) -> Envelope:
@@ -364,25 +372,7 @@ class SqliteBackend(SingleNode):
             offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
             rows: list[tuple[str, NewMessage, str | None, int, bool]] = []
             for session, envelope, _, key, max_size, drop_oldest in batch:
-                # `_row` inlined: once per send.
-                data = envelope.data
-                raw = envelope.data_json
-                if data.__class__ is bytes:
-                    kind, raw = _BYTES, data
-                elif raw is not None and raw[0] != 0x22:  # a JSON payload (see _row)
-                    kind = _JSON
-                else:
-                    kind, raw = _TEXT, data.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
-                message = _new_message(
-                    NewMessage,
-                    (
-                        envelope.message_id,
-                        raw,
-                        kind,
-                        int((envelope.created_at + offset) * 1000),
-                        int((envelope.expires_at + offset) * 1000),
-                    ),
-                )
+                message = self._row(envelope, offset)
                 rows.append((session.client_id, message, key, max_size, drop_oldest))
             future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
         except Exception as exc:  # closed, a bad bound or row: every sender is told, none hangs
