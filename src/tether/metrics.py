@@ -96,22 +96,31 @@ class LatencyHistogram:
     def _fold_locked(self) -> None:
         buffered = self.pending  # the same list: `Accounting` appends to it directly
         size = len(buffered)
-        pending = sorted(buffered[:size])
+        if not size:  # another thread folded them while this one waited for the lock
+            return
+        batch = buffered[:size]
         del buffered[:size]  # samples appended meanwhile (another thread) stay
+        batch.sort()  # in place: the copy above is the only one
         buckets, bounds = self.buckets, _UPPER_BOUNDS
         last = len(bounds)
-        size = len(pending)
+        # Walk the bucket bounds upwards, one binary search of the sorted batch per
+        # bucket that holds samples; a run of empty buckets is skipped with one search
+        # of the bounds.
         i = 0
-        while i < size:
-            index = _bucket_of(bounds, pending[i])
-            if index >= last:  # the open-ended last bucket takes the rest
-                buckets[index] += size - i
-                break
-            j = _first_at_or_above(pending, bounds[index], i)
+        index = _bucket_of(bounds, batch[0])
+        while index < last:
+            j = _first_at_or_above(batch, bounds[index], i)
             buckets[index] += j - i
+            if j == size:
+                break
             i = j
+            index += 1
+            if index < last and batch[i] >= bounds[index]:
+                index = _bucket_of(bounds, batch[i], index)
+        else:  # the open-ended last bucket takes the rest
+            buckets[last] += size - i
         self.count += size
-        self.total += sum(pending)
+        self.total += sum(batch)
 
 
 # Samples buffered before binning: 512 floats (~16 KiB) at most, whatever the traffic.
