@@ -22,12 +22,15 @@ class Accounting:
     (they are cheap and rare). This class is the only code that knows that difference.
     """
 
-    __slots__ = ("_detailed", "_latency", "_sample", "_samples", "metrics", "totals")
+    __slots__ = ("_detailed", "_latency", "_sample", "_samples", "metrics", "timed", "totals")
 
     def __init__(self, metrics: HubMetrics) -> None:
         self.metrics = metrics
         self.totals: Counters = metrics.counters
         self._detailed = metrics.enabled
+        # Whether `delivered` needs a clock reading (latency is recorded): an attribute,
+        # read once per delivery, not a property call.
+        self.timed = metrics.enabled
         self._latency = metrics.latency
         # A delivery's latency sample is a list append (the histogram bins them in batches).
         self._samples = metrics.latency.pending
@@ -84,11 +87,6 @@ class Accounting:
     def delivered_total(self) -> int:
         """Messages delivered so far, hub-wide."""
         return self.metrics.total("messages_delivered")
-
-    @property
-    def timed(self) -> bool:
-        """Whether `delivered` needs a clock reading (latency is recorded)."""
-        return self._detailed
 
     def queued(self, client: ClientSession) -> None:
         client.stats.counters.messages_queued += 1
