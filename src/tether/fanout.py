@@ -173,6 +173,7 @@ class FanOut:
             items.append((client, envelope, client.connected))
         slices = [items[i : i + _STORE_SLICE] for i in range(0, len(items), _STORE_SLICE)]
         stored = [asyncio.ensure_future(self._backend.append_many(part)) for part in slices]
+        write_now, written_directly = pipeline.writer.write_now, pipeline.written_directly
         for part, pending in zip(slices, stored, strict=True):
             outcomes = await pending
             now = pipeline.clock.now()
@@ -182,8 +183,8 @@ class FanOut:
                     results.append(pipeline.store_failed(client, envelope, outcome))
                     continue
                 if isinstance(outcome, Accepted) and outcome.direct:
-                    if pipeline.writer.write_now(client, envelope.data) is OK:
-                        results.append(pipeline.written_directly(client, envelope))
+                    if write_now(client, envelope.data) is OK:
+                        results.append(written_directly(client, envelope, now))
                     else:  # the socket did not take it: stored after all, in order
                         unwritten.append(client)
                     continue

@@ -193,11 +193,15 @@ class DeliveryPipeline:
             envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
         return await self._accept(client, envelope, direct=False)
 
-    def written_directly(self, client: ClientSession, envelope: Envelope) -> SendResult:
-        """Count a message written without being stored (plain mode: delivered)."""
+    def written_directly(
+        self, client: ClientSession, envelope: Envelope, now: float | None = None
+    ) -> SendResult:
+        """Count a message written without being stored (plain mode: delivered); `now`:
+        the clock read once for a batch of such writes (a broadcast's)."""
         envelope.written_once = True
         self._acct.sent(client)
-        now = self.clock.now()  # one reading for the latency sample and last_seen
+        if now is None:
+            now = self.clock.now()  # one reading for the latency sample and last_seen
         self.delivered(client, envelope, now)
         client.last_seen = now
         return SendResult(SendStatus.SENT, client.client_id, envelope.message_id)

@@ -67,8 +67,8 @@ end
 #          message may have succeeded without a reply, so look for its id in the stream
 #          first (a scan of the pending entries, only on this rare path); 4 = direct: a
 #          plain-mode client connected to the calling node with nothing queued there; if
-#          the stream holds nothing beyond the node's mirror, answer "W" (write it, do
-#          not store it)
+#          the stream holds nothing beyond the node's mirror, answer 0 (write it, do
+#          not store it: an integer, the cheapest reply to send and parse)
 #   floor: numbering continues above it (the highest seq this node's mirror has seen)
 #   known: the highest seq this node's mirror holds (-1: no mirror, the client is not
 #          connected here); entries between it and the new seq (stored by other nodes)
@@ -77,7 +77,7 @@ end
 #          one means the stream was recreated under a connected client, and a counter
 #          below `floor` in the same epoch that it was rolled back (a failover lost writes):
 #          either way the item says `changed`
-# Returns per item: "D|seq it was stored with" duplicate, "W" write directly, "F" full, the
+# Returns per item: "D|seq it was stored with" duplicate, 0 write directly, "F" full, the
 # seq alone (an integer) when stored in the epoch the caller expects with nothing else to
 # say (the common case: no string to build or parse), or
 # "seq|changed|epoch|holder" (holder: the presence value when the client is not
@@ -141,7 +141,7 @@ while pos <= #blob do
     -- Nothing of this client's is held anywhere beyond what the node has: it writes the
     -- message directly (plain mode: written is delivered). Only for messages without a
     -- dedup key: a key recorded for a write that then failed would claim a delivery.
-    results[i] = 'W'
+    results[i] = 0
   else
     local epoch, s, k = state[1], tonumber(state[2] or '0'), tonumber(state[3] or '0')
     if not epoch then
