@@ -19,7 +19,7 @@ from .writes import OK, delivering
 
 log = logging.getLogger("tether")
 
-_STORE_SLICE = 256  # a broadcast's copies per store request (see redis_batch.PIPELINE_ITEMS)
+_STORE_SLICE = 128  # a broadcast's copies per store request: one pipeline (PIPELINE_ITEMS)
 
 
 class FanOut:
@@ -160,19 +160,27 @@ class FanOut:
         trims: Trims,
         unwritten: list[ClientSession],
     ) -> list[SendResult]:
-        """Store a copy for each client (locks held), in slices all sent at once — the
-        store works on the next slice while this process writes the copies of the first.
-        A plain-mode client the store clears for direct delivery is written to without a
-        stored copy; one whose socket does not take it goes to `unwritten`."""
+        """Store a copy for each client (locks held), in slices each sent as soon as it is
+        built — the store works on the first slice while this process builds the next,
+        and on the next ones while it writes the copies of the first. A plain-mode client
+        the store clears for direct delivery is written to without a stored copy; one
+        whose socket does not take it goes to `unwritten`."""
         pipeline = self._pipeline
         results: list[SendResult] = []
-        items = []
-        for client in free:
-            envelope = copy_for_client(template)
-            envelope.direct = may_write_directly(client, envelope)
-            items.append((client, envelope, client.connected))
-        slices = [items[i : i + _STORE_SLICE] for i in range(0, len(items), _STORE_SLICE)]
-        stored = [asyncio.ensure_future(self._backend.append_many(part)) for part in slices]
+        slices = []
+        stored = []
+        append_many = self._backend.append_many
+        for start in range(0, len(free), _STORE_SLICE):
+            if start:
+                # the previous slice's task submits it, and the store's batcher sends it
+                await asyncio.sleep(0)
+            part = []
+            for client in free[start : start + _STORE_SLICE]:
+                envelope = copy_for_client(template)
+                envelope.direct = may_write_directly(client, envelope)
+                part.append((client, envelope, client.connected))
+            slices.append(part)
+            stored.append(asyncio.ensure_future(append_many(part)))
         write_now, written_directly = pipeline.writer.write_now, pipeline.written_directly
         for part, pending in zip(slices, stored, strict=True):
             outcomes = await pending

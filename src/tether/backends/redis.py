@@ -425,13 +425,12 @@ class RedisBackend:
         if gate:
             self._gate()
         texts = self._items(items, probe=not gate)
-        first = items[0][1]
-        if self._cluster:
-            group = self._group
-            entries = [(group(s.client_id), t) for (s, _, _), t in zip(items, texts, strict=True)]
-        else:
-            entries = [(0, t) for t in texts]
-        return self._b.submit("append", entries, self.wire.payload(first))
+        payload = self.wire.payload(items[0][1])
+        if not self._cluster:
+            return self._b.submit_group("append", 0, texts, payload)
+        group = self._group
+        entries = [(group(s.client_id), t) for (s, _, _), t in zip(items, texts, strict=True)]
+        return self._b.submit("append", entries, payload)
 
     def _accepted(self, session: StreamState, envelope: Envelope, reply: Any) -> Accepted | Refused:
         if reply.__class__ is int:

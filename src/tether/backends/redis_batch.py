@@ -47,13 +47,25 @@ class _Ticket:
 
 
 @dataclass(slots=True)
+class _Run:
+    """Consecutive items of one submission, one script and one key group: their replies
+    are a slice of the ticket's (`start` onward), or, with `start` -1, the one item's
+    reply is `sink`'s result itself."""
+
+    sink: Any  # a _Ticket, or the future of a single item
+    start: int
+    texts: list[str]
+    payload: bytes | None
+
+
+@dataclass(slots=True)
 class _Call:
-    """One script call being filled: items of one script and key group."""
+    """One script call being filled: runs of items of one script and key group."""
 
     script: str
     group: Hashable
-    # (ticket, index in it, item, payload); index -1: the sink is the item's own future
-    items: list[tuple[Any, int, str, bytes | None]] = field(default_factory=list)
+    runs: list[_Run] = field(default_factory=list)
+    size: int = 0  # items in all runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +96,7 @@ class StreamBatcher:
         self._queue: dict[tuple[str, Hashable], _Call] = {}
         self._in_flight = 0
         self._scheduled = False
+        self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # the one loop it runs on
         self.pipelines = 0  # pipelines sent, for tests and benchmarks
@@ -97,23 +110,27 @@ class StreamBatcher:
     ) -> asyncio.Future[list[Any]]:
         """Queue items `(group, item string)`; the future gets their replies, in order.
         `payload` (shared by these items) is sent once per call however many use it."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        if not entries:
-            future.set_result([])
-            return future
-        ticket = _Ticket(future, [None] * len(entries), len(entries))
-        queue = self._queue
-        for index, (group, item) in enumerate(entries):
-            call = queue.get((script, group))
-            if call is None:
-                call = queue[(script, group)] = _Call(script, group)
-            call.items.append((ticket, index, item, payload))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._start)
+        future, ticket = self._ticket(len(entries))
+        if ticket is not None:
+            start = 0
+            while start < len(entries):  # one run per stretch of one group
+                group = entries[start][0]
+                end = start + 1
+                while end < len(entries) and entries[end][0] == group:
+                    end += 1
+                texts = [text for _, text in entries[start:end]]
+                self._queue_run(script, group, _Run(ticket, start, texts, payload))
+                start = end
+        return future
+
+    def submit_group(
+        self, script: str, group: Hashable, texts: list[str], payload: bytes | None = None
+    ) -> asyncio.Future[list[Any]]:
+        """`submit` for items that all join one key group (everything on a single Redis):
+        one run, whatever their number."""
+        future, ticket = self._ticket(len(texts))
+        if ticket is not None:
+            self._queue_run(script, group, _Run(ticket, 0, texts, payload))
         return future
 
     def submit_one(
@@ -125,30 +142,60 @@ class StreamBatcher:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        self._queue_run(script, group, _Run(future, -1, [item], payload))
+        return future
+
+    def _ticket(self, count: int) -> tuple[asyncio.Future[list[Any]], _Ticket | None]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not count:
+            future.set_result([])
+            return future, None
+        return future, _Ticket(future, [None] * count, count)
+
+    def _queue_run(self, script: str, group: Hashable, run: _Run) -> None:
+        if self._closed:
+            self._fail(_Call(script, group, [run]), BackendError("backend closed"))
+            return
         call = self._queue.get((script, group))
         if call is None:
             call = self._queue[(script, group)] = _Call(script, group)
-        call.items.append((future, -1, item, payload))
+        call.runs.append(run)
+        call.size += len(run.texts)
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._start)
-        return future
+            asyncio.get_running_loop().call_soon(self._start)
 
     def _start(self) -> None:
         self._scheduled = False
-        if not self._queue or self._in_flight >= self._max_in_flight:
+        if not self._queue or self._in_flight >= self._max_in_flight or self._closed:
             return  # a running pipeline starts the next one when it ends
         calls, self._queue = list(self._queue.values()), {}
         pipelines: list[list[_Call]] = [[]]
-        size = 0
+        room = PIPELINE_ITEMS
         for call in calls:
-            for i in range(0, len(call.items), PIPELINE_ITEMS):
-                part = call.items[i : i + PIPELINE_ITEMS]
-                if size and size + len(part) > PIPELINE_ITEMS:
-                    pipelines.append([])
-                    size = 0
-                pipelines[-1].append(_Call(call.script, call.group, part))
-                size += len(part)
+            part = _Call(call.script, call.group)
+            for run in call.runs:
+                texts, start, offset = run.texts, run.start, 0
+                while offset < len(texts):
+                    if not room:  # this pipeline is full: the rest goes into the next
+                        if part.runs:
+                            pipelines[-1].append(part)
+                            part = _Call(call.script, call.group)
+                        pipelines.append([])
+                        room = PIPELINE_ITEMS
+                    take = min(room, len(texts) - offset)
+                    piece = texts if take == len(texts) else texts[offset : offset + take]
+                    part.runs.append(
+                        _Run(run.sink, start + offset if start >= 0 else -1, piece, run.payload)
+                    )
+                    part.size += take
+                    offset += take
+                    room -= take
+            if part.runs:
+                pipelines[-1].append(part)
         for chunks in pipelines:
             self._in_flight += 1
             task = asyncio.ensure_future(self._flush(chunks))
@@ -194,23 +241,29 @@ class StreamBatcher:
                 self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script} failed: {reply}"))
             elif isinstance(reply, Exception):
                 self._fail(chunk, BackendError(f"Redis {chunk.script} failed: {reply}"))
+            elif not isinstance(reply, list) or len(reply) != chunk.size:
+                # not what the script returns: a bug, but every future still gets an answer
+                self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script}: bad reply {reply!r:.80}"))
             else:
-                for (ticket, index, _, _), value in zip(chunk.items, reply, strict=True):
-                    if index < 0:
-                        if not ticket.done():
-                            ticket.set_result(value)
-                        continue
-                    ticket.replies[index] = value
-                    ticket.missing -= 1
-                    if ticket.missing == 0 and not ticket.future.done():
-                        ticket.future.set_result(ticket.replies)
+                offset = 0
+                for run in chunk.runs:
+                    sink, start, count = run.sink, run.start, len(run.texts)
+                    if start < 0:
+                        if not sink.done():
+                            sink.set_result(reply[offset])
+                    else:
+                        sink.replies[start : start + count] = reply[offset : offset + count]
+                        sink.missing -= count
+                        if sink.missing == 0 and not sink.future.done():
+                            sink.future.set_result(sink.replies)
+                    offset += count
         if missing:
             await self._send(missing, retry_noscript=False)
 
     @staticmethod
     def _fail(chunk: _Call, failure: BackendError) -> None:
-        for ticket, index, _, _ in chunk.items:
-            future = ticket if index < 0 else ticket.future
+        for run in chunk.runs:
+            future = run.sink if run.start < 0 else run.sink.future
             if not future.done():
                 future.set_exception(failure)
 
@@ -221,23 +274,24 @@ class StreamBatcher:
         index: dict[int, int] = {}
         payloads: list[bytes] = []
         parts: list[str] = []
-        append = parts.append
-        last, prefix = None, ""
-        for _, _, item, payload in chunk.items:
+        for run in chunk.runs:
+            payload = run.payload
             if payload is None:
-                append(item)
+                parts.extend(run.texts)
                 continue
-            if payload is not last:  # a broadcast's copies share one payload, in a row
-                position = index.get(id(payload))
-                if position is None:
-                    position = index[id(payload)] = len(index) + 1
-                    payloads.append(payload)
-                last, prefix = payload, f"{position}|"
-            append(prefix)
-            append(item)
+            position = index.get(id(payload))
+            if position is None:
+                position = index[id(payload)] = len(index) + 1
+                payloads.append(payload)
+            prefix = f"{position}|"  # a run's items share one payload: joined at once
+            parts.append(prefix)
+            parts.append(prefix.join(run.texts))
         return Request(chunk.script, chunk.group, b"".join(payloads), "".join(parts))
 
     async def close(self) -> None:
+        """Cancel what is in flight (those outcomes are unknown) and fail what is queued;
+        later submissions fail at once."""
+        self._closed = True  # a pipeline ending now must not start the next
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
