@@ -193,8 +193,13 @@ while pos <= #blob do
       end
       redis.call('HSET', meta, 's', s)
       if dflag then redis.call('SET', dd, s, 'PX', dedup_ms) end
-      -- an empty stream may have been created just now, without an expiry
-      extend(meta, out, k, keep, len == 0)
+      if k < now + keep then
+        extend(meta, out, k, keep, true)
+      elseif len == 0 then
+        -- an empty stream may have been created just now, without an expiry: it gets
+        -- the meta's deadline (the keys expire together), one call instead of three
+        redis.call('PEXPIREAT', out, k)
+      end
       local changed = '0'
       if (expect ~= '' and expect ~= epoch) or rolled_back then changed = '1' end
       local gap = {}
