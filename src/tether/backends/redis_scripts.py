@@ -133,11 +133,19 @@ while pos <= #blob do
       end
     end
   end
-  local state = prior or redis.call('HMGET', meta, 'e', 's', 'k')
+  local state = prior
+  if not prior then
+    if direct and not dflag and expect == '' and known == 0
+        and redis.call('EXISTS', meta, out) == 0 then
+      state = false  -- no key at all (a plain client never stored for): one call
+    else
+      state = redis.call('HMGET', meta, 'e', 's', 'k')
+    end
+  end
   if prior then
     results[i] = 'D|' .. prior
-  elseif direct and not dflag and (state[1] or '') == expect
-      and tonumber(state[2] or '0') == known and redis.call('XLEN', out) == 0 then
+  elseif state == false or (direct and not dflag and (state[1] or '') == expect
+      and tonumber(state[2] or '0') == known and redis.call('XLEN', out) == 0) then
     -- Nothing of this client's is held anywhere beyond what the node has: it writes the
     -- message directly (plain mode: written is delivered). Only for messages without a
     -- dedup key: a key recorded for a write that then failed would claim a delivery.
