@@ -37,11 +37,6 @@ _IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 # A turn's work beyond this many items goes out as several pipelines on several
 # connections: Redis runs the next while this process handles the replies of the first.
 PIPELINE_ITEMS = 128
-# A turn with more items than this goes out as two pipelines at least: while Redis runs
-# the second, this process already handles the replies of the first (and the producers
-# they wake submit their next items), so the two sides work at the same time instead of
-# taking turns — the pattern of many producers each awaiting its own send.
-SPLIT_ITEMS = 32
 
 
 @dataclass(slots=True)
@@ -179,9 +174,7 @@ class StreamBatcher:
             return  # a running pipeline starts the next one when it ends
         calls, self._queue = list(self._queue.values()), {}
         pipelines: list[list[_Call]] = [[]]
-        total = sum(call.size for call in calls)
-        share = PIPELINE_ITEMS if total > 2 * PIPELINE_ITEMS else max(SPLIT_ITEMS, -(-total // 2))
-        room = share
+        room = PIPELINE_ITEMS
         for call in calls:
             part = _Call(call.script, call.group)
             for run in call.runs:
@@ -192,7 +185,7 @@ class StreamBatcher:
                             pipelines[-1].append(part)
                             part = _Call(call.script, call.group)
                         pipelines.append([])
-                        room = share
+                        room = PIPELINE_ITEMS
                     take = min(room, len(texts) - offset)
                     piece = texts if take == len(texts) else texts[offset : offset + take]
                     part.runs.append(
