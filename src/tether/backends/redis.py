@@ -436,7 +436,9 @@ class RedisBackend:
         if reply.__class__ is int:
             if reply == 0:  # cleared for a direct write (a stored message's seq is >= 1)
                 return _DIRECT
-            envelope.seq = reply  # stored in the epoch the session mirrors (the item's)
+            # stored in the epoch the session mirrors (the item's), or for a client
+            # connected nowhere, whose session mirrors nothing
+            envelope.seq = reply
             return Accepted(reply, (), (), False, session.epoch, None)
         if isinstance(reply, list):
             head, evicted, gap, expired = reply

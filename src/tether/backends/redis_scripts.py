@@ -78,8 +78,9 @@ end
 #          below `floor` in the same epoch that it was rolled back (a failover lost writes):
 #          either way the item says `changed`
 # Returns per item: "D|seq it was stored with" duplicate, 0 write directly, "F" full, the
-# seq alone (an integer) when stored in the epoch the caller expects with nothing else to
-# say (the common case: no string to build or parse), or
+# seq alone (an integer) when stored with nothing else to say — in the epoch the caller
+# expects, or for a client connected nowhere (the common cases: no string to build or
+# parse), or
 # "seq|changed|epoch|holder" (holder: the presence value when the client is not
 # connected here, '' otherwise, so the caller can ring that node) — or {that string,
 # evicted entries, gap entries, expired entries} when any is non-empty (expired: found
@@ -217,8 +218,10 @@ while pos <= #blob do
       local holder = ''
       if known < 0 then holder = redis.call('GET', base .. '#p') or '' end
       local extra = #evicted > 0 or #gap > 0 or #expired > 0
-      if not extra and changed == '0' and holder == '' and expect ~= '' then
-        results[i] = s  -- the common case: stored in the epoch the caller mirrors
+      if not extra and changed == '0' and holder == '' and (expect ~= '' or known < 0) then
+        -- the common cases: stored in the epoch the caller mirrors, or for a client
+        -- connected nowhere (the caller has no mirror, so no use for the epoch)
+        results[i] = s
       else
         local head = s .. '|' .. changed .. '|' .. epoch .. '|' .. holder
         if extra then
