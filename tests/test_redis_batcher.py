@@ -69,7 +69,7 @@ def test_every_submission_gets_its_own_replies_in_order(plan: list[tuple[str, in
                     (future, [f"{g}:{t[:-1]}" for g, t in zip(groups, texts, strict=True)])
                 )
         for future, expected in futures:
-            reply = await future
+            reply = await asyncio.wait_for(future, 30)  # a lost reply fails, never hangs
             assert (reply if isinstance(reply, list) else [reply]) == expected
         for requests in redis.pipelines:
             items = sum(r.items.count(";") for r in requests)

@@ -48,14 +48,15 @@ class _Ticket:
 
 @dataclass(slots=True)
 class _Run:
-    """Consecutive items of one submission, one script and one key group: their replies
-    are a slice of the ticket's (`start` onward), or, with `start` -1, the one item's
-    reply is `sink`'s result itself."""
+    """Items of one submission, one script and one key group: their replies go to the
+    ticket's positions `indices` (None: consecutive, from `start` on), or, with `start`
+    -1, the one item's reply is `sink`'s result itself."""
 
     sink: Any  # a _Ticket, or the future of a single item
     start: int
     texts: list[str]
     payload: bytes | None
+    indices: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -111,16 +112,18 @@ class StreamBatcher:
         """Queue items `(group, item string)`; the future gets their replies, in order.
         `payload` (shared by these items) is sent once per call however many use it."""
         future, ticket = self._ticket(len(entries))
-        if ticket is not None:
-            start = 0
-            while start < len(entries):  # one run per stretch of one group
-                group = entries[start][0]
-                end = start + 1
-                while end < len(entries) and entries[end][0] == group:
-                    end += 1
-                texts = [text for _, text in entries[start:end]]
-                self._queue_run(script, group, _Run(ticket, start, texts, payload))
-                start = end
+        if ticket is None:
+            return future
+        # one run per group (a Cluster node), in submission order within it
+        by_group: dict[Hashable, tuple[list[int], list[str]]] = {}
+        for index, (group, text) in enumerate(entries):
+            run = by_group.get(group)
+            if run is None:
+                run = by_group[group] = ([], [])
+            run[0].append(index)
+            run[1].append(text)
+        for group, (indices, texts) in by_group.items():
+            self._queue_run(script, group, _Run(ticket, indices[0], texts, payload, indices))
         return future
 
     def submit_group(
@@ -188,8 +191,17 @@ class StreamBatcher:
                         room = PIPELINE_ITEMS
                     take = min(room, len(texts) - offset)
                     piece = texts if take == len(texts) else texts[offset : offset + take]
+                    indices = run.indices
+                    if indices is not None and take != len(texts):
+                        indices = indices[offset : offset + take]
                     part.runs.append(
-                        _Run(run.sink, start + offset if start >= 0 else -1, piece, run.payload)
+                        _Run(
+                            run.sink,
+                            start + offset if start >= 0 else -1,
+                            piece,
+                            run.payload,
+                            indices,
+                        )
                     )
                     part.size += take
                     offset += take
@@ -252,7 +264,14 @@ class StreamBatcher:
                         if not sink.done():
                             sink.set_result(reply[offset])
                     else:
-                        sink.replies[start : start + count] = reply[offset : offset + count]
+                        if run.indices is None:
+                            sink.replies[start : start + count] = reply[offset : offset + count]
+                        else:
+                            replies = sink.replies
+                            for index, value in zip(
+                                run.indices, reply[offset : offset + count], strict=True
+                            ):
+                                replies[index] = value
                         sink.missing -= count
                         if sink.missing == 0 and not sink.future.done():
                             sink.future.set_result(sink.replies)
