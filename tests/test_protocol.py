@@ -35,6 +35,7 @@ from tether.protocol import (
     ServerRejected,
     Welcome,
     Welcomed,
+    ack_seq_of,
     decode_client_frame,
     decode_data,
     decode_server_frame,
@@ -384,6 +385,85 @@ def test_server_happy_path() -> None:
     assert server.receive('{"type":"publish","data":{"q":1}}') == Publish({"q": 1})
     assert server.receive('{"type":"ack","seq":2}') == Ack(2)
     assert server.acked == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "seq"),
+    [
+        ('{"type":"ack","seq":0}', 0),
+        ('{"type":"ack","seq":7}', 7),
+        (f'{{"type":"ack","seq":{MAX_SEQ}}}', MAX_SEQ),
+        # valid acks spelled differently: not the fast path, the full parser takes them
+        ('{"type":"ack", "seq":7}', None),
+        ('{"seq":7,"type":"ack"}', None),
+        ('{"type":"ack","seq":7,"x":1}', None),
+        # not acks the full parser accepts: never recognised
+        ('{"type":"ack","seq":07}', None),
+        ('{"type":"ack","seq":-1}', None),
+        ('{"type":"ack","seq":1.0}', None),
+        ('{"type":"ack","seq":1e3}', None),
+        ('{"type":"ack","seq":\u0663}', None),
+        ('{"type":"ack","seq":٣}', None),
+        ('{"type":"ack","seq":²}', None),
+        ('{"type":"ack","seq":1_0}', None),
+        ('{"type":"ack","seq":}', None),
+        ('{"type":"ack","seq":1}\n', None),
+        (f'{{"type":"ack","seq":{MAX_SEQ + 1}}}', None),
+        ('{"type":"ack","seq":12345678901234567}', None),
+        (b'{"type":"ack","seq":1}', None),
+    ],
+)
+def test_ack_seq_of_recognises_only_the_canonical_ack(raw: str | bytes, seq: int | None) -> None:
+    assert ack_seq_of(raw) == seq
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.integers(min_value=-5, max_value=2**64).map(lambda n: f'{{"type":"ack","seq":{n}}}'),
+        st.text(alphabet='{}":,ackqstype0123456789 -.e', max_size=30),
+        st.text(max_size=8).map(lambda t: '{"type":"ack","seq":' + t + "}"),
+    )
+)
+def test_ack_fast_path_agrees_with_the_full_parser(raw: str) -> None:
+    try:
+        full: Any = decode_client_frame(raw)
+    except ProtocolError:
+        full = None
+    fast = ack_seq_of(raw)
+    if fast is not None:
+        assert full == Ack(fast)
+
+
+def test_server_receive_ack_seq() -> None:
+    server = open_server()
+    server.msg(3, "m3", b"3")
+    assert server.receive_ack_seq('{"type":"ack","seq":2}', 3) == 2
+    assert server.acked == 2
+    assert server.receive_ack_seq('{"seq":3, "type":"ack"}', 3) == 3  # full parse
+    assert server.receive_ack_seq('{"type":"ack","seq":1}', 3) == 1  # old: not lowering
+    assert server.acked == 3
+    assert server.receive_ack_seq('{"type":"ack","seq":5}', 4) == -1  # above highest sent
+    assert (server.highest_sent, server.acked) == (4, 3)
+    assert server.receive_ack_seq('{"type":"ack","seq":5}', 5) == 5  # the hub wrote more
+    assert server.receive_ack(f'{{"type":"ack","seq":{MAX_SEQ + 1}}}', MAX_SEQ + 1) is None
+    for other in (
+        '{"type":"publish","data":1}',
+        b'{"type":"ack","seq":1}',
+        "nope",
+        '{"type":"ack"}',
+    ):
+        assert server.receive_ack_seq(other, 5) == -1
+        assert server.receive_ack(other, 5) is None
+    assert server.state is ConnectionState.OPEN  # nothing was refused: `receive` does that
+    assert server.receive_ack('{"type":"ack","seq":4}', 5) == Ack(4)
+    small = open_server()
+    small.max_message_size = 10
+    assert small.receive_ack_seq('{"type":"ack","seq":0}', 0) == -1  # over its size limit
+    with pytest.raises(ProtocolError, match="too_big"):
+        small.receive('{"type":"ack","seq":0}')
+    fresh = ServerProtocol()
+    assert fresh.receive_ack_seq('{"type":"ack","seq":0}', 0) == -1  # before welcome
 
 
 def test_server_resent_lower_seq_does_not_lower_highest_sent() -> None:

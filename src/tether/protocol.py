@@ -58,6 +58,7 @@ __all__ = [
     "Unsubscribed",
     "Welcome",
     "Welcomed",
+    "ack_seq_of",
     "check_ack",
     "decode_client_frame",
     "decode_data",
@@ -664,10 +665,36 @@ def _wrong_type(
     return ProtocolError("unknown_type", f"type must be one of {sorted(expected)}")
 
 
+# The ack frame exactly as the reference clients write it (Python and JavaScript), the
+# frame a busy connection receives most: one regex match instead of a JSON parse, a dict
+# and its checks. Only text the full parser would decode to the same Ack matches: ASCII
+# digits, no leading zero (not JSON), at most 16 of them (MAX_SEQ is checked after).
+_ACK_RE: Final = re.compile(r'\{"type":"ack","seq":(0|[1-9][0-9]{0,15})\}')
+
+
+def ack_seq_of(raw: object) -> int | None:
+    """The seq of a canonical ack frame (`{"type":"ack","seq":N}`, compact, nothing else),
+    or None for any other text — which may still be a valid ack (spaces, other member
+    order, extra members) and must then go through `decode_client_frame`."""
+    if type(raw) is not str:
+        return None
+    match = _ACK_RE.fullmatch(raw)
+    if match is None:
+        return None
+    seq = int(match[1])
+    return seq if seq <= MAX_SEQ else None
+
+
 def decode_client_frame(
     raw: str | bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE
 ) -> ClientFrame:
     """Parse and validate a frame a client sent; raises only `ProtocolError`."""
+    if type(raw) is str:
+        match = _ACK_RE.fullmatch(raw)
+        if match is not None:
+            fast = int(match[1])
+            if fast <= MAX_SEQ and len(raw) <= max_size:
+                return Ack(fast)
     obj = _load(raw, max_size)
     frame_type = obj.get("type")
     if frame_type == "ack":
@@ -790,21 +817,37 @@ class ServerProtocol:
         """`receive` for the frame a client sends most, on an open connection: a valid
         `ack` (of at most `highest_sent`, which it records), or None for anything else —
         then nothing changed and the frame goes to `receive`, which reports any error."""
+        seq = self.receive_ack_seq(raw, highest_sent)
+        return None if seq < 0 else Ack(seq)
+
+    def receive_ack_seq(self, raw: str | bytes, highest_sent: int) -> int:
+        """`receive_ack` without the `Ack` object: the acknowledged seq, or -1 when the
+        frame is not a valid ack on an open connection (nothing changed then).
+
+        The canonical ack text costs one regex match and an `int()`; any other text gets
+        the full parse, so an ack a third-party client spells differently still counts."""
         if self.state is not _OPEN:
-            return None
-        try:
-            frame = decode_client_frame(raw, max_size=self.max_message_size)
-        except ProtocolError:
-            return None
-        if type(frame) is not Ack:
-            return None
+            return -1
+        match = _ACK_RE.fullmatch(raw) if type(raw) is str else None
+        if match is not None and len(raw) <= self.max_message_size:
+            seq = int(match[1])
+            if seq > MAX_SEQ:
+                return -1  # the full parser refuses it too
+        else:
+            try:
+                frame = decode_client_frame(raw, max_size=self.max_message_size)
+            except ProtocolError:
+                return -1
+            if type(frame) is not Ack:
+                return -1
+            seq = frame.seq
         if highest_sent > self.highest_sent:
             self.highest_sent = highest_sent
-        if frame.seq > self.highest_sent:
-            return None
-        if frame.seq > self.acked:
-            self.acked = frame.seq
-        return frame
+        if seq > self.highest_sent:
+            return -1
+        if seq > self.acked:
+            self.acked = seq
+        return seq
 
     def welcome(self, welcome: Welcome) -> str:
         """Accept the connection: returns the `welcome` text and opens the connection."""
