@@ -633,6 +633,51 @@ def test_client_first_connect_and_in_order_delivery() -> None:
     assert client.last_seq == 2
 
 
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [msg_text(1, "a"), msg_text(2, {"b": [1, None]}), msg_text(None, "n", "n1")],
+        [msg_text(3, "gap"), msg_text(2, "old"), msg_text(4, None)],  # loss, duplicate
+        [encode_msg(1, "b1", b'"YQ=="', enc="base64"), msg_text(2, "x")],
+        ['{"type":"msg","seq":1,"id":"m1","data":1,"type":"welcome"}'],  # last type wins
+        ['{"type":"msg","seq":0,"id":"m0","data":1}'],
+        ['{"type":"msg","seq":true,"id":"m","data":1}'],
+        ['{"type":"msg","seq":1,"id":7,"data":1}'],
+        ['{"type":"msg","seq":1,"id":"m1"}'],
+        ['{"type":"msg","seq":1,"id":"m1","enc":"hex","data":"00"}'],
+        ['{"type":"msg","seq":1,"id":"m1","data":1'],  # not JSON
+        ['{"type":"msg","seq":1.0,"id":"m1","data":1}'],
+    ],
+)
+def test_client_msg_fast_path_matches_the_full_path(frames: list[str]) -> None:
+    def run(texts: list[str]) -> list[Any]:
+        client, _ = open_client()
+        out: list[Any] = []
+        for i, text in enumerate(texts):
+            try:
+                out.append(client.receive(text, float(i)))
+            except ProtocolError as exc:
+                out.append((exc.code, client.state))
+                break
+        out.append((client.last_seq, client.duplicates, client.ack_now()))
+        return out
+
+    # the same frames, not in the servers' compact spelling: the client's full path
+    respaced = [text.replace('"type":"msg"', '"type": "msg"', 1) for text in frames]
+    assert all(not text.startswith('{"type":"msg",') for text in respaced)
+    assert run(frames) == run(respaced)
+
+
+def test_client_msg_before_welcome_or_after_close_is_refused() -> None:
+    client = ClientProtocol("alice")
+    client.hello()
+    with pytest.raises(ProtocolError, match="unexpected_frame"):
+        client.receive(msg_text(1), 0.0)
+    client.close()
+    with pytest.raises(ProtocolError, match="closed"):
+        client.receive(msg_text(1), 0.0)
+
+
 def test_client_drops_duplicates_but_still_acks() -> None:
     client, _ = open_client()
     client.receive(msg_text(1), 0.0)
