@@ -596,11 +596,16 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             await ws.send(self._cp.hello())
+            cp = self._cp
+            items = self._items
             async for raw in ws:
-                for event in self._cp.receive(raw, loop.time()):
+                now = loop.time()  # one clock read per frame: receive and ack_due agree
+                for event in cp.receive(raw, now):
                     if isinstance(event, protocol.Received):
                         self.received += 1
-                        await self._put(Message(event.data, event.id, event.seq))
+                        items.put_nowait(Message(event.data, event.id, event.seq))
+                        if items.qsize() >= self.max_buffer:
+                            await self._wait_for_space()
                     elif isinstance(event, protocol.Lost):
                         self.lost += event.count
                         await self._put(event)
@@ -617,10 +622,10 @@ class Client:
                         await self._channel_event(event)
                 if rejection is not None:
                     break
-                frame = self._cp.ack_due(loop.time())
+                frame = cp.ack_due(now)
                 if frame is not None:
                     await ws.send(frame)
-                elif self._cp.ack_deadline is not None:
+                elif cp.ack_deadline is not None:
                     self._ack_wake.set()
         except ConnectionClosed:
             pass
@@ -692,9 +697,12 @@ class Client:
     async def _put(self, item: Message | Lost) -> None:
         self._items.put_nowait(item)
         if self._items.qsize() >= self.max_buffer:
-            # The application is behind: stop reading so the server keeps the rest.
-            self._space.clear()
-            await self._space.wait()
+            await self._wait_for_space()
+
+    async def _wait_for_space(self) -> None:
+        # The application is behind: stop reading so the server keeps the rest.
+        self._space.clear()
+        await self._space.wait()
 
     def _finish(self, error: BaseException | None) -> None:
         if self._ended:
