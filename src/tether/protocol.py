@@ -689,12 +689,9 @@ def decode_client_frame(
     raw: str | bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE
 ) -> ClientFrame:
     """Parse and validate a frame a client sent; raises only `ProtocolError`."""
-    if type(raw) is str:
-        match = _ACK_RE.fullmatch(raw)
-        if match is not None:
-            fast = int(match[1])
-            if fast <= MAX_SEQ and len(raw) <= max_size:
-                return Ack(fast)
+    fast = ack_seq_of(raw)
+    if fast is not None and len(raw) <= max_size:
+        return Ack(fast)
     obj = _load(raw, max_size)
     frame_type = obj.get("type")
     if frame_type == "ack":
@@ -828,11 +825,9 @@ class ServerProtocol:
         the full parse, so an ack a third-party client spells differently still counts."""
         if self.state is not _OPEN:
             return -1
-        match = _ACK_RE.fullmatch(raw) if type(raw) is str else None
-        if match is not None and len(raw) <= self.max_message_size:
-            seq = int(match[1])
-            if seq > MAX_SEQ:
-                return -1  # the full parser refuses it too
+        fast = ack_seq_of(raw)
+        if fast is not None and len(raw) <= self.max_message_size:
+            seq = fast
         else:
             try:
                 frame = decode_client_frame(raw, max_size=self.max_message_size)

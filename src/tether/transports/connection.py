@@ -448,11 +448,11 @@ class Session:
         ):
             return False  # not an ack: parsed once, by the receive loop
         hub = self.hub
-        ack = sp.receive_ack(raw, hub.highest_sent(client_id))
-        if ack is None or not self.bucket.take():
+        seq = sp.receive_ack_seq(raw, hub.highest_sent(client_id))
+        if seq < 0 or not self.bucket.take():
             return False
         try:
-            return hub.ack_now(client_id, ack.seq) is not None
+            return hub.ack_now(client_id, seq) is not None
         except protocol.ProtocolError:
             return False  # `recv` gets it and reports the error
 
