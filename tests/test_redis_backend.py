@@ -357,3 +357,20 @@ async def test_killed_command_connections_lose_nothing(
     ws = MockWebSocket()
     await hub.connect("ned", ws)
     assert ws.payloads == list(range(200))
+
+
+async def test_an_append_to_an_emptied_stream_keeps_an_expiry_no_later_than_its_meta(
+    node: Factory, r: aioredis.Redis
+) -> None:
+    hub = node("a")
+    ws = MockWebSocket()
+    await hub.connect("kx", ws, hello=Hello("kx", 0))
+    await hub.send("kx", {"n": 1}, critical=True)
+    await hub.ack("kx", 1)  # the stream is empty now
+    await hub.send("kx", {"n": 2}, critical=True)
+    backend: RedisBackend = hub.backend  # type: ignore[assignment]
+    meta = await r.pttl(backend.keys.meta("kx"))
+    out = await r.pttl(backend.keys.out("kx"))
+    # both expire (-1 would be a key that never does), the stream not after its meta
+    assert meta > 0 and out > 0
+    assert out <= meta

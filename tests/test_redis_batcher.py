@@ -127,8 +127,33 @@ async def test_close_fails_what_is_still_queued() -> None:
     await batcher.close()
     for future in (first, queued):
         try:
-            await future
+            await asyncio.wait_for(future, 30)  # a regression fails, never hangs
         except BackendError:
             pass
         else:
             raise AssertionError("closed with the call unanswered")
+
+
+async def test_a_batch_split_over_pipelines_is_unknown_when_one_of_them_is_refused() -> None:
+    """The first pipeline runs, the second is refused before it was sent: the submission's
+    outcome is unknown (part of it may be stored), never a plain failure."""
+    calls = 0
+
+    async def second_refused(requests: list[Request]) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise BackendError("fail-fast window: not sent")
+        return [["ok"] * (request.items.count(";")) for request in requests]
+
+    batcher = StreamBatcher(second_refused, max_in_flight=4)
+    future = batcher.submit_group("append", 0, _items("d", PIPELINE_ITEMS + 1))
+    try:
+        await asyncio.wait_for(future, 30)
+    except OutcomeUnknown as exc:
+        assert "may have run" in str(exc)
+    else:
+        raise AssertionError("half of it was refused")
+    single = batcher.submit_one("append", 0, "e;")  # not split: answered as it is
+    assert await asyncio.wait_for(single, 30) == "ok"
+    await batcher.close()

@@ -19,7 +19,7 @@ from .writes import OK, delivering
 
 log = logging.getLogger("tether")
 
-_STORE_SLICE = 128  # a broadcast's copies per store request: one pipeline (PIPELINE_ITEMS)
+_STORE_SLICE = 128  # a broadcast's copies per store request (Redis: redis_batch.PIPELINE_ITEMS)
 
 
 class FanOut:
@@ -160,19 +160,22 @@ class FanOut:
         trims: Trims,
         unwritten: list[ClientSession],
     ) -> list[SendResult]:
-        """Store a copy for each client (locks held), in slices each sent as soon as it is
-        built — the store works on the first slice while this process builds the next,
-        and on the next ones while it writes the copies of the first. A plain-mode client
-        the store clears for direct delivery is written to without a stored copy; one
-        whose socket does not take it goes to `unwritten`."""
+        """Store a copy for each client (locks held), in slices handed to the store as they
+        are built: a shared store (a server, a round trip away) gets the first slices on
+        their way while this process builds the later ones, and works on the later ones
+        while it writes the copies of the first. A plain-mode client the store clears for
+        direct delivery is written to without a stored copy; one whose socket does not
+        take it goes to `unwritten`."""
         pipeline = self._pipeline
         results: list[SendResult] = []
         slices = []
         stored = []
         append_many = self._backend.append_many
+        # A local store (one file) commits what one turn brings together: no yield there.
+        stagger = self._backend.shared
         for start in range(0, len(free), _STORE_SLICE):
-            if start:
-                # the previous slice's task submits it, and the store's batcher sends it
+            if start and stagger:
+                # the previous slice's task submits it, and a later turn sends it
                 await asyncio.sleep(0)
             part = []
             for client in free[start : start + _STORE_SLICE]:

@@ -2,7 +2,7 @@
 
 Every append and ack submitted while the event loop runs one batch of ready callbacks is
 sent when that batch is done, as one script call per key group (one for everything on a
-single Redis, one per bucket on a Cluster), in pipelines of at most `PIPELINE_ITEMS`
+single Redis, one per node on a Cluster), in pipelines of at most `PIPELINE_ITEMS`
 items. New pipelines start only while fewer than `max_in_flight` run; what arrives
 meanwhile waits for the next turn, so batches grow with the load instead of the number
 of connections.
@@ -44,6 +44,9 @@ class _Ticket:
     future: asyncio.Future[list[Any]]
     replies: list[Any]
     missing: int
+    # Sent in more than one pipeline: one of them failing says nothing of the others,
+    # which may have stored their part, so a failure is an unknown outcome.
+    split: bool = False
 
 
 @dataclass(slots=True)
@@ -208,6 +211,13 @@ class StreamBatcher:
                     room -= take
             if part.runs:
                 pipelines[-1].append(part)
+        if len(pipelines) > 1:
+            seen: dict[int, int] = {}  # ticket -> the pipeline it was first seen in
+            for number, chunks in enumerate(pipelines):
+                for chunk in chunks:
+                    for run in chunk.runs:
+                        if run.start >= 0 and seen.setdefault(id(run.sink), number) != number:
+                            run.sink.split = True
         for chunks in pipelines:
             self._in_flight += 1
             task = asyncio.ensure_future(self._flush(chunks))
@@ -283,7 +293,13 @@ class StreamBatcher:
     def _fail(chunk: _Call, failure: BackendError) -> None:
         for run in chunk.runs:
             future = run.sink if run.start < 0 else run.sink.future
-            if not future.done():
+            if future.done():
+                continue
+            if run.start >= 0 and run.sink.split and not isinstance(failure, OutcomeUnknown):
+                future.set_exception(
+                    OutcomeUnknown(f"{failure}; other parts of this batch may have run")
+                )
+            else:
                 future.set_exception(failure)
 
     @staticmethod

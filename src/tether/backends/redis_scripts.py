@@ -316,6 +316,9 @@ if reset == 1 then
   end
   keep = longest
   epoch, s, a = fresh, n, last
+  -- the recreated stream has no expiry yet; appends trust the meta's deadline `k`
+  -- (keys expire together), so the next append sets both anew
+  redis.call('HSET', meta, 'k', 0)
   entries = redis.call('XRANGE', out, '-', '+')
 elseif not epoch then
   epoch = fresh
