@@ -19,8 +19,6 @@ from .writes import OK, delivering
 
 log = logging.getLogger("tether")
 
-_STORE_SLICE = 128  # a broadcast's copies per store request (Redis: redis_batch.PIPELINE_ITEMS)
-
 
 class FanOut:
     """Delivers a broadcast: picks the targets, fans out, publishes to the cluster."""
@@ -160,10 +158,10 @@ class FanOut:
         trims: Trims,
         unwritten: list[ClientSession],
     ) -> list[SendResult]:
-        """Store a copy for each client (locks held), in slices handed to the store as they
-        are built: a shared store (a server, a round trip away) gets the first slices on
-        their way while this process builds the later ones, and works on the later ones
-        while it writes the copies of the first. A plain-mode client the store clears for
+        """Store a copy for each client (locks held), in the backend's `store_slice` slices
+        handed to the store as they are built: a store a round trip away gets the first
+        slices on their way while this process builds the later ones, and works on the
+        later ones while it writes the copies of the first. A plain-mode client the store clears for
         direct delivery is written to without a stored copy; one whose socket does not
         take it goes to `unwritten`."""
         pipeline = self._pipeline
@@ -171,14 +169,13 @@ class FanOut:
         slices = []
         stored = []
         append_many = self._backend.append_many
-        # A local store (one file) commits what one turn brings together: no yield there.
-        stagger = self._backend.shared
-        for start in range(0, len(free), _STORE_SLICE):
-            if start and stagger:
+        size = getattr(self._backend, "store_slice", None) or max(1, len(free))
+        for start in range(0, len(free), size):
+            if start:
                 # the previous slice's task submits it, and a later turn sends it
                 await asyncio.sleep(0)
             part = []
-            for client in free[start : start + _STORE_SLICE]:
+            for client in free[start : start + size]:
                 envelope = copy_for_client(template)
                 envelope.direct = may_write_directly(client, envelope)
                 part.append((client, envelope, client.connected))

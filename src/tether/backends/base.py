@@ -129,6 +129,11 @@ class Backend(Protocol):
     # with `append_now` that is neither `durable` nor `shared` is taken to keep its streams
     # in the session's outbox (as memory does): acks are then settled in process and its
     # `ack` is not called.
+    #
+    # Optional: `store_slice: int | None`. A critical broadcast's copies go to
+    # `append_many` in slices of this many, one event-loop turn apart, so a store a round
+    # trip away works on the first slices while the hub builds the others; without it
+    # (or None) they go in one call.
 
     async def start(self, events: BackendEvents) -> None: ...
 

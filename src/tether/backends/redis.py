@@ -37,7 +37,7 @@ from .base import (
     StoredOutbox,
     StreamState,
 )
-from .redis_batch import Request, StreamBatcher
+from .redis_batch import PIPELINE_ITEMS, Request, StreamBatcher
 from .redis_connection import CommandClient, LuaScript, RedisConnections, never_sent, spawn_logged
 from .redis_keys import RedisKeys, bucket_of
 from .redis_scripts import SCRIPTS
@@ -155,6 +155,13 @@ class RedisBackend:
         self._fail_fast_until = 0.0
         self._closed = False
         self.listener_reconnects = 0
+
+    @property
+    def store_slice(self) -> int | None:
+        """A broadcast's copies per `append_many` call (see `Backend`): one pipeline's
+        worth on a single server; on a Cluster one call, which the batcher splits per
+        node (slices would multiply the pipelines by the number of nodes)."""
+        return None if self._cluster else PIPELINE_ITEMS
 
     # ------------------------------------------------------------------ lifecycle
 
