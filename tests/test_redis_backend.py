@@ -374,3 +374,28 @@ async def test_an_append_to_an_emptied_stream_keeps_an_expiry_no_later_than_its_
     # both expire (-1 would be a key that never does), the stream not after its meta
     assert meta > 0 and out > 0
     assert out <= meta
+
+
+async def test_payload_kinds_whose_json_starts_with_a_quote_come_back_as_sent(
+    node: Factory,
+) -> None:
+    """Stored in Redis for an offline client and loaded on connect: JSON whose encoding is
+    a JSON string (a datetime, a UUID) stays JSON, text stays text, bytes stay bytes."""
+    import datetime
+    import uuid
+
+    hub = node("a")
+    await hub.start()
+    when = datetime.datetime(2026, 12, 3, 8, 40, tzinfo=datetime.UTC)
+    ident = uuid.UUID(int=9)
+    for payload in (when, ident, '"quoted" text', b"\x00\x01", {"n": 1}):
+        assert (await hub.send("kinds", payload, critical=True)).status is SendStatus.QUEUED
+    ws = MockWebSocket()
+    await hub.connect("kinds", ws, hello=Hello("kinds", 0))
+    assert ws.data() == [
+        "2026-12-03T08:40:00+00:00",
+        str(ident),
+        '"quoted" text',
+        base64.b64encode(b"\x00\x01").decode(),
+        {"n": 1},
+    ]

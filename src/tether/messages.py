@@ -137,6 +137,23 @@ class Envelope:
     def size(self) -> int:
         return len(self.data)
 
+    def stored_form(self) -> tuple[str, bytes]:
+        """How a durable store keeps the payload: "b" (bytes), "j" (JSON) or "s" (text),
+        and its bytes — a JSON payload's are the hub's encoding, reused.
+
+        A JSON payload carries `data_json` from the start, and `data` is it decoded. A text
+        payload gets a `data_json` too once written to a tether.v1 client: a JSON string,
+        so it starts with a quote and never equals the text itself. A JSON payload may
+        start with a quote as well (a datetime, a UUID): the comparison tells them apart.
+        """
+        data = self.data
+        if data.__class__ is bytes:
+            return "b", data
+        raw = self.data_json
+        if raw is not None and (raw[0] != 0x22 or raw.decode() == data):
+            return "j", raw
+        return "s", data.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+
     def to_dict(self, now: float) -> dict[str, Any]:
         """A JSON-safe summary (no payload) for inspection APIs."""
         return {

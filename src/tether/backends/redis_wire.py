@@ -30,14 +30,6 @@ from ..clock import Clock
 from ..messages import Envelope
 
 
-def kind_of(envelope: Envelope) -> tuple[str, bytes]:
-    """The entry kind and the bytes stored for an envelope's data."""
-    if isinstance(envelope.data, bytes):
-        return "b", envelope.data
-    data = envelope.data.encode("utf-8", "surrogatepass")
-    return ("j" if envelope.data_json is not None else "s"), data
-
-
 def _data(kind: str, raw: bytes) -> tuple[str | bytes, bytes | None, str | None]:
     if kind == "b":
         return raw, None, "base64"
@@ -70,7 +62,7 @@ class WireCodec:
     def payload(self, envelope: Envelope) -> bytes:
         """An envelope's entry in an `APPEND` call's payload table (see `redis_scripts`):
         "kind|expires wall ms|created wall ms|id length|data length|" + id + data."""
-        kind, raw = kind_of(envelope)
+        kind, raw = envelope.stored_form()
         clock = self.clock
         offset = clock.wall() - clock.now()
         mid = envelope.message_id.encode()  # valid: checked when prepared
@@ -103,7 +95,7 @@ class WireCodec:
         )
 
     def to_wire(self, envelope: Envelope) -> dict[str, Any]:
-        kind, raw = kind_of(envelope)
+        kind, raw = envelope.stored_form()
         return {
             "i": envelope.message_id,
             "t": kind,

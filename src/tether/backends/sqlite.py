@@ -65,7 +65,7 @@ log = logging.getLogger("tether.sqlite")
 _DIRECT = Accepted(0, direct=True)  # the hub writes it; nothing is stored
 # An Enum class's attribute goes through EnumType.__getattr__'s slot (~0.3 us): read once.
 _DROP_OLDEST = OverflowPolicy.DROP_OLDEST
-_JSON, _TEXT, _BYTES = MessageKind.JSON, MessageKind.TEXT, MessageKind.BYTES
+_KINDS = {"j": MessageKind.JSON, "s": MessageKind.TEXT, "b": MessageKind.BYTES}
 # NewMessage(...) runs the NamedTuple's Python-level __new__; tuple.__new__ builds the
 # same record in C (what NamedTuple._make does), once per send.
 _new_message = tuple.__new__
@@ -76,19 +76,9 @@ _Pending = tuple[SessionView, Envelope, "asyncio.Future[Accepted | Refused]", st
 
 
 def _kind_and_bytes(envelope: Envelope) -> tuple[MessageKind, bytes]:
-    """How a payload is stored: its kind and its bytes (the hub's JSON bytes reused)."""
-    data = envelope.data
-    if data.__class__ is bytes:
-        return _BYTES, data
-    raw = envelope.data_json
-    # A JSON payload carries its encoding from the start, and `data` is it decoded. A
-    # text payload gets a JSON form too once written to a tether.v1 client: a JSON
-    # string, so it starts with a quote, and it is never equal to the text itself. A
-    # JSON payload may start with a quote as well (a datetime, a UUID): then the
-    # comparison tells them apart.
-    if raw is not None and (raw[0] != 0x22 or raw.decode() == data):
-        return _JSON, raw
-    return _TEXT, data.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+    """How a payload is stored: its kind and its bytes (see `Envelope.stored_form`)."""
+    code, raw = envelope.stored_form()
+    return _KINDS[code], raw
 
 
 def _ms(seconds: float) -> int:
