@@ -22,15 +22,14 @@ class Accounting:
     (they are cheap and rare). This class is the only code that knows that difference.
     """
 
-    __slots__ = ("_detailed", "_latency", "_sample", "_samples", "metrics", "timed", "totals")
+    __slots__ = ("_latency", "_sample", "_samples", "enabled", "metrics", "totals")
 
     def __init__(self, metrics: HubMetrics) -> None:
         self.metrics = metrics
         self.totals: Counters = metrics.counters
-        self._detailed = metrics.enabled
-        # Whether `delivered` needs a clock reading (latency is recorded): an attribute,
-        # read once per delivery, not a property call.
-        self.timed = metrics.enabled
+        # Metrics on: detailed counts and latency (then `delivered` needs a clock reading).
+        # An attribute, read once per delivery, not a property call.
+        self.enabled = metrics.enabled
         self._latency = metrics.latency
         # A delivery's latency sample is a list append (the histogram bins them in batches).
         self._samples = metrics.latency.pending
@@ -47,7 +46,7 @@ class Accounting:
     def delivered(self, client: ClientSession, envelope: Envelope, now: float) -> None:
         """A message reached the client: written (plain) or acknowledged (tether.v1)."""
         client.stats.counters.messages_delivered += 1
-        if self._detailed:
+        if self.enabled:
             self._sample(now - envelope.created_at)
             if len(self._samples) >= PENDING_SAMPLES:
                 self._latency.fold()
@@ -59,7 +58,7 @@ class Accounting:
     def delivered_many(self, client: ClientSession, envelopes: list[Envelope], now: float) -> None:
         """Messages an ack delivered, all at `now`."""
         client.stats.counters.messages_delivered += len(envelopes)
-        if self._detailed:
+        if self.enabled:
             self._latency.record_ages(now, envelopes)
 
     def sent_and_delivered(self, client: ClientSession, envelope: Envelope, now: float) -> None:
@@ -67,7 +66,7 @@ class Accounting:
         mine = client.stats.counters
         mine.messages_sent += 1
         mine.messages_delivered += 1
-        if self._detailed:
+        if self.enabled:
             self._sample(now - envelope.created_at)
             if len(self._samples) >= PENDING_SAMPLES:
                 self._latency.fold()
@@ -81,7 +80,7 @@ class Accounting:
 
     def delivered_latency(self, envelope: Envelope, now: float, count: int) -> None:
         """`count` deliveries of `envelope` (a broadcast's), all done by `now`."""
-        if self._detailed:
+        if self.enabled:
             self._latency.record_many(now - envelope.created_at, count)
 
     def delivered_total(self) -> int:
@@ -98,12 +97,12 @@ class Accounting:
 
     def dropped(self, client: ClientSession, count: int = 1) -> None:
         self.totals.messages_dropped += count
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.messages_dropped += count
 
     def rejected(self, client: ClientSession) -> None:
         self.totals.messages_rejected += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.messages_rejected += 1
 
     def rejected_untracked(self, count: int = 1) -> None:
@@ -112,58 +111,58 @@ class Accounting:
 
     def expired(self, client: ClientSession) -> None:
         self.totals.messages_expired += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.messages_expired += 1
 
     def expired_stored(self, client: ClientSession | None, count: int) -> None:
         """`count` messages expired in a store, for a client this hub may not track."""
         self.totals.messages_expired += count
-        if self._detailed and client is not None:
+        if self.enabled and client is not None:
             client.stats.counters.messages_expired += count
 
     def deduplicated(self, client: ClientSession) -> None:
         self.totals.messages_deduplicated += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.messages_deduplicated += 1
 
     def dead_lettered(self, client: ClientSession) -> None:
         self.totals.messages_dead_lettered += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.messages_dead_lettered += 1
 
     def failed(self, client: ClientSession) -> None:
         """A write to the client failed (charged to its breaker)."""
         self.totals.messages_failed += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.messages_failed += 1
 
     def overflow(self, client: ClientSession) -> None:
         """The client's outbox was full when a message arrived."""
         self.totals.queue_overflows += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.queue_overflows += 1
 
     def received(self, client: ClientSession | None) -> None:
         """Inbound data from a client (None: one the hub does not track)."""
         self.totals.messages_received += 1
-        if client is not None and self._detailed:
+        if client is not None and self.enabled:
             client.stats.counters.messages_received += 1
 
     # -- retries
 
     def retry_attempt(self, client: ClientSession) -> None:
         self.totals.retry_attempts += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.retry_attempts += 1
 
     def retry_success(self, client: ClientSession) -> None:
         self.totals.retry_successes += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.retry_successes += 1
 
     def retry_failure(self, client: ClientSession) -> None:
         self.totals.retry_failures += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.retry_failures += 1
 
     # -- streams (tether.v1 resume, shared stores)
@@ -171,19 +170,19 @@ class Accounting:
     def stream_reset(self, client: ClientSession) -> None:
         """A resume was answered with a reset: the stream could not be vouched for."""
         self.totals.streams_resets += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.streams_resets += 1
 
     def stream_lost(self, client: ClientSession, count: int) -> None:
         """`count` seqs were reported lost to a resuming client."""
         self.totals.streams_lost += count
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.streams_lost += count
 
     def outcome_unknown(self, client: ClientSession) -> None:
         """A critical store write got no reply (the send is UNKNOWN)."""
         self.totals.streams_unknown += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.streams_unknown += 1
 
     # -- connections and breakers (per client always)
@@ -203,7 +202,7 @@ class Accounting:
     def timeout(self, client: ClientSession) -> None:
         """A write timed out: the connection is dropped and the write failed."""
         self.totals.connections_timeouts += 1
-        if self._detailed:
+        if self.enabled:
             client.stats.counters.connections_timeouts += 1
         self.failed(client)
 

@@ -454,7 +454,7 @@ class DeliveryPipeline:
             acct.delivered_untimed(client)
             self._batch_delivered += 1
         else:
-            if now is None and acct.timed:
+            if now is None and acct.enabled:
                 now = self.clock.now()
             acct.delivered(client, envelope, now or 0.0)
         if client.drained is not None and not client.outbox:
