@@ -597,14 +597,12 @@ class Client:
         try:
             await ws.send(self._cp.hello())
             cp = self._cp
-            items = self._items
             async for raw in ws:
                 now = loop.time()  # one clock read per frame: receive and ack_due agree
                 for event in cp.receive(raw, now):
                     if isinstance(event, protocol.Received):
                         self.received += 1
-                        items.put_nowait(Message(event.data, event.id, event.seq))
-                        if items.qsize() >= self.max_buffer:
+                        if self._queue(Message(event.data, event.id, event.seq)):
                             await self._wait_for_space()
                     elif isinstance(event, protocol.Lost):
                         self.lost += event.count
@@ -695,9 +693,14 @@ class Client:
                     return  # the reader sees the close and reconnects
 
     async def _put(self, item: Message | Lost) -> None:
-        self._items.put_nowait(item)
-        if self._items.qsize() >= self.max_buffer:
+        if self._queue(item):
             await self._wait_for_space()
+
+    def _queue(self, item: Message | Lost) -> bool:
+        """Hand `item` to the application; True when its buffer is now full (the caller
+        then waits for space, so the common case costs no coroutine)."""
+        self._items.put_nowait(item)
+        return self._items.qsize() >= self.max_buffer
 
     async def _wait_for_space(self) -> None:
         # The application is behind: stop reading so the server keeps the rest.
