@@ -161,9 +161,9 @@ class FanOut:
         """Store a copy for each client (locks held), in the backend's `store_slice` slices
         handed to the store as they are built: a store a round trip away gets the first
         slices on their way while this process builds the later ones, and works on the
-        later ones while it writes the copies of the first. A plain-mode client the store clears for
-        direct delivery is written to without a stored copy; one whose socket does not
-        take it goes to `unwritten`."""
+        later ones while it writes the copies of the first. A plain-mode client the store
+        clears for direct delivery is written to without a stored copy; one whose socket
+        does not take it goes to `unwritten`."""
         pipeline = self._pipeline
         results: list[SendResult] = []
         slices = []

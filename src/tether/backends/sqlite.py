@@ -65,7 +65,7 @@ log = logging.getLogger("tether.sqlite")
 _DIRECT = Accepted(0, direct=True)  # the hub writes it; nothing is stored
 # An Enum class's attribute goes through EnumType.__getattr__'s slot (~0.3 us): read once.
 _DROP_OLDEST = OverflowPolicy.DROP_OLDEST
-_KINDS = {"j": MessageKind.JSON, "s": MessageKind.TEXT, "b": MessageKind.BYTES}
+_KINDS = {"j": MessageKind.JSON, "s": MessageKind.TEXT, "b": MessageKind.BYTES}  # stored_form
 # NewMessage(...) runs the NamedTuple's Python-level __new__; tuple.__new__ builds the
 # same record in C (what NamedTuple._make does), once per send.
 _new_message = tuple.__new__
@@ -73,12 +73,6 @@ _new_message = tuple.__new__
 __all__ = ["SqliteBackend"]
 
 _Pending = tuple[SessionView, Envelope, "asyncio.Future[Accepted | Refused]", str | None, int, bool]
-
-
-def _kind_and_bytes(envelope: Envelope) -> tuple[MessageKind, bytes]:
-    """How a payload is stored: its kind and its bytes (see `Envelope.stored_form`)."""
-    code, raw = envelope.stored_form()
-    return _KINDS[code], raw
 
 
 def _ms(seconds: float) -> int:
@@ -208,13 +202,13 @@ class SqliteBackend(SingleNode):
         converts many at once."""
         if offset is None:
             offset = self.clock.wall() - self.clock.now()  # hub-clock instants -> wall ms
-        kind, raw = _kind_and_bytes(envelope)
+        code, raw = envelope.stored_form()
         return _new_message(
             NewMessage,
             (
                 envelope.message_id,
                 raw,
-                kind,
+                _KINDS[code],
                 int((envelope.created_at + offset) * 1000),
                 int((envelope.expires_at + offset) * 1000),
             ),
