@@ -142,3 +142,33 @@ async def test_a_batch_split_over_pipelines_is_unknown_when_one_of_them_is_refus
     single = batcher.submit_one("append", 0, "e;")  # not split: answered as it is
     assert await asyncio.wait_for(single, 30) == "ok"
     await batcher.close()
+
+
+async def test_many_senders_are_answered_in_two_halves_so_two_batches_overlap() -> None:
+    """100 senders awaiting one store each: the first half hears back first and its next
+    pipeline goes out while the second half still waits, so Redis stores one batch while
+    this process prepares the other, instead of each idling in turn."""
+    progress = [0] * 100  # stores each sender has heard back from
+    answered_when_sent: list[int] = []  # senders answered at least once, per pipeline
+    redis = EchoRedis()
+    run = redis.run
+
+    async def recording_run(requests: list[Request]) -> list[Any]:
+        answered_when_sent.append(sum(1 for done in progress if done))
+        return await run(requests)
+
+    batcher = StreamBatcher(recording_run)
+
+    async def sender(number: int) -> None:
+        for round_ in range(3):
+            item = f"p{number}.{round_};"
+            assert await batcher.submit_one("append", 0, item) == f"0:{item[:-1]}"
+            progress[number] += 1
+
+    await asyncio.wait_for(asyncio.gather(*(sender(n) for n in range(100))), 30)
+    assert progress == [3] * 100
+    sizes = [sum(r.items.count(";") for r in requests) for requests in redis.pipelines]
+    assert sizes[0] == 100
+    # the first half's second stores went out before the other half had heard back
+    assert sizes[1] == 50 and answered_when_sent[1] == 50
+    assert sum(sizes) == 300

@@ -5,7 +5,8 @@ sent when that batch is done, as one script call per key group (one for everythi
 single Redis, one per node on a Cluster), in pipelines of at most `PIPELINE_ITEMS`
 items. New pipelines start only while fewer than `max_in_flight` run; what arrives
 meanwhile waits for the next turn, so batches grow with the load instead of the number
-of connections.
+of connections. Replies to many separate senders are handed out in two halves, two turns
+apart, so that two batches alternate (see `STAGGER_AT`).
 
 A submission (a "ticket") is a list of items with one future: a broadcast's 1,000 copies
 cost one future, not 1,000. Items are strings (see `redis_scripts` for their format); the
@@ -37,6 +38,16 @@ _IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 # A turn's work beyond this many items goes out as several pipelines on several
 # connections: Redis runs the next while this process handles the replies of the first.
 PIPELINE_ITEMS = 128
+
+# Many senders each awaiting their own store move in lockstep: all wait for one pipeline,
+# all resume in one turn and fill the next, so Redis idles while this process works and
+# the other way round. A pipeline answering at least this many separate submissions hands
+# out the second half of its replies two loop turns after the first: by then the first
+# half's next pipeline has been sent, and Redis stores it while the second half runs. Two
+# batches in flight, one being stored, one being prepared: more sends/s for some more CPU
+# per send, from twice the pipelines (figures in docs/operations.md). A broadcast is one
+# submission and is never split.
+STAGGER_AT = 64
 
 
 @dataclass(slots=True)
@@ -267,27 +278,40 @@ class StreamBatcher:
                 # not what the script returns: a bug, but every future still gets an answer
                 self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script}: bad reply {reply!r:.80}"))
             else:
-                offset = 0
-                for run in chunk.runs:
-                    sink, start, count = run.sink, run.start, len(run.texts)
-                    if start < 0:
-                        if not sink.done():
-                            sink.set_result(reply[offset])
-                    else:
-                        if run.indices is None:
-                            sink.replies[start : start + count] = reply[offset : offset + count]
-                        else:
-                            replies = sink.replies
-                            for index, value in zip(
-                                run.indices, reply[offset : offset + count], strict=True
-                            ):
-                                replies[index] = value
-                        sink.missing -= count
-                        if sink.missing == 0 and not sink.future.done():
-                            sink.future.set_result(sink.replies)
-                    offset += count
+                runs = chunk.runs
+                if len(runs) < STAGGER_AT:
+                    self._settle(runs, reply, 0)
+                else:
+                    half = len(runs) // 2
+                    self._settle(runs[:half], reply, 0)
+                    offset = sum(len(run.texts) for run in runs[:half])
+                    loop = asyncio.get_running_loop()
+                    # two loop turns later: the first half's next pipeline has gone out
+                    loop.call_soon(loop.call_soon, self._settle, runs[half:], reply, offset)
         if missing:
             await self._send(missing, retry_noscript=False)
+
+    @staticmethod
+    def _settle(runs: list[_Run], reply: list[Any], offset: int) -> None:
+        """Hand `runs` their replies, which start at `reply[offset]`."""
+        for run in runs:
+            sink, start, count = run.sink, run.start, len(run.texts)
+            if start < 0:
+                if not sink.done():
+                    sink.set_result(reply[offset])
+            else:
+                if run.indices is None:
+                    sink.replies[start : start + count] = reply[offset : offset + count]
+                else:
+                    replies = sink.replies
+                    for index, value in zip(
+                        run.indices, reply[offset : offset + count], strict=True
+                    ):
+                        replies[index] = value
+                sink.missing -= count
+                if sink.missing == 0 and not sink.future.done():
+                    sink.future.set_result(sink.replies)
+            offset += count
 
     @staticmethod
     def _fail(chunk: _Call, failure: BackendError) -> None:
