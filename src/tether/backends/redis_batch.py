@@ -43,7 +43,8 @@ PIPELINE_ITEMS = 128
 # all resume in one turn and fill the next, so Redis idles while this process works and
 # the other way round. A pipeline answering at least this many separate submissions hands
 # out the second half of its replies two loop turns after the first: by then the first
-# half's next pipeline has been sent, and Redis stores it while the second half runs. Two
+# half's next pipeline has been sent, and Redis stores it while the second half runs (on a
+# Cluster: half of each node's senders, the senders of all nodes counted together). Two
 # batches in flight, one being stored, one being prepared: more sends/s for some more CPU
 # per send, from twice the pipelines (figures in docs/operations.md). A broadcast is one
 # submission and is never split.
@@ -259,6 +260,8 @@ class StreamBatcher:
                 raise
             return
         missing: list[_Call] = []
+        # the senders of a Cluster's pipeline are spread over its nodes' calls: counted together
+        stagger = sum(len(chunk.runs) for chunk in chunks) >= STAGGER_AT
         for chunk, reply in zip(chunks, replies, strict=True):
             if isinstance(reply, NoScriptError) and retry_noscript:
                 missing.append(chunk)  # nothing ran: safe to send again
@@ -279,7 +282,7 @@ class StreamBatcher:
                 self._fail(chunk, OutcomeUnknown(f"Redis {chunk.script}: bad reply {reply!r:.80}"))
             else:
                 runs = chunk.runs
-                if len(runs) < STAGGER_AT:
+                if not stagger:
                     self._settle(runs, reply, 0)
                 else:
                     half = len(runs) // 2
