@@ -194,6 +194,10 @@ class StreamBatcher:
         pipelines: list[list[_Call]] = [[]]
         room = PIPELINE_ITEMS
         for call in calls:
+            if call.size <= room:  # the common case: the whole call fits, as queued
+                pipelines[-1].append(call)
+                room -= call.size
+                continue
             part = _Call(call.script, call.group)
             for run in call.runs:
                 texts, start, offset = run.texts, run.start, 0
