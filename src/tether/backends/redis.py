@@ -38,8 +38,14 @@ from .base import (
     StreamState,
 )
 from .redis_batch import PIPELINE_ITEMS, Request, StreamBatcher
-from .redis_connection import CommandClient, LuaScript, RedisConnections, never_sent, spawn_logged
-from .redis_keys import RedisKeys, bucket_of
+from .redis_connection import (
+    CommandClient,
+    LuaScript,
+    RedisConnections,
+    never_sent,
+    spawn_logged,
+)
+from .redis_keys import BUCKETS, RedisKeys, bucket_of
 from .redis_scripts import SCRIPTS
 from .redis_wire import WireCodec
 
@@ -138,6 +144,7 @@ class RedisBackend:
         self._replica_timeout_ms = _ms(cfg.redis_replica_timeout)
         self._cluster = cfg.redis_cluster
         self._node_keys: dict[str, str] = {}  # a key served by each Cluster node
+        self._bucket_keys = [self.keys.slot_key(bucket) for bucket in range(BUCKETS)]
         self._conn: RedisConnections | None = None
         self._events: BackendEvents | None = None
         self._redis: CommandClient | None = None
@@ -380,7 +387,8 @@ class RedisBackend:
         scripts may touch many slots of one node), one for everything on a single Redis."""
         if not self._cluster:
             return 0
-        key = self.keys.slot_key(bucket_of(client_id))
+        bucket = bucket_of(client_id)
+        key = self._bucket_keys[bucket]
         assert self._conn is not None
         node = self._conn.node_of(key)
         if node is None:  # slot map not known yet: one call per bucket is always right

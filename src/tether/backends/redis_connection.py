@@ -105,6 +105,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import hashlib
 import logging
 import random
@@ -174,6 +175,9 @@ def _no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
+# Most keys asked about are the 128 bucket keys of batched calls, once per call or send:
+# redis-py's CRC16 is pure Python (microseconds per key), a cache hit is not.
+@functools.lru_cache(maxsize=4096)
 def slot_of(key: str | bytes) -> int:
     """The Redis Cluster hash slot (0..16383) of `key`, honouring `{hash tags}`."""
     return int(key_slot(key.encode() if isinstance(key, str) else key))
