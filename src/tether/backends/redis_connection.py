@@ -133,6 +133,7 @@ from redis.exceptions import (
     NoScriptError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -552,12 +553,7 @@ class RedisConnections:
     ) -> list[Any]:
         if isinstance(self._commands, RedisCluster):
             return await self._evalsha_round_per_node(self._commands, script, calls, wait)
-        async with self._commands.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            if wait is not None:
-                pipe.execute_command("WAIT", *wait)
-            return _confirmed(list(await pipe.execute(raise_on_error=False)), wait)
+        return await _evalsha_on(self._commands, script, calls, wait)
 
     async def _evalsha_round_per_node(
         self,
@@ -583,13 +579,8 @@ class RedisConnections:
             groups.setdefault(node.name, []).append(index)
 
         async def run(name: str, indices: list[int]) -> list[Any]:
-            async with self._node_client(nodes[name]).pipeline(transaction=False) as pipe:
-                for index in indices:
-                    keys, args = calls[index]
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                if wait is not None:
-                    pipe.execute_command("WAIT", *wait)
-                return _confirmed(list(await pipe.execute(raise_on_error=False)), wait)
+            mine = [calls[index] for index in indices]
+            return await _evalsha_on(self._node_client(nodes[name]), script, mine, wait)
 
         outcomes = await asyncio.gather(
             *(run(name, indices) for name, indices in groups.items()), return_exceptions=True
@@ -644,6 +635,30 @@ class RedisConnections:
         finally:
             if self._sentinel is not None:
                 await self._sentinel.aclose()
+
+
+async def _evalsha_on(
+    client: Redis, script: LuaScript, calls: Sequence[ScriptCall], wait: tuple[int, int] | None
+) -> list[Any]:
+    """`calls` of `script` on one server in one round trip, one entry per call (the reply,
+    or the `ResponseError` that call got). One call goes as a plain command: the batcher
+    sends one call per server per round, and a pipeline object around a single command
+    costs about a fifth more CPU."""
+    if wait is None and len(calls) == 1:
+        keys, args = calls[0]
+        try:
+            reply = await client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", script.sha, len(keys), *keys, *args
+            )
+        except ResponseError as exc:  # the script raised, or NOSCRIPT: that call's entry
+            return [exc]
+        return [reply]
+    async with client.pipeline(transaction=False) as pipe:
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        if wait is not None:
+            pipe.execute_command("WAIT", *wait)
+        return _confirmed(list(await pipe.execute(raise_on_error=False)), wait)
 
 
 def _confirmed(results: list[Any], wait: tuple[int, int] | None) -> list[Any]:
