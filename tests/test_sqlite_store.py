@@ -555,6 +555,32 @@ async def test_overflow_policies(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_append_batch_checks_every_bound_and_answers_appended(tmp_path: Path) -> None:
+    """append_batch checks each distinct bound once: one bad bound among many good ones
+    still refuses the whole batch at once (nothing stored); the inline common case
+    answers the same `Appended` records as `append`."""
+    store = await SqliteStore.open(tmp_path / "tether.db")
+    try:
+        await store.append("alice", msg("a0"), max_size=10)  # a known stream: the inline path
+        items = [("alice", msg(f"a{n}"), None, 10, True) for n in range(1, 4)]
+        with pytest.raises(ValueError, match="max_size"):
+            store.append_batch([*items, ("bob", msg("b1"), None, 0, True)], dedup_ttl_ms=1000)
+        with pytest.raises(ValueError, match="dedup_ttl_ms"):
+            store.append_batch(items, dedup_ttl_ms=0)
+        assert await store.pending_count("alice") == 1
+        assert await store.stream("bob") is None
+        results = await store.append_batch(
+            [*items, ("bob", msg("b1"), None, 5, True)], dedup_ttl_ms=1000
+        )
+        epoch = (await store.stream("alice")).epoch  # type: ignore[union-attr]
+        assert results[:3] == [Appended(2, epoch), Appended(3, epoch), Appended(4, epoch)]
+        assert all(type(r) is Appended and r.evicted == () for r in results)
+        assert appended(results[3]).seq == 1
+        assert await store.pending_count("alice") == 4
+    finally:
+        await store.close()
+
+
 async def test_ack_discard_and_dead_letters(tmp_path: Path) -> None:
     store = await SqliteStore.open(tmp_path / "tether.db", chunk_rows=10, dead_letter_limit=3)
     try:

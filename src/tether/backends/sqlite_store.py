@@ -197,6 +197,11 @@ class Appended(NamedTuple):
     evicted: tuple[StoredMessage, ...] = ()
 
 
+# Appended(...) runs the NamedTuple's Python-level __new__ (a frame per append on the
+# writer, GIL held); tuple.__new__ builds the same record in C (what NamedTuple._make does).
+_new_appended = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class StreamState:
     """A client's stream: identity, numbering, ack floor, resume state, backlog size."""
@@ -1112,8 +1117,9 @@ class SqliteStore:
         are (client_id, message, dedup_key, max_size, drop_oldest). For a caller that
         gathers the sends of one event-loop turn. The future fails as `append` does, for
         every item at once. Raises StoreClosedError and ValueError at once."""
-        for item in items:
-            self._check_append(item[3], dedup_ttl_ms)
+        # Each distinct bound checked once (a turn's sends mostly share one), not each item.
+        for max_size in {item[3] for item in items}:
+            self._check_append(max_size, dedup_ttl_ms)
         batch = list(items)
 
         def step(conn: sqlite3.Connection, _carry: Any) -> tuple[bool, Any]:
@@ -1142,7 +1148,7 @@ class SqliteStore:
                 entry[2] = seq + 1
                 entry[3] += 1
                 dirty.add(cid)
-                out.append(Appended(seq, entry[1]))
+                out.append(_new_appended(Appended, (seq, entry[1], ())))  # Appended(seq, epoch)
             return True, out
 
         return self._submit(step)
