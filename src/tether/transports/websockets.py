@@ -26,6 +26,7 @@ connection's write buffer is bounded (`write_limit` 64 KiB); the session enforce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
@@ -38,7 +39,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
+from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
+from websockets.utils import apply_mask
 
 from ..access import host_allowed, origin_patterns
 from ..auth import auth_from_config
@@ -60,6 +63,9 @@ from .connection import (
     write_buffer_bound,
 )
 from .guard import ConnectionGuard, connection_guard
+
+with contextlib.suppress(ImportError):  # the C unmasking the library's own parser uses
+    from websockets.speedups import apply_mask
 
 __all__ = [
     "GuardedServerConnection",
@@ -251,7 +257,10 @@ class GuardedServerConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self.cut_reason is not None:
             return
-        super().data_received(data)
+        hook = self.frame_hook
+        taken = 0 if hook is None else _frames_now(self, hook, data)
+        if taken < len(data):
+            super().data_received(data[taken:] if taken else data)
         transport = self.transport
         if (
             self.cut_reason is None
@@ -277,6 +286,67 @@ class GuardedServerConnection(ServerConnection):
         else:
             transport.close()
             self.loop.call_later(self.close_timeout or 5.0, transport.abort)
+
+
+# The generator code a `websockets` parser is suspended in between two frames, when the
+# library looks like the versions this was written against (else the fast path is off).
+_AT_EOF_CODE = getattr(getattr(StreamReader, "at_eof", None), "__code__", None)
+_OPEN = State.OPEN  # module level: enum attribute lookups are slow on a per-frame path
+
+
+def _between_frames(protocol: Any) -> bool:
+    """Whether the library's frame parser waits for the first byte of a frame, with
+    nothing buffered: bytes handed to it now start a frame."""
+    if _AT_EOF_CODE is None or protocol.reader.buffer:
+        return False
+    gen = getattr(protocol, "parser", None)
+    for _ in range(4):  # ServerProtocol.parse -> Protocol.parse -> StreamReader.at_eof
+        inner = getattr(gen, "gi_yieldfrom", None)
+        if inner is None:
+            return getattr(gen, "gi_code", None) is _AT_EOF_CODE
+        gen = inner
+    return False
+
+
+def _frames_now(
+    connection: GuardedServerConnection, hook: Callable[[str], bool], data: bytes
+) -> int:
+    """How many leading bytes of `data` the session's frame hook took, without the
+    library parsing them: whole, short, masked text frames (acks) arriving on an open
+    connection between two frames, with nothing queued and no extension. Each one goes
+    to `hook` exactly as `process_event` would hand it; the first frame it does not take
+    (or anything else: a ping, a longer or partial frame) and all that follows go to the
+    library, which is then at that frame's first byte. The library's frame parse is
+    most of the cost of an ack; this skips it.
+
+    A frame taken here is one the library would have accepted: FIN, no RSV bit (no
+    extension is active), the text opcode, masked, under 126 bytes (and under the
+    library's size limit), valid UTF-8 (`offer_frame` declines anything else)."""
+    protocol = connection.protocol
+    if (
+        protocol.state is not _OPEN
+        or protocol.current_size is not None  # inside a fragmented message
+        or protocol.extensions
+        or protocol.debug
+        or _queued(connection)
+        or not _between_frames(protocol)
+    ):
+        return 0
+    limit = protocol.max_message_size
+    end = len(data)
+    pos = 0
+    while end - pos > 6:
+        if data[pos] != _TEXT_HEADER:
+            break
+        size = data[pos + 1] ^ 0x80  # the mask bit must be set: 126 and above otherwise
+        stop = pos + 6 + size
+        if size >= 126 or stop > end or (limit is not None and size > limit):
+            break
+        payload = apply_mask(data[pos + 6 : stop], data[pos + 2 : pos + 6])
+        if not offer_frame(hook, payload):
+            break
+        pos = stop
+    return pos
 
 
 def _queued(connection: ServerConnection) -> int:
