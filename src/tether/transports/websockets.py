@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -104,11 +105,12 @@ class WebSocketsTransport:
         the very object framed last (a broadcast's shared payload) is framed once."""
         ws = self.ws
         protocol = ws.protocol
+        transport = ws.transport
         if (
-            protocol.state is not State.OPEN
+            protocol.state is not _OPEN
             or ws.send_in_progress is not None
-            or ws.transport.is_closing()  # a failed write closed it; the library hears later
-            or ws.transport.get_write_buffer_size() > WRITE_LIMIT
+            or transport.is_closing()  # a failed write closed it; the library hears later
+            or transport.get_write_buffer_size() > WRITE_LIMIT
         ):
             return False
         if (
@@ -124,8 +126,7 @@ class WebSocketsTransport:
             ws.send_data()
             return True
         last = _LAST_FRAME  # one read: (data, frame) stay a pair
-        frame = last[1] if last[0] is data else _frame_of(data)
-        ws.transport.write(frame)
+        transport.write(last[1] if last[0] is data else _frame_of(data))
         return True
 
     def set_frame_hook(self, hook: Callable[[str], bool] | None) -> None:
@@ -154,9 +155,16 @@ class WebSocketsTransport:
 
 log = logging.getLogger("tether.transports")
 
+_OPEN = State.OPEN  # module level: enum attribute lookups are slow on a per-frame path
 _TEXT_HEADER = 0x81  # FIN + text opcode: a whole frame, server side (never masked)
 _BINARY_HEADER = 0x82
 _LAST_FRAME: tuple[object, bytes] = (None, b"")
+# Headers made once: of frames under 126 bytes (binary, text: indexed by `first & 1`), and
+# the packer of the 16-bit length form (one call instead of three objects per frame).
+_SHORT_HEADERS = tuple(
+    tuple(bytes((first, size)) for size in range(126)) for first in (_BINARY_HEADER, _TEXT_HEADER)
+)
+_pack_header16 = struct.Struct("!BBH").pack
 
 
 def _frame_of(data: str | bytes) -> bytes:
@@ -171,12 +179,11 @@ def _frame_of(data: str | bytes) -> bytes:
         first = _BINARY_HEADER
     size = len(payload)
     if size < 126:
-        header = bytes((first, size))
+        frame = _SHORT_HEADERS[first & 1][size] + payload
     elif size < 65536:
-        header = bytes((first, 126)) + size.to_bytes(2, "big")
+        frame = _pack_header16(first, 126, size) + payload
     else:
-        header = bytes((first, 127)) + size.to_bytes(8, "big")
-    frame = header + payload
+        frame = bytes((first, 127)) + size.to_bytes(8, "big") + payload
     _LAST_FRAME = (data, frame)
     return frame
 
@@ -291,7 +298,6 @@ class GuardedServerConnection(ServerConnection):
 # The generator code a `websockets` parser is suspended in between two frames, when the
 # library looks like the versions this was written against (else the fast path is off).
 _AT_EOF_CODE = getattr(getattr(StreamReader, "at_eof", None), "__code__", None)
-_OPEN = State.OPEN  # module level: enum attribute lookups are slow on a per-frame path
 
 
 def _between_frames(protocol: Any) -> bool:
