@@ -178,9 +178,13 @@ class DeliveryPipeline:
         if append is None or not can_write_now(client) or delivering(client):
             return None
         client.last_seen = self._batch_now
-        refused = self._refused(client, envelope, append(client, envelope))
-        if refused is not None:
-            return refused
+        stored = append(client, envelope)
+        # An acceptance with nothing pushed out and no dedup key to record (most copies of
+        # a broadcast) leaves `_refused` nothing to do.
+        if type(stored) is not Accepted or stored.evicted or envelope.dedup_key is not None:
+            refused = self._refused(client, envelope, stored)
+            if refused is not None:
+                return refused
         # Still writable, with this message at the head: the queue was empty, the store
         # put it there, and nothing was awaited (a full outbox evicts in-flight ones).
         return self._write_head_now(client, envelope, None)
@@ -424,13 +428,14 @@ class DeliveryPipeline:
         """The head of the queue was written: in flight (tether.v1) or delivered (plain)."""
         if is_retry:
             self._acct.retry_success(client)
-        client.outbox.mark_written(keep=client.v1)
-        if client.v1:
-            client.highest_written = max(client.highest_written, envelope.seq or 0)
+        v1 = client.v1
+        client.outbox.mark_written(keep=v1)
+        if v1 and envelope.seq is not None and envelope.seq > client.highest_written:
+            client.highest_written = envelope.seq
         if not envelope.written_once:
             envelope.written_once = True
             self._acct.sent(client)
-        if not client.v1:
+        if not v1:
             # A plain-mode write is a delivery: it advances the stream's acknowledged
             # position, so a later tether.v1 hello starts after it (durable stores record
             # the same through `ack_stored`).
