@@ -260,6 +260,76 @@ async def test_invalid_ack_from_a_resumed_connection(hub: Hub) -> None:
             assert await closed_with(ws) == 1002
 
 
+def _masked(first: int, payload: bytes, mask: bytes = b"\x0f\x1e\x2d\x3c") -> bytes:
+    """One client frame as it goes on the wire: `first` header byte, masked payload."""
+    assert len(payload) < 126
+    return (
+        bytes((first, 0x80 | len(payload)))
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+def _text(text: str) -> bytes:
+    return _masked(0x81, text.encode())
+
+
+async def test_acks_read_in_one_chunk_with_other_frames(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks taken straight from the socket's bytes (no library parse) and whatever shares
+    the read with them — a ping, a publish, an ack split across reads — are each handled
+    once, in order; a taken ack never reaches the library's frame queue."""
+    inbound: list[Any] = []
+    to_library: list[str] = []
+    process_event = tw.GuardedServerConnection.process_event
+
+    def spy(self: tw.GuardedServerConnection, event: Any) -> None:
+        if getattr(event, "opcode", None) is tw.Opcode.TEXT:
+            to_library.append(bytes(event.data).decode())
+        process_event(self, event)
+
+    monkeypatch.setattr(tw.GuardedServerConnection, "process_event", spy)
+
+    @hub.on_message
+    async def collect(client_id: str, data: Any) -> None:
+        inbound.append(data)
+
+    # no compression: with an extension every frame takes the library's path
+    async with ws_server(hub) as srv, connect(srv.url, subprotocols=V1, compression=None) as ws:
+        await hello(ws, "gil")
+        to_library.clear()  # the hello
+        for n in range(6):
+            await hub.send("gil", n, critical=True)
+        assert [(await recv_json(ws))["seq"] for _ in range(6)] == [1, 2, 3, 4, 5, 6]
+        ack = '{{"type":"ack","seq":{}}}'.format
+        ws.transport.write(_text(ack(1)) + _text(ack(2)))
+        await until(lambda: hub.pending("gil") == 4)
+        assert to_library == []  # both taken from the bytes
+        ping = _masked(0x89, b"hi")
+        publish = '{"type":"publish","data":{"q":1}}'
+        split = _text(ack(4))
+        ws.transport.write(_text(ack(3)) + ping + _text(publish) + _text(ack(4))[:5])
+        await until(lambda: inbound == [{"q": 1}])
+        assert hub.pending("gil") == 3
+        ws.transport.write(split[5:] + _text(ack(5)))
+        await until(lambda: hub.pending("gil") == 1)
+        assert publish in to_library
+        assert ack(3) not in to_library
+        await ws.send(ack(6))
+        await until(lambda: hub.pending("gil") == 0)
+        assert hub.is_connected("gil")
+        # An invalid ack after a valid one in the same read: the valid one counts, the
+        # invalid one goes the usual way and closes the connection with its error.
+        await hub.send("gil", 7, critical=True)
+        assert (await recv_json(ws))["seq"] == 7
+        ws.transport.write(_text(ack(7)) + _text(ack(9)))
+        error = await recv_json(ws)
+        assert error["code"] == "invalid_ack"
+        assert await closed_with(ws) == 1002
+        assert hub.pending("gil") == 0
+
+
 # ---------------------------------------------------------------------------- authentication
 
 

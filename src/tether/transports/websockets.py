@@ -26,7 +26,9 @@ connection's write buffer is bounded (`write_limit` 64 KiB); the session enforce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar
@@ -38,7 +40,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
+from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
+from websockets.utils import apply_mask
 
 from ..access import host_allowed, origin_patterns
 from ..auth import auth_from_config
@@ -60,6 +64,9 @@ from .connection import (
     write_buffer_bound,
 )
 from .guard import ConnectionGuard, connection_guard
+
+with contextlib.suppress(ImportError):  # the C unmasking the library's own parser uses
+    from websockets.speedups import apply_mask
 
 __all__ = [
     "GuardedServerConnection",
@@ -98,11 +105,12 @@ class WebSocketsTransport:
         the very object framed last (a broadcast's shared payload) is framed once."""
         ws = self.ws
         protocol = ws.protocol
+        transport = ws.transport
         if (
-            protocol.state is not State.OPEN
+            protocol.state is not _OPEN
             or ws.send_in_progress is not None
-            or ws.transport.is_closing()  # a failed write closed it; the library hears later
-            or ws.transport.get_write_buffer_size() > WRITE_LIMIT
+            or transport.is_closing()  # a failed write closed it; the library hears later
+            or transport.get_write_buffer_size() > WRITE_LIMIT
         ):
             return False
         if (
@@ -118,8 +126,7 @@ class WebSocketsTransport:
             ws.send_data()
             return True
         last = _LAST_FRAME  # one read: (data, frame) stay a pair
-        frame = last[1] if last[0] is data else _frame_of(data)
-        ws.transport.write(frame)
+        transport.write(last[1] if last[0] is data else _frame_of(data))
         return True
 
     def set_frame_hook(self, hook: Callable[[str], bool] | None) -> None:
@@ -148,9 +155,16 @@ class WebSocketsTransport:
 
 log = logging.getLogger("tether.transports")
 
+_OPEN = State.OPEN  # module level: enum attribute lookups are slow on a per-frame path
 _TEXT_HEADER = 0x81  # FIN + text opcode: a whole frame, server side (never masked)
 _BINARY_HEADER = 0x82
 _LAST_FRAME: tuple[object, bytes] = (None, b"")
+# Headers made once: of frames under 126 bytes (binary, text: indexed by `first & 1`), and
+# the packer of the 16-bit length form (one call instead of three objects per frame).
+_SHORT_HEADERS = tuple(
+    tuple(bytes((first, size)) for size in range(126)) for first in (_BINARY_HEADER, _TEXT_HEADER)
+)
+_pack_header16 = struct.Struct("!BBH").pack
 
 
 def _frame_of(data: str | bytes) -> bytes:
@@ -165,12 +179,11 @@ def _frame_of(data: str | bytes) -> bytes:
         first = _BINARY_HEADER
     size = len(payload)
     if size < 126:
-        header = bytes((first, size))
+        frame = _SHORT_HEADERS[first & 1][size] + payload
     elif size < 65536:
-        header = bytes((first, 126)) + size.to_bytes(2, "big")
+        frame = _pack_header16(first, 126, size) + payload
     else:
-        header = bytes((first, 127)) + size.to_bytes(8, "big")
-    frame = header + payload
+        frame = bytes((first, 127)) + size.to_bytes(8, "big") + payload
     _LAST_FRAME = (data, frame)
     return frame
 
@@ -251,7 +264,10 @@ class GuardedServerConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self.cut_reason is not None:
             return
-        super().data_received(data)
+        hook = self.frame_hook
+        taken = 0 if hook is None else _frames_now(self, hook, data)
+        if taken < len(data):
+            super().data_received(data[taken:] if taken else data)
         transport = self.transport
         if (
             self.cut_reason is None
@@ -277,6 +293,66 @@ class GuardedServerConnection(ServerConnection):
         else:
             transport.close()
             self.loop.call_later(self.close_timeout or 5.0, transport.abort)
+
+
+# The generator code a `websockets` parser is suspended in between two frames, when the
+# library looks like the versions this was written against (else the fast path is off).
+_AT_EOF_CODE = getattr(getattr(StreamReader, "at_eof", None), "__code__", None)
+
+
+def _between_frames(protocol: Any) -> bool:
+    """Whether the library's frame parser waits for the first byte of a frame, with
+    nothing buffered: bytes handed to it now start a frame."""
+    if _AT_EOF_CODE is None or protocol.reader.buffer:
+        return False
+    gen = getattr(protocol, "parser", None)
+    for _ in range(4):  # ServerProtocol.parse -> Protocol.parse -> StreamReader.at_eof
+        inner = getattr(gen, "gi_yieldfrom", None)
+        if inner is None:
+            return getattr(gen, "gi_code", None) is _AT_EOF_CODE
+        gen = inner
+    return False
+
+
+def _frames_now(
+    connection: GuardedServerConnection, hook: Callable[[str], bool], data: bytes
+) -> int:
+    """How many leading bytes of `data` the session's frame hook took, without the
+    library parsing them: whole, short, masked text frames (acks) arriving on an open
+    connection between two frames, with nothing queued and no extension. Each one goes
+    to `hook` exactly as `process_event` would hand it; the first frame it does not take
+    (or anything else: a ping, a longer or partial frame) and all that follows go to the
+    library, which is then at that frame's first byte. The library's frame parse is
+    most of the cost of an ack; this skips it.
+
+    A frame taken here is one the library would have accepted: FIN, no RSV bit (no
+    extension is active), the text opcode, masked, under 126 bytes (and under the
+    library's size limit), valid UTF-8 (`offer_frame` declines anything else)."""
+    protocol = connection.protocol
+    if (
+        protocol.state is not _OPEN
+        or protocol.current_size is not None  # inside a fragmented message
+        or protocol.extensions
+        or protocol.debug
+        or _queued(connection)
+        or not _between_frames(protocol)
+    ):
+        return 0
+    limit = protocol.max_message_size
+    end = len(data)
+    pos = 0
+    while end - pos > 6:
+        if data[pos] != _TEXT_HEADER:
+            break
+        size = data[pos + 1] ^ 0x80  # the mask bit must be set: 126 and above otherwise
+        stop = pos + 6 + size
+        if size >= 126 or stop > end or (limit is not None and size > limit):
+            break
+        payload = apply_mask(data[pos + 6 : stop], data[pos + 2 : pos + 6])
+        if not offer_frame(hook, payload):
+            break
+        pos = stop
+    return pos
 
 
 def _queued(connection: ServerConnection) -> int:
