@@ -73,8 +73,12 @@ def test_every_submission_gets_its_own_replies_in_order(plan: list[tuple[str, in
             reply = await asyncio.wait_for(future, 30)  # a lost reply fails, never hangs
             assert (reply if isinstance(reply, list) else [reply]) == expected
         for requests in redis.pipelines:
-            items = sum(r.items.count(";") for r in requests)
-            assert items <= PIPELINE_ITEMS
+            per_group: dict[Hashable, int] = {}
+            for request in requests:
+                per_group[request.group] = per_group.get(request.group, 0) + request.items.count(
+                    ";"
+                )
+            assert all(items <= PIPELINE_ITEMS for items in per_group.values())
             for request in requests:  # a shared payload travels once per call
                 names = re.findall(rb"payload\d", request.payloads)
                 assert len(names) == len(set(names))
@@ -176,3 +180,17 @@ async def test_many_senders_are_answered_in_two_halves_so_two_batches_overlap(no
     assert 45 <= sizes[1] <= 55  # half of the senders (of each node)
     assert answered_when_sent[1] == sizes[1]
     assert sum(sizes) == 300
+
+
+async def test_a_cluster_pipeline_holds_a_full_call_for_each_node() -> None:
+    """A broadcast over three nodes goes out in as few pipelines as one node's share
+    needs: each node's call fills up to PIPELINE_ITEMS, not a third of it each."""
+    redis = EchoRedis()
+    batcher = StreamBatcher(redis.run)
+    texts = _items("b", 3 * PIPELINE_ITEMS)
+    groups: list[Hashable] = [f"node{i % 3}" for i in range(len(texts))]
+    future = batcher.submit("append", list(zip(groups, texts, strict=True)))
+    replies = await asyncio.wait_for(future, 30)
+    assert replies == [f"{g}:{t[:-1]}" for g, t in zip(groups, texts, strict=True)]
+    assert len(redis.pipelines) == 1
+    assert sorted(r.items.count(";") for r in redis.pipelines[0]) == [PIPELINE_ITEMS] * 3

@@ -35,8 +35,9 @@ from .redis_connection import ReplicationShortfall
 # A call that failed with one of these was sent, and may have run (a node died mid-call).
 _IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
-# A turn's work beyond this many items goes out as several pipelines on several
-# connections: Redis runs the next while this process handles the replies of the first.
+# A turn's work beyond this many items per key group goes out as several pipelines on
+# several connections: Redis runs the next while this process handles the replies of the
+# first.
 PIPELINE_ITEMS = 128
 
 # Many senders each awaiting their own store move in lockstep: all wait for one pipeline,
@@ -192,23 +193,31 @@ class StreamBatcher:
             return  # a running pipeline starts the next one when it ends
         calls, self._queue = list(self._queue.values()), {}
         pipelines: list[list[_Call]] = [[]]
-        room = PIPELINE_ITEMS
+        # Per key group (a Cluster node): the pipeline its items go into now and the room
+        # left there. Each node's call holds up to PIPELINE_ITEMS items, so a Cluster's
+        # pipeline carries as many per node as a single server's (not a third of them).
+        fill: dict[Hashable, list[int]] = {}
         for call in calls:
-            if call.size <= room:  # the common case: the whole call fits, as queued
-                pipelines[-1].append(call)
-                room -= call.size
+            at = fill.get(call.group)
+            if at is None:
+                at = fill[call.group] = [0, PIPELINE_ITEMS]
+            if call.size <= at[1]:  # the common case: the whole call fits, as queued
+                pipelines[at[0]].append(call)
+                at[1] -= call.size
                 continue
             part = _Call(call.script, call.group)
             for run in call.runs:
                 texts, start, offset = run.texts, run.start, 0
                 while offset < len(texts):
-                    if not room:  # this pipeline is full: the rest goes into the next
+                    if not at[1]:  # full for this group: the rest goes into the next
                         if part.runs:
-                            pipelines[-1].append(part)
+                            pipelines[at[0]].append(part)
                             part = _Call(call.script, call.group)
-                        pipelines.append([])
-                        room = PIPELINE_ITEMS
-                    take = min(room, len(texts) - offset)
+                        at[0] += 1
+                        at[1] = PIPELINE_ITEMS
+                        if at[0] == len(pipelines):
+                            pipelines.append([])
+                    take = min(at[1], len(texts) - offset)
                     piece = texts if take == len(texts) else texts[offset : offset + take]
                     indices = run.indices
                     if indices is not None and take != len(texts):
@@ -224,9 +233,9 @@ class StreamBatcher:
                     )
                     part.size += take
                     offset += take
-                    room -= take
+                    at[1] -= take
             if part.runs:
-                pipelines[-1].append(part)
+                pipelines[at[0]].append(part)
         if len(pipelines) > 1:
             seen: dict[int, int] = {}  # ticket -> the pipeline it was first seen in
             for number, chunks in enumerate(pipelines):
