@@ -39,7 +39,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Event, State
+from websockets.protocol import Event, Protocol, State
 from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 from websockets.utils import apply_mask
@@ -297,7 +297,10 @@ class GuardedServerConnection(ServerConnection):
 
 # The generator code a `websockets` parser is suspended in between two frames, when the
 # library looks like the versions this was written against (else the fast path is off).
+# Older releases (the floor is 13.0) name the protocol's size fields differently: the
+# fast path needs both, else it stays off rather than fail on every read.
 _AT_EOF_CODE = getattr(getattr(StreamReader, "at_eof", None), "__code__", None)
+_FIELDS_KNOWN = {"current_size", "max_message_size"} <= set(Protocol.__init__.__code__.co_names)
 
 
 def _between_frames(protocol: Any) -> bool:
@@ -330,7 +333,8 @@ def _frames_now(
     library's size limit), valid UTF-8 (`offer_frame` declines anything else)."""
     protocol = connection.protocol
     if (
-        protocol.state is not _OPEN
+        not _FIELDS_KNOWN
+        or protocol.state is not _OPEN
         or protocol.current_size is not None  # inside a fragmented message
         or protocol.extensions
         or protocol.debug
