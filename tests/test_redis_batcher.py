@@ -194,3 +194,14 @@ async def test_a_cluster_pipeline_holds_a_full_call_for_each_node() -> None:
     assert replies == [f"{g}:{t[:-1]}" for g, t in zip(groups, texts, strict=True)]
     assert len(redis.pipelines) == 1
     assert sorted(r.items.count(";") for r in redis.pipelines[0]) == [PIPELINE_ITEMS] * 3
+
+
+async def test_close_hands_out_replies_still_held_for_the_second_half() -> None:
+    """Replies held back for the second half of many senders are stored successes: a
+    close right after the pipeline answered gives them out, it does not fail them."""
+    redis = EchoRedis()
+    batcher = StreamBatcher(redis.run)
+    futures = [batcher.submit_one("append", 0, f"s{n};") for n in range(100)]
+    await asyncio.wait_for(futures[0], 30)  # the first half is answered
+    await batcher.close()
+    assert [f.result() for f in futures] == [f"0:s{n}" for n in range(100)]

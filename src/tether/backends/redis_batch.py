@@ -115,6 +115,8 @@ class StreamBatcher:
         self._scheduled = False
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # second halves of answered pipelines not yet handed out (see STAGGER_AT)
+        self._later: list[tuple[list[_Run], list[Any], int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # the one loop it runs on
         self.pipelines = 0  # pipelines sent, for tests and benchmarks
         self.calls = 0  # script calls sent
@@ -302,10 +304,20 @@ class StreamBatcher:
                     self._settle(runs[:half], reply, 0)
                     offset = sum(len(run.texts) for run in runs[:half])
                     loop = asyncio.get_running_loop()
-                    # two loop turns later: the first half's next pipeline has gone out
-                    loop.call_soon(loop.call_soon, self._settle, runs[half:], reply, offset)
+                    # two loop turns later: the first half's next pipeline has gone out.
+                    # Remembered, so that close() hands these stored replies out at once.
+                    later = (runs[half:], reply, offset)
+                    self._later.append(later)
+                    loop.call_soon(loop.call_soon, self._settle_later, later)
         if missing:
             await self._send(missing, retry_noscript=False)
+
+    def _settle_later(self, later: tuple[list[_Run], list[Any], int]) -> None:
+        for index, held in enumerate(self._later):
+            if held is later:  # not already handed out by close()
+                del self._later[index]
+                self._settle(*later)
+                return
 
     @staticmethod
     def _settle(runs: list[_Run], reply: list[Any], offset: int) -> None:
@@ -367,6 +379,8 @@ class StreamBatcher:
         """Cancel what is in flight (those outcomes are unknown) and fail what is queued;
         later submissions fail at once."""
         self._closed = True  # a pipeline ending now must not start the next
+        while self._later:  # stored, answered: their senders hear so now
+            self._settle(*self._later.pop(0))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
