@@ -205,3 +205,47 @@ async def test_close_hands_out_replies_still_held_for_the_second_half() -> None:
     await asyncio.wait_for(futures[0], 30)  # the first half is answered
     await batcher.close()
     assert [f.result() for f in futures] == [f"0:s{n}" for n in range(100)]
+
+
+async def test_a_burst_goes_out_one_pipeline_per_free_slot_in_order() -> None:
+    """A broadcast of four pipelines' worth with two slots: never more than two pipelines
+    in flight (Redis answers pipelines that arrive together only together), each sent as
+    an earlier one is answered, in order, and every reply still reaches its item."""
+    in_flight = 0
+    most = 0
+    sent: list[str] = []
+    redis = EchoRedis()
+
+    async def counting_run(requests: list[Request]) -> list[Any]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        sent.append(requests[0].items.split(";")[0])
+        try:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return await redis.run(requests)
+        finally:
+            in_flight -= 1
+
+    batcher = StreamBatcher(counting_run, max_in_flight=2)
+    texts = _items("w", 4 * PIPELINE_ITEMS)
+    replies = await asyncio.wait_for(batcher.submit_group("append", 0, texts), 30)
+    assert replies == [f"0:{t[:-1]}" for t in texts]
+    assert most == 2
+    assert sent == [f"w.{n * PIPELINE_ITEMS}" for n in range(4)]  # in order
+    await batcher.close()
+
+
+async def test_close_fails_built_pipelines_still_waiting_for_a_slot() -> None:
+    async def never(requests: list[Request]) -> list[Any]:
+        await asyncio.Event().wait()
+        return []
+
+    batcher = StreamBatcher(never, max_in_flight=1)
+    future = batcher.submit_group("append", 0, _items("x", 2 * PIPELINE_ITEMS))
+    await asyncio.sleep(0)  # one pipeline in flight, the other built and waiting
+    await asyncio.sleep(0)
+    await batcher.close()
+    with pytest.raises(BackendError):  # a regression fails, never hangs
+        await asyncio.wait_for(future, 30)

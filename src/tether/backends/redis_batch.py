@@ -3,9 +3,9 @@
 Every append and ack submitted while the event loop runs one batch of ready callbacks is
 sent when that batch is done, as one script call per key group (one for everything on a
 single Redis, one per node on a Cluster), in pipelines of at most `PIPELINE_ITEMS`
-items. New pipelines start only while fewer than `max_in_flight` run; what arrives
-meanwhile waits for the next turn, so batches grow with the load instead of the number
-of connections. Replies to many separate senders are handed out in two halves, two turns
+items per key group. One pipeline goes out per free slot (`max_in_flight`); what
+arrives meanwhile waits, so batches grow with the load instead of the number of
+connections. Replies to many separate senders are handed out in two halves, two turns
 apart, so that two batches alternate (see `STAGGER_AT`).
 
 A submission (a "ticket") is a list of items with one future: a broadcast's 1,000 copies
@@ -21,6 +21,7 @@ order, or with a `BackendError` (`OutcomeUnknown` when the pipeline may have run
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,9 @@ class StreamBatcher:
         self._max_in_flight = max_in_flight
         self._queue: dict[tuple[str, Hashable], _Call] = {}
         self._in_flight = 0
+        # Pipelines built from the queue but not sent: each waits for a free slot, in
+        # order, and the queue is not built from until they are all sent (FIFO per key).
+        self._ready: deque[list[_Call]] = deque()
         self._scheduled = False
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -191,8 +195,25 @@ class StreamBatcher:
 
     def _start(self) -> None:
         self._scheduled = False
-        if not self._queue or self._in_flight >= self._max_in_flight or self._closed:
-            return  # a running pipeline starts the next one when it ends
+        if self._closed:
+            return
+        ready = self._ready
+        if not ready and self._queue and self._in_flight < self._max_in_flight:
+            ready.extend(self._build())
+        # One pipeline per free slot, never more: Redis reads the pipelines that arrive
+        # while it runs a script all at once, runs them back to back and answers them
+        # together, so a burst sent at once comes back at once, and this process handles
+        # all those replies while Redis idles. Sent one per slot, with two slots one runs
+        # while the next waits, and each reply comes back on its own.
+        while ready and self._in_flight < self._max_in_flight:
+            chunks = ready.popleft()
+            self._in_flight += 1
+            task = asyncio.ensure_future(self._flush(chunks))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _build(self) -> list[list[_Call]]:
+        """The queue as pipelines (see `PIPELINE_ITEMS`); the queue is emptied."""
         calls, self._queue = list(self._queue.values()), {}
         pipelines: list[list[_Call]] = [[]]
         # Per key group (a Cluster node): the pipeline its items go into now and the room
@@ -245,18 +266,14 @@ class StreamBatcher:
                     for run in chunk.runs:
                         if run.start >= 0 and seen.setdefault(id(run.sink), number) != number:
                             run.sink.split = True
-        for chunks in pipelines:
-            self._in_flight += 1
-            task = asyncio.ensure_future(self._flush(chunks))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        return pipelines
 
     async def _flush(self, chunks: list[_Call]) -> None:
         try:
             await self._send(chunks, retry_noscript=True)
         finally:
             self._in_flight -= 1
-            if self._queue and not self._scheduled:
+            if (self._queue or self._ready) and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._start)
 
@@ -384,6 +401,9 @@ class StreamBatcher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._ready:
+            for call in self._ready.popleft():
+                self._fail(call, BackendError("backend closed"))
         for call in self._queue.values():
             self._fail(call, BackendError("backend closed"))
         self._queue = {}
