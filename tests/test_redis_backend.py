@@ -244,6 +244,34 @@ async def test_cross_node_critical_best_effort_and_broadcast(node: Factory) -> N
     assert await b.backend.pending_count("ivy") == 0
 
 
+async def test_critical_broadcast_stores_local_copies_while_asking_who_else(
+    node: Factory,
+) -> None:
+    """The round trip that asks Redis for the clients other nodes know runs alongside
+    the storing of this node's copies, not before it; the broadcast still covers both."""
+    a, b = node("a"), node("b")
+    here, there = MockWebSocket(), MockWebSocket()
+    await a.connect("near", here, hello=v1_hello("near"))
+    await b.connect("far", there, hello=v1_hello("far"))
+    asked, answer = asyncio.Event(), asyncio.Event()
+    members = a.backend.members
+
+    async def slow_members(group: str | None) -> set[str] | None:
+        asked.set()
+        await answer.wait()
+        return await members(group)
+
+    a.backend.members = slow_members  # type: ignore[method-assign]
+    broadcast = asyncio.ensure_future(a.broadcast({"all": 1}, critical=True))
+    await asyncio.wait_for(asked.wait(), 5)
+    await eventually(lambda: {"all": 1} in here.data())  # stored and written meanwhile
+    assert not broadcast.done()
+    answer.set()
+    result = await asyncio.wait_for(broadcast, 5)
+    assert (result.sent, result.queued) == (1, 1)
+    await eventually(lambda: {"all": 1} in there.data())
+
+
 async def test_group_broadcast_reaches_only_members_elsewhere(node: Factory) -> None:
     a, b = node("a"), node("b")
     await a.start()

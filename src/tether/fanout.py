@@ -37,29 +37,39 @@ class FanOut:
         self._pipeline = pipeline
         self._tasks = tasks
 
-    async def targets(
+    def targets(
         self, group: str | None, *, critical: bool, exclude: Iterable[str], closing: bool
-    ) -> list[ClientSession]:
+    ) -> tuple[list[ClientSession], Awaitable[list[ClientSession]] | None]:
         """The sessions a broadcast goes to: connected ones (critical: every known one),
-        of `group` if given; with a shared backend a critical broadcast also covers the
-        clients other nodes know (tracked here from now on)."""
+        of `group` if given. With a shared backend a critical broadcast also covers the
+        clients only other nodes know: the second value, a task already asking the store
+        (its round trip then overlaps the storing of the local copies), gives their
+        sessions (tracked here from now on); None when there is nothing to ask."""
         registry = self._registry
         ids: Iterable[str] = (
             registry.groups.get(group, ()) if group is not None else registry.sessions
         )
-        if critical and self._backend.shared and not closing:
-            cluster = await self._cluster_members(group)
-            if cluster:
-                ids = set(ids) | cluster
         skip = set(exclude)
         sessions = registry.sessions
-        return [
+        local = [
             c
             for cid in list(ids)
             if cid not in skip
             and (c := sessions.get(cid)) is not None
             and (critical or c.connected)
         ]
+        if not (critical and self._backend.shared and not closing):
+            return local, None
+        skip.update(c.client_id for c in local)
+        return local, asyncio.ensure_future(self._cluster_only(group, skip))
+
+    async def _cluster_only(self, group: str | None, skip: set[str]) -> list[ClientSession]:
+        """The sessions of the clients the cluster knows in `group` but not in `skip`."""
+        cluster = await self._cluster_members(group)
+        if not cluster:
+            return []
+        sessions = self._registry.sessions
+        return [c for cid in cluster if cid not in skip and (c := sessions.get(cid)) is not None]
 
     async def _cluster_members(self, group: str | None) -> set[str] | None:
         """Every client the cluster knows in `group` (None: unavailable); the ones this
@@ -75,8 +85,19 @@ class FanOut:
                     self._registry.track(cid)
         return cluster
 
-    async def deliver(self, targets: list[ClientSession], template: Envelope) -> list[SendResult]:
-        """Deliver `template` to every target, concurrently where it must wait."""
+    async def deliver(
+        self,
+        targets: list[ClientSession],
+        template: Envelope,
+        more: Awaitable[list[ClientSession]] | None = None,
+    ) -> list[SendResult]:
+        """Deliver `template` to every target, concurrently where it must wait; and to
+        the sessions `more` gives (see `targets`) as soon as it gives them."""
+        if more is not None:
+            here, there = await asyncio.gather(
+                self.deliver(targets, template), self._deliver_more(more, template)
+            )
+            return here + there
         pipeline = self._pipeline
         if not template.critical:
             # A best-effort envelope is never stored or changed per client: shared. Without
@@ -108,6 +129,12 @@ class FanOut:
             awaited=pipeline.deliver,
             synchronous_done=pipeline.end_batch,
         )
+
+    async def _deliver_more(
+        self, more: Awaitable[list[ClientSession]], template: Envelope
+    ) -> list[SendResult]:
+        targets = await more
+        return await self.deliver(targets, template) if targets else []
 
     async def publish(self, template: Envelope, group: str | None) -> None:
         """Hand a best-effort broadcast to the other nodes (they deliver to their clients)."""

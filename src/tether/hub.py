@@ -251,7 +251,7 @@ class Hub:
         `send_timeout`.
         """
         fanout = self._fanout
-        targets = await fanout.targets(
+        targets, more = fanout.targets(
             group, critical=critical, exclude=exclude, closing=self._closing
         )
         try:
@@ -259,6 +259,8 @@ class Hub:
                 raise Rejected("shutting down")
             template = self._envelopes.prepare(payload, critical, message_id, ttl)
         except Rejected as rejected:
+            if more is not None:
+                targets = targets + await more
             self._acct.rejected_untracked(len(targets))
             return BroadcastResult(
                 explicit_id(payload, message_id) or self._envelopes.new_id(),
@@ -267,7 +269,7 @@ class Hub:
             )
         if not self._started:
             await self.start()
-        results = await fanout.deliver(targets, template)
+        results = await fanout.deliver(targets, template, more)
         await fanout.publish(template, group)
         return tally(template.message_id, results)
 
