@@ -152,22 +152,10 @@ class FanOut:
         is stored in one batch (one or a few round trips), then written without a task
         per client. Clients whose lock is taken (a send in progress) keep their order by
         going through the per-client path."""
-        free: list[ClientSession] = []
-        busy: list[ClientSession] = []
-        for client in targets:
-            if delivering(client) or (client.connected and client.try_send is None):
-                busy.append(client)
-            else:
-                free.append(client)
-        for client in free:
-            await client.lock.acquire()  # free and nothing awaited since: never suspends
         trims: Trims = []
+        busy: list[ClientSession] = []
         unwritten: list[ClientSession] = []
-        try:
-            results = await self._store_and_write(free, template, trims, unwritten)
-        finally:
-            for client in free:
-                client.lock.release()
+        results = await self._store_and_write(targets, template, trims, busy, unwritten)
         if trims:
             self._tasks.spawn(self._trim_stored(trims))
         if busy or unwritten:
@@ -180,53 +168,71 @@ class FanOut:
 
     async def _store_and_write(
         self,
-        free: list[ClientSession],
+        targets: list[ClientSession],
         template: Envelope,
         trims: Trims,
+        busy: list[ClientSession],
         unwritten: list[ClientSession],
     ) -> list[SendResult]:
-        """Store a copy for each client (locks held), in the backend's `store_slice` slices
-        handed to the store as they are built: a store a round trip away gets the first
-        slices on their way while this process builds the later ones, and works on the
-        later ones while it writes the copies of the first. A plain-mode client the store
-        clears for direct delivery is written to without a stored copy; one whose socket
-        does not take it goes to `unwritten`."""
+        """Store a copy for each client, in the backend's `store_slice` slices handed to
+        the store as they are built: a store a round trip away gets the first slices on
+        their way while this process builds the later ones, and works on the later ones
+        while it writes the copies of the first. The first slice is a quarter of the
+        others, so the store starts sooner. A slice's locks are taken as it is built
+        (a client found busy then goes to `busy`) and given back once its copies are
+        written. A plain-mode client the store clears for direct delivery is written to
+        without a stored copy; one whose socket does not take it goes to `unwritten`."""
         pipeline = self._pipeline
         results: list[SendResult] = []
-        slices = []
+        slices: list[list[tuple[ClientSession, Envelope, bool]]] = []
         stored = []
         append_many = self._backend.append_many
-        size = getattr(self._backend, "store_slice", None) or max(1, len(free))
-        for start in range(0, len(free), size):
-            if start:
-                # the previous slice's task submits it, and a later turn sends it
-                await asyncio.sleep(0)
-            part = []
-            for client in free[start : start + size]:
-                envelope = copy_for_client(template)
-                envelope.direct = may_write_directly(client, envelope)
-                part.append((client, envelope, client.connected))
-            slices.append(part)
-            stored.append(asyncio.ensure_future(append_many(part)))
-        write_now, written_directly = pipeline.writer.write_now, pipeline.written_directly
-        for part, pending in zip(slices, stored, strict=True):
-            outcomes = await pending
-            now = pipeline.clock.now()
-            for (client, envelope, local), outcome in zip(part, outcomes, strict=True):
-                client.last_seen = now
-                if isinstance(outcome, BackendError):
-                    results.append(pipeline.store_failed(client, envelope, outcome))
-                    continue
-                if isinstance(outcome, Accepted) and outcome.direct:
-                    if write_now(client, envelope.data) is OK:
-                        results.append(written_directly(client, envelope, now))
-                    else:  # the socket did not take it: stored after all, in order
-                        unwritten.append(client)
-                    continue
-                settled = pipeline.settle(client, envelope, outcome, local)
-                if settled is None:
-                    settled = pipeline.write_stored_now(client, envelope, trims)
-                results.append(settled)
+        size = getattr(self._backend, "store_slice", None) or max(1, len(targets))
+        released = 0  # slices whose locks were given back
+        try:
+            start, step = 0, size if size >= len(targets) else max(1, size // 4)
+            while start < len(targets):
+                if slices:
+                    # the previous slice's task submits it, and a later turn sends it
+                    await asyncio.sleep(0)
+                part = []
+                for client in targets[start : start + step]:
+                    if delivering(client) or (client.connected and client.try_send is None):
+                        busy.append(client)
+                        continue
+                    await client.lock.acquire()  # free, checked just now: never suspends
+                    envelope = copy_for_client(template)
+                    envelope.direct = may_write_directly(client, envelope)
+                    part.append((client, envelope, client.connected))
+                start, step = start + step, size
+                slices.append(part)
+                stored.append(asyncio.ensure_future(append_many(part)))
+            write_now, written_directly = pipeline.writer.write_now, pipeline.written_directly
+            for part, pending in zip(slices, stored, strict=True):
+                outcomes = await pending
+                now = pipeline.clock.now()
+                for (client, envelope, local), outcome in zip(part, outcomes, strict=True):
+                    client.last_seen = now
+                    if isinstance(outcome, BackendError):
+                        results.append(pipeline.store_failed(client, envelope, outcome))
+                        continue
+                    if isinstance(outcome, Accepted) and outcome.direct:
+                        if write_now(client, envelope.data) is OK:
+                            results.append(written_directly(client, envelope, now))
+                        else:  # the socket did not take it: stored after all, in order
+                            unwritten.append(client)
+                        continue
+                    settled = pipeline.settle(client, envelope, outcome, local)
+                    if settled is None:
+                        settled = pipeline.write_stored_now(client, envelope, trims)
+                    results.append(settled)
+                released += 1
+                for client, _, _ in part:
+                    client.lock.release()
+        finally:
+            for part in slices[released:]:
+                for client, _, _ in part:
+                    client.lock.release()
         return results
 
     async def _trim_stored(self, trims: Trims) -> None:
