@@ -330,6 +330,50 @@ async def test_acks_read_in_one_chunk_with_other_frames(
         assert hub.pending("gil") == 0
 
 
+_ACK1 = b'{"type":"ack","seq":1}'
+
+
+@pytest.mark.parametrize(
+    ("case", "wire", "code"),
+    [
+        # an extension bit no extension negotiated: the library's protocol error
+        ("rsv1", _masked(0xC1, _ACK1), 1002),
+        # a client frame without a mask
+        ("unmasked", bytes((0x81, len(_ACK1))) + _ACK1, 1002),
+        # a text frame while a fragmented message is open
+        ("text inside a fragment", _masked(0x01, b'{"type":') + _masked(0x81, _ACK1), 1002),
+        # not UTF-8: the library refuses the text with 1007
+        ("invalid utf-8", _masked(0x81, _ACK1[:-1] + b"\xff}"), 1007),
+    ],
+)
+async def test_frames_the_library_refuses_are_refused_on_the_ack_fast_path_too(
+    hub: Hub, case: str, wire: bytes, code: int
+) -> None:
+    """Bytes that look like an ack but break the protocol never count as one: the library
+    sees them and closes as it would without the fast path."""
+    async with ws_server(hub) as srv, connect(srv.url, subprotocols=V1, compression=None) as ws:
+        await hello(ws, "hal")
+        for n in range(2):
+            await hub.send("hal", n, critical=True)
+        assert [(await recv_json(ws))["seq"] for _ in range(2)] == [1, 2]
+        ws.transport.write(wire)
+        assert await closed_with(ws) == code, case
+    assert hub.pending("hal") == 2  # nothing acknowledged
+
+
+async def test_an_ack_and_a_close_in_one_read(hub: Hub) -> None:
+    """The ack counts, then the close frame ends the connection as usual."""
+    async with ws_server(hub) as srv, connect(srv.url, subprotocols=V1, compression=None) as ws:
+        await hello(ws, "ida")
+        for n in range(2):
+            await hub.send("ida", n, critical=True)
+        assert [(await recv_json(ws))["seq"] for _ in range(2)] == [1, 2]
+        ws.transport.write(_text('{"type":"ack","seq":1}') + _masked(0x88, b"\x03\xe8"))
+        assert await closed_with(ws) == 1000
+    await until(lambda: not hub.is_connected("ida"))
+    assert hub.pending("ida") == 1
+
+
 # ---------------------------------------------------------------------------- authentication
 
 
