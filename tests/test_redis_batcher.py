@@ -176,9 +176,9 @@ async def test_many_senders_are_answered_in_two_halves_so_two_batches_overlap(no
     assert progress == [3] * 100
     sizes = [sum(r.items.count(";") for r in requests) for requests in redis.pipelines]
     assert sizes[0] == 100
-    # the first half's second stores went out before the other half had heard back
-    assert 45 <= sizes[1] <= 55  # half of the senders (of each node)
-    assert answered_when_sent[1] == sizes[1]
+    # The second pipeline went out while some senders still waited for their first
+    # reply, and it holds exactly the senders answered by then: two batches overlap.
+    assert answered_when_sent[1] == sizes[1] < 100
     assert sum(sizes) == 300
 
 
