@@ -14,6 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from support import closed_with, hello, recv_json, until
 from tether import Hub, HubConfig, ManualClock, protocol
+from tether.session import DeliveryLock
 from tether.transports.websockets import serve
 
 V1 = ["tether.v1"]
@@ -260,3 +261,28 @@ async def test_a_send_never_overtakes_one_waiting_for_the_clients_turn(critical:
         ws.opened.set()
         await asyncio.gather(first, second, late)
         assert ws.frames == ["m1", "m2", "m3"]
+
+
+async def test_a_delivery_lock_is_taken_without_a_coroutine_only_when_acquire_would_not_wait() -> (
+    None
+):
+    """`take_if_free` agrees with `acquire`: it takes a free lock, never one that is held or
+    that someone waits for (the waiter is served first, in order)."""
+    lock = DeliveryLock()
+    assert lock.take_if_free() and lock.locked()
+    assert not lock.take_if_free()  # held
+    order: list[str] = []
+
+    async def waiter() -> None:
+        async with lock:
+            order.append("waiter")
+
+    task = asyncio.ensure_future(waiter())
+    await asyncio.sleep(0)  # it waits in line
+    lock.release()
+    assert not lock.locked()
+    assert not lock.take_if_free()  # released, but the waiter is next
+    await task
+    assert order == ["waiter"]
+    assert lock.take_if_free()  # free again, nobody waiting
+    lock.release()

@@ -15,7 +15,7 @@ from .protocol import valid_client_id
 from .registry import ClientRegistry
 from .session import ClientSession
 from .tasks import BackgroundTasks
-from .writes import OK, delivering
+from .writes import OK
 
 log = logging.getLogger("tether")
 
@@ -197,10 +197,11 @@ class FanOut:
                     await asyncio.sleep(0)
                 part = []
                 for client in targets[start : start + step]:
-                    if delivering(client) or (client.connected and client.try_send is None):
+                    if (client.connected and client.try_send is None) or (
+                        not client.lock.take_if_free()
+                    ):
                         busy.append(client)
                         continue
-                    await client.lock.acquire()  # free, checked just now: never suspends
                     envelope = copy_for_client(template)
                     envelope.direct = may_write_directly(client, envelope)
                     part.append((client, envelope, client.connected))

@@ -15,6 +15,22 @@ if TYPE_CHECKING:
     from .transports.base import Transport
 
 
+class DeliveryLock(asyncio.Lock):
+    """The lock of one client's deliveries, which a fan-out can also take without a
+    coroutine (`take_if_free`)."""
+
+    def take_if_free(self) -> bool:
+        """Take the lock now if nobody holds it and nobody waits for it — what `acquire`
+        does without suspending, without its coroutine (a broadcast takes 1,000 of them
+        per message) — and say whether it did. False leaves the lock as it was; `acquire`
+        then waits in line. Relies on asyncio's `_waiters` (None or a deque), the state
+        `acquire` itself checks; a test holds it to `acquire`'s behaviour."""
+        if self.locked() or self._waiters:
+            return False
+        self._locked = True
+        return True
+
+
 class ClientSession:
     """The per-client state of a hub. Internal, owned by the core: the client registry
     creates, attaches, detaches and evicts it; the delivery pipeline and the stream keeper
@@ -67,7 +83,7 @@ class ClientSession:
         self.dedup = dedup
         self.stats = stats
         self.dead_letters: deque[DeadLetter] = deque(maxlen=dead_letter_max)
-        self.lock = asyncio.Lock()
+        self.lock = DeliveryLock()
         self.transport: Transport | None = None
         # `transport is not None`, kept by the registry's attach/detach (the only writers of
         # `transport`); a plain attribute because the fan-out hot loops read it per client.
