@@ -31,10 +31,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from support import closed_with, hello, hello_frame, recv_json, until
 from tether import Client, Hub, HubConfig, SendStatus
-from tether.auth import sign_token, token_expires_at
+from tether.auth import sign_token, signed_token_authenticator, token_expires_at
 from tether.client import TetherRejected
+from tether.clock import ManualClock
 from tether.monitoring import BackgroundServer, create_app
 from tether.protocol import MAX_RESUME_SEQ, MAX_SEQ
+from tether.transports.connection import ConnectionInfo, Identity, Session
 from tether.transports.websockets import handler, server_options
 from tether.transports.websockets import serve as ws_serve
 
@@ -404,13 +406,23 @@ async def test_allowed_hosts_setting_replaces_the_loopback_default() -> None:
 
 
 @contextlib.asynccontextmanager
-async def authed(adapter: str) -> AsyncIterator[tuple[Hub, str]]:
-    hub = Hub(HubConfig(auth_secret=SECRET, hello_timeout=5))
+async def authed(adapter: str, clock: ManualClock | None = None) -> AsyncIterator[tuple[Hub, str]]:
+    """A hub that needs tokens signed with SECRET, served by `adapter`. With `clock`, the
+    hub (and so the token watchdog) and the token hook run on it, and the test advances
+    it instead of sleeping; without, the real clock and the hub's own `auth_secret` hook
+    (for clients whose refresh schedule is real time)."""
+    if clock is None:
+        hub = Hub(HubConfig(auth_secret=SECRET, hello_timeout=5))
+        hook: dict[str, Any] = {}
+    else:
+        # No retry cycles while the clock is advanced: the frames stay the ones sent.
+        hub = Hub(HubConfig(hello_timeout=5, retry_interval=3600), clock=clock)
+        hook = {"authenticate": signed_token_authenticator(SECRET, clock=clock.wall)}
     if adapter == "uvicorn":
-        async with app_server(hub) as server:
+        async with app_server(hub, **hook) as server:
             yield hub, server.ws_url + "/ws"
     else:
-        async with hub, ws_serve(hub, "127.0.0.1", 0) as ws_server:
+        async with hub, ws_serve(hub, "127.0.0.1", 0, **hook) as ws_server:
             port = next(iter(ws_server.sockets)).getsockname()[1]
             yield hub, f"ws://127.0.0.1:{port}"
 
@@ -420,57 +432,84 @@ def short_token(client_id: str, seconds: float = 2.0) -> str:
     return sign_token(SECRET, client_id, expires_at=time.time() + seconds)
 
 
+def token_for(clock: ManualClock, client_id: str, seconds: int = 10) -> str:
+    """A token that expires `seconds` from now on `clock` (its wall time is whole seconds)."""
+    return sign_token(SECRET, client_id, expires_at=clock.wall() + seconds)
+
+
+def auth_frame(token: str) -> str:
+    return orjson.dumps({"type": "auth", "token": token}).decode()
+
+
+async def served_up_to_here(ws: ClientConnection, mark: str) -> None:
+    """Wait until the server has handled every frame this client sent so far: a
+    subscribe is answered by the connection's own receive loop, in order."""
+    await ws.send(orjson.dumps({"type": "subscribe", "channel": f"sync.{mark}"}).decode())
+    frame = await recv_json(ws)
+    assert frame["type"] == "subscribed" and frame["channel"] == f"sync.{mark}", frame
+
+
+async def delivered(hub: Hub, ws: ClientConnection, client_id: str, data: Any) -> None:
+    """A critical message reaches the connection; it is acked, so nothing is pending."""
+    assert (await hub.send(client_id, data, critical=True)).status is SendStatus.SENT
+    frame = await recv_json(ws)
+    assert frame["type"] == "msg" and frame["data"] == data, frame
+    await ws.send(orjson.dumps({"type": "ack", "seq": frame["seq"]}).decode())
+
+
 @pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
 async def test_an_expired_token_ends_delivery_with_token_expired_1008(adapter: str) -> None:
-    async with authed(adapter) as (hub, url), await v1(url) as ws:
-        token = short_token("alice")
-        expiry = token_expires_at(token)
-        assert expiry is not None
-        await hello(ws, "alice", token=token)
-        sent = 0
-        frames: list[dict[str, Any]] = []
-        with contextlib.suppress(ConnectionClosed):
-            async with asyncio.timeout(10):
-                while True:
-                    result = await hub.send("alice", {"n": sent}, critical=True)
-                    assert result.status in (SendStatus.SENT, SendStatus.QUEUED)
-                    sent += 1
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.05):
-                            frames.append(orjson.loads(await ws.recv()))
-        assert ws.close_code == 1008
-        assert frames[-1] == {
-            "type": "error",
-            "code": "token_expired",
-            "reason": frames[-1]["reason"],
-        }
-        assert any(f["type"] == "msg" for f in frames[:-1])  # it was delivering before
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url), await v1(url) as ws:
+        await hello(ws, "alice", token=token_for(clock, "alice", 10))
+        await delivered(hub, ws, "alice", {"n": 0})
+        clock.advance(9.9)  # short of the expiry: the connection stays and delivers
+        await served_up_to_here(ws, "a")
+        await delivered(hub, ws, "alice", {"n": 1})
+        assert hub.is_connected("alice")
+        clock.advance(0.1)  # the expiry, on the hub's clock
+        error = await recv_json(ws)
+        assert error == {"type": "error", "code": "token_expired", "reason": error["reason"]}
+        assert await closed_with(ws) == 1008
         # Delivery stopped: nothing more reaches alice; critical sends wait in her outbox.
         assert not hub.is_connected("alice")
         after = await hub.send("alice", {"n": "late"}, critical=True)
         assert after.status is SendStatus.QUEUED
 
 
-async def test_an_auth_frame_with_a_fresh_token_keeps_the_connection() -> None:
-    async with authed("uvicorn") as (hub, url), await v1(url) as ws:
-        first = short_token("bob")
-        await hello(ws, "bob", token=first)
-        for round_ in range(3):  # each token (1-2 s) renewed before it ends
-            await asyncio.sleep(0.8)
-            await ws.send(orjson.dumps({"type": "auth", "token": short_token("bob")}).decode())
-            await until(lambda: hub.is_connected("bob"))
-            result = await hub.send("bob", {"round": round_}, critical=True)
-            assert result.status is SendStatus.SENT
-            assert (await recv_json(ws))["data"] == {"round": round_}
-        assert time.time() > (token_expires_at(first) or 0)  # outlived the first token
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_an_auth_frame_with_a_fresh_token_keeps_the_connection(adapter: str) -> None:
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url):
+        async with await v1(url) as ws:
+            first_expiry = clock.wall() + 10
+            await hello(ws, "bob", token=token_for(clock, "bob", 10))
+            for round_ in range(3):  # each 10 s token renewed 6 s into its life
+                clock.advance(6)
+                await ws.send(auth_frame(token_for(clock, "bob", 10)))
+                await served_up_to_here(ws, str(round_))
+                await delivered(hub, ws, "bob", {"round": round_})
+            assert clock.wall() > first_expiry  # outlived the first token
+            # The last token (renewed at +18 s) holds until +28 s, not a moment longer.
+            clock.advance(9.5)
+            await served_up_to_here(ws, "last")
+            assert hub.is_connected("bob")
+            clock.advance(0.5)
+            error = await recv_json(ws)
+            assert error["type"] == "error" and error["code"] == "token_expired", error
+            assert await closed_with(ws) == 1008
         # A fresh token for someone else is refused, and ends the connection.
-        await ws.send(orjson.dumps({"type": "auth", "token": short_token("eve", 60)}).decode())
-        error = await recv_json(ws)
-        assert error["code"] == "forbidden_client_id"
-        assert await closed_with(ws) == 1008
+        async with await v1(url) as ws:
+            await hello(ws, "bob", token=token_for(clock, "bob", 10))
+            await ws.send(auth_frame(token_for(clock, "eve", 60)))
+            error = await recv_json(ws)
+            assert error["code"] == "forbidden_client_id"
+            assert await closed_with(ws) == 1008
 
 
 async def test_client_with_a_token_function_stays_connected_through_three_expiries() -> None:
+    # Real time on purpose: the client schedules its refreshes on the wall clock (it
+    # takes no injected clock), so this is the one end-to-end check of that schedule.
     issued: list[str] = []
 
     async def fresh_token() -> str:
@@ -494,24 +533,104 @@ async def test_client_with_a_token_function_stays_connected_through_three_expiri
 
 
 async def test_client_with_a_fixed_expiring_token_is_told_token_expired() -> None:
-    async with authed("uvicorn") as (_, url):
-        client = Client(url, client_id="dave", token=short_token("dave"))
+    clock = ManualClock()
+    async with authed("uvicorn", clock) as (hub, url):
+        client = Client(url, client_id="dave", token=token_for(clock, "dave", 10))
         await client.connect()
+        messages = aiter(client)
+        clock.advance(9.5)  # short of the expiry: still served
+        assert (await hub.send("dave", {"n": 1}, critical=True)).status is SendStatus.SENT
+        async with asyncio.timeout(5):
+            assert (await anext(messages)).data == {"n": 1}
+        assert hub.is_connected("dave")
+        clock.advance(0.5)
         with pytest.raises(TetherRejected) as rejected:
-            async with asyncio.timeout(10):
-                async for _ in client:
+            async with asyncio.timeout(5):
+                async for _ in messages:
                     pass
         await client.close()
         assert rejected.value.code == "token_expired" and rejected.value.close_code == 1008
 
 
-async def test_plain_mode_connection_is_closed_1008_at_token_expiry() -> None:
-    async with authed("uvicorn") as (hub, url):
-        token = short_token("erin")
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_plain_mode_connection_is_closed_1008_at_token_expiry(adapter: str) -> None:
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url):
+        token = token_for(clock, "erin", 10)
         async with connect(f"{url}?client_id=erin&token={token}") as ws:
             await until(lambda: hub.is_connected("erin"))
-            assert await closed_with(ws, timeout=10) == 1008
+            clock.advance(9.5)  # short of the expiry: a frame from erin is still taken
+            got: list[tuple[str, Any]] = []
+
+            @hub.on_message
+            async def _(client_id: str, data: Any) -> None:
+                got.append((client_id, data))
+
+            await ws.send("still here")
+            await until(lambda: bool(got))
+            assert got == [("erin", "still here")] and hub.is_connected("erin")
+            clock.advance(0.5)
+            assert await closed_with(ws) == 1008
             assert ws.close_reason is not None and "token_expired" in ws.close_reason
+
+
+class _SilentPeer:
+    """A connection whose peer never sends: `recv` waits until cancelled."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[int, str]] = []
+
+    async def recv(self) -> str | bytes:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(self, data: str | bytes) -> None:
+        pass
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed.append((code, reason))
+
+
+@contextlib.asynccontextmanager
+async def expiring_session(
+    clock: ManualClock,
+) -> AsyncIterator[tuple[Hub, _SilentPeer, asyncio.Task[None]]]:
+    """A plain-mode session of "gina", whose credentials last 10 s, on a silent peer."""
+
+    async def authenticate(info: ConnectionInfo, hello: Any) -> Identity:
+        return Identity("gina", expires_in=10)
+
+    async with Hub(HubConfig(), clock=clock) as hub:
+        peer = _SilentPeer()
+        session = Session(hub, peer, ConnectionInfo("/", {}, {}, None), authenticate=authenticate)
+        task = asyncio.create_task(session.run())
+        await until(lambda: hub.is_connected("gina"))
+        yield hub, peer, task
+
+
+async def test_the_expiry_watchdog_ends_a_silent_connection_on_the_hub_clock() -> None:
+    clock = ManualClock()
+    async with expiring_session(clock) as (hub, peer, task):
+        clock.advance(9.9)
+        for _ in range(20):  # loop turns, not time: a watchdog that fired would act now
+            await asyncio.sleep(0)
+        assert not task.done() and hub.is_connected("gina")
+        clock.advance(0.1)
+        async with asyncio.timeout(5):
+            await task  # ends normally: the watchdog's cancellation was taken back
+        assert peer.closed == [(1008, "token_expired: the token expired")]
+        assert not hub.is_connected("gina")
+
+
+async def test_the_expiry_watchdog_never_swallows_another_cancellation() -> None:
+    clock = ManualClock()
+    async with expiring_session(clock) as (_, peer, task):
+        clock.advance(10)  # the watchdog wakes in the same loop turn as ...
+        task.cancel()  # ... a cancellation from elsewhere (a server shutting down)
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(5):
+                await task
+        assert peer.closed == []
 
 
 # ----------------------------------------------------------------------------- 6. last_seq bound

@@ -97,8 +97,9 @@ class ConnectionInfo:
 class Identity:
     """What an `authenticate` hook may return instead of a bare client id: the id and
     how many seconds its credentials remain valid (None: no expiry), measured on the
-    hook's own clock. When they run out the server ends the connection (`error` code
-    `token_expired`, close 1008) unless the client sent a fresh token in an `auth` frame."""
+    hook's own clock and counted down by the server on the hub's (`Hub.clock`). When they
+    run out the server ends the connection (`error` code `token_expired`, close 1008)
+    unless the client sent a fresh token in an `auth` frame."""
 
     client_id: str
     expires_in: float | None = None
@@ -236,10 +237,23 @@ class Session:
         self.try_send: Callable[[str | bytes], bool] | None = getattr(conn, "try_send", None)
         self.client_id: str | None = None
         self.failed = False
-        # When the connection's credentials expire, in loop time (None: never).
+        # When the connection's credentials expire, on the hub's clock (None: never).
         self.expires_at: float | None = None
         # The channels its credentials grant (None: no restriction from the credentials).
         self.channel_grants: frozenset[str] | None = None
+        # Token expiry. Who may cancel what: only the session's own task starts and
+        # cancels the watchdog (`_set_expiry`, and `run` on every exit). The watchdog
+        # cancels only the session task, only while it waits in `_recv_expiring`'s
+        # receive (`_receiving`), only when no other cancellation is pending, and only
+        # once: it sets `_expired` first, and that receive takes its cancellation back
+        # (`uncancel`, as `asyncio.Timeout` does) and raises `_Expired`. A cancellation
+        # from anyone else (hub shutdown) still propagates as CancelledError.
+        self._expired = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[object] | None = None  # the session's, for the watchdog
+        self._cancels_before = 0  # its `cancelling()` count when the watchdog started
+        self._receiving = False
+        self._expiry_cancel = False
         cfg = hub.config
         self.bucket = TokenBucket(cfg.max_inbound_rate, cfg.max_inbound_rate * BURST_FACTOR)
         # The tether.v1 state while the connection is open (for `frame_now`).
@@ -266,6 +280,9 @@ class Session:
                 await self.conn.close(1011, "internal error")
         finally:
             counter.open -= 1
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
             if self.client_id is not None:
                 self.hub.channel_connection_closed(self.client_id, self)
                 await self.hub.disconnect(self.client_id, transport=self, failed=self.failed)
@@ -291,15 +308,30 @@ class Session:
         if self.expires_at is None:
             data = await self.conn.recv()
         else:
-            try:
-                # Cancelling a receive is safe in both adapters (nothing is consumed).
-                async with asyncio.timeout_at(self.expires_at):
-                    data = await self.conn.recv()
-            except TimeoutError:
-                raise _Expired from None
+            data = await self._recv_expiring()
         if not self.bucket.take():
             raise _RateLimited
         return data
+
+    async def _recv_expiring(self) -> str | bytes:
+        """The next frame of a connection whose credentials expire; raises `_Expired`
+        when they have, or when the watchdog ends the receive because they just did.
+        No timer per frame: the watchdog alone keeps the time."""
+        if self._expired:
+            raise _Expired
+        self._receiving = True
+        try:
+            # Cancelling a receive is safe in both adapters (nothing is consumed).
+            return await self.conn.recv()
+        except asyncio.CancelledError:
+            if self._expiry_cancel:
+                self._expiry_cancel = False
+                assert self._task is not None
+                if self._task.uncancel() <= self._cancels_before:
+                    raise _Expired from None  # the watchdog's cancellation, and only it
+            raise
+        finally:
+            self._receiving = False
 
     # ------------------------------------------------------------------ plain mode
 
@@ -535,13 +567,36 @@ class Session:
         self._set_expiry(identity)
 
     def _set_expiry(self, identity: str | Identity) -> None:
-        """Take the expiry and the channel grants of fresh credentials."""
+        """Take the expiry and the channel grants of fresh credentials: (re)start the
+        watchdog that ends the connection when they run out (on the session's task)."""
         self.channel_grants = identity.channels if isinstance(identity, Identity) else None
         remaining = identity.expires_in if isinstance(identity, Identity) else None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._expired = False
         if remaining is None:
             self.expires_at = None
             return
-        self.expires_at = asyncio.get_running_loop().time() + remaining
+        clock = self.hub.clock
+        self.expires_at = clock.now() + remaining
+        self._task = task = asyncio.current_task()
+        self._cancels_before = task.cancelling() if task is not None else 0
+        self._watchdog = asyncio.get_running_loop().create_task(
+            self._expire_after(remaining), name="tether-token-expiry"
+        )
+
+    async def _expire_after(self, seconds: float) -> None:
+        """The watchdog: after `seconds` on the hub's clock the credentials have expired;
+        ends the receive in progress, if any (see `__init__` for who cancels what)."""
+        await self.hub.clock.sleep(seconds)
+        self._expired = True
+        task = self._task
+        if self._receiving and task is not None and task.cancelling() == self._cancels_before:
+            # The session task waits in the receive (it is not running: this is); the
+            # cancellation lands there, whatever frame may be on its way.
+            self._expiry_cancel = True
+            task.cancel()
 
     async def _authenticated(self, hello: protocol.Hello | None) -> str | None:
         """Run the `authenticate` hook; on refusal report it and return None."""
