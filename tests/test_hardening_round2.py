@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from support import closed_with, hello, hello_frame, recv_json, until
 from tether import Client, Hub, HubConfig, SendStatus
-from tether.auth import sign_token, signed_token_authenticator, token_expires_at
+from tether.auth import sign_token, token_expires_at
 from tether.client import TetherRejected
 from tether.clock import ManualClock
 from tether.monitoring import BackgroundServer, create_app
@@ -407,22 +407,22 @@ async def test_allowed_hosts_setting_replaces_the_loopback_default() -> None:
 
 @contextlib.asynccontextmanager
 async def authed(adapter: str, clock: ManualClock | None = None) -> AsyncIterator[tuple[Hub, str]]:
-    """A hub that needs tokens signed with SECRET, served by `adapter`. With `clock`, the
-    hub (and so the token watchdog) and the token hook run on it, and the test advances
-    it instead of sleeping; without, the real clock and the hub's own `auth_secret` hook
-    (for clients whose refresh schedule is real time)."""
+    """A hub that needs tokens signed with SECRET (its own `auth_secret` hook), served by
+    `adapter`. With `clock`, the hub — and so the token hook and the token watchdog —
+    runs on it, and the test advances it instead of sleeping (its wall time is years in
+    the past: a hook reading the real clock would refuse every token); without, the
+    real clock (for clients whose refresh schedule is real time)."""
     if clock is None:
         hub = Hub(HubConfig(auth_secret=SECRET, hello_timeout=5))
-        hook: dict[str, Any] = {}
     else:
         # No retry cycles while the clock is advanced: the frames stay the ones sent.
-        hub = Hub(HubConfig(hello_timeout=5, retry_interval=3600), clock=clock)
-        hook = {"authenticate": signed_token_authenticator(SECRET, clock=clock.wall)}
+        config = HubConfig(auth_secret=SECRET, hello_timeout=5, retry_interval=3600)
+        hub = Hub(config, clock=clock)
     if adapter == "uvicorn":
-        async with app_server(hub, **hook) as server:
+        async with app_server(hub) as server:
             yield hub, server.ws_url + "/ws"
     else:
-        async with hub, ws_serve(hub, "127.0.0.1", 0, **hook) as ws_server:
+        async with hub, ws_serve(hub, "127.0.0.1", 0) as ws_server:
             port = next(iter(ws_server.sockets)).getsockname()[1]
             yield hub, f"ws://127.0.0.1:{port}"
 

@@ -297,6 +297,9 @@ def signed_token_authenticator(
     return authenticate
 
 
-def auth_from_config(auth_secret: str | None) -> Authenticate | None:
-    """The hook `TETHER_AUTH_SECRET` asks for: signed tokens, or None when it is unset."""
-    return signed_token_authenticator(auth_secret) if auth_secret else None
+def auth_from_config(
+    auth_secret: str | None, *, clock: Callable[[], float] = time.time
+) -> Authenticate | None:
+    """The hook `TETHER_AUTH_SECRET` asks for: signed tokens, or None when it is unset.
+    `clock` gives epoch seconds (the adapters pass the hub's, `Hub.clock.wall`)."""
+    return signed_token_authenticator(auth_secret, clock=clock) if auth_secret else None

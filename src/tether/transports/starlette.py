@@ -288,7 +288,7 @@ def websocket_endpoint(
     `tether.auth`); when None, `hub.config.auth_secret` decides (signed tokens if set).
     """
     if authenticate is None:
-        authenticate = auth_from_config(hub.config.auth_secret)
+        authenticate = auth_from_config(hub.config.auth_secret, clock=hub.clock.wall)
     origins = origin_patterns(hub.config.allowed_origins)
     hosts = hub.config.effective_allowed_hosts
 

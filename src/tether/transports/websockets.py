@@ -419,7 +419,9 @@ class Handler:
         self.client_id_param = client_id_param
         # No hook given: `auth_secret` (TETHER_AUTH_SECRET), if set, turns on signed tokens.
         self.authenticate = (
-            authenticate if authenticate is not None else auth_from_config(hub.config.auth_secret)
+            authenticate
+            if authenticate is not None
+            else auth_from_config(hub.config.auth_secret, clock=hub.clock.wall)
         )
         self.sessions: dict[str, Session] = {}
 
