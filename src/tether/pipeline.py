@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from .accounting import Accounting
 from .backends import Accepted, Backend, BackendError, OutcomeUnknown, Refused
@@ -70,6 +72,10 @@ class DeliveryPipeline:
         self.best_effort = BestEffort(clock, backend, accounting, writer)
         # A backend that can store without suspending lets critical fan-out skip tasks.
         self.append_now = getattr(backend, "append_now", None)
+        # Optional `append_future(session, envelope) -> Future | None`: `append` without
+        # its coroutine frame (a stored send's resume wakes one frame less); None: await
+        # `append`.
+        self.append_future = getattr(backend, "append_future", None)
         # A store that is the session's own outbox (nothing durable or shared to trim):
         # an ack is settled in process, without awaiting the backend.
         self.acks_in_process = (
@@ -91,14 +97,19 @@ class DeliveryPipeline:
             return None
         return self.best_effort.send_now(client, envelope)
 
-    async def deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
-        """Deliver one envelope (takes the client's lock)."""
+    def deliver(self, client: ClientSession, envelope: Envelope) -> Coroutine[Any, Any, SendResult]:
+        """Deliver one envelope (takes the client's lock): the coroutine to await. A plain
+        call, so that a critical send awaits `_accept` itself (which takes the lock): one
+        coroutine frame less to suspend and resume while a store commits it."""
+        if envelope.critical:
+            return self._accept(client, envelope, lock=client.lock)
+        return self._deliver(client, envelope)
+
+    async def _deliver(self, client: ClientSession, envelope: Envelope) -> SendResult:
+        """`deliver` of a best-effort message."""
         lock = client.lock  # acquire/release: `async with` adds two coroutine frames
         await lock.acquire()
         try:
-            if envelope.critical:
-                client.last_seen = self.clock.now()
-                return await self._accept(client, envelope)
             key = envelope.dedup_key
             if key is not None and await self.backend.seen(client, key):
                 client.last_seen = self.clock.now()
@@ -119,39 +130,58 @@ class DeliveryPipeline:
     # ------------------------------------------------------------------ accepting critical
 
     async def _accept(
-        self, client: ClientSession, envelope: Envelope, *, direct: bool = True
+        self,
+        client: ClientSession,
+        envelope: Envelope,
+        *,
+        direct: bool = True,
+        lock: asyncio.Lock | None = None,
     ) -> SendResult:
-        """Store a critical message, then write it if it heads the queue (lock held)."""
-        backend = self.backend
-        local = client.connected or not backend.shared
-        # A store that must be awaited (not the memory store, which is the session itself)
-        # may clear a plain-mode message for a direct write instead of storing it.
-        if direct and self.append_now is None and may_write_directly(client, envelope):
-            envelope.direct = True
+        """Store a critical message, then write it if it heads the queue: with the
+        client's `lock` taken here (`deliver`: in this frame, not one more), else held by
+        the caller."""
+        if lock is not None:
+            await lock.acquire()  # acquire/release: `async with` adds two coroutine frames
+            client.last_seen = self.clock.now()
         try:
-            stored = await backend.append(client, envelope, local=local)
-        except BackendError as exc:
-            return self.store_failed(client, envelope, exc)
-        except asyncio.CancelledError:
-            # The producer went away, but the store may have the message: a client
-            # connected here gets it from the store, as from another node.
-            if backend.shared and client.connected:
-                self._tasks.spawn(self.load_new(client.client_id))
-            raise
-        if isinstance(stored, Accepted) and stored.direct:
-            return await self._write_directly(client, envelope)
-        settled = self.settle(client, envelope, stored, local)
-        if settled is not None:
-            return settled
-        if (
-            client.connected
-            and len(client.outbox.queue) == 1
-            and envelope.attempts == 0  # else its retry is scheduled
-            and client.breaker.allow()
-            and await self.write_head(client)
-        ):
-            return SendResult(_SENT, client.client_id, envelope.message_id, None, envelope.seq)
-        return self.queued(client, envelope)
+            backend = self.backend
+            local = client.connected or not backend.shared
+            # A store that must be awaited (not the memory store, which is the session itself)
+            # may clear a plain-mode message for a direct write instead of storing it.
+            if direct and self.append_now is None and may_write_directly(client, envelope):
+                envelope.direct = True
+            try:
+                append_future = self.append_future
+                waiting = append_future(client, envelope) if append_future is not None else None
+                if waiting is not None:
+                    stored = await waiting
+                else:
+                    stored = await backend.append(client, envelope, local=local)
+            except BackendError as exc:
+                return self.store_failed(client, envelope, exc)
+            except asyncio.CancelledError:
+                # The producer went away, but the store may have the message: a client
+                # connected here gets it from the store, as from another node.
+                if backend.shared and client.connected:
+                    self._tasks.spawn(self.load_new(client.client_id))
+                raise
+            if isinstance(stored, Accepted) and stored.direct:
+                return await self._write_directly(client, envelope)
+            settled = self.settle(client, envelope, stored, local)
+            if settled is not None:
+                return settled
+            if (
+                client.connected
+                and len(client.outbox.queue) == 1
+                and envelope.attempts == 0  # else its retry is scheduled
+                and client.breaker.allow()
+                and await self.write_head(client)
+            ):
+                return SendResult(_SENT, client.client_id, envelope.message_id, None, envelope.seq)
+            return self.queued(client, envelope)
+        finally:
+            if lock is not None:
+                lock.release()
 
     def start_batch(self) -> None:
         """Begin a fan-out's synchronous loop of `accept_now` (nothing may await until
