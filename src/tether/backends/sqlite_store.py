@@ -198,8 +198,11 @@ class Appended(NamedTuple):
 
 
 # Appended(...) runs the NamedTuple's Python-level __new__ (a frame per append on the
-# writer, GIL held); tuple.__new__ builds the same record in C (what NamedTuple._make does).
+# writer, GIL held); tuple.__new__ builds the same record in C, without the field-count
+# check that __new__ does: every caller passes all three fields, and this guards that the
+# record still has exactly those three.
 _new_appended = tuple.__new__
+assert Appended._fields == ("seq", "epoch", "evicted")
 
 
 @dataclass(frozen=True, slots=True)
