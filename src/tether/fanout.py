@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from .backends import Accepted, Backend, BackendError
+from .backends import Accepted, Backend, BackendError, Refused
 from .envelopes import Rejected, copy_for_client
 from .messages import BroadcastResult, Envelope, SendResult, SendStatus
 from .pipeline import DeliveryPipeline, Trims, may_write_directly
@@ -69,7 +69,7 @@ class FanOut:
         if not cluster:
             return []
         sessions = self._registry.sessions
-        return [c for cid in cluster if cid not in skip and (c := sessions.get(cid)) is not None]
+        return [c for cid in cluster.difference(skip) if (c := sessions.get(cid)) is not None]
 
     async def _cluster_members(self, group: str | None) -> set[str] | None:
         """Every client the cluster knows in `group` (None: unavailable); the ones this
@@ -208,25 +208,16 @@ class FanOut:
                 start, step = start + step, size
                 slices.append(part)
                 stored.append(asyncio.ensure_future(append_many(part)))
-            write_now, written_directly = pipeline.writer.write_now, pipeline.written_directly
             for part, pending in zip(slices, stored, strict=True):
                 outcomes = await pending
                 now = pipeline.clock.now()
-                for (client, envelope, local), outcome in zip(part, outcomes, strict=True):
-                    client.last_seen = now
-                    if isinstance(outcome, BackendError):
-                        results.append(pipeline.store_failed(client, envelope, outcome))
-                        continue
-                    if isinstance(outcome, Accepted) and outcome.direct:
-                        if write_now(client, envelope.data) is OK:
-                            results.append(written_directly(client, envelope, now))
-                        else:  # the socket did not take it: stored after all, in order
-                            unwritten.append(client)
-                        continue
-                    settled = pipeline.settle(client, envelope, outcome, local)
-                    if settled is None:
-                        settled = pipeline.write_stored_now(client, envelope, trims)
-                    results.append(settled)
+                # nothing awaited until `end_batch`: the slice's plain-mode deliveries are
+                # timed by one weighted latency sample, as the memory store's fan-out does
+                pipeline.start_batch()
+                try:
+                    self._settle_slice(part, outcomes, now, results, trims, unwritten)
+                finally:
+                    pipeline.end_batch(template)
                 released += 1
                 for client, _, _ in part:
                     client.lock.release()
@@ -235,6 +226,35 @@ class FanOut:
                 for client, _, _ in part:
                     client.lock.release()
         return results
+
+    def _settle_slice(
+        self,
+        part: list[tuple[ClientSession, Envelope, bool]],
+        outcomes: list[Accepted | Refused | BackendError],
+        now: float,
+        results: list[SendResult],
+        trims: Trims,
+        unwritten: list[ClientSession],
+    ) -> None:
+        """Apply a slice's store outcomes: write what the store cleared or stored for a
+        connected client (locks held), answer the rest."""
+        pipeline = self._pipeline
+        write_now, written_directly = pipeline.writer.write_now, pipeline.written_directly
+        for (client, envelope, local), outcome in zip(part, outcomes, strict=True):
+            client.last_seen = now
+            if isinstance(outcome, BackendError):
+                results.append(pipeline.store_failed(client, envelope, outcome))
+                continue
+            if isinstance(outcome, Accepted) and outcome.direct:
+                if write_now(client, envelope.data) is OK:
+                    results.append(written_directly(client, envelope, now))
+                else:  # the socket did not take it: stored after all, in order
+                    unwritten.append(client)
+                continue
+            settled = pipeline.settle(client, envelope, outcome, local)
+            if settled is None:
+                settled = pipeline.write_stored_now(client, envelope, trims)
+            results.append(settled)
 
     async def _trim_stored(self, trims: Trims) -> None:
         """Tell a durable store that plain-mode writes delivered these messages."""
