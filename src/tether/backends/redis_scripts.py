@@ -140,7 +140,7 @@ while pos <= #blob do
         and redis.call('EXISTS', meta, out) == 0 then
       state = false  -- no key at all (a plain client never stored for): one call
     else
-      state = redis.call('HMGET', meta, 'e', 's', 'k', 'a')
+      state = redis.call('HMGET', meta, 'e', 's', 'k')
     end
   end
   if prior then
@@ -153,22 +153,14 @@ while pos <= #blob do
     results[i] = 0
   else
     local epoch, s, k = state[1], tonumber(state[2] or '0'), tonumber(state[3] or '0')
-    local a = tonumber(state[4] or '0')
     if not epoch then
       epoch = fresh
       s = math.max(floor, top_of(out))
-      a = s
       k = 0
       redis.call('HSET', meta, 'e', epoch, 's', s, 'a', s, 'v', '0')
     end
     local evicted = {}
-    -- The stream holds at most the seqs in (a, s]: acks trim everything up to a, and
-    -- nothing is numbered above s. Far enough under the bound, XLEN is not needed (a
-    -- call saved per copy); an empty stream (a == s) is counted, as it may need its
-    -- expiry. Only keys half lost (meta without its stream, or a counter rolled back
-    -- by a failover) break that range; the next count corrects the bound.
-    local len = s - a
-    if len <= 0 or len >= max then len = redis.call('XLEN', out) end
+    local len = redis.call('XLEN', out)
     local full = false
     local expired = {}
     if len >= max then
