@@ -249,3 +249,19 @@ async def test_close_fails_built_pipelines_still_waiting_for_a_slot() -> None:
     await batcher.close()
     with pytest.raises(BackendError):  # a regression fails, never hangs
         await asyncio.wait_for(future, 30)
+
+
+async def test_close_right_after_a_pipeline_was_started_fails_its_senders() -> None:
+    """close() in the turn after a pipeline's task was created (before it ran): nothing
+    was sent, and the sender hears so instead of waiting forever."""
+
+    async def never(requests: list[Request]) -> list[Any]:
+        await asyncio.Event().wait()
+        return []
+
+    batcher = StreamBatcher(never, max_in_flight=1)
+    future = batcher.submit_one("append", 0, "a;")
+    await asyncio.sleep(0)  # the batcher's turn: the pipeline's task exists, not started
+    await batcher.close()
+    with pytest.raises(BackendError, match="closed"):  # a regression fails, never hangs
+        await asyncio.wait_for(future, 30)

@@ -193,9 +193,9 @@ class RedisBackend:
         self._events = events
         self._conn = self._connect()
         self._redis = self._conn.commands
-        # Two slots: Redis runs one pipeline while the next waits, and answers each on
-        # its own (see `StreamBatcher._start`).
-        self._batcher = StreamBatcher(self._run_pipeline, max_in_flight=2)
+        # Two slots (the default): Redis runs one pipeline while the next waits, and
+        # answers each on its own (see `StreamBatcher._start`).
+        self._batcher = StreamBatcher(self._run_pipeline)
         try:
             await self._load_scripts()
         except BackendError as exc:  # run degraded; the listener keeps trying to get in

@@ -108,7 +108,7 @@ class StreamBatcher:
     pipeline as a whole failed.
     """
 
-    def __init__(self, run: Runner, *, max_in_flight: int = 4) -> None:
+    def __init__(self, run: Runner, *, max_in_flight: int = 2) -> None:
         self._run = run
         self._max_in_flight = max_in_flight
         self._queue: dict[tuple[str, Hashable], _Call] = {}
@@ -118,7 +118,7 @@ class StreamBatcher:
         self._ready: deque[list[_Call]] = deque()
         self._scheduled = False
         self._closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], list[_Call]] = {}  # in flight, and their chunks
         # second halves of answered pipelines not yet handed out (see STAGGER_AT)
         self._later: list[tuple[list[_Run], list[Any], int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # the one loop it runs on
@@ -198,19 +198,26 @@ class StreamBatcher:
         if self._closed:
             return
         ready = self._ready
-        if not ready and self._queue and self._in_flight < self._max_in_flight:
-            ready.extend(self._build())
         # One pipeline per free slot, never more: Redis reads the pipelines that arrive
         # while it runs a script all at once, runs them back to back and answers them
         # together, so a burst sent at once comes back at once, and this process handles
         # all those replies while Redis idles. Sent one per slot, with two slots one runs
         # while the next waits, and each reply comes back on its own.
-        while ready and self._in_flight < self._max_in_flight:
+        while self._in_flight < self._max_in_flight:
+            if not ready:
+                if not self._queue:
+                    break
+                ready.extend(self._build())
             chunks = ready.popleft()
             self._in_flight += 1
             task = asyncio.ensure_future(self._flush(chunks))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # Until it ends, the task owns these chunks: close() fails them if it is
+            # cancelled before its first step (then nothing was sent).
+            self._tasks[task] = chunks
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     def _build(self) -> list[list[_Call]]:
         """The queue as pipelines (see `PIPELINE_ITEMS`); the queue is emptied."""
@@ -398,9 +405,16 @@ class StreamBatcher:
         self._closed = True  # a pipeline ending now must not start the next
         while self._later:  # stored, answered: their senders hear so now
             self._settle(*self._later.pop(0))
-        for task in list(self._tasks):
+        flying = dict(self._tasks)
+        for task in flying:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*flying, return_exceptions=True)
+        for chunks in flying.values():
+            # A task cancelled before its first step never sent its chunks (nothing was
+            # stored): their senders are told here. `_fail` skips the futures a task that
+            # did run has answered (an unknown outcome, when it was cancelled mid-call).
+            for chunk in chunks:
+                self._fail(chunk, BackendError("backend closed"))
         while self._ready:
             for call in self._ready.popleft():
                 self._fail(call, BackendError("backend closed"))
