@@ -272,6 +272,23 @@ async def test_critical_broadcast_stores_local_copies_while_asking_who_else(
     await eventually(lambda: {"all": 1} in there.data())
 
 
+async def test_a_send_started_during_a_broadcast_comes_after_it_for_every_client(
+    node: Factory,
+) -> None:
+    """A critical broadcast is ordered against other deliveries for all its clients at
+    once, however many slices its copies are stored in: a send to the last client, made
+    while the first slices are on their way, arrives after the broadcast's copy."""
+    a = node("a")
+    sockets = {f"o{i}": MockWebSocket() for i in range(300)}  # several store slices
+    for cid, ws in sockets.items():
+        await a.connect(cid, ws, hello=v1_hello(cid))
+    broadcast = asyncio.ensure_future(a.broadcast({"all": 1}, critical=True))
+    await asyncio.sleep(0)  # the broadcast has started; its later slices are not built
+    send = asyncio.ensure_future(a.send("o299", {"own": 1}, critical=True))
+    await asyncio.wait_for(asyncio.gather(broadcast, send), 10)
+    assert sockets["o299"].data() == [{"all": 1}, {"own": 1}]
+
+
 async def test_group_broadcast_reaches_only_members_elsewhere(node: Factory) -> None:
     a, b = node("a"), node("b")
     await a.start()

@@ -64,8 +64,13 @@ class FanOut:
         return local, asyncio.ensure_future(self._cluster_only(group, skip))
 
     async def _cluster_only(self, group: str | None, skip: set[str]) -> list[ClientSession]:
-        """The sessions of the clients the cluster knows in `group` but not in `skip`."""
-        cluster = await self._cluster_members(group)
+        """The sessions of the clients the cluster knows in `group` but not in `skip`;
+        none when the store cannot say (logged: the broadcast reaches the local ones)."""
+        try:
+            cluster = await self._cluster_members(group)
+        except Exception:  # the local copies may be stored already: never fail them
+            log.exception("tether: cluster membership unavailable")
+            return []
         if not cluster:
             return []
         sessions = self._registry.sessions
@@ -94,10 +99,16 @@ class FanOut:
         """Deliver `template` to every target, concurrently where it must wait; and to
         the sessions `more` gives (see `targets`) as soon as it gives them."""
         if more is not None:
-            here, there = await asyncio.gather(
-                self.deliver(targets, template), self._deliver_more(more, template)
-            )
-            return here + there
+            # The local part runs in this task, so it takes its clients' locks before the
+            # first await (in order with the deliveries started after this broadcast);
+            # the others join when the store has named them.
+            there = asyncio.ensure_future(self._deliver_more(more, template))
+            try:
+                here = await self.deliver(targets, template)
+            except BaseException:
+                there.cancel()
+                raise
+            return here + await there
         pipeline = self._pipeline
         if not template.critical:
             # A best-effort envelope is never stored or changed per client: shared. Without
@@ -178,30 +189,33 @@ class FanOut:
         the store as they are built: a store a round trip away gets the first slices on
         their way while this process builds the later ones, and works on the later ones
         while it writes the copies of the first. The first slice is a quarter of the
-        others, so the store starts sooner. A slice's locks are taken as it is built
-        (a client found busy then goes to `busy`) and given back once its copies are
-        written. A plain-mode client the store clears for direct delivery is written to
-        without a stored copy; one whose socket does not take it goes to `unwritten`."""
+        others, so the store starts sooner. Every target's lock is taken first, in one
+        step without awaiting (a client found busy goes to `busy`), so this broadcast is
+        ordered against other deliveries for all its clients at once, and each slice's
+        locks are given back once its copies are written. A plain-mode client the store
+        clears for direct delivery is written to without a stored copy; one whose socket
+        does not take it goes to `unwritten`."""
         pipeline = self._pipeline
         results: list[SendResult] = []
+        free: list[ClientSession] = []
+        for client in targets:
+            if (client.connected and client.try_send is None) or (not client.lock.take_if_free()):
+                busy.append(client)
+            else:
+                free.append(client)
         slices: list[list[tuple[ClientSession, Envelope, bool]]] = []
         stored = []
         append_many = self._backend.append_many
-        size = getattr(self._backend, "store_slice", None) or max(1, len(targets))
-        released = 0  # slices whose locks were given back
+        size = getattr(self._backend, "store_slice", None) or max(1, len(free))
+        released = 0  # clients of `free` whose locks were given back, in order
         try:
-            start, step = 0, size if size >= len(targets) else max(1, size // 4)
-            while start < len(targets):
+            start, step = 0, size if size >= len(free) else max(1, size // 4)
+            while start < len(free):
                 if slices:
                     # the previous slice's task submits it, and a later turn sends it
                     await asyncio.sleep(0)
                 part = []
-                for client in targets[start : start + step]:
-                    if (client.connected and client.try_send is None) or (
-                        not client.lock.take_if_free()
-                    ):
-                        busy.append(client)
-                        continue
+                for client in free[start : start + step]:
                     envelope = copy_for_client(template)
                     envelope.direct = may_write_directly(client, envelope)
                     part.append((client, envelope, client.connected))
@@ -218,13 +232,12 @@ class FanOut:
                     self._settle_slice(part, outcomes, now, results, trims, unwritten)
                 finally:
                     pipeline.end_batch(template)
-                released += 1
                 for client, _, _ in part:
                     client.lock.release()
+                released += len(part)
         finally:
-            for part in slices[released:]:
-                for client, _, _ in part:
-                    client.lock.release()
+            for client in free[released:]:
+                client.lock.release()
         return results
 
     def _settle_slice(

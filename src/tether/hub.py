@@ -251,14 +251,14 @@ class Hub:
         `send_timeout`.
         """
         fanout = self._fanout
-        targets, more = fanout.targets(
-            group, critical=critical, exclude=exclude, closing=self._closing
-        )
         try:
             if self._closing:
                 raise Rejected("shutting down")
             template = self._envelopes.prepare(payload, critical, message_id, ttl)
         except Rejected as rejected:
+            targets, more = fanout.targets(
+                group, critical=critical, exclude=exclude, closing=self._closing
+            )
             if more is not None:
                 targets = targets + await more
             self._acct.rejected_untracked(len(targets))
@@ -269,6 +269,11 @@ class Hub:
             )
         if not self._started:
             await self.start()
+        # `more` (the clients only other nodes know) is a task already asking the store:
+        # from here on nothing is awaited before `deliver` awaits it.
+        targets, more = fanout.targets(
+            group, critical=critical, exclude=exclude, closing=self._closing
+        )
         results = await fanout.deliver(targets, template, more)
         await fanout.publish(template, group)
         return tally(template.message_id, results)

@@ -24,7 +24,9 @@ class DeliveryLock(asyncio.Lock):
         does without suspending, without its coroutine (a broadcast takes 1,000 of them
         per message) — and say whether it did. False leaves the lock as it was; `acquire`
         then waits in line. Relies on asyncio's `_waiters` (None or a deque), the state
-        `acquire` itself checks; a test holds it to `acquire`'s behaviour."""
+        `acquire` itself checks; a test holds it to `acquire`'s behaviour. Stricter than
+        `acquire` in one case: with only cancelled waiters left it refuses (the caller
+        then takes the waiting path, which is always right)."""
         if self.locked() or self._waiters:
             return False
         self._locked = True
