@@ -72,8 +72,9 @@ class DeliveryPipeline:
         self.best_effort = BestEffort(clock, backend, accounting, writer)
         # A backend that can store without suspending lets critical fan-out skip tasks.
         self.append_now = getattr(backend, "append_now", None)
-        # Optional `append_future(session, envelope) -> Future | None`: `append` without
-        # its coroutine frame (a stored send's resume wakes one frame less); None: await
+        # Optional, single-node stores only (no `local` argument):
+        # `append_future(session, envelope) -> Future | None`, `append` without its
+        # coroutine frame (a stored send's resume wakes one frame less); None: await
         # `append`.
         self.append_future = getattr(backend, "append_future", None)
         # A store that is the session's own outbox (nothing durable or shared to trim):
