@@ -23,6 +23,8 @@ def suspended_frames(task: asyncio.Task[Any]) -> list[str]:
 
 
 async def test_a_stored_send_waits_in_two_coroutine_frames(tmp_path: Path) -> None:
+    """A performance guard, on purpose tied to the implementation: each frame a waiting
+    send suspends in is resumed for every commit (see docs/benchmarks.md, SQLite)."""
     hub = Hub(HubConfig(backend="sqlite", sqlite_path=str(tmp_path / "tether.db")))
     try:
         first = await hub.send("alice", {"n": 0}, critical=True)  # loads the stream
