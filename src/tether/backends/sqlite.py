@@ -368,22 +368,11 @@ class SqliteBackend(SingleNode):
         clock = self.clock
         try:
             offset = clock.wall() - clock.now()  # hub-clock instants -> wall-clock ms
-            kinds = _KINDS
-            rows: list[tuple[str, NewMessage, str | None, int, bool]] = []
-            for session, envelope, _, key, max_size, drop_oldest in batch:
-                # What `_row` does, inline (one call less per send).
-                code, raw = envelope.stored_form()
-                message = _new_message(
-                    NewMessage,
-                    (
-                        envelope.message_id,
-                        raw,
-                        kinds[code],
-                        int((envelope.created_at + offset) * 1000),
-                        int((envelope.expires_at + offset) * 1000),
-                    ),
-                )
-                rows.append((session.client_id, message, key, max_size, drop_oldest))
+            row = self._row
+            rows: list[tuple[str, NewMessage, str | None, int, bool]] = [
+                (session.client_id, row(envelope, offset), key, max_size, drop_oldest)
+                for session, envelope, _, key, max_size, drop_oldest in batch
+            ]
             future = store.append_batch(rows, dedup_ttl_ms=self._dedup_ms)
         except Exception as exc:  # closed, a bad bound or row: every sender is told, none hangs
             self._fail_batch(batch, exc)
