@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -272,6 +273,15 @@ async def test_critical_broadcast_stores_local_copies_while_asking_who_else(
     await eventually(lambda: {"all": 1} in there.data())
 
 
+class ReadySocket(MockWebSocket):
+    """A MockWebSocket that also takes frames synchronously, as the adapters' sockets do
+    (so a broadcast stores its copies in slices instead of one send per client)."""
+
+    def try_send(self, data: str | bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+
 async def test_a_send_started_during_a_broadcast_comes_after_it_for_every_client(
     node: Factory,
 ) -> None:
@@ -279,7 +289,7 @@ async def test_a_send_started_during_a_broadcast_comes_after_it_for_every_client
     once, however many slices its copies are stored in: a send to the last client, made
     while the first slices are on their way, arrives after the broadcast's copy."""
     a = node("a")
-    sockets = {f"o{i}": MockWebSocket() for i in range(300)}  # several store slices
+    sockets = {f"o{i}": ReadySocket() for i in range(300)}  # several store slices
     for cid, ws in sockets.items():
         await a.connect(cid, ws, hello=v1_hello(cid))
     broadcast = asyncio.ensure_future(a.broadcast({"all": 1}, critical=True))
@@ -287,6 +297,25 @@ async def test_a_send_started_during_a_broadcast_comes_after_it_for_every_client
     send = asyncio.ensure_future(a.send("o299", {"own": 1}, critical=True))
     await asyncio.wait_for(asyncio.gather(broadcast, send), 10)
     assert sockets["o299"].data() == [{"all": 1}, {"own": 1}]
+
+
+async def test_a_cancelled_broadcast_still_delivers_the_copies_it_stored(node: Factory) -> None:
+    """The producer gives up while the first slice is on its way to Redis: the copies
+    stored there reach their clients connected here, each once, without another send."""
+    a = node("a")
+    sockets = {f"k{i}": ReadySocket() for i in range(300)}
+    for cid, ws in sockets.items():
+        await a.connect(cid, ws, hello=v1_hello(cid))
+    broadcast = asyncio.ensure_future(a.broadcast({"all": 1}, critical=True))
+    await asyncio.sleep(0)  # its first slice is handed to the store
+    broadcast.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await broadcast
+    await eventually(lambda: sockets["k0"].data() == [{"all": 1}])
+    got = [cid for cid, ws in sockets.items() if ws.data()]
+    assert all(sockets[cid].data() == [{"all": 1}] for cid in got)  # never twice
+    for cid in got:  # what reached a client is what the store holds for it
+        assert await a.backend.pending_count(cid) == 1
 
 
 async def test_group_broadcast_reaches_only_members_elsewhere(node: Factory) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from .backends import Accepted, Backend, BackendError, Refused
 from .envelopes import Rejected, copy_for_client
@@ -208,6 +209,7 @@ class FanOut:
         append_many = self._backend.append_many
         size = getattr(self._backend, "store_slice", None) or max(1, len(free))
         released = 0  # clients of `free` whose locks were given back, in order
+        settled = 0  # slices whose store outcome this broadcast took in
         try:
             start, step = 0, size if size >= len(free) else max(1, size // 4)
             while start < len(free):
@@ -224,6 +226,7 @@ class FanOut:
                 stored.append(asyncio.ensure_future(append_many(part)))
             for part, pending in zip(slices, stored, strict=True):
                 outcomes = await pending
+                settled += 1
                 now = pipeline.clock.now()
                 # nothing awaited until `end_batch`: the slice's plain-mode deliveries are
                 # timed by one weighted latency sample, as the memory store's fan-out does
@@ -238,7 +241,19 @@ class FanOut:
         finally:
             for client in free[released:]:
                 client.lock.release()
+            if self._backend.shared:
+                # Cancelled (or failed) with slices on their way: their copies may be
+                # stored without this node mirroring them. Once the store has answered,
+                # their clients connected here load what it holds (as `_accept` does).
+                for part, pending in zip(slices[settled:], stored[settled:], strict=True):
+                    ids = [client.client_id for client, _, _ in part]
+                    self._tasks.spawn(self._load_after(pending, ids))
         return results
+
+    async def _load_after(self, pending: asyncio.Future[Any], client_ids: list[str]) -> None:
+        await asyncio.wait([pending])  # the store's answer, whatever it was
+        load_new = self._pipeline.load_new
+        await asyncio.gather(*(load_new(cid) for cid in client_ids))
 
     def _settle_slice(
         self,
