@@ -65,31 +65,27 @@ class FanOut:
         return local, asyncio.ensure_future(self._cluster_only(group, skip))
 
     async def _cluster_only(self, group: str | None, skip: set[str]) -> list[ClientSession]:
-        """The sessions of the clients the cluster knows in `group` but not in `skip`;
-        none when the store cannot say (logged: the broadcast reaches the local ones)."""
-        try:
-            cluster = await self._cluster_members(group)
-        except Exception:  # the local copies may be stored already: never fail them
-            log.exception("tether: cluster membership unavailable")
-            return []
-        if not cluster:
-            return []
-        sessions = self._registry.sessions
-        return [c for cid in cluster.difference(skip) if (c := sessions.get(cid)) is not None]
-
-    async def _cluster_members(self, group: str | None) -> set[str] | None:
-        """Every client the cluster knows in `group` (None: unavailable); the ones this
-        node does not track yet are tracked."""
+        """The sessions of the clients the cluster knows in `group` but not in `skip`
+        (the ones this node did not track yet are tracked from now on); none when the
+        store cannot say (logged: the broadcast reaches the local ones, whose copies may
+        be stored already)."""
         try:
             cluster = await self._backend.members(group)
         except BackendError as exc:
             log.warning("tether: cluster membership unavailable: %s", exc)
-            return None
+            return []
+        except Exception:
+            log.exception("tether: cluster membership unavailable")
+            return []
+        registry = self._registry
+        sessions = registry.sessions
         for cid in cluster or ():
-            if cid not in self._registry.sessions and valid_client_id(cid):
+            if cid not in sessions and valid_client_id(cid):
                 with contextlib.suppress(Rejected):
-                    self._registry.track(cid)
-        return cluster
+                    registry.track(cid)
+        if not cluster:
+            return []
+        return [c for cid in cluster.difference(skip) if (c := sessions.get(cid)) is not None]
 
     async def deliver(
         self,
