@@ -32,6 +32,12 @@ class EchoRedis:
         return replies
 
 
+async def _never(requests: list[Request]) -> list[Any]:
+    """A runner whose pipelines are sent and never answered (a hung connection)."""
+    await asyncio.Event().wait()
+    return []
+
+
 def _items(tag: str, count: int) -> list[str]:
     return [f"{tag}.{i};" for i in range(count)]
 
@@ -112,11 +118,7 @@ async def test_a_reply_of_the_wrong_length_is_an_unknown_outcome_not_a_hang() ->
 
 
 async def test_close_fails_what_is_still_queued() -> None:
-    async def never(requests: list[Request]) -> list[Any]:
-        await asyncio.Event().wait()
-        return []
-
-    batcher = StreamBatcher(never, max_in_flight=1)
+    batcher = StreamBatcher(_never, max_in_flight=1)
     first = batcher.submit_one("append", 0, "a;")
     await asyncio.sleep(0)  # the first pipeline is in flight and never answers
     await asyncio.sleep(0)
@@ -238,11 +240,7 @@ async def test_a_burst_goes_out_one_pipeline_per_free_slot_in_order() -> None:
 
 
 async def test_close_fails_built_pipelines_still_waiting_for_a_slot() -> None:
-    async def never(requests: list[Request]) -> list[Any]:
-        await asyncio.Event().wait()
-        return []
-
-    batcher = StreamBatcher(never, max_in_flight=1)
+    batcher = StreamBatcher(_never, max_in_flight=1)
     future = batcher.submit_group("append", 0, _items("x", 2 * PIPELINE_ITEMS))
     await asyncio.sleep(0)  # one pipeline in flight, the other built and waiting
     await asyncio.sleep(0)
@@ -255,11 +253,7 @@ async def test_close_right_after_a_pipeline_was_started_fails_its_senders() -> N
     """close() in the turn after a pipeline's task was created (before it ran): nothing
     was sent, and the sender hears so instead of waiting forever."""
 
-    async def never(requests: list[Request]) -> list[Any]:
-        await asyncio.Event().wait()
-        return []
-
-    batcher = StreamBatcher(never, max_in_flight=1)
+    batcher = StreamBatcher(_never, max_in_flight=1)
     future = batcher.submit_one("append", 0, "a;")
     await asyncio.sleep(0)  # the batcher's turn: the pipeline's task exists, not started
     await batcher.close()
