@@ -188,6 +188,31 @@ async def test_critical_dedup_is_cluster_wide(node: Factory) -> None:
     assert (await b.send("f", {"id": "order-2"}, critical=True)).seq == 2
 
 
+async def test_non_ascii_dedup_keys_and_long_client_ids_in_one_batch(node: Factory) -> None:
+    # Append items carry the client's key and the dedup key as UTF-8 after their byte
+    # length: multi-byte characters must not shift the items that follow in the call.
+    a, b = node("a"), node("b")
+    clients = ["u", "user:42@x.y", "c" * 128, "plain"]
+    first = await asyncio.gather(
+        *(
+            a.send(cid, {"id": f"ключ|{n}|😀", "n": n}, critical=True)
+            for n, cid in enumerate(clients)
+        )
+    )
+    assert [r.status for r in first] == [SendStatus.QUEUED] * 4
+    again = await asyncio.gather(
+        *(
+            b.send(cid, {"id": f"ключ|{n}|😀", "n": n}, critical=True)
+            for n, cid in enumerate(clients)
+        )
+    )
+    assert [r.status for r in again] == [SendStatus.DUPLICATE] * 4
+    for n, cid in enumerate(clients):
+        ws = MockWebSocket()
+        await b.connect(cid, ws, hello=v1_hello(cid))
+        assert [f["data"]["n"] for f in ws.frames if f["type"] == "msg"] == [n]
+
+
 async def test_expired_messages_are_removed_on_load(node: Factory) -> None:
     clock = ManualClock()
     hub = node("a", clock=clock)

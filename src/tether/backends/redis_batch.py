@@ -9,9 +9,9 @@ connections. Replies to many separate senders are handed out in two halves, two 
 apart, so that two batches alternate (see `STAGGER_AT`).
 
 A submission (a "ticket") is a list of items with one future: a broadcast's 1,000 copies
-cost one future, not 1,000. Items are strings (see `redis_scripts` for their format); the
-items of one call travel as one argument, since packing and parsing many small arguments
-is most of what a pipeline costs in Python.
+cost one future, not 1,000. Items are strings, or bytes for binary-packed items (see
+`redis_scripts` for their formats); the items of one call travel as one argument, since
+packing and parsing many small arguments is most of what a pipeline costs in Python.
 
 Concurrency invariant: the batcher runs on one event loop; `_queue` is only touched from
 it. A ticket's future is resolved exactly once, with one reply per item in submission
@@ -24,6 +24,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from struct import Struct
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -71,7 +72,7 @@ class _Run:
 
     sink: Any  # a _Ticket, or the future of a single item
     start: int
-    texts: list[str]
+    texts: list[Any]  # all str, or all bytes (binary-packed items)
     payload: bytes | None
     indices: list[int] | None = None
 
@@ -94,10 +95,13 @@ class Request:
     script: str
     group: Hashable
     payloads: bytes
-    items: str
+    items: str | bytes
 
 
 Runner = Callable[[list[Request]], Awaitable[list[Any]]]
+
+# A binary item's payload index (see `redis_scripts.APPEND`): at most PIPELINE_ITEMS payloads.
+_INDEX = Struct(">H")
 
 
 class StreamBatcher:
@@ -128,16 +132,17 @@ class StreamBatcher:
     def submit(
         self,
         script: str,
-        entries: Sequence[tuple[Hashable, str]],
+        entries: Sequence[tuple[Hashable, str]] | Sequence[tuple[Hashable, bytes]],
         payload: bytes | None = None,
     ) -> asyncio.Future[list[Any]]:
-        """Queue items `(group, item string)`; the future gets their replies, in order.
-        `payload` (shared by these items) is sent once per call however many use it."""
+        """Queue items `(group, item)` (all text or all binary); the future gets their
+        replies, in order. `payload` (shared by these items) is sent once per call however
+        many use it."""
         future, ticket = self._ticket(len(entries))
         if ticket is None:
             return future
         # one run per group (a Cluster node), in submission order within it
-        by_group: dict[Hashable, tuple[list[int], list[str]]] = {}
+        by_group: dict[Hashable, tuple[list[int], list[Any]]] = {}
         for index, (group, text) in enumerate(entries):
             run = by_group.get(group)
             if run is None:
@@ -149,7 +154,7 @@ class StreamBatcher:
         return future
 
     def submit_group(
-        self, script: str, group: Hashable, texts: list[str], payload: bytes | None = None
+        self, script: str, group: Hashable, texts: list[Any], payload: bytes | None = None
     ) -> asyncio.Future[list[Any]]:
         """`submit` for items that all join one key group (everything on a single Redis):
         one run, whatever their number."""
@@ -159,7 +164,7 @@ class StreamBatcher:
         return future
 
     def submit_one(
-        self, script: str, group: Hashable, item: str, payload: bytes | None = None
+        self, script: str, group: Hashable, item: str | bytes, payload: bytes | None = None
     ) -> asyncio.Future[Any]:
         """Queue one item; the future gets its reply itself (not a list of one). The
         common case (one send), without a ticket."""
@@ -381,10 +386,11 @@ class StreamBatcher:
     @staticmethod
     def _request(chunk: _Call) -> Request:
         """The payload table (each shared payload once) and the joined items, each
-        prefixed with its payload's index when it has one."""
+        prefixed with its payload's index when it has one: "<index>|" before a text item,
+        the index as a big-endian uint16 before a binary one."""
         index: dict[int, int] = {}
         payloads: list[bytes] = []
-        parts: list[str] = []
+        parts: list[Any] = []
         for run in chunk.runs:
             payload = run.payload
             if payload is None:
@@ -394,10 +400,13 @@ class StreamBatcher:
             if position is None:
                 position = index[id(payload)] = len(index) + 1
                 payloads.append(payload)
-            prefix = f"{position}|"  # a run's items share one payload: joined at once
+            texts = run.texts
+            # a run's items share one payload: joined at once
+            prefix: Any = _INDEX.pack(position) if texts[0].__class__ is bytes else f"{position}|"
             parts.append(prefix)
-            parts.append(prefix.join(run.texts))
-        return Request(chunk.script, chunk.group, b"".join(payloads), "".join(parts))
+            parts.append(prefix.join(texts))
+        joined = (b"" if parts and parts[0].__class__ is bytes else "").join(parts)
+        return Request(chunk.script, chunk.group, b"".join(payloads), joined)
 
     async def close(self) -> None:
         """Cancel what is in flight (those outcomes are unknown) and fail what is queued;

@@ -41,12 +41,13 @@ def bucket_of(client_id: str) -> int:
 class RedisKeys:
     """Key names under one prefix."""
 
-    __slots__ = ("_bases", "clients", "prefix")
+    __slots__ = ("_base_bytes", "_bases", "clients", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.clients = f"{prefix}:clients"
         self._bases: dict[str, str] = {}  # hot: every stream write names its client's base
+        self._base_bytes: dict[str, bytes] = {}  # the same, UTF-8, for binary-packed items
 
     def base(self, client_id: str) -> str:
         base = self._bases.get(client_id)
@@ -55,6 +56,15 @@ class RedisKeys:
                 self._bases.clear()
             base = self._bases[client_id] = f"{self.prefix}:{{b{bucket_of(client_id)}}}:{client_id}"
         return base
+
+    def base_bytes(self, client_id: str) -> bytes:
+        """`base` encoded as UTF-8 (as a binary-packed script item carries it)."""
+        raw = self._base_bytes.get(client_id)
+        if raw is None:
+            if len(self._base_bytes) >= 100_000:  # bounded; rebuilt on demand
+                self._base_bytes.clear()
+            raw = self._base_bytes[client_id] = self.base(client_id).encode("utf-8")
+        return raw
 
     def meta(self, client_id: str) -> str:
         return self.base(client_id) + "#m"
