@@ -256,18 +256,21 @@ while pos <= #blob do
   local base, seq, keep, expect, at = string.match(blob,
     '^([^|]*)|(%d+)|(%d+)|([^;]*);()', pos)
   pos = at
-  seq, keep = tonumber(seq), tonumber(keep)
+  -- `+ 0` converts once where tonumber converts twice (a strtod each); the matched
+  -- text is digits, and the seq goes back to Redis as that text, not as a float
+  local seq_text = seq
+  seq, keep = seq + 0, keep + 0
   local meta, out = base .. '#m', base .. '#o'
   local state = redis.call('HMGET', meta, 'e', 'a', 'k', 's')
   local epoch = state[1]
   -- an ack beyond the last seq handed out speaks of writes a failover lost
-  if not epoch or (expect ~= '' and epoch ~= expect) or seq > tonumber(state[4] or '0') then
+  if not epoch or (expect ~= '' and epoch ~= expect) or seq > (state[4] or 0) + 0 then
     results[i] = -1
   else
-    redis.call('XTRIM', out, 'MINID', (seq + 1) .. '-0')
-    local cur = tonumber(state[2] or '0')
-    if seq > cur then redis.call('HSET', meta, 'a', seq) end
-    extend(meta, out, tonumber(state[3] or '0'), keep, false)
+    redis.call('XTRIM', out, 'MINID', string.format('%d', seq + 1) .. '-0')
+    local cur = (state[2] or 0) + 0
+    if seq > cur then redis.call('HSET', meta, 'a', seq_text) end
+    extend(meta, out, (state[3] or 0) + 0, keep, false)
     results[i] = cur
   end
 end
