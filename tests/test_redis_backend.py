@@ -213,6 +213,19 @@ async def test_non_ascii_dedup_keys_and_long_client_ids_in_one_batch(node: Facto
         assert [f["data"]["n"] for f in ws.frames if f["type"] == "msg"] == [n]
 
 
+async def test_a_message_id_longer_than_64_kib_is_stored_and_deduplicated(node: Factory) -> None:
+    # The dedup key travels after a uint32 length: a uint16 would not hold it.
+    a, b = node("a"), node("b")
+    long_id = "i" * 70_000
+    first = await a.send("long", {"id": long_id, "n": 1}, critical=True)
+    assert first.status is SendStatus.QUEUED
+    assert (await b.send("long", {"id": long_id, "n": 1}, critical=True)).status is (
+        SendStatus.DUPLICATE
+    )
+    broadcast = await a.broadcast({"id": "b" * 70_000}, critical=True)
+    assert broadcast.rejected == broadcast.unknown == 0
+
+
 async def test_expired_messages_are_removed_on_load(node: Factory) -> None:
     clock = ManualClock()
     hub = node("a", clock=clock)

@@ -67,11 +67,14 @@ _LUA = {name: LuaScript(source) for name, source in SCRIPTS.items()}
 MAX_UNKNOWN = 10_000  # appends with an unknown outcome remembered for a probing resend
 _DIRECT = Accepted(0, direct=True)  # read-only: one answer for every direct write
 # A binary append item (see `redis_scripts.APPEND`): flags, floor, known, keep ms and the
-# base key's length, then the base key, the expected epoch and the dedup key, each after
-# its length as a big-endian uint16.
+# base key's length, then the base key and the expected epoch, each after its length as a
+# big-endian uint16 (both are short: checked client id and prefix, a hex epoch), and the
+# dedup key after its length as a uint32 (a message id has no length limit of its own).
 _ITEM_HEAD = Struct(">BqqqH")
 _LENGTH = Struct(">H")
-_NO_TEXT = _LENGTH.pack(0)  # an empty length-prefixed text
+_KEY_LENGTH = Struct(">I")
+_NO_TEXT = _LENGTH.pack(0)  # an empty epoch
+_NO_KEY = _KEY_LENGTH.pack(0)  # no dedup key
 
 
 def _ms(seconds: float) -> int:
@@ -418,7 +421,7 @@ class RedisBackend:
         # The keys live at least as long as the message (and client_ttl).
         keep = max(self._keep_ms, int((first.expires_at - now) * 1000))
         dedup = (first.dedup_key or "").encode("utf-8", "surrogatepass") if self._dedup_on else b""
-        keyed_tail, plain_tail = _LENGTH.pack(len(dedup)) + dedup, _NO_TEXT
+        keyed_tail, plain_tail = _KEY_LENGTH.pack(len(dedup)) + dedup, _NO_KEY
         message_id = first.message_id
         unknown = self._unknown
         base_of = self.keys.base_bytes

@@ -90,7 +90,8 @@ class _Call:
 @dataclass(frozen=True, slots=True)
 class Request:
     """What the runner sends for one call: `payloads` (the payload table: each shared
-    payload once, in index order, joined) and `items` (one string, the items joined)."""
+    payload once, in index order, joined) and `items` (the items joined: one string, or
+    bytes for binary items)."""
 
     script: str
     group: Hashable
@@ -102,6 +103,7 @@ Runner = Callable[[list[Request]], Awaitable[list[Any]]]
 
 # A binary item's payload index (see `redis_scripts.APPEND`): at most PIPELINE_ITEMS payloads.
 _INDEX = Struct(">H")
+assert PIPELINE_ITEMS <= 0xFFFF, "a call's payload index must fit its uint16"
 
 
 class StreamBatcher:
@@ -290,7 +292,12 @@ class StreamBatcher:
                 asyncio.get_running_loop().call_soon(self._start)
 
     async def _send(self, chunks: list[_Call], *, retry_noscript: bool) -> None:
-        requests = [self._request(chunk) for chunk in chunks]
+        try:
+            requests = [self._request(chunk) for chunk in chunks]
+        except Exception as exc:  # a packing bug: nothing was sent, so nothing was stored
+            for chunk in chunks:
+                self._fail(chunk, BackendError(f"Redis {chunk.script}: not sent ({exc!r})"))
+            return
         self.pipelines += 1
         self.calls += len(requests)
         try:

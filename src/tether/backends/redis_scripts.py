@@ -63,8 +63,8 @@ end
 #   what has expired). Each item is binary (`struct`, big-endian: Lua reads its numbers
 #   without a string-to-number conversion, a strtod each, which cost more than the rest
 #   of the parsing): uint16 payload index, uint8 flags, int64 floor, int64 known, int64
-#   keep ms, then the base key, the expected epoch and the dedup key, each as a uint16
-#   length followed by its bytes ('>HBi8i8i8Hc0Hc0Hc0').
+#   keep ms, then the base key and the expected epoch, each as a uint16 length followed
+#   by its bytes, and the dedup key as a uint32 length and its bytes ('>HBi8i8i8Hc0Hc0I4c0').
 #   flags: 1 = check and record the dedup key; 2 = probe: an earlier attempt to store this
 #          message may have succeeded without a reply, so look for its id in the stream
 #          first (a scan of the pending entries, only on this rare path); 4 = direct: a
@@ -113,7 +113,7 @@ pos = 1
 while pos <= size do
   i = i + 1
   local pi, fl, floor, known, keep, base, expect, dkey
-  pi, fl, floor, known, keep, base, expect, dkey, pos = unpack('>HBi8i8i8Hc0Hc0Hc0', blob, pos)
+  pi, fl, floor, known, keep, base, expect, dkey, pos = unpack('>HBi8i8i8Hc0Hc0I4c0', blob, pos)
   local head = payloads[pi]
   local kind, x, c, mid, data = head[1], head[2], head[3], head[4], head[5]
   local meta, out = base .. '#m', base .. '#o'
@@ -214,7 +214,8 @@ while pos <= size do
       if (expect ~= '' and expect ~= epoch) or rolled_back then changed = '1' end
       local gap = {}
       if known >= 0 and changed == '0' and s > known + 1 then
-        gap = redis.call('XRANGE', out, (known + 1) .. '-0', (s - 1) .. '-0')
+        gap = redis.call('XRANGE', out, string.format('%d-0', known + 1),
+                         string.format('%d-0', s - 1))
       end
       local holder = ''
       if known < 0 then holder = redis.call('GET', base .. '#p') or '' end
@@ -224,7 +225,7 @@ while pos <= size do
         -- connected nowhere (the caller has no mirror, so no use for the epoch)
         results[i] = s
       else
-        local head = s .. '|' .. changed .. '|' .. epoch .. '|' .. holder
+        local head = sd .. '|' .. changed .. '|' .. epoch .. '|' .. holder
         if extra then
           results[i] = {head, evicted, gap, expired}
         else
