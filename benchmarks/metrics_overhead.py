@@ -33,9 +33,10 @@ FLAT = 64 * 1024
 Round = Callable[[int], Awaitable[int]]  # (first message number) -> deliveries made
 
 
-async def _hub(metrics_enabled: bool, workload: str) -> tuple[Hub, Round]:
-    """A hub with CLIENTS clients for `workload` and the coroutine running one round."""
-    hub = Hub(HubConfig(metrics_enabled=metrics_enabled, max_queue_size=10_000))
+async def _hub(metrics_enabled: bool, workload: str, **config: Any) -> tuple[Hub, Round]:
+    """A hub with CLIENTS clients for `workload` and the coroutine running one round;
+    `config`: more `HubConfig` settings."""
+    hub = Hub(HubConfig(metrics_enabled=metrics_enabled, max_queue_size=10_000, **config))
     await hub.start()
     v1 = "v1" in workload
     ids = [f"c{i}" for i in range(CLIENTS)]

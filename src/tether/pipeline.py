@@ -141,9 +141,10 @@ class DeliveryPipeline:
         """Store a critical message, then write it if it heads the queue: with the
         client's `lock` taken here (`deliver`: in this frame, not one more), else held by
         the caller."""
+        accepted_at = None
         if lock is not None:
             await lock.acquire()  # acquire/release: `async with` adds two coroutine frames
-            client.last_seen = self.clock.now()
+            client.last_seen = accepted_at = self.clock.now()
         try:
             backend = self.backend
             local = client.connected or not backend.shared
@@ -176,7 +177,7 @@ class DeliveryPipeline:
                 and len(client.outbox.queue) == 1
                 and envelope.attempts == 0  # else its retry is scheduled
                 and client.breaker.allow()
-                and await self.write_head(client)
+                and await self.write_head(client, accepted_at)
             ):
                 return SendResult(_SENT, client.client_id, envelope.message_id, None, envelope.seq)
             return self.queued(client, envelope)
@@ -371,7 +372,7 @@ class DeliveryPipeline:
         frame = msg_frame(client, envelope) if client.v1 else envelope.data
         outcome = self.writer.write_now(client, frame)
         if outcome is OK:
-            self._head_written(client, envelope, is_retry=False)
+            self._head_written(client, envelope, False, None)
             if not client.v1 and self.backend.durable:  # written = delivered: trim the store
                 if trims is None:
                     self._tasks.spawn(self.ack_stored(client, envelope.seq or 0))
@@ -427,8 +428,9 @@ class DeliveryPipeline:
         async with client.lock:
             await self.flush(client, force=True)
 
-    async def write_head(self, client: ClientSession) -> bool:
-        """Write the first unwritten outbox message (lock held; breaker already allowed)."""
+    async def write_head(self, client: ClientSession, now: float | None = None) -> bool:
+        """Write the first unwritten outbox message (lock held; breaker already allowed);
+        `now`: the reading taken when the lock was (`_accept`), else None."""
         envelope = client.outbox.queue[0]
         is_retry = envelope.attempts > 0
         if is_retry:
@@ -438,11 +440,12 @@ class DeliveryPipeline:
         outcome = writer.write_now(client, frame)
         if outcome is PENDING:
             outcome = await writer.write_awaited(client, frame)
+            now = None  # the write waited: a reading taken before it would not time it
         queue = client.outbox.queue
         if outcome is OK and not (queue and queue[0] is envelope):
             outcome = CLOSED  # detached while writing: the message went back to the queue
         if outcome is OK:
-            self._head_written(client, envelope, is_retry=is_retry)
+            self._head_written(client, envelope, is_retry, now)
             if not client.v1 and self.backend.durable:  # written = delivered: trim the store
                 await self.ack_stored(client, envelope.seq or 0)
             return True
@@ -455,7 +458,9 @@ class DeliveryPipeline:
             await self.dead_letter(client, doomed, "retries exhausted")
         return False
 
-    def _head_written(self, client: ClientSession, envelope: Envelope, *, is_retry: bool) -> None:
+    def _head_written(
+        self, client: ClientSession, envelope: Envelope, is_retry: bool, now: float | None
+    ) -> None:
         """The head of the queue was written: in flight (tether.v1) or delivered (plain)."""
         if is_retry:
             self._acct.retry_success(client)
@@ -472,7 +477,10 @@ class DeliveryPipeline:
             # the same through `ack_stored`).
             if envelope.seq is not None and envelope.seq > client.acked:
                 client.acked = envelope.seq
-            self.delivered(client, envelope)
+            # `now` was read when the lock was taken: with the session's own outbox as the
+            # store nothing was awaited since, so it times this write too (one clock
+            # reading, not two); a store that suspends is timed after the write.
+            self.delivered(client, envelope, now if self.acks_in_process else None)
 
     def _head_failed(self, client: ClientSession, envelope: Envelope) -> Envelope | None:
         """A write of the head failed: schedule its retry, or take it out of the queue
