@@ -581,6 +581,34 @@ async def test_append_batch_checks_every_bound_and_answers_appended(tmp_path: Pa
         await store.close()
 
 
+async def test_one_transaction_of_any_size_stores_every_row_and_stream(tmp_path: Path) -> None:
+    """A transaction's rows and streams are written 32 per statement and the rest in one:
+    every count stores each row once, in order, with its stream's counters."""
+    store = await SqliteStore.open(tmp_path / "tether.db")
+    try:
+        for count in (1, 2, 3, 31, 32, 33, 63, 90, 100):
+            clients = [f"c{count}-{n}" for n in range(count)]
+            for cid in clients:  # known streams: the batch takes the inline path
+                await store.append(cid, msg("first"), max_size=10)
+            before = store.transactions
+            items = [(cid, msg(f"{cid}-m{k}"), None, 10, True) for k in (2, 3) for cid in clients]
+            results = await store.append_batch(items, dedup_ttl_ms=1000)
+            assert store.transactions == before + 1  # one operation, one transaction
+            assert [appended(r).seq for r in results] == [2] * count + [3] * count
+            for cid in clients:
+                loaded = await store.load(cid)
+                assert loaded is not None
+                assert [m.message_id for m in loaded.messages] == [
+                    "first",
+                    f"{cid}-m2",
+                    f"{cid}-m3",
+                ]
+                assert (loaded.stream.next_seq, loaded.stream.pending) == (4, 3)
+        assert await store.total_pending() == 3 * sum((1, 2, 3, 31, 32, 33, 63, 90, 100))
+    finally:
+        await store.close()
+
+
 async def test_ack_discard_and_dead_letters(tmp_path: Path) -> None:
     store = await SqliteStore.open(tmp_path / "tether.db", chunk_rows=10, dead_letter_limit=3)
     try:
