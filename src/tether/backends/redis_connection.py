@@ -675,9 +675,15 @@ class RedisConnections:
         pool."""
         idle = self._idle.get(id(pool))
         if idle:
-            return idle.pop()
-        connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        return connection
+            connection = idle.pop()
+            reader = getattr(connection, "_reader", None)
+            if reader is not None and reader.at_eof():
+                # closed by the server while kept (idle `timeout`, CLIENT KILL): as the
+                # pool would, reconnect instead of failing the round on a dead socket
+                await connection.disconnect(nowait=True)
+            return connection
+        fresh: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        return fresh
 
     async def _evalsha_on_pools(
         self,
