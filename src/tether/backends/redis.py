@@ -44,6 +44,7 @@ from .redis_connection import (
     LuaScript,
     RedisConnections,
     never_sent,
+    slot_of,
     spawn_logged,
 )
 from .redis_keys import BUCKETS, RedisKeys, bucket_of
@@ -155,6 +156,8 @@ class RedisBackend:
         self._cluster = cfg.redis_cluster
         self._node_keys: dict[str, str] = {}  # a key served by each Cluster node
         self._bucket_keys = [self.keys.slot_key(bucket) for bucket in range(BUCKETS)]
+        self._bucket_slots = [slot_of(key) for key in self._bucket_keys]
+        self._buckets: dict[str, int] = {}  # client id -> bucket, for Cluster grouping
         self._conn: RedisConnections | None = None
         self._events: BackendEvents | None = None
         self._redis: CommandClient | None = None
@@ -353,17 +356,17 @@ class RedisBackend:
         async def op() -> list[Any]:
             assert self._conn is not None
             conn = self._conn
-            rounds = await asyncio.gather(
-                *(
-                    conn.run_script_batch(
-                        _LUA[name],
-                        [calls[i] for i in indices],
-                        replicas=self._replicas if name == "append" else 0,
-                        replica_timeout_ms=self._replica_timeout_ms,
-                    )
-                    for name, indices in by_script.items()
+            batches = [
+                conn.run_script_batch(
+                    _LUA[name],
+                    [calls[i] for i in indices] if len(by_script) > 1 else calls,
+                    replicas=self._replicas if name == "append" else 0,
+                    replica_timeout_ms=self._replica_timeout_ms,
                 )
-            )
+                for name, indices in by_script.items()
+            ]
+            # one script (the common case): awaited here, not in a task of its own
+            rounds = [await batches[0]] if len(batches) == 1 else await asyncio.gather(*batches)
             replies: list[Any] = [None] * len(requests)
             for indices, results in zip(by_script.values(), rounds, strict=True):
                 for index, result in zip(indices, results, strict=True):
@@ -396,16 +399,22 @@ class RedisBackend:
 
     def _group(self, client_id: str) -> Hashable:
         """The script call a client's item joins: one per Cluster node (the batched
-        scripts may touch many slots of one node), one for everything on a single Redis."""
+        scripts may touch many slots of one node), one for everything on a single Redis.
+        Asked for every write on a Cluster, so the client's bucket is remembered and the
+        node is read straight from redis-py's live slot map (never a stale copy: a call
+        grouped by an old map would touch keys of another node)."""
         if not self._cluster:
             return 0
-        bucket = bucket_of(client_id)
-        key = self._bucket_keys[bucket]
+        bucket = self._buckets.get(client_id)
+        if bucket is None:
+            if len(self._buckets) >= 100_000:  # bounded; rebuilt on demand
+                self._buckets.clear()
+            bucket = self._buckets[client_id] = bucket_of(client_id)
         assert self._conn is not None
-        node = self._conn.node_of(key)
+        node = self._conn.node_of_slot(self._bucket_slots[bucket])
         if node is None:  # slot map not known yet: one call per bucket is always right
-            return key
-        self._node_keys[node] = key  # any key of that node routes the call there
+            return self._bucket_keys[bucket]
+        self._node_keys[node] = self._bucket_keys[bucket]  # any key of that node routes it there
         return node
 
     def _items(

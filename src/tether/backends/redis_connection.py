@@ -59,6 +59,14 @@ and benchmarks/redis_topology_pipeline.py show them):
   0.78-1.01x the single server in the same runs. It re-runs MOVED / ASK / TRYAGAIN calls
   through the cluster client, which follows the redirection and fixes its slot map (the
   node refused them unrun, so that is safe).
+- Per script round, redis-py's own client path is most of the cost in this process:
+  taking a pooled connection (a condition, a timeout scope, a liveness probe), its
+  observability events, and a task per socket write (`wait_for`, for the write timeout).
+  One EVALSHA through `Redis.execute_command` cost ~400,000 instructions (callgrind), a
+  3-node round through one client per node ~1.3 M. `run_script_batch` writes every node's
+  pipeline on a connection it keeps between rounds, then reads the replies with
+  `read_response`: ~200,000 and ~520,000. Still redis-py's connections, parser and
+  errors; only the per-command wrapper is skipped.
 - EVALSHA of an unknown script in a pipeline yields `NoScriptError` for those calls only
   (with `raise_on_error=False`); the script did not run, so loading it and re-running
   just those calls is safe (`run_script_batch` does). There is no automatic NOSCRIPT
@@ -119,6 +127,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import (
+    AbstractConnection,
     BlockingConnectionPool,
     ConnectionPool,
     SSLConnection,
@@ -337,11 +346,17 @@ class RedisConnections:
         self._sentinel: Sentinel | None = None
         self._master_options: dict[str, Any] = {}
         self._node_clients: dict[str, Redis] = {}
+        # Connections the script rounds hold between rounds, per pool (see `_borrow`): at
+        # most a quarter of the bound (none below 4), so commands and other rounds that
+        # wait on the pool always get connections back.
+        self._idle: dict[int, list[AbstractConnection]] = {}
+        self._keep = min(4, self.max_connections // 4)
         self._pool_timeout = pool_timeout
         self._commands: CommandClient
+        self._cluster: RedisCluster | None = None
         if config.redis_cluster:
             self.topology = Topology.CLUSTER
-            self._commands = self._cluster_client()
+            self._commands = self._cluster = self._cluster_client()
         elif config.redis_sentinels:
             self.topology = Topology.SENTINEL
             self._sentinel, self._commands = self._sentinel_client(pool_timeout)
@@ -470,11 +485,20 @@ class RedisConnections:
     def node_of(self, key: str) -> str | None:
         """The cluster node ("host:port") serving `key` by the current slot map; None on a
         single server or Sentinel, or before the map is known."""
-        if not isinstance(self._commands, RedisCluster):
+        return self.node_of_slot(slot_of(key))
+
+    def node_of_slot(self, slot: int) -> str | None:
+        """The cluster node ("host:port") serving hash slot `slot` by the current slot
+        map; None on a single server or Sentinel, before the map is known or while the
+        slot is not covered. Asked once per batched write: a plain lookup in redis-py's
+        slot map (its `get_node_from_slot` and an `isinstance` check of the client, a
+        Protocol, cost several times more)."""
+        cluster = self._cluster
+        if cluster is None:
             return None
         try:
-            return str(self._commands.nodes_manager.get_node_from_slot(slot_of(key)).name)
-        except Exception:  # not discovered yet, or the slot is not covered right now
+            return str(cluster.nodes_manager.slots_cache[slot][0].name)
+        except (KeyError, IndexError, TypeError):
             return None
 
     async def refresh_slots(self) -> None:
@@ -551,9 +575,16 @@ class RedisConnections:
     async def _evalsha_round(
         self, script: LuaScript, calls: Sequence[ScriptCall], wait: tuple[int, int] | None
     ) -> list[Any]:
-        if isinstance(self._commands, RedisCluster):
-            return await self._evalsha_round_per_node(self._commands, script, calls, wait)
-        return await _evalsha_on(self._commands, script, calls, wait)
+        cluster = self._cluster
+        if cluster is not None:
+            return await self._evalsha_round_per_node(cluster, script, calls, wait)
+        single = self._commands
+        assert not isinstance(single, RedisCluster)
+        pool = single.connection_pool
+        outcome = (await self._evalsha_on_pools(script, [(pool, calls)], wait))[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     async def _evalsha_round_per_node(
         self,
@@ -562,35 +593,41 @@ class RedisConnections:
         calls: Sequence[ScriptCall],
         wait: tuple[int, int] | None = None,
     ) -> list[Any]:
-        """One plain pipeline per master, sent concurrently, routed by the cluster's slot
-        map. Cheaper than redis-py's ClusterPipeline (which routes every command twice),
-        and a dead node fails only its own calls, not the whole round."""
+        """One plain pipeline per master, routed by the cluster's slot map and written
+        straight on a connection of that node (not through `RedisCluster`'s per-command
+        routing and retry machinery). A dead node fails only its own calls."""
         if not cluster.get_nodes():
             await cluster.initialize()
+        slots = cluster.nodes_manager.slots_cache
         nodes: dict[str, ClusterNode] = {}
         groups: dict[str, list[int]] = {}
         for index, (keys, _) in enumerate(calls):
-            node = (
-                cluster.nodes_manager.get_node_from_slot(slot_of(keys[0]))
-                if keys
-                else cluster.get_random_node()
+            try:
+                node = slots[slot_of(keys[0])][0] if keys else cluster.get_random_node()
+            except (KeyError, IndexError, TypeError):  # not covered: redis-py says so
+                node = cluster.nodes_manager.get_node_from_slot(slot_of(keys[0]))
+            name = node.name
+            indices = groups.get(name)
+            if indices is None:
+                nodes[name] = node
+                indices = groups[name] = []
+            indices.append(index)
+        # sorted by node: rounds running at once borrow connections in one order, so a
+        # tight pool bound cannot make two of them wait for each other
+        names = sorted(groups)
+        jobs = [
+            (
+                self._node_pool(nodes[name]),
+                [calls[index] for index in groups[name]] if len(groups) > 1 else calls,
             )
-            nodes[node.name] = node
-            groups.setdefault(node.name, []).append(index)
-
-        async def run(name: str, indices: list[int]) -> list[Any]:
-            mine = [calls[index] for index in indices]
-            return await _evalsha_on(self._node_client(nodes[name]), script, mine, wait)
-
-        outcomes = await asyncio.gather(
-            *(run(name, indices) for name, indices in groups.items()), return_exceptions=True
-        )
+            for name in names
+        ]
+        outcomes = await self._evalsha_on_pools(script, jobs, wait)
         results: list[Any] = [None] * len(calls)
         node_failed = False
-        for indices, outcome in zip(groups.values(), outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, Exception):
-                    raise outcome
+        for name, outcome in zip(names, outcomes, strict=True):
+            indices = groups[name]
+            if isinstance(outcome, Exception):
                 node_failed = node_failed or isinstance(outcome, _UNREACHABLE)
                 for index in indices:
                     results[index] = outcome  # this node's calls: outcome unknown
@@ -613,8 +650,8 @@ class RedisConnections:
                     results[index] = exc
         return results
 
-    def _node_client(self, node: ClusterNode) -> Redis:
-        """A plain client of one cluster node, bounded like the rest (per node)."""
+    def _node_pool(self, node: ClusterNode) -> ConnectionPool:
+        """The connection pool of one cluster node, bounded like the rest (per node)."""
         client = self._node_clients.get(node.name)
         if client is None:
             options = {**self._connection_options, "host": node.host, "port": node.port}
@@ -623,7 +660,99 @@ class RedisConnections:
                 max_connections=self.max_connections, timeout=self._pool_timeout, **options
             )
             client = self._node_clients[node.name] = Redis.from_pool(pool)
-        return client
+        return client.connection_pool
+
+    async def _borrow(self, pool: ConnectionPool) -> AbstractConnection:
+        """A connection for a script round: one this round's predecessors left (it is
+        either disconnected or has every reply read), else one from `pool`.
+
+        Script rounds keep their connections instead of going through the pool for
+        every round: taking and returning a pooled connection (condition variable,
+        timeout scope, liveness probe, events) costs more than the round's own work.
+        They keep at most as many as rounds ever ran at once (the batcher sends two),
+        and never more than a quarter of the pool's bound, counted against it like any
+        borrowed connection (the rest go back to the pool); `aclose` closes them with the
+        pool."""
+        idle = self._idle.get(id(pool))
+        if idle:
+            connection = idle.pop()
+            reader = getattr(connection, "_reader", None)
+            if reader is not None and reader.at_eof():
+                # closed by the server while kept (idle `timeout`, CLIENT KILL): as the
+                # pool would, reconnect instead of failing the round on a dead socket
+                await connection.disconnect(nowait=True)
+            return connection
+        fresh: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        return fresh
+
+    async def _evalsha_on_pools(
+        self,
+        script: LuaScript,
+        jobs: Sequence[tuple[ConnectionPool, Sequence[ScriptCall]]],
+        wait: tuple[int, int] | None,
+    ) -> list[list[Any] | Exception]:
+        """Each job's calls of `script` as one pipeline on a connection of its pool, one
+        entry per job: the replies (a call's `ResponseError` in its place), or the
+        exception that job got - a `ConnectionError` / `TimeoutError` means its outcome is
+        unknown unless it happened while connecting. Every pipeline is written before any
+        reply is read, so the servers run them at the same time, with no task per server."""
+        sha = script.sha
+        outcomes: list[list[Any] | Exception] = []
+        held: list[tuple[ConnectionPool, AbstractConnection] | None] = []
+        unread: set[int] = set()  # jobs whose pipeline went out and is not fully read
+        try:
+            for pool, calls in jobs:
+                commands: list[tuple[Any, ...]] = [
+                    ("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls
+                ]
+                if wait is not None:
+                    commands.append(("WAIT", *wait))
+                try:
+                    connection = await self._borrow(pool)
+                except Exception as exc:  # no connection: nothing of this job was sent
+                    outcomes.append(exc)
+                    held.append(None)
+                    continue
+                held.append((pool, connection))
+                outcomes.append([])
+                unread.add(len(held) - 1)
+                try:
+                    await _write(connection, connection.pack_commands(commands))
+                except Exception as exc:
+                    outcomes[-1] = exc
+                    unread.discard(len(held) - 1)
+            for number, entry in enumerate(held):
+                if number not in unread:
+                    continue
+                assert entry is not None
+                connection = entry[1]
+                replies = outcomes[number]
+                assert isinstance(replies, list)
+                count = len(jobs[number][1]) + (wait is not None)
+                try:
+                    while len(replies) < count:
+                        try:
+                            replies.append(await connection.read_response())
+                        except ResponseError as exc:  # that call's entry; the rest follow
+                            replies.append(exc)
+                except Exception as exc:  # redis-py has dropped the connection
+                    outcomes[number] = exc
+                else:
+                    outcomes[number] = _confirmed(replies, wait)
+                unread.discard(number)
+        finally:
+            for number, entry in enumerate(held):
+                if entry is None:
+                    continue
+                pool, connection = entry
+                if number in unread:  # cancelled with replies pending: never reuse it
+                    await connection.disconnect(nowait=True)
+                idle = self._idle.setdefault(id(pool), [])
+                if len(idle) < self._keep:
+                    idle.append(connection)
+                else:
+                    await pool.release(connection)
+        return outcomes
 
     async def aclose(self) -> None:
         """Close every connection (the sentinel clients too). Idempotent."""
@@ -632,33 +761,44 @@ class RedisConnections:
             for client in self._node_clients.values():
                 await client.aclose()
             self._node_clients.clear()
+            self._idle.clear()  # closed with their pools
         finally:
             if self._sentinel is not None:
                 await self._sentinel.aclose()
 
 
-async def _evalsha_on(
-    client: Redis, script: LuaScript, calls: Sequence[ScriptCall], wait: tuple[int, int] | None
-) -> list[Any]:
-    """`calls` of `script` on one server in one round trip, one entry per call (the reply,
-    or the `ResponseError` that call got). One call goes as a plain command: the batcher
-    sends one call per server per round, and a pipeline object around a single command
-    costs about a fifth more CPU."""
-    if wait is None and len(calls) == 1:
-        keys, args = calls[0]
-        try:
-            reply = await client.execute_command(  # type: ignore[no-untyped-call]
-                "EVALSHA", script.sha, len(keys), *keys, *args
-            )
-        except ResponseError as exc:  # the script raised, or NOSCRIPT: that call's entry
-            return [exc]
-        return [reply]
-    async with client.pipeline(transaction=False) as pipe:
-        for keys, args in calls:
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        if wait is not None:
-            pipe.execute_command("WAIT", *wait)
-        return _confirmed(list(await pipe.execute(raise_on_error=False)), wait)
+async def _write(connection: AbstractConnection, packed: list[bytes]) -> None:
+    """Write a packed pipeline on `connection`; on failure the connection is dropped
+    and `ConnectionError` / `TimeoutError` raised (the server may have read part of it).
+
+    redis-py's `send_packed_command` runs every write in a task of its own (`wait_for`,
+    for its timeout) and so costs two event-loop turns; a socket write that fits in the
+    transport's buffer does not wait at all. So a connected connection is written
+    directly, and only a write that has to wait for the socket gets the timeout."""
+    if not connection.is_connected:
+        # `connect()`, as the pool does: a Sentinel connection asks for the master there
+        # (writing on a dropped connection would reconnect to the old address)
+        await connection.connect()  # type: ignore[no-untyped-call]
+    writer = getattr(connection, "_writer", None)
+    if writer is None:  # another redis-py's connection
+        await connection.send_packed_command(packed, check_health=False)
+        return
+    try:
+        writer.writelines(packed)
+        if writer.transport.get_write_buffer_size():
+            async with asyncio.timeout(connection.socket_timeout):
+                await writer.drain()
+        elif writer.transport.is_closing():
+            raise ConnectionResetError("connection lost")
+    except TimeoutError:
+        await connection.disconnect(nowait=True)
+        raise RedisTimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        await connection.disconnect(nowait=True)
+        raise RedisConnectionError(f"Error while writing to socket: {exc!r}") from exc
+    except BaseException:
+        await connection.disconnect(nowait=True)
+        raise
 
 
 def _confirmed(results: list[Any], wait: tuple[int, int] | None) -> list[Any]:

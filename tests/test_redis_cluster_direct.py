@@ -1,0 +1,127 @@
+"""Script rounds written straight on kept connections: cancellation, killed connections and per-node failures stay honest."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tether import HubConfig
+from tether.backends.redis_connection import LuaScript, RedisConnections
+
+pytestmark = pytest.mark.redis
+
+# Returns its argument after spinning for ARGV[2] ms: a reply that arrives late.
+ECHO = LuaScript(
+    "local t = redis.call('TIME')\n"
+    "local stop = t[1] * 1000 + t[2] / 1000 + tonumber(ARGV[2])\n"
+    "repeat t = redis.call('TIME') until t[1] * 1000 + t[2] / 1000 >= stop\n"
+    "redis.call('INCRBY', KEYS[1], 1)\n"
+    "return ARGV[1]\n"
+)
+
+READ = LuaScript("return tonumber(redis.call('GET', KEYS[1]) or '0')")
+
+
+@pytest_asyncio.fixture(params=["single", "cluster"])
+async def conns(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RedisConnections, str]]:
+    prefix = f"tether-direct-{uuid.uuid4().hex[:10]}"
+    if request.param == "single":
+        config = HubConfig(redis_url=request.getfixturevalue("redis_single"))
+    else:
+        config = HubConfig(redis_url=request.getfixturevalue("redis_cluster"), redis_cluster=True)
+    connections = RedisConnections(config, client_name=prefix)
+    try:
+        yield connections, prefix
+    finally:
+        await _delete(connections, prefix)
+        await connections.aclose()
+
+
+async def _delete(connections: RedisConnections, prefix: str) -> None:
+    for server in await _servers(connections):  # fresh connections: the test kills its own
+        try:
+            async for key in server.scan_iter(match=f"{prefix}*"):
+                await server.delete(key)
+        finally:
+            await server.aclose()
+
+
+def _calls(
+    prefix: str, tag: str, count: int, spin_ms: int = 0
+) -> list[tuple[list[str], list[Any]]]:
+    # one key per slot group, spread over the cluster's nodes
+    return [([f"{prefix}:{{g{i}}}"], [f"{tag}{i}", spin_ms]) for i in range(count)]
+
+
+async def _servers(connections: RedisConnections) -> list[aioredis.Redis]:
+    client = connections.commands
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        return [aioredis.Redis(host=n.host, port=n.port) for n in client.get_primaries()]
+    pool_options = client.connection_pool.connection_kwargs
+    return [aioredis.Redis(host=pool_options["host"], port=pool_options["port"])]
+
+
+async def test_a_round_cancelled_with_replies_pending_leaves_none_for_the_next(
+    conns: tuple[RedisConnections, str],
+) -> None:
+    """The late replies of a cancelled round must never be read as the next round's: its
+    connections are dropped, not kept."""
+    connections, prefix = conns
+    # connected first: the round to cancel is written at once on kept connections
+    await connections.run_script_batch(ECHO, _calls(prefix, "warm", 6))
+    slow = asyncio.ensure_future(connections.run_script_batch(ECHO, _calls(prefix, "old", 6, 300)))
+    await asyncio.sleep(0.1)  # written, and the servers are still spinning
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    for round_number in range(3):
+        calls = _calls(prefix, f"new{round_number}-", 6)
+        replies = await connections.run_script_batch(ECHO, calls)
+        assert replies == [args[0].encode() for _, args in calls]
+
+
+async def test_killed_connections_fail_their_round_and_the_next_reconnects(
+    conns: tuple[RedisConnections, str],
+) -> None:
+    """Kept connections killed by the server between rounds: the next round's calls
+    either run (a connection seen closed is replaced, as the pool would) or come back as
+    connection errors (outcome unknown) - never as another call's reply - and the round
+    after that runs every call; each call ran exactly as often as it was answered."""
+    connections, prefix = conns
+    await connections.load_script(READ)  # before the kill: it also cuts the command client's
+    calls = _calls(prefix, "a", 6)
+    assert await connections.run_script_batch(ECHO, calls) == [b"a%d" % i for i in range(6)]
+    servers = await _servers(connections)
+    try:
+        for server in servers:  # only this test's connections (named by its prefix)
+            for client in await server.client_list():
+                if client.get("name") == prefix:
+                    await server.client_kill_filter(_id=client["id"])
+        try:
+            replies = await connections.run_script_batch(ECHO, calls)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # one server: the whole round
+            replies = [exc] * len(calls)
+        for (_keys, args), reply in zip(calls, replies, strict=True):
+            assert reply == args[0].encode() or isinstance(
+                reply, RedisConnectionError | RedisTimeoutError
+            ), reply
+        ran = sum(1 for reply in replies if isinstance(reply, bytes))
+        assert await connections.run_script_batch(ECHO, calls) == [b"a%d" % i for i in range(6)]
+        counts = [
+            (await connections.run_script_batch(READ, [([keys[0]], [])]))[0] for keys, _ in calls
+        ]
+        # the first round and the last ran every call; the middle one only what it answered
+        assert sum(counts) == 2 * len(calls) + ran
+    finally:
+        for server in servers:
+            await server.aclose()
