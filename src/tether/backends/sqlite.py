@@ -345,19 +345,7 @@ class SqliteBackend(SingleNode):
         if not batch:
             clock = self.clock
             self._offset = clock.wall() - clock.now()  # hub-clock instants -> wall ms
-        offset = self._offset
-        # `_row`, inline: one call frame less per send.
-        code, raw = envelope.stored_form()
-        row = _new_message(
-            NewMessage,
-            (
-                envelope.message_id,
-                raw,
-                _KINDS[code],
-                int((envelope.created_at + offset) * 1000),
-                int((envelope.expires_at + offset) * 1000),
-            ),
-        )
+        row = self._row(envelope, self._offset)
         outbox = session.outbox
         self._items.append(
             (
