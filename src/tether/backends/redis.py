@@ -47,7 +47,7 @@ from .redis_connection import (
     slot_of,
     spawn_logged,
 )
-from .redis_keys import BUCKETS, RedisKeys, bucket_of
+from .redis_keys import BUCKETS, RedisKeys
 from .redis_scripts import SCRIPTS
 from .redis_wire import WireCodec
 
@@ -157,7 +157,6 @@ class RedisBackend:
         self._node_keys: dict[str, str] = {}  # a key served by each Cluster node
         self._bucket_keys = [self.keys.slot_key(bucket) for bucket in range(BUCKETS)]
         self._bucket_slots = [slot_of(key) for key in self._bucket_keys]
-        self._buckets: dict[str, int] = {}  # client id -> bucket, for Cluster grouping
         self._conn: RedisConnections | None = None
         self._events: BackendEvents | None = None
         self._redis: CommandClient | None = None
@@ -405,11 +404,7 @@ class RedisBackend:
         grouped by an old map would touch keys of another node)."""
         if not self._cluster:
             return 0
-        bucket = self._buckets.get(client_id)
-        if bucket is None:
-            if len(self._buckets) >= 100_000:  # bounded; rebuilt on demand
-                self._buckets.clear()
-            bucket = self._buckets[client_id] = bucket_of(client_id)
+        bucket = self.keys.bucket(client_id)
         assert self._conn is not None
         node = self._conn.node_of_slot(self._bucket_slots[bucket])
         if node is None:  # slot map not known yet: one call per bucket is always right

@@ -482,11 +482,6 @@ class RedisConnections:
             raise
         return pubsub
 
-    def node_of(self, key: str) -> str | None:
-        """The cluster node ("host:port") serving `key` by the current slot map; None on a
-        single server or Sentinel, or before the map is known."""
-        return self.node_of_slot(slot_of(key))
-
     def node_of_slot(self, slot: int) -> str | None:
         """The cluster node ("host:port") serving hash slot `slot` by the current slot
         map; None on a single server or Sentinel, before the map is known or while the

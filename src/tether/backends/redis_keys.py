@@ -41,30 +41,33 @@ def bucket_of(client_id: str) -> int:
 class RedisKeys:
     """Key names under one prefix."""
 
-    __slots__ = ("_base_bytes", "_bases", "clients", "prefix")
+    __slots__ = ("_clients", "clients", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.clients = f"{prefix}:clients"
-        self._bases: dict[str, str] = {}  # hot: every stream write names its client's base
-        self._base_bytes: dict[str, bytes] = {}  # the same, UTF-8, for binary-packed items
+        # hot: every stream write names its client's base key (as text, or UTF-8 in a
+        # binary-packed script item) and, on a Cluster, its bucket
+        self._clients: dict[str, tuple[str, bytes, int]] = {}
+
+    def _client(self, client_id: str) -> tuple[str, bytes, int]:
+        if len(self._clients) >= 100_000:  # bounded; rebuilt on demand
+            self._clients.clear()
+        bucket = bucket_of(client_id)
+        base = f"{self.prefix}:{{b{bucket}}}:{client_id}"
+        entry = self._clients[client_id] = (base, base.encode("utf-8"), bucket)
+        return entry
 
     def base(self, client_id: str) -> str:
-        base = self._bases.get(client_id)
-        if base is None:
-            if len(self._bases) >= 100_000:  # bounded; rebuilt on demand
-                self._bases.clear()
-            base = self._bases[client_id] = f"{self.prefix}:{{b{bucket_of(client_id)}}}:{client_id}"
-        return base
+        return (self._clients.get(client_id) or self._client(client_id))[0]
 
     def base_bytes(self, client_id: str) -> bytes:
         """`base` encoded as UTF-8 (as a binary-packed script item carries it)."""
-        raw = self._base_bytes.get(client_id)
-        if raw is None:
-            if len(self._base_bytes) >= 100_000:  # bounded; rebuilt on demand
-                self._base_bytes.clear()
-            raw = self._base_bytes[client_id] = self.base(client_id).encode("utf-8")
-        return raw
+        return (self._clients.get(client_id) or self._client(client_id))[1]
+
+    def bucket(self, client_id: str) -> int:
+        """`bucket_of(client_id)`, remembered."""
+        return (self._clients.get(client_id) or self._client(client_id))[2]
 
     def meta(self, client_id: str) -> str:
         return self.base(client_id) + "#m"
