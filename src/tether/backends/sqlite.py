@@ -390,24 +390,7 @@ class SqliteBackend(SingleNode):
             accepted = self._accepted
             for (session, envelope, waiter), result in zip(batch, done.result(), strict=True):
                 try:
-                    if (
-                        result.__class__ is Appended
-                        and not result[2]  # nothing evicted
-                        and envelope.dedup_key is None
-                    ):
-                        # `_accepted`'s common case inline: mirror the stored message.
-                        seq = envelope.seq = result[0]
-                        epoch = result[1]
-                        mirror: MirroredSession = session  # type: ignore[assignment]
-                        outbox = mirror.outbox
-                        if not outbox.push(envelope).accepted:
-                            outbox.queue.append(envelope)  # the store applied the bound
-                        mirror.next_seq = seq + 1
-                        mirror.epoch = epoch
-                        mirror.stream_known = True
-                        outcome: Accepted | Refused = Accepted(seq, (), (), False, epoch)
-                    else:
-                        outcome = accepted(session, envelope, result)
+                    outcome = accepted(session, envelope, result)
                 except Exception as exc:  # a bug in mirroring: that sender is told, no hang
                     if not waiter.done():
                         waiter.set_exception(exc)
