@@ -84,3 +84,23 @@ async def test_rejected_results_always_carry_a_message_id(
     # ... and an explicit id is kept as given
     kept = await hub.send("alice", object(), message_id="mine")
     assert kept.message_id == "mine"
+
+
+async def test_a_number_beyond_64_bits_is_400_not_delivered_rounded(
+    http: tuple[Hub, httpx.AsyncClient],
+) -> None:
+    hub, client = http
+    before = hub.metrics.total("messages_sent")
+    raw = b'{"client_id":"alice","critical":true,"data":{"n":18446744073709551617}}'
+    answer = await client.post(
+        "/api/send", content=raw, headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"] == "bad_request"
+    assert "out of range" in answer.json()["message"]
+    assert hub.metrics.total("messages_sent") == before  # nothing went out
+    fits = b'{"client_id":"alice","data":{"n":18446744073709551615}}'
+    answer = await client.post(
+        "/api/send", content=fits, headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 200

@@ -232,6 +232,16 @@ async def test_publish_bad_input_is_400(served: Any, path: str, body: Any, fragm
     assert fragment in response.json()["message"] or fragment == "BroadcastRequest"
 
 
+async def test_paging_numbers_past_the_wire_range_are_400(served: Any) -> None:
+    _, client, _ = served
+    for path in (
+        "/api/clients?offset=99999999999999999999999",
+        "/api/channels/news/history?since=99999999999999999999999",
+    ):
+        response = await client.get(path)
+        assert response.status_code == 400, (path, response.text)
+
+
 async def test_publish_rejects_non_json(served: Any) -> None:
     _, client, _ = served
     response = await client.post(

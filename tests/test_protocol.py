@@ -1311,3 +1311,26 @@ def test_model_exactly_once_in_order_or_reported(steps: list[Any]) -> None:
         elif step == "restart":
             model.server_restart()
     model.settle()
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["18446744073709551616", "-9223372036854775809", "123456789012345678901234567890"],
+)
+def test_an_integer_beyond_64_bits_is_refused_not_rounded(number: str) -> None:
+    # orjson parses such a number as a float (or refuses it, before 3.10): either way the
+    # frame is refused as out of range, never handed on with its value rounded.
+    raw = f'{{"type":"publish","data":{{"n":{number}}}}}'
+    with pytest.raises(ProtocolError) as info:
+        decode_client_frame(raw)
+    assert info.value.code == "invalid_frame"
+    assert "out of range" in str(info.value)
+
+
+def test_long_digit_runs_that_are_not_huge_integers_pass() -> None:
+    # 2**64 - 1 has 20 digits and fits; digits inside a string are text.
+    frame = decode_client_frame(
+        '{"type":"publish","data":{"n":18446744073709551615,"s":"123456789012345678901234"}}'
+    )
+    assert isinstance(frame, Publish)
+    assert frame.data == {"n": 18446744073709551615, "s": "123456789012345678901234"}

@@ -67,6 +67,7 @@ __all__ = [
     "encode_data",
     "encode_msg",
     "encode_pub",
+    "has_out_of_range_int",
     "valid_client_id",
 ]
 
@@ -78,10 +79,15 @@ MAX_SEQ: Final = 2**53 - 1  # every integer on the wire must survive a JavaScrip
 # The highest `hello.last_seq` a server accepts: a stream resumed there still has room for
 # 2^32 more messages before its seqs would leave the range every peer can represent.
 MAX_RESUME_SEQ: Final = MAX_SEQ - 2**32
-# orjson parses integers of at most 64 bits; a longer one is an out-of-range number, not
-# malformed JSON, so it gets `invalid_frame` (see `_load`).
+# orjson parses integers of at most 64 bits exactly; a longer one is an out-of-range
+# number, not malformed JSON, so it gets `invalid_frame` (see `_load`). Older orjson
+# refuses such text, newer orjson quietly parses it as a float: text holding a run of 20
+# digits (2**64 has 20), or of 19 after a minus sign (-2**63 has 19), is checked again,
+# digit by digit (`has_out_of_range_int`).
 _INT64_MIN: Final = -(2**63)
 _UINT64_MAX: Final = 2**64 - 1
+_LONG_DIGITS: Final = re.compile(r"[0-9]{20}|-[0-9]{19}")
+_LONG_DIGITS_BYTES: Final = re.compile(rb"[0-9]{20}|-[0-9]{19}")
 DEFAULT_MAX_MESSAGE_SIZE: Final = 1_048_576
 
 # The client-id rule, for every layer (hello frames, hub sends, HTTP routes, auth tokens).
@@ -416,8 +422,10 @@ def _load(raw: str | bytes, max_size: int) -> dict[str, Any]:
         obj = orjson.loads(raw)
     except ValueError:
         if _has_huge_int(raw):
-            raise _invalid("a number is out of range (integers must fit in 64 bits)") from None
+            raise _invalid(_OUT_OF_RANGE) from None
         raise ProtocolError("invalid_json", "frame is not valid JSON") from None
+    if _LONG_DIGITS.search(raw) is not None and _has_huge_int(raw):
+        raise _invalid(_OUT_OF_RANGE)  # parsed, but such a number came out as a float
     if type(obj) is not dict:
         raise ProtocolError("invalid_json", "frame is not a JSON object")
     return obj
@@ -437,11 +445,26 @@ def _refuse_huge(text: str) -> int:
     return value
 
 
-def _has_huge_int(raw: str) -> bool:
-    """Whether text that orjson refused is valid JSON apart from an integer beyond 64 bits.
+_OUT_OF_RANGE: Final = "a number is out of range (integers must fit in 64 bits)"
 
-    Only runs on the error path (the connection is closing anyway), with the frame
-    already bounded by `max_size`.
+
+def has_out_of_range_int(raw: str | bytes) -> bool:
+    """Whether JSON text that orjson parsed holds an integer beyond 64 bits (which
+    orjson returns as a float, its value rounded). Cheap unless the text has a run of 20
+    digits (19 after a minus) somewhere, in a string too: then it is parsed once more,
+    by `json`."""
+    if isinstance(raw, str):
+        return _LONG_DIGITS.search(raw) is not None and _has_huge_int(raw)
+    if _LONG_DIGITS_BYTES.search(raw) is None:
+        return False
+    return _has_huge_int(raw.decode("utf-8", "surrogatepass"))
+
+
+def _has_huge_int(raw: str) -> bool:
+    """Whether text is valid JSON apart from an integer beyond 64 bits.
+
+    Runs when orjson refused the text, or when it holds a long run of digits; the frame
+    is already bounded by `max_size`.
     """
     try:
         json.loads(raw, parse_int=_refuse_huge, parse_constant=_refuse_constant)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..protocol import MAX_SEQ
 from ..resilience import CircuitState
 from .responses import ErrorBody, JSONResponse, error
 from .routing import Endpoint, parse_query
@@ -43,7 +44,7 @@ class ClientsQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     limit: int = Field(50, ge=1, le=MAX_PAGE, description="Page size")
-    offset: int = Field(0, ge=0, description="Rows to skip")
+    offset: int = Field(0, ge=0, le=MAX_SEQ, description="Rows to skip")
     sort: ClientSort = Field("id", description="Sort key; a leading - sorts descending")
     q: str = Field("", description="Client id substring (case-insensitive)")
     state: Literal["closed", "open", "half_open"] | None = Field(None, description="Breaker state")

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from ..backends.base import BackendError
 from ..channels import PublishStatus
-from ..protocol import CHANNEL_PATTERN, MAX_CHANNEL_LENGTH
+from ..protocol import CHANNEL_PATTERN, MAX_CHANNEL_LENGTH, MAX_SEQ
 from .api import MAX_PAGE
 from .publish import _body, _payload_too_large
 from .responses import ErrorBody, JSONResponse, error
@@ -67,7 +67,7 @@ class ChannelHistoryQuery(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    since: int = Field(0, ge=0, description="Only messages after this offset")
+    since: int = Field(0, ge=0, le=MAX_SEQ, description="Only messages after this offset")
     limit: int = Field(100, ge=1, le=MAX_PAGE, description="At most")
 
 

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from ..config import format_bytes
 from ..messages import SendStatus
-from ..protocol import CLIENT_ID_PATTERN
+from ..protocol import CLIENT_ID_PATTERN, has_out_of_range_int
 from .responses import ErrorBody, JSONResponse, describe, error
 from .routing import Endpoint
 
@@ -159,10 +159,14 @@ async def _read_json(request: Request, max_message_size: int) -> Any | Response:
                 limit_bytes=max_message_size,
             )
         chunks.append(chunk)
+    body = b"".join(chunks)
     try:
-        return orjson.loads(b"".join(chunks))
+        value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         return error(400, "bad_request", f"body is not valid JSON: {exc}")
+    if has_out_of_range_int(body):  # it would be delivered as a rounded float
+        return error(400, "bad_request", "a number is out of range: integers must fit in 64 bits")
+    return value
 
 
 async def _body(request: Request, m: Monitor, model: type[Body]) -> Body | Response:
