@@ -36,7 +36,12 @@ from tether.client import TetherRejected
 from tether.clock import ManualClock
 from tether.monitoring import BackgroundServer, create_app
 from tether.protocol import MAX_RESUME_SEQ, MAX_SEQ
-from tether.transports.connection import ConnectionInfo, Identity, Session
+from tether.transports.connection import (
+    ConnectionInfo,
+    Identity,
+    Session,
+    connection_counter,
+)
 from tether.transports.websockets import handler, server_options
 from tether.transports.websockets import serve as ws_serve
 
@@ -631,6 +636,136 @@ async def test_the_expiry_watchdog_never_swallows_another_cancellation() -> None
             async with asyncio.timeout(5):
                 await task
         assert peer.closed == []
+
+
+async def frames_until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Every frame the server still writes on `ws`, up to its close."""
+    frames: list[dict[str, Any]] = []
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(5):
+            while True:
+                frames.append(orjson.loads(await ws.recv()))
+    return frames
+
+
+async def expired_while_busy(hub: Hub, ws: ClientConnection, clock: ManualClock) -> None:
+    """The token of "hana" expires while her connection's task is busy elsewhere: the
+    watchdog alone detaches her and ends the connection — token_expired, close 1008 —
+    and critical sends from then on wait in her outbox; nothing else reaches the socket."""
+    clock.advance(10)
+    await until(lambda: not hub.is_connected("hana"))
+    for n in (2, 3, 4):
+        result = await hub.send("hana", {"n": n}, critical=True)
+        assert result.status is SendStatus.QUEUED, result
+    frames = await frames_until_closed(ws)
+    assert [(f["type"], f.get("code")) for f in frames] == [("error", "token_expired")], frames
+    assert ws.close_code == 1008
+
+
+async def resumed_in_order(hub: Hub, url: str, clock: ManualClock, *, last_seq: int) -> None:
+    """A fresh token: the in-flight message and the three queued ones, exactly once, in
+    order (a duplicate would come before the `subscribed` answer)."""
+    async with await v1(url) as ws:
+        await hello(ws, "hana", last_seq=last_seq, token=token_for(clock, "hana", 10))
+        got = [await recv_json(ws) for _ in range(4)]
+        assert [f["data"] for f in got] == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}], got
+        seqs = [f["seq"] for f in got]
+        assert seqs == list(range(seqs[0], seqs[0] + 4)), seqs
+        await ws.send(orjson.dumps({"type": "ack", "seq": seqs[-1]}).decode())
+        await served_up_to_here(ws, "resumed")
+        assert hub.pending("hana") == 0
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_token_expiry_stops_delivery_while_an_on_message_handler_is_busy(
+    adapter: str,
+) -> None:
+    clock = ManualClock()
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with authed(adapter, clock) as (hub, url):
+
+        @hub.on_message
+        async def slow(client_id: str, data: Any) -> None:
+            entered.set()
+            await gate.wait()  # a slow database write, say
+
+        async with await v1(url) as ws:
+            await hello(ws, "hana", token=token_for(clock, "hana", 10))
+            await delivered(hub, ws, "hana", {"n": 0})
+            # Written and not yet acked when the token expires: in flight.
+            assert (await hub.send("hana", {"n": 1}, critical=True)).status is SendStatus.SENT
+            in_flight = await recv_json(ws)
+            assert in_flight["data"] == {"n": 1}
+            await ws.send('{"type":"publish","data":"hi"}')
+            try:
+                await entered.wait()
+                await expired_while_busy(hub, ws, clock)
+            finally:
+                gate.set()  # the handler returns: the task ends without a second error or close
+            await until(lambda: connection_counter(hub).open == 0)
+        await resumed_in_order(hub, url, clock, last_seq=in_flight["seq"] - 1)
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_token_expiry_stops_delivery_while_an_authorize_subscribe_hook_is_busy(
+    adapter: str,
+) -> None:
+    clock = ManualClock()
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with authed(adapter, clock) as (hub, url):
+
+        @hub.authorize_subscribe
+        async def slow(client_id: str, channel: str) -> bool:
+            entered.set()
+            await gate.wait()
+            return True
+
+        async with await v1(url) as ws:
+            await hello(ws, "hana", token=token_for(clock, "hana", 10))
+            await delivered(hub, ws, "hana", {"n": 0})
+            assert (await hub.send("hana", {"n": 1}, critical=True)).status is SendStatus.SENT
+            in_flight = await recv_json(ws)
+            await ws.send(orjson.dumps({"type": "subscribe", "channel": "room.a"}).decode())
+            try:
+                await entered.wait()
+                await expired_while_busy(hub, ws, clock)
+            finally:
+                gate.set()  # allowed, too late: no `subscribed` reaches the closed connection
+            await until(lambda: connection_counter(hub).open == 0)
+        await resumed_in_order(hub, url, clock, last_seq=in_flight["seq"] - 1)
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_plain_mode_token_expiry_while_a_handler_is_busy_closes_1008(adapter: str) -> None:
+    clock = ManualClock()
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with authed(adapter, clock) as (hub, url):
+
+        @hub.on_message
+        async def slow(client_id: str, data: Any) -> None:
+            entered.set()
+            await gate.wait()
+
+        token = token_for(clock, "ivy", 10)
+        async with connect(f"{url}?client_id=ivy&token={token}") as ws:
+            await until(lambda: hub.is_connected("ivy"))
+            await ws.send("busy now")
+            try:
+                await entered.wait()
+                clock.advance(10)
+                await until(lambda: not hub.is_connected("ivy"))
+                late = await hub.send("ivy", "late", critical=True)
+                assert late.status is SendStatus.QUEUED, late
+                received: list[str | bytes] = []
+                with contextlib.suppress(ConnectionClosed):
+                    async with asyncio.timeout(5):
+                        while True:
+                            received.append(await ws.recv())
+                assert received == [] and ws.close_code == 1008
+                assert ws.close_reason is not None and "token_expired" in ws.close_reason
+            finally:
+                gate.set()
+            await until(lambda: connection_counter(hub).open == 0)
 
 
 # ----------------------------------------------------------------------------- 6. last_seq bound

@@ -242,13 +242,21 @@ class Session:
         # The channels its credentials grant (None: no restriction from the credentials).
         self.channel_grants: frozenset[str] | None = None
         # Token expiry. Who may cancel what: only the session's own task starts and
-        # cancels the watchdog (`_set_expiry`, and `run` on every exit). The watchdog
-        # cancels only the session task, only while it waits in `_recv_expiring`'s
-        # receive (`_receiving`), only when no other cancellation is pending, and only
-        # once: it sets `_expired` first, and that receive takes its cancellation back
-        # (`uncancel`, as `asyncio.Timeout` does) and raises `_Expired`. A cancellation
-        # from anyone else (hub shutdown) still propagates as CancelledError.
+        # cancels the watchdog (`_set_expiry`, and `run` on every exit), and never one
+        # that is ending the connection (`_expiry_closing`: `run` waits for it instead).
+        # The watchdog cancels only the session task, only while it waits in
+        # `_recv_expiring`'s receive (`_receiving`), only when no other cancellation is
+        # pending, and only once: it sets `_expired` first, and that receive takes its
+        # cancellation back (`uncancel`, as `asyncio.Timeout` does) and raises `_Expired`.
+        # A cancellation from anyone else (hub shutdown) still propagates as
+        # CancelledError. Whatever the task is doing, the watchdog detaches the
+        # connection from the hub at once; when the task is busy elsewhere (a slow
+        # `on_message` handler, hook or store) it also writes the `token_expired` error
+        # and closes, itself. `_ending` makes the error frame and the close happen once,
+        # whichever of the two paths gets there first.
         self._expired = False
+        self._ending = False
+        self._expiry_closing = False
         self._watchdog: asyncio.Task[None] | None = None
         self._task: asyncio.Task[object] | None = None  # the session's, for the watchdog
         self._cancels_before = 0  # its `cancelling()` count when the watchdog started
@@ -276,16 +284,26 @@ class Session:
         except Exception:
             self.failed = True
             log.exception("tether: connection of %s failed", self.client_id)
-            with contextlib.suppress(Exception):
-                await self.conn.close(1011, "internal error")
+            if not self._ending:  # else the close is under way (the watchdog's)
+                with contextlib.suppress(Exception):
+                    await self.conn.close(1011, "internal error")
         finally:
             counter.open -= 1
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-                self._watchdog = None
+            watchdog, self._watchdog = self._watchdog, None
+            closing = watchdog is not None and self._expiry_closing
+            if watchdog is not None and not closing:
+                watchdog.cancel()
             if self.client_id is not None:
                 self.hub.channel_connection_closed(self.client_id, self)
                 await self.hub.disconnect(self.client_id, transport=self, failed=self.failed)
+            if closing:
+                assert watchdog is not None
+                # It is writing the token_expired error and closing: let it finish (a
+                # cancellation of this task, hub shutdown, cancels it too).
+                try:
+                    await asyncio.wait({watchdog})
+                finally:
+                    watchdog.cancel()
 
     async def _over_capacity(self) -> None:
         """Refuse a connection beyond `max_connections`: 1013, try again later."""
@@ -370,7 +388,7 @@ class Session:
                 await self._plain_refuse(1008, self._rate_reason())
                 return
             except _Expired:
-                await self._plain_refuse(1008, "token_expired: the token expired")
+                await self._plain_refuse(1008, _PLAIN_EXPIRED)
                 return
             if len(data) > limit or (
                 isinstance(data, str) and len(data) * 4 > limit and len(data.encode()) > limit
@@ -383,6 +401,9 @@ class Session:
         await self._plain_refuse(1009, f"message exceeds {limit} bytes")
 
     async def _plain_refuse(self, code: int, reason: str) -> None:
+        if self._ending:
+            return  # the watchdog is closing the connection already
+        self._ending = True
         self.failed = True
         log.info("tether: closing %s: %s (close %d)", self.client_id, reason, code)
         if self.client_id is not None:
@@ -496,11 +517,7 @@ class Session:
                 "rate_limited", self._rate_reason(), protocol.CloseCode.POLICY_VIOLATION
             ) from None
         except _Expired:
-            raise protocol.ProtocolError(
-                "token_expired",
-                "the token expired; send a fresh one in an auth frame before it does",
-                protocol.CloseCode.POLICY_VIOLATION,
-            ) from None
+            raise _token_expired() from None
         except PeerGone as gone:
             sp.close()
             self.failed = gone.code not in _NORMAL_CLOSES
@@ -528,6 +545,9 @@ class Session:
 
     async def _fail(self, sp: protocol.ServerProtocol, error: protocol.ProtocolError) -> None:
         """Report a protocol error to this client only: error frame, close, detach."""
+        if self._ending:
+            return  # the watchdog is closing the connection already (token_expired)
+        self._ending = True
         self.failed = True
         log.info("tether: closing %s: %s (close %d)", self.client_id, error, error.close_code)
         if self.client_id is not None:
@@ -564,6 +584,10 @@ class Session:
                 "the fresh token names another client id",
                 protocol.CloseCode.POLICY_VIOLATION,
             )
+        if self._expired:
+            # The old token ran out while the hook checked the fresh one: the watchdog
+            # has ended the connection; a token cannot revive it.
+            raise _token_expired()
         self._set_expiry(identity)
 
     def _set_expiry(self, identity: str | Identity) -> None:
@@ -587,16 +611,41 @@ class Session:
         )
 
     async def _expire_after(self, seconds: float) -> None:
-        """The watchdog: after `seconds` on the hub's clock the credentials have expired;
-        ends the receive in progress, if any (see `__init__` for who cancels what)."""
+        """The watchdog: after `seconds` on the hub's clock the credentials have expired.
+        Delivery stops now, whatever the session task is doing: the connection is
+        detached from the hub (critical sends queue, in-flight messages go back to the
+        outbox). A task waiting in the receive is cancelled there and reports the
+        expiry itself; a task busy elsewhere is left to finish while the watchdog
+        writes the error and closes (see `__init__` for who cancels what)."""
         await self.hub.clock.sleep(seconds)
         self._expired = True
         task = self._task
-        if self._receiving and task is not None and task.cancelling() == self._cancels_before:
+        client_id = self.client_id
+        if self._ending or task is None or task.cancelling() != self._cancels_before:
+            return  # the connection is ending already, or its task is being cancelled
+        if self._receiving:
             # The session task waits in the receive (it is not running: this is); the
             # cancellation lands there, whatever frame may be on its way.
             self._expiry_cancel = True
             task.cancel()
+        elif client_id is not None:
+            self._ending = self._expiry_closing = True
+            self.failed = True
+        if client_id is None:
+            return  # not attached yet: its next receive reports the expiry
+        self.hub.channel_connection_closed(client_id, self)
+        await self.hub.disconnect(client_id, transport=self, failed=True)
+        if not self._expiry_closing:
+            return
+        error = _token_expired()
+        log.info("tether: closing %s: %s (close %d)", client_id, error, error.close_code)
+        if self.v1:
+            sp = self._sp
+            with contextlib.suppress(TransportClosed):
+                await self.conn.send(sp.fail(error) if sp is not None else error.to_frame())
+            await self._close(error.close_code, error.reason)
+        else:
+            await self._close(1008, _PLAIN_EXPIRED)
 
     async def _authenticated(self, hello: protocol.Hello | None) -> str | None:
         """Run the `authenticate` hook; on refusal report it and return None."""
@@ -642,6 +691,17 @@ class Session:
                 await asyncio.wait({reading})
             with contextlib.suppress(Exception):
                 await closing
+
+
+_PLAIN_EXPIRED = "token_expired: the token expired"
+
+
+def _token_expired() -> protocol.ProtocolError:
+    return protocol.ProtocolError(
+        "token_expired",
+        "the token expired; send a fresh one in an auth frame before it does",
+        protocol.CloseCode.POLICY_VIOLATION,
+    )
 
 
 class _Ended(Exception):
