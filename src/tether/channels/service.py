@@ -152,8 +152,12 @@ class Channels:
         *,
         store: ChannelStore | None = None,
         node_id: str = "",
+        current: Callable[[str], Transport | None] | None = None,
     ) -> None:
         self.config = config
+        # The client's current connection (the hub's registry): frames of a connection a
+        # takeover replaced are ignored (None: every caller's connection is current).
+        self._current = current
         self.clock = clock
         self.node_id = node_id
         self.store: ChannelStore = (
@@ -536,9 +540,17 @@ class Channels:
                 return False
         return True
 
+    def replaced(self, client_id: str, transport: Transport) -> bool:
+        """Whether `transport` is no longer `client_id`'s connection (a newer one took
+        over while it lingered): what it asks for is ignored."""
+        current = self._current
+        return current is not None and current(client_id) is not transport
+
     def _conn(self, client_id: str, transport: Transport) -> _Conn:
         conn = self._conns.get(client_id)
         if conn is not None and conn.transport is not transport:
+            if self.replaced(client_id, transport):  # never displace the current one
+                raise _replaced()
             self._drop(conn)  # a replaced connection: its subscriptions went with it
             conn = None
         if conn is None:
@@ -565,16 +577,22 @@ class Channels:
         stays open. Raises ValueError for an invalid channel name.
         """
         check_channel(channel)
+        if self.replaced(client_id, transport):
+            raise _replaced()
         if grants is not None and not granted(channel, grants):
             self.counters.refused += 1
             refusal = SubscribeRefused("forbidden", f"the token does not grant {channel!r}")
             self._write(self._conn(client_id, transport), _refusal(channel, refusal))
             raise refusal
-        if authorize and not await self._authorized(client_id, channel):
-            self.counters.refused += 1
-            refusal = SubscribeRefused("forbidden", f"not allowed to subscribe to {channel!r}")
-            self._write(self._conn(client_id, transport), _refusal(channel, refusal))
-            raise refusal
+        if authorize:
+            allowed = await self._authorized(client_id, channel)
+            if self.replaced(client_id, transport):  # taken over while the hooks ran
+                raise _replaced()
+            if not allowed:
+                self.counters.refused += 1
+                refusal = SubscribeRefused("forbidden", f"not allowed to subscribe to {channel!r}")
+                self._write(self._conn(client_id, transport), _refusal(channel, refusal))
+                raise refusal
         conn = self._conn(client_id, transport)
         old = conn.subs.get(channel)
         if old is not None:
@@ -629,13 +647,22 @@ class Channels:
         return recovery
 
     async def unsubscribe(
-        self, client_id: str, channel: str, *, reason: str = "unsubscribed", code: str | None = None
+        self,
+        client_id: str,
+        channel: str,
+        *,
+        reason: str = "unsubscribed",
+        code: str | None = None,
+        transport: Transport | None = None,
     ) -> bool:
         """End `client_id`'s subscription to `channel` on this node, with an
-        `unsubscribed` frame. Returns whether there was one."""
+        `unsubscribed` frame; with `transport`, only the subscription of that connection.
+        Returns whether there was one."""
         conn = self._conns.get(client_id)
         sub = conn.subs.get(channel) if conn is not None else None
         if conn is None or sub is None:
+            return False
+        if transport is not None and conn.transport is not transport:
             return False
         self._remove(sub, presence_left=False)
         self._write(conn, protocol.encode(protocol.Unsubscribed(channel, reason, code)))
@@ -797,6 +824,11 @@ def granted(channel: str, grants: frozenset[str]) -> bool:
     if channel in grants:
         return True
     return any(g.endswith("*") and channel.startswith(g[:-1]) for g in grants)
+
+
+def _replaced() -> SubscribeRefused:
+    """Raised (nothing written) for a connection a takeover replaced: ignored."""
+    return SubscribeRefused("replaced", "the connection was replaced by a newer one")
 
 
 def _refusal(channel: str, refusal: SubscribeRefused) -> str:
