@@ -129,6 +129,12 @@ class HubChannels:
                 client_id, transport, frame.channel, since, presence=frame.presence, grants=grants
             )
 
+    async def grants_changed(
+        self, client_id: str, transport: Transport, grants: frozenset[str] | None
+    ) -> None:
+        if self._service is not None:
+            await self._service.regrant(client_id, transport, grants)
+
     def connection_closed(self, client_id: str, transport: Transport) -> None:
         if self._service is not None:
             self._service.connection_closed(client_id, transport)

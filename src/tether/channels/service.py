@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -580,19 +580,23 @@ class Channels:
         if self.replaced(client_id, transport):
             raise _replaced()
         if grants is not None and not granted(channel, grants):
-            self.counters.refused += 1
-            refusal = SubscribeRefused("forbidden", f"the token does not grant {channel!r}")
-            self._write(self._conn(client_id, transport), _refusal(channel, refusal))
-            raise refusal
+            await self._refuse(
+                client_id,
+                transport,
+                channel,
+                SubscribeRefused("forbidden", f"the token does not grant {channel!r}"),
+            )
         if authorize:
             allowed = await self._authorized(client_id, channel)
             if self.replaced(client_id, transport):  # taken over while the hooks ran
                 raise _replaced()
             if not allowed:
-                self.counters.refused += 1
-                refusal = SubscribeRefused("forbidden", f"not allowed to subscribe to {channel!r}")
-                self._write(self._conn(client_id, transport), _refusal(channel, refusal))
-                raise refusal
+                await self._refuse(
+                    client_id,
+                    transport,
+                    channel,
+                    SubscribeRefused("forbidden", f"not allowed to subscribe to {channel!r}"),
+                )
         conn = self._conn(client_id, transport)
         old = conn.subs.get(channel)
         if old is not None:
@@ -611,7 +615,8 @@ class Channels:
         try:
             recovery = await self.store.recover(channel, since)
         except BackendError as exc:
-            self._remove(sub, presence_left=False)
+            # A subscription it replaced is gone too, and with it the presence.
+            self._remove(sub, presence_left=old is not None)
             refusal = SubscribeRefused("unavailable", f"backend unavailable: {exc}")
             self._write(conn, _refusal(channel, refusal))
             raise refusal from None
@@ -645,6 +650,21 @@ class Channels:
             self.counters.losses += recovery.lost
         await self._joined(channel, client_id)
         return recovery
+
+    async def _refuse(
+        self, client_id: str, transport: Transport, channel: str, refusal: SubscribeRefused
+    ) -> NoReturn:
+        """Refuse a subscription: a subscription the connection held to the channel ends
+        (its presence too) before the `unsubscribed` frame; raises `refusal`."""
+        self.counters.refused += 1
+        conn = self._conn(client_id, transport)
+        old = conn.subs.get(channel)
+        if old is not None:
+            self._remove(old, presence_left=False)
+        self._write(conn, _refusal(channel, refusal))
+        if old is not None:
+            await self._left(channel, client_id)
+        raise refusal
 
     async def unsubscribe(
         self,
@@ -700,6 +720,24 @@ class Channels:
         conn = self._conns.get(client_id)
         if conn is not None and conn.transport is transport:
             self._drop(conn)
+
+    async def regrant(
+        self, client_id: str, transport: Transport, grants: frozenset[str] | None
+    ) -> None:
+        """The connection's credentials were refreshed and now grant `grants` (None: no
+        limit from them): its subscriptions to channels they no longer name end with
+        `unsubscribed` code `forbidden`."""
+        conn = self._conns.get(client_id)
+        if grants is None or conn is None or conn.transport is not transport:
+            return
+        for channel in [c for c in conn.subs if not granted(c, grants)]:
+            await self.unsubscribe(
+                client_id,
+                channel,
+                reason=f"the token no longer grants {channel!r}",
+                code="forbidden",
+                transport=transport,
+            )
 
     def subscriptions(self, client_id: str) -> frozenset[str]:
         conn = self._conns.get(client_id)

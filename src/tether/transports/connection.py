@@ -565,6 +565,7 @@ class Session:
                 protocol.CloseCode.POLICY_VIOLATION,
             )
         self._set_expiry(identity)
+        await self.hub.channel_grants_changed(client_id, self, self.channel_grants)
 
     def _set_expiry(self, identity: str | Identity) -> None:
         """Take the expiry and the channel grants of fresh credentials: (re)start the
