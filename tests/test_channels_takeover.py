@@ -15,6 +15,7 @@ from channel_support import silent_v1, ws_server
 from support import hello, hello_frame, recv_json, until
 from test_channels import MakeHub, hub_factory
 from tether import Hub, protocol
+from tether.channels import Channels
 
 V1: Any = ["tether.v1"]
 
@@ -47,6 +48,12 @@ def handled_frames(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str,
 
     monkeypatch.setattr(hub, "channel_frame", traced)
     return done
+
+
+async def settled(service: Channels) -> None:
+    """Every task the channels service spawned (deferred presence changes) has run."""
+    while service._tasks:
+        await asyncio.gather(*list(service._tasks))
 
 
 async def test_a_subscribe_held_in_a_hook_on_a_replaced_connection_leaves_the_new_one_alone(
@@ -115,4 +122,33 @@ async def test_a_late_unsubscribe_of_a_replaced_connection_does_not_end_the_new_
             assert result.delivered == 1
             frame = await recv_json(new)  # no `unsubscribed` meant for the old socket
             assert (frame["type"], frame["data"]) == ("pub", "hello")
+        old.close()
+
+
+async def test_presence_after_a_takeover_shows_the_client_and_announces_it_once(
+    make: MakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = make()
+    handled = handled_frames(hub, monkeypatch)
+    async with hub, ws_server(hub) as srv, connect(srv.url, subprotocols=V1) as bob:
+        await hello(bob, "bob")
+        await bob.send(subscribe_frame("news", presence=True))
+        assert (await recv_json(bob))["type"] == "subscribed"
+        old = await silent_v1(
+            srv.port, [hello_frame("alice"), subscribe_frame("news", presence=True)]
+        )
+        assert await recv_json(bob) == {"type": "join", "channel": "news", "client_id": "alice"}
+        async with connect(srv.url, subprotocols=V1) as new:
+            await hello(new, "alice")  # alice reconnects; the old connection lingers
+            await new.send(subscribe_frame("news", presence=True))
+            assert (await recv_json(new))["type"] == "subscribed"
+            await until(lambda: handled.count(("Subscribe", "news")) == 3)
+            await settled(hub.channels)  # the old connection's deferred leave has run
+            assert set(await hub.presence("news")) == {"alice", "bob"}
+            assert hub.channels.subscribers("news") == frozenset({"alice", "bob"})
+            await hub.publish("news", "marker")
+            seen = []
+            while (frame := await recv_json(bob))["type"] != "pub":
+                seen.append(frame)
+            assert seen == []  # not join, leave: alice never left
         old.close()

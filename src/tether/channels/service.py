@@ -18,7 +18,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, fields
 from typing import Any, NoReturn
 
@@ -128,6 +128,16 @@ class _Sub:
         self.buffer: list[tuple[ChannelMessage, str]] = []
 
 
+class _Turn:
+    """Presence changes of one (channel, client id) in order: `_joined`/`_left` take turns."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class _Feed:
     """The stream of one channel as this node hands it out: `top` is the last offset
     given to subscribers; later offsets that arrived early wait in `early`."""
@@ -169,6 +179,9 @@ class Channels:
         self._subscribers: dict[str, dict[str, _Sub]] = {}
         self._conns: dict[str, _Conn] = {}
         self._feeds: dict[str, _Feed] = {}
+        # Clients whose `join` this node announced, per channel (until their `leave`).
+        self._announced: dict[str, set[str]] = {}
+        self._turns: dict[tuple[str, str], _Turn] = {}
         self._authorizers: list[Authorizer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
@@ -749,20 +762,51 @@ class Channels:
 
     # ------------------------------------------------------------------ presence
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, channel: str, client_id: str) -> AsyncIterator[None]:
+        """One presence change of `client_id` in `channel` at a time, in the order asked
+        (a takeover's deferred `leave` of the old connection, then the new `join`)."""
+        key = (channel, client_id)
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[key]
+
     async def _joined(self, channel: str, client_id: str) -> None:
         info = {"node": self.node_id, "since": self.clock.wall()}
-        try:
-            await self.store.presence_add(channel, client_id, info)
-        except BackendError as exc:
-            log.warning("tether: presence of %s in %s not recorded: %s", client_id, channel, exc)
-        self._presence_event(channel, client_id, True)
+        async with self._turn(channel, client_id):
+            try:
+                await self.store.presence_add(channel, client_id, info)
+            except BackendError as exc:
+                log.warning(
+                    "tether: presence of %s in %s not recorded: %s", client_id, channel, exc
+                )
+            announced = self._announced.setdefault(channel, set())
+            if client_id not in announced:  # present already (resubscribed): no new join
+                announced.add(client_id)
+                self._presence_event(channel, client_id, True)
 
     async def _left(self, channel: str, client_id: str) -> None:
-        try:
-            await self.store.presence_remove(channel, client_id)
-        except BackendError as exc:
-            log.warning("tether: presence of %s in %s not removed: %s", client_id, channel, exc)
-        self._presence_event(channel, client_id, False)
+        async with self._turn(channel, client_id):
+            if client_id in self._subscribers.get(channel, ()):
+                return  # subscribed again meanwhile (a takeover's new connection): present
+            try:
+                await self.store.presence_remove(channel, client_id)
+            except BackendError as exc:
+                log.warning("tether: presence of %s in %s not removed: %s", client_id, channel, exc)
+            announced = self._announced.get(channel)
+            if announced is not None and client_id in announced:
+                announced.discard(client_id)
+                if not announced:
+                    del self._announced[channel]
+                self._presence_event(channel, client_id, False)
 
     async def _on_remote_presence(self, channel: str, client_id: str, joined: bool) -> None:
         self._presence_event(channel, client_id, joined)
