@@ -670,3 +670,39 @@ async def test_a_token_refresh_that_narrows_the_grants_ends_the_subscriptions_no
         assert (await hub.publish("news", "still on")).delivered == 1
         pub = await recv_json(ws)
         assert (pub["type"], pub["channel"], pub["data"]) == ("pub", "news", "still on")
+
+
+async def test_channels_only_named_in_subscribes_keep_nothing_in_memory() -> None:
+    """The memory store keeps no stream for a channel nobody published to: subscribing to
+    many names and leaving costs nothing, and a quiet channel stays recoverable — the
+    epoch given at subscribe is the one its first publish creates the stream with."""
+    hub = Hub(HubConfig(), clock=ManualClock())
+    async with hub, ws_server(hub) as srv, connect(srv.url, subprotocols=["tether.v1"]) as ws:  # type: ignore[list-item]
+        await hello(ws, "mallory")
+        epochs = []
+        for n in range(50):
+            await ws.send(orjson.dumps({"type": "subscribe", "channel": f"junk-{n}"}).decode())
+            subscribed = await recv_json(ws)
+            assert (subscribed["offset"], subscribed["after"]) == (0, 0)
+            epochs.append(subscribed["epoch"])
+            if n == 0:  # while subscribed, the channel is listed
+                assert [c["name"] for c in await hub.channels.channels()] == ["junk-0"]
+            await ws.send(orjson.dumps({"type": "unsubscribe", "channel": f"junk-{n}"}).decode())
+            assert (await recv_json(ws))["type"] == "unsubscribed"
+        assert await hub.channels.channels() == []
+        assert len(hub.channels.store._streams) == 0  # type: ignore[attr-defined]
+        assert (await hub.channels.read("junk-0", 0, 10)) == ("", [])
+        # Coming back to a quiet channel after three publishes: all three, nothing lost.
+        for n in range(1, 4):
+            assert (await hub.publish("junk-0", n)).epoch == epochs[0]
+        since = {"epoch": epochs[0], "offset": 0}
+        await ws.send(
+            orjson.dumps({"type": "subscribe", "channel": "junk-0", "since": since}).decode()
+        )
+        subscribed = await recv_json(ws)
+        assert (subscribed["recovered"], subscribed["reset"], subscribed["lost"]) == (
+            True,
+            False,
+            0,
+        )
+        assert [(await recv_json(ws))["data"] for _ in range(3)] == [1, 2, 3]
