@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -103,3 +105,30 @@ class CuttingProxy:
             self.links.discard(link)
             for writer in link:
                 writer.transport.abort()
+
+
+async def silent_v1(port: int, frames: list[str]) -> asyncio.StreamWriter:
+    """A tether.v1 connection that sends `frames` and then never reads again (a peer gone
+    silent, its close handshake never answered): the server still has its frames queued
+    after it was replaced. Close the returned writer to end it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tether.v1\r\n\r\n"
+        ).encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    for text in frames:
+        payload = text.encode()
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        writer.write(
+            bytes([0x81, 0x80 | len(payload)])
+            + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        )
+    await writer.drain()
+    return writer

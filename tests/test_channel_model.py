@@ -240,3 +240,24 @@ def test_a_node_hands_out_every_offset_once_in_order_whatever_it_is_told(
     assert before == list(range(1, max(reported, default=0) + 1))
     # ... and the re-read after a reconnect brings the tail nobody reported.
     assert after == list(range(1, count + 1))
+
+
+async def test_the_memory_store_sweeps_on_recover_and_never_reuses_a_forgotten_epoch() -> None:
+    """Subscribes alone (no publish) run the sweep too; a forgotten stream's next epoch
+    is a new one, and a channel subscribed but never published keeps the epoch it gave."""
+    from tether.channels.model import POSITION_KEPT
+
+    clock = ManualClock()
+    store = MemoryChannelStore(10, 60, clock)
+    old = store.append_now("old", "m1", 1, b"1", None)
+    store.append_now("older", "m1", 1, b"1", None)
+    quiet = await store.recover("quiet", None)  # subscribed, never published
+    await store.presence_add("quiet", "alice", {})
+    assert [c.name for c in await store.channels()] == ["old", "older", "quiet"]
+    clock.advance(POSITION_KEPT + 120)
+    await store.recover("other", None)  # no publish: the sweep runs here
+    assert [c.name for c in await store.channels()] == ["quiet"]
+    back = await store.recover("old", Position(old.epoch, 1))
+    assert back.epoch != old.epoch and back.reset and back.offset == 0
+    assert store.append_now("old", "m2", 2, b"2", None).epoch == back.epoch != old.epoch
+    assert store.append_now("quiet", "q", 3, b"3", None).epoch == quiet.epoch

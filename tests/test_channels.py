@@ -614,3 +614,95 @@ async def test_with_redis_down_publish_is_rejected_with_a_reason_and_history_rai
         assert hub.channels.counters.rejected == 1
         with pytest.raises(BackendError):
             await hub.history("news")
+
+
+async def test_a_refused_resubscribe_ends_the_subscription_it_would_replace(make: MakeHub) -> None:
+    """The hooks now say no to a channel the connection is subscribed to: the refusal
+    ends that subscription (and its presence), it does not go on delivering."""
+    hub = make()
+    allowed = {"payroll"}
+
+    @hub.authorize_subscribe
+    async def check(client_id: str, channel: str) -> bool:
+        return channel in allowed
+
+    async with hub, ws_server(hub) as srv, connect(srv.url, subprotocols=["tether.v1"]) as ws:  # type: ignore[list-item]
+        await hello(ws, "alice")
+        await ws.send('{"type":"subscribe","channel":"payroll"}')
+        assert (await recv_json(ws))["type"] == "subscribed"
+        assert set(await hub.presence("payroll")) == {"alice"}
+        allowed.clear()  # access revoked
+        await ws.send('{"type":"subscribe","channel":"payroll"}')
+        refused = await recv_json(ws)
+        assert (refused["type"], refused["code"]) == ("unsubscribed", "forbidden")
+        assert hub.channels.subscriptions("alice") == frozenset()
+        assert await hub.presence("payroll") == {}
+        assert (await hub.publish("payroll", {"salary": 1})).delivered == 0
+        await hub.send("alice", "after", critical=False)  # the connection goes on, no pub
+        assert (await recv_json(ws))["type"] == "msg"
+
+
+async def test_a_token_refresh_that_narrows_the_grants_ends_the_subscriptions_no_longer_granted() -> (
+    None
+):
+    from tether.auth import sign_token
+
+    secret = "a-secret-of-32-characters-at-least"
+    clock = ManualClock()
+    hub = Hub(HubConfig(auth_secret=secret, retry_interval=3600), clock=clock)
+    async with hub, ws_server(hub) as srv, connect(srv.url, subprotocols=["tether.v1"]) as ws:  # type: ignore[list-item]
+        both = sign_token(secret, "alice", clock.wall() + 100, channels=["news", "payroll"])
+        await hello(ws, "alice", token=both)
+        for channel in ("news", "payroll"):
+            await ws.send(orjson.dumps({"type": "subscribe", "channel": channel}).decode())
+            assert (await recv_json(ws))["type"] == "subscribed"
+        news_only = sign_token(secret, "alice", clock.wall() + 200, channels=["news"])
+        await ws.send(orjson.dumps({"type": "auth", "token": news_only}).decode())
+        ended = await recv_json(ws)
+        assert (ended["type"], ended["channel"], ended["code"]) == (
+            "unsubscribed",
+            "payroll",
+            "forbidden",
+        )
+        assert hub.channels.subscriptions("alice") == frozenset({"news"})
+        assert await hub.presence("payroll") == {}
+        assert (await hub.publish("payroll", {"salary": 123})).delivered == 0
+        assert (await hub.publish("news", "still on")).delivered == 1
+        pub = await recv_json(ws)
+        assert (pub["type"], pub["channel"], pub["data"]) == ("pub", "news", "still on")
+
+
+async def test_channels_only_named_in_subscribes_keep_nothing_in_memory() -> None:
+    """The memory store keeps no stream for a channel nobody published to: subscribing to
+    many names and leaving costs nothing, and a quiet channel stays recoverable — the
+    epoch given at subscribe is the one its first publish creates the stream with."""
+    hub = Hub(HubConfig(), clock=ManualClock())
+    async with hub, ws_server(hub) as srv, connect(srv.url, subprotocols=["tether.v1"]) as ws:  # type: ignore[list-item]
+        await hello(ws, "mallory")
+        epochs = []
+        for n in range(50):
+            await ws.send(orjson.dumps({"type": "subscribe", "channel": f"junk-{n}"}).decode())
+            subscribed = await recv_json(ws)
+            assert (subscribed["offset"], subscribed["after"]) == (0, 0)
+            epochs.append(subscribed["epoch"])
+            if n == 0:  # while subscribed, the channel is listed
+                assert [c["name"] for c in await hub.channels.channels()] == ["junk-0"]
+            await ws.send(orjson.dumps({"type": "unsubscribe", "channel": f"junk-{n}"}).decode())
+            assert (await recv_json(ws))["type"] == "unsubscribed"
+        assert await hub.channels.channels() == []
+        assert len(hub.channels.store._streams) == 0  # type: ignore[attr-defined]
+        assert (await hub.channels.read("junk-0", 0, 10)) == ("", [])
+        # Coming back to a quiet channel after three publishes: all three, nothing lost.
+        for n in range(1, 4):
+            assert (await hub.publish("junk-0", n)).epoch == epochs[0]
+        since = {"epoch": epochs[0], "offset": 0}
+        await ws.send(
+            orjson.dumps({"type": "subscribe", "channel": "junk-0", "since": since}).decode()
+        )
+        subscribed = await recv_json(ws)
+        assert (subscribed["recovered"], subscribed["reset"], subscribed["lost"]) == (
+            True,
+            False,
+            0,
+        )
+        assert [(await recv_json(ws))["data"] for _ in range(3)] == [1, 2, 3]

@@ -459,6 +459,14 @@ class Hub:
         `grants`: the channels its credentials allow (None: no limit from them)."""
         await self._channels.frame(client_id, transport, frame, grants)
 
+    async def channel_grants_changed(
+        self, client_id: str, transport: Transport, grants: frozenset[str] | None
+    ) -> None:
+        """The credentials of `client_id`'s connection `transport` were refreshed and
+        grant `grants` now: its subscriptions to channels no longer granted end
+        (`unsubscribed` code `forbidden`)."""
+        await self._channels.grants_changed(client_id, transport, grants)
+
     def channel_connection_closed(self, client_id: str, transport: Transport) -> None:
         """The connection `transport` of `client_id` ended: its subscriptions end."""
         self._channels.connection_closed(client_id, transport)

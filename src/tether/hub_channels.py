@@ -55,8 +55,15 @@ class HubChannels:
 
                 if isinstance(self._backend, SqliteBackend):
                     store = SqliteChannelStore(self._config, self._clock, self._backend)
-            self._service = Channels(self._config, self._clock, store=store, node_id=node_id)
+            self._service = Channels(
+                self._config, self._clock, store=store, node_id=node_id, current=self._transport
+            )
         return self._service
+
+    def _transport(self, client_id: str) -> Transport | None:
+        """The client's current connection (None: not connected)."""
+        client = self._registry.get(client_id)
+        return client.transport if client is not None else None
 
     async def ready(self) -> Channels:
         service = self.service
@@ -111,14 +118,22 @@ class HubChannels:
         grants: frozenset[str] | None,
     ) -> None:
         service = await self.ready()
+        if service.replaced(client_id, transport):
+            return  # a connection a takeover replaced: its late frames are ignored
         if isinstance(frame, protocol.Unsubscribe):
-            await service.unsubscribe(client_id, frame.channel)
+            await service.unsubscribe(client_id, frame.channel, transport=transport)
             return
         since = None if frame.since is None else Position(frame.since.epoch, frame.since.offset)
         with contextlib.suppress(SubscribeRefused):  # answered with `unsubscribed`
             await service.subscribe(
                 client_id, transport, frame.channel, since, presence=frame.presence, grants=grants
             )
+
+    async def grants_changed(
+        self, client_id: str, transport: Transport, grants: frozenset[str] | None
+    ) -> None:
+        if self._service is not None:
+            await self._service.regrant(client_id, transport, grants)
 
     def connection_closed(self, client_id: str, transport: Transport) -> None:
         if self._service is not None:

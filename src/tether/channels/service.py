@@ -18,9 +18,9 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -128,6 +128,16 @@ class _Sub:
         self.buffer: list[tuple[ChannelMessage, str]] = []
 
 
+class _Turn:
+    """Presence changes of one (channel, client id) in order: `_joined`/`_left` take turns."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class _Feed:
     """The stream of one channel as this node hands it out: `top` is the last offset
     given to subscribers; later offsets that arrived early wait in `early`."""
@@ -152,8 +162,12 @@ class Channels:
         *,
         store: ChannelStore | None = None,
         node_id: str = "",
+        current: Callable[[str], Transport | None] | None = None,
     ) -> None:
         self.config = config
+        # The client's current connection (the hub's registry): frames of a connection a
+        # takeover replaced are ignored (None: every caller's connection is current).
+        self._current = current
         self.clock = clock
         self.node_id = node_id
         self.store: ChannelStore = (
@@ -165,6 +179,9 @@ class Channels:
         self._subscribers: dict[str, dict[str, _Sub]] = {}
         self._conns: dict[str, _Conn] = {}
         self._feeds: dict[str, _Feed] = {}
+        # Clients whose `join` this node announced, per channel (until their `leave`).
+        self._announced: dict[str, set[str]] = {}
+        self._turns: dict[tuple[str, str], _Turn] = {}
         self._authorizers: list[Authorizer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
@@ -536,9 +553,17 @@ class Channels:
                 return False
         return True
 
+    def replaced(self, client_id: str, transport: Transport) -> bool:
+        """Whether `transport` is no longer `client_id`'s connection (a newer one took
+        over while it lingered): what it asks for is ignored."""
+        current = self._current
+        return current is not None and current(client_id) is not transport
+
     def _conn(self, client_id: str, transport: Transport) -> _Conn:
         conn = self._conns.get(client_id)
         if conn is not None and conn.transport is not transport:
+            if self.replaced(client_id, transport):  # never displace the current one
+                raise _replaced()
             self._drop(conn)  # a replaced connection: its subscriptions went with it
             conn = None
         if conn is None:
@@ -565,16 +590,26 @@ class Channels:
         stays open. Raises ValueError for an invalid channel name.
         """
         check_channel(channel)
+        if self.replaced(client_id, transport):
+            raise _replaced()
         if grants is not None and not granted(channel, grants):
-            self.counters.refused += 1
-            refusal = SubscribeRefused("forbidden", f"the token does not grant {channel!r}")
-            self._write(self._conn(client_id, transport), _refusal(channel, refusal))
-            raise refusal
-        if authorize and not await self._authorized(client_id, channel):
-            self.counters.refused += 1
-            refusal = SubscribeRefused("forbidden", f"not allowed to subscribe to {channel!r}")
-            self._write(self._conn(client_id, transport), _refusal(channel, refusal))
-            raise refusal
+            await self._refuse(
+                client_id,
+                transport,
+                channel,
+                SubscribeRefused("forbidden", f"the token does not grant {channel!r}"),
+            )
+        if authorize:
+            allowed = await self._authorized(client_id, channel)
+            if self.replaced(client_id, transport):  # taken over while the hooks ran
+                raise _replaced()
+            if not allowed:
+                await self._refuse(
+                    client_id,
+                    transport,
+                    channel,
+                    SubscribeRefused("forbidden", f"not allowed to subscribe to {channel!r}"),
+                )
         conn = self._conn(client_id, transport)
         old = conn.subs.get(channel)
         if old is not None:
@@ -593,7 +628,8 @@ class Channels:
         try:
             recovery = await self.store.recover(channel, since)
         except BackendError as exc:
-            self._remove(sub, presence_left=False)
+            # A subscription it replaced is gone too, and with it the presence.
+            self._remove(sub, presence_left=old is not None)
             refusal = SubscribeRefused("unavailable", f"backend unavailable: {exc}")
             self._write(conn, _refusal(channel, refusal))
             raise refusal from None
@@ -628,14 +664,38 @@ class Channels:
         await self._joined(channel, client_id)
         return recovery
 
+    async def _refuse(
+        self, client_id: str, transport: Transport, channel: str, refusal: SubscribeRefused
+    ) -> NoReturn:
+        """Refuse a subscription: a subscription the connection held to the channel ends
+        (its presence too) before the `unsubscribed` frame; raises `refusal`."""
+        self.counters.refused += 1
+        conn = self._conn(client_id, transport)
+        old = conn.subs.get(channel)
+        if old is not None:
+            self._remove(old, presence_left=False)
+        self._write(conn, _refusal(channel, refusal))
+        if old is not None:
+            await self._left(channel, client_id)
+        raise refusal
+
     async def unsubscribe(
-        self, client_id: str, channel: str, *, reason: str = "unsubscribed", code: str | None = None
+        self,
+        client_id: str,
+        channel: str,
+        *,
+        reason: str = "unsubscribed",
+        code: str | None = None,
+        transport: Transport | None = None,
     ) -> bool:
         """End `client_id`'s subscription to `channel` on this node, with an
-        `unsubscribed` frame. Returns whether there was one."""
+        `unsubscribed` frame; with `transport`, only the subscription of that connection.
+        Returns whether there was one."""
         conn = self._conns.get(client_id)
         sub = conn.subs.get(channel) if conn is not None else None
         if conn is None or sub is None:
+            return False
+        if transport is not None and conn.transport is not transport:
             return False
         self._remove(sub, presence_left=False)
         self._write(conn, protocol.encode(protocol.Unsubscribed(channel, reason, code)))
@@ -674,6 +734,24 @@ class Channels:
         if conn is not None and conn.transport is transport:
             self._drop(conn)
 
+    async def regrant(
+        self, client_id: str, transport: Transport, grants: frozenset[str] | None
+    ) -> None:
+        """The connection's credentials were refreshed and now grant `grants` (None: no
+        limit from them): its subscriptions to channels they no longer name end with
+        `unsubscribed` code `forbidden`."""
+        conn = self._conns.get(client_id)
+        if grants is None or conn is None or conn.transport is not transport:
+            return
+        for channel in [c for c in conn.subs if not granted(c, grants)]:
+            await self.unsubscribe(
+                client_id,
+                channel,
+                reason=f"the token no longer grants {channel!r}",
+                code="forbidden",
+                transport=transport,
+            )
+
     def subscriptions(self, client_id: str) -> frozenset[str]:
         conn = self._conns.get(client_id)
         return frozenset(conn.subs) if conn is not None else frozenset()
@@ -684,20 +762,51 @@ class Channels:
 
     # ------------------------------------------------------------------ presence
 
+    @contextlib.asynccontextmanager
+    async def _turn(self, channel: str, client_id: str) -> AsyncIterator[None]:
+        """One presence change of `client_id` in `channel` at a time, in the order asked
+        (a takeover's deferred `leave` of the old connection, then the new `join`)."""
+        key = (channel, client_id)
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[key]
+
     async def _joined(self, channel: str, client_id: str) -> None:
         info = {"node": self.node_id, "since": self.clock.wall()}
-        try:
-            await self.store.presence_add(channel, client_id, info)
-        except BackendError as exc:
-            log.warning("tether: presence of %s in %s not recorded: %s", client_id, channel, exc)
-        self._presence_event(channel, client_id, True)
+        async with self._turn(channel, client_id):
+            try:
+                await self.store.presence_add(channel, client_id, info)
+            except BackendError as exc:
+                log.warning(
+                    "tether: presence of %s in %s not recorded: %s", client_id, channel, exc
+                )
+            announced = self._announced.setdefault(channel, set())
+            if client_id not in announced:  # present already (resubscribed): no new join
+                announced.add(client_id)
+                self._presence_event(channel, client_id, True)
 
     async def _left(self, channel: str, client_id: str) -> None:
-        try:
-            await self.store.presence_remove(channel, client_id)
-        except BackendError as exc:
-            log.warning("tether: presence of %s in %s not removed: %s", client_id, channel, exc)
-        self._presence_event(channel, client_id, False)
+        async with self._turn(channel, client_id):
+            if client_id in self._subscribers.get(channel, ()):
+                return  # subscribed again meanwhile (a takeover's new connection): present
+            try:
+                await self.store.presence_remove(channel, client_id)
+            except BackendError as exc:
+                log.warning("tether: presence of %s in %s not removed: %s", client_id, channel, exc)
+            announced = self._announced.get(channel)
+            if announced is not None and client_id in announced:
+                announced.discard(client_id)
+                if not announced:
+                    del self._announced[channel]
+                self._presence_event(channel, client_id, False)
 
     async def _on_remote_presence(self, channel: str, client_id: str, joined: bool) -> None:
         self._presence_event(channel, client_id, joined)
@@ -797,6 +906,11 @@ def granted(channel: str, grants: frozenset[str]) -> bool:
     if channel in grants:
         return True
     return any(g.endswith("*") and channel.startswith(g[:-1]) for g in grants)
+
+
+def _replaced() -> SubscribeRefused:
+    """Raised (nothing written) for a connection a takeover replaced: ignored."""
+    return SubscribeRefused("replaced", "the connection was replaced by a newer one")
 
 
 def _refusal(channel: str, refusal: SubscribeRefused) -> str:

@@ -8,12 +8,14 @@ the memory store serves one process, whose hub fans out what it appends itself.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..clock import Clock
-from .model import ChannelMessage, ChannelStream, Position, Recovery
+from .model import ChannelMessage, ChannelStream, Position, Recovery, recover
 
 __all__ = [
     "Appended",
@@ -109,7 +111,15 @@ class LocalPresence:
 class MemoryChannelStore(LocalPresence):
     """Channel streams in this process. A stream with nothing held that saw no publish
     for a day (`model.POSITION_KEPT`) is forgotten (its next publish starts a new epoch),
-    so memory follows the channels in use, not every channel ever named."""
+    so memory follows the channels in use, not every channel ever named.
+
+    A channel nobody published to has no stream: subscribing to it or reading it
+    answers as an empty stream whose epoch is derived from the name (`_epoch_of`), the
+    epoch its first publish then creates the stream with — so a subscriber told offset 0
+    recovers everything on its return, and naming channels costs no memory. Forgetting
+    a stream of that epoch moves on `_generation`, so a recreated stream never reuses
+    it; channels subscribed meanwhile get their stream then, keeping their epoch.
+    """
 
     name = "memory"
     shared = False
@@ -121,6 +131,17 @@ class MemoryChannelStore(LocalPresence):
         self._streams: dict[str, ChannelStream] = {}
         self._presence: dict[str, dict[str, dict[str, Any]]] = {}
         self._swept_at = clock.now()
+        self._key = secrets.token_bytes(16)  # this store's epochs (a restart: new ones)
+        self._generation = 0
+
+    def _epoch_of(self, channel: str) -> str:
+        """The epoch a stream of `channel` created now gets."""
+        name = f"{self._generation}:{channel}".encode()
+        return hashlib.blake2b(name, digest_size=6, key=self._key).hexdigest()
+
+    def _maybe_sweep(self, now: float) -> None:
+        if now - self._swept_at > self.ttl:  # at most one sweep per TTL
+            self._sweep(now)
 
     async def start(self, events: StoreEvents) -> None:
         return None
@@ -131,7 +152,9 @@ class MemoryChannelStore(LocalPresence):
     def _stream(self, channel: str) -> ChannelStream:
         stream = self._streams.get(channel)
         if stream is None:
-            stream = self._streams[channel] = ChannelStream(self.size, self.ttl)
+            stream = self._streams[channel] = ChannelStream(
+                self.size, self.ttl, epoch=self._epoch_of(channel)
+            )
         return stream
 
     def append_now(
@@ -139,8 +162,7 @@ class MemoryChannelStore(LocalPresence):
     ) -> Appended:
         """`append` without suspending (the memory store never waits)."""
         now = self.clock.now()
-        if now - self._swept_at > self.ttl:  # at most one sweep per TTL
-            self._sweep(now)
+        self._maybe_sweep(now)
         stream = self._stream(channel)
         message, duplicate = stream.append(message_id, data, data_json, enc, now, self.clock.wall())
         return Appended(stream.epoch, message, duplicate)
@@ -152,22 +174,41 @@ class MemoryChannelStore(LocalPresence):
 
     def _sweep(self, now: float) -> None:
         self._swept_at = now
+        reused = False
         for name in [n for n, s in self._streams.items() if s.idle(now)]:
             if name not in self._presence:  # subscribed channels keep their epoch
-                del self._streams[name]
+                forgotten = self._streams.pop(name)
+                reused = reused or forgotten.epoch == self._epoch_of(name)
+        if reused:  # a stream recreated now must not get the epoch of the one forgotten
+            for name in self._presence:  # subscribed, never published: keep the epoch given
+                self._stream(name)
+            self._generation += 1
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:
-        return self._stream(channel).recover(since, self.clock.now())
+        now = self.clock.now()
+        self._maybe_sweep(now)
+        stream = self._streams.get(channel)
+        if stream is None:  # never published (or forgotten): an empty stream, not kept
+            return recover(self._epoch_of(channel), 0, [], since)
+        return stream.recover(since, now)
 
     async def read(self, channel: str, after: int, limit: int) -> tuple[str, list[ChannelMessage]]:
+        now = self.clock.now()
+        self._maybe_sweep(now)
         stream = self._streams.get(channel)
-        if stream is None:
-            return "", []
-        return stream.epoch, stream.read(after, limit, self.clock.now())
+        if stream is None:  # the epoch it has while subscribed ("" : none yet)
+            return (self._epoch_of(channel) if channel in self._presence else ""), []
+        return stream.epoch, stream.read(after, limit, now)
 
     async def channels(self) -> list[ChannelInfo]:
         now = self.clock.now()
-        return [
-            ChannelInfo(name, s.epoch, s.top, len(s.held(now)))
-            for name, s in sorted(self._streams.items())
+        infos = [
+            ChannelInfo(name, s.epoch, s.top, len(s.held(now))) for name, s in self._streams.items()
         ]
+        # Subscribed channels nobody published to yet: kept as long as subscribed.
+        infos += [
+            ChannelInfo(name, self._epoch_of(name), 0, 0)
+            for name in self._presence
+            if name not in self._streams
+        ]
+        return sorted(infos, key=lambda info: info.name)

@@ -589,6 +589,7 @@ class Session:
             # has ended the connection; a token cannot revive it.
             raise _token_expired()
         self._set_expiry(identity)
+        await self.hub.channel_grants_changed(client_id, self, self.channel_grants)
 
     def _set_expiry(self, identity: str | Identity) -> None:
         """Take the expiry and the channel grants of fresh credentials: (re)start the
