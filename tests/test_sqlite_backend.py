@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 
 from test_sqlite_store import tmpfs
-from tether import Hub, HubConfig, SendStatus
+from tether import Hub, HubConfig, HubUnavailable, SendStatus
 from tether.backends.sqlite import SqliteBackend
 from tether.backends.sqlite_store import SqliteStore, StoreLockedError
 from tether.client import Client
@@ -390,6 +390,36 @@ async def test_a_second_hub_on_the_same_file_is_refused(node: Factory, tmp_path:
     second = Hub(HubConfig(backend="sqlite", sqlite_path=str(tmp_path / "tether.db")))
     with pytest.raises(StoreLockedError, match="single-node"):
         await second.start()
+
+
+async def test_a_hub_whose_store_is_locked_at_first_use_rejects_and_starts_later(
+    node: Factory, tmp_path: Path
+) -> None:
+    """The lazy start in send/broadcast/connect: a store that cannot be opened is a
+    REJECTED result (HubUnavailable for connect), not an exception, and once the file
+    is free the hub starts for real (healthy, loops running, sends queued)."""
+    other = await SqliteStore.open(tmp_path / "tether.db")  # another process's hold
+    hub = node(clock=ManualClock())
+    try:
+        result = await hub.send("a", "one", critical=True)
+        assert result.status is SendStatus.REJECTED
+        assert "in use by another process" in (result.reason or "")
+        fanned = await hub.broadcast("all", critical=True)
+        assert fanned.rejected == 0 and fanned.queued == 0  # nobody is known yet
+        with pytest.raises(HubUnavailable, match="in use by another process"):
+            await hub.connect("a", MockWebSocket())
+        with pytest.raises(StoreLockedError):
+            await hub.start()
+        assert not hub.running and not hub.backend.healthy
+    finally:
+        await other.close()
+    result = await hub.send("a", "two", critical=True)
+    assert result.status is SendStatus.QUEUED
+    assert hub.running and hub.backend.healthy
+    assert await hub.stored_pending("a") == 1
+    ws = MockWebSocket()
+    await hub.connect("a", ws)
+    assert ws.sent == ["two"]
 
 
 async def test_a_close_during_an_open_closes_the_store_so_the_file_can_be_reopened(
