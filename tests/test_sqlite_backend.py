@@ -22,6 +22,7 @@ import pytest_asyncio
 
 from test_sqlite_store import tmpfs
 from tether import Hub, HubConfig, HubUnavailable, SendStatus
+from tether.backends import sqlite_store
 from tether.backends.sqlite import SqliteBackend
 from tether.backends.sqlite_store import SqliteStore, StoreLockedError
 from tether.client import Client
@@ -171,6 +172,48 @@ async def test_plain_connect_delivers_and_trims_the_file(node: Factory) -> None:
     await hub.connect("eve", ws)
     assert ws.sent == ["héllo \U0001f600", b"\x00\xffbinary", '{"id":"x1","v":[1,2]}']
     assert await hub.backend.pending_count("eve") == 0
+
+
+async def test_a_cancelled_senders_message_loaded_by_a_plain_connect_is_written_once(
+    node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender cancelled while its commit runs, and its client connecting in plain mode:
+    the connect's load (reader connection) sees the committed row before the writer's
+    hand-off reaches the loop. The late outcome must not mirror the message again."""
+    clock = ManualClock()
+    hub = node(clock=clock)
+    assert (await hub.send("bob", "one", critical=True)).status is SendStatus.QUEUED
+    loop = asyncio.get_running_loop()
+    committed, release = asyncio.Event(), asyncio.Event()
+    held: list[asyncio.Task[None]] = []
+    real = sqlite_store._settle
+
+    def late_settle(outcomes: Any) -> None:  # on the loop, scheduled by the writer thread
+        committed.set()
+
+        async def later() -> None:
+            await release.wait()
+            real(outcomes)
+
+        held.append(loop.create_task(later()))
+
+    monkeypatch.setattr(sqlite_store, "_settle", late_settle)
+    sending = asyncio.ensure_future(hub.send("bob", "two", critical=True))
+    await committed.wait()  # the row of "two" is committed, its outcome not yet seen
+    monkeypatch.setattr(sqlite_store, "_settle", real)
+    sending.cancel()  # the producer gives up (a wait_for timeout)
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
+    ws = MockWebSocket()
+    await hub.connect("bob", ws)  # plain mode: loads the file, writes both
+    assert ws.sent == ["one", "two"]
+    release.set()
+    await asyncio.gather(*held)  # now the commit's outcome is mirrored
+    clock.advance(5)
+    await hub.retry_now()
+    assert ws.sent == ["one", "two"]
+    assert hub.pending("bob") == 0
+    assert hub.metrics.to_dict()["messages"]["delivered"] == 2
 
 
 async def test_critical_dedup_survives_a_restart(node: Factory) -> None:

@@ -289,6 +289,12 @@ class SqliteBackend(SingleNode):
             return Refused.DUPLICATE if result is Refusal.DUPLICATE else Refused.FULL
         seq = envelope.seq = result.seq
         mirror: MirroredSession = session  # type: ignore[assignment]  # cast() without a call
+        if seq < mirror.next_seq and result.epoch == mirror.epoch:
+            # Already mirrored: a load (the plain connect of a sender cancelled during the
+            # commit) saw the committed row before this outcome reached the loop, and may
+            # have written it already. Pushing it again would deliver it twice.
+            gone = tuple(self._envelope(m) for m in result.evicted)
+            return Accepted(seq, gone, epoch=result.epoch)
         # The mirror holds what the store holds, so under drop_oldest the outbox pushes
         # out the same oldest messages the store deleted; the store's list is the truth.
         outcome = session.outbox.push(envelope)
