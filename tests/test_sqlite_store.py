@@ -264,6 +264,45 @@ async def test_a_second_process_is_refused_clearly(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_a_second_process_through_a_symlink_or_hard_link_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The lock belongs to the file, not to its name: two processes on one file through
+    two names would reuse seqs and hide confirmed messages below `acked`."""
+    path = tmp_path / "tether.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLDER,
+        str(path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert await holder.stdout.readline() == b"ready\n"
+        symlink = elsewhere / "link.db"
+        symlink.symlink_to(path)
+        with pytest.raises(StoreLockedError, match=f"pid {holder.pid}"):
+            await SqliteStore.open(symlink)
+        hard = elsewhere / "hard.db"
+        os.link(path, hard)
+        with pytest.raises(StoreLockedError, match="hard link"):
+            await SqliteStore.open(hard)
+    finally:
+        holder.stdin.write(b"done\n")
+        holder.stdin.close()
+        assert await asyncio.wait_for(holder.wait(), 30) == 0
+    store = await SqliteStore.open(hard)  # free again once the holder closed it
+    try:
+        with pytest.raises(StoreLockedError):  # the same process, through the other name
+            await SqliteStore.open(path)
+    finally:
+        await store.close()
+
+
 async def test_missing_directory_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreOpenError, match="does not exist"):
         await SqliteStore.open(tmp_path / "nowhere" / "tether.db")

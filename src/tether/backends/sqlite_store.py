@@ -57,7 +57,9 @@ until space is freed; then everything resumes, nothing confirmed is lost.
 
 Nothing is loaded at open: a client's pending rows are read only when `load` asks for
 them (`rows_loaded` counts every row read that way). The file keeps one process: a
-lock on `<path>.lock` refuses a second one (several nodes use the Redis backend).
+lock on `<real path>.lock` (symlinks resolved) and one on the database file itself (so
+that a hard link, another name for the same file, is refused too) turn a second one
+away (several nodes use the Redis backend).
 
 Errors: every failure is a `StoreError` (a `BackendError`): `StoreOpenError` /
 `StoreLockedError` / `StoreCorruptError` at open, `StoreFullError` when the disk (or
@@ -481,6 +483,7 @@ class SqliteStore:
         # that a multi-row INSERT binds a slice of it as it is.
         self._rows: list[Any] = []
         self._lock_fd: int | None = None
+        self._file_fd: int | None = None  # the database file, flock()ed: its identity
         self._writer: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
@@ -560,7 +563,10 @@ class SqliteStore:
                 f"cannot open the sqlite store {self.path}: directory {directory} does not "
                 "exist (create it, or set TETHER_SQLITE_PATH to a file in an existing one)"
             )
-        lock_path = f"{self.path}.lock"
+        # The lock belongs to the file, not to the name it was opened by: a symlink's
+        # resolved path shares the lock file, and the flock on the database file itself
+        # (below) catches a hard link.
+        lock_path = f"{os.path.realpath(self.path)}.lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -585,6 +591,45 @@ class SqliteStore:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        try:
+            self._lock_file()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _lock_file(self) -> None:
+        """flock() the database file (created empty if missing: SQLite takes an empty
+        file as a new database). SQLite itself uses fcntl() locks, which flock() does
+        not touch; this fd stays open until the connections are closed (closing an fd
+        of the file drops the process's fcntl() locks on it)."""
+        try:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:  # a read-only file: SQLite reports that at open
+                fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise StoreOpenError(
+                f"cannot open the sqlite store {self.path}: {exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"the sqlite store {self.path} is in use by another process (it opened the "
+                "same file by another name: a hard link); the sqlite backend is "
+                "single-node: run one process per file, and use TETHER_BACKEND=redis to "
+                "run several nodes"
+            ) from None
+        self._file_fd = fd
+
+    def _unlock(self) -> None:
+        for fd in (self._file_fd, self._lock_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    os.close(fd)
+        self._file_fd = self._lock_fd = None
 
     def _connect(self, *, readonly: bool) -> sqlite3.Connection:
         if readonly:
@@ -692,11 +737,7 @@ class SqliteStore:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
         self._writer = None
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                os.close(self._lock_fd)
-            self._lock_fd = None
+        self._unlock()
         self._closed = True
 
     # ------------------------------------------------------------------ writer thread
