@@ -263,6 +263,63 @@ async def test_cleanup_expires_rows_of_clients_not_loaded_and_counts_them(
     assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 4  # not twice
 
 
+async def test_an_expiry_pass_overlapping_a_first_send_counts_every_row_once(
+    node: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's expiry pass deletes in chunks (one row a transaction here); the first
+    send to a client not seen since the restart loads its stream between two chunks.
+    Rows deleted before that load are the pass's to count, those the load saw the
+    session's: every expired message counted, none twice."""
+    clock = ManualClock()
+    config = {"sqlite_path": str(tmp_path / "tether.db")}
+    first = node(clock)
+    for n in range(6):
+        await first.send("ivy", n, critical=True, ttl=5)
+    await first.shutdown()
+
+    clock.advance(100)  # past their deadline and the file's grace period
+    backend = SqliteBackend(
+        tmp_path / "tether.db", HubConfig(backend="sqlite", **config), clock=clock, chunk_rows=1
+    )
+    second = node(clock, backend=backend)
+    await second.start()
+    store = backend.store
+    loop = asyncio.get_running_loop()
+    between, loaded = asyncio.Event(), asyncio.Event()
+    go = threading.Event()
+    steps = 0
+    real_touch, real_load = store._touch, store.load
+
+    def touch(conn: Any, *more: Any) -> None:  # the writer thread, at each chunk
+        nonlocal steps
+        steps += 1
+        if steps == 3:  # two chunks committed: hold the third
+            loop.call_soon_threadsafe(between.set)
+            go.wait(30)
+        real_touch(conn, *more)
+
+    async def load(*args: Any, **kwargs: Any) -> Any:
+        result = await real_load(*args, **kwargs)
+        loaded.set()
+        return result
+
+    monkeypatch.setattr(store, "_touch", touch)
+    monkeypatch.setattr(store, "load", load)
+    cleanup = asyncio.ensure_future(second.cleanup_now())
+    try:
+        await between.wait()
+        sending = asyncio.ensure_future(second.send("ivy", "new", critical=True))
+        await loaded.wait()  # its load saw the four rows left
+    finally:
+        go.set()
+    await cleanup
+    assert (await sending).status is SendStatus.QUEUED
+    await second.retry_now()  # the session expires and counts what it loaded
+    await second.cleanup_now()
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 6
+    assert await second.backend.pending_count("ivy") == 1
+
+
 async def test_expiry_counts_each_message_once_when_a_session_holds_it(node: Factory) -> None:
     clock = ManualClock()
     hub = node(clock)

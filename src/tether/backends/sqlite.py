@@ -119,6 +119,10 @@ class SqliteBackend(SingleNode):
         self._batch: list[_Pending] = []
         self._items: list[tuple[str, NewMessage, str | None, int, bool]] = []
         self._offset = 0.0  # wall minus hub clock (seconds), read once per batch
+        # One entry per expiry pass under way: the rows each load during it saw, per
+        # client ((seq, message_id)), so that the pass counts exactly the rows no
+        # session holds (see expire_stored).
+        self._passes: list[dict[str, set[tuple[int, str]]]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -243,6 +247,8 @@ class SqliteBackend(SingleNode):
         """A StoredOutbox from rows; expired ones apart (the caller discards them)."""
         if state is None:
             return StoredOutbox(next_seq=1, acked=0)
+        if self._passes:
+            self._saw(session.client_id, messages)
         # Reuse the objects the session already holds for the same message: they keep
         # their attempt counts (for dead-lettering) and cached frames.
         cached = {(e.seq, e.message_id): e for e in session.outbox}
@@ -270,6 +276,8 @@ class SqliteBackend(SingleNode):
             return
         loaded = await self._call("load", self.store.load(session.client_id))
         if loaded is not None:
+            if self._passes:
+                self._saw(session.client_id, loaded.messages)
             outbox = session.outbox
             outbox.drain()
             for message in loaded.messages:
@@ -280,6 +288,12 @@ class SqliteBackend(SingleNode):
             mirror.acked = loaded.stream.acked
             mirror.epoch = loaded.stream.epoch
         mirror.stream_known = True
+
+    def _saw(self, client_id: str, messages: list[StoredMessage]) -> None:
+        """A load during an expiry pass: its session now holds (and will count) these."""
+        seen = {(m.seq, m.message_id) for m in messages}
+        for loads in self._passes:
+            loads.setdefault(client_id, set()).update(seen)
 
     def _accepted(
         self, session: SessionView, envelope: Envelope, result: Appended | Refusal
@@ -562,15 +576,30 @@ class SqliteBackend(SingleNode):
         `retry_interval`); rows are taken only a grace period after their deadline, so
         that cycle has long done so and nothing is counted twice or dropped uncounted. A
         client not seen since the restart loses nothing by the wait: loading skips (and
-        counts) expired rows."""
+        counts) expired rows.
+
+        The pass runs over several transactions, and a client's first send (or connect)
+        may load its stream between two of them: the rows that load saw are its session's
+        to count, those deleted before it are counted here. So a session counts as
+        mirroring only if it did when the pass began, and each load during the pass
+        records what it saw."""
         grace = max(60.0, 10 * self.config.retry_interval)
         cutoff = int((self.clock.wall() - grace) * 1000)
-        report = await self._call("expire", self.store.expire(cutoff))
+        known = {cid for cid, s in sessions.items() if cast("MirroredSession", s).stream_known}
+        loads: dict[str, set[tuple[int, str]]] = {}
+        self._passes.append(loads)
+        try:
+            report = await self._call("expire", self.store.expire(cutoff))
+        finally:
+            self._passes.remove(loads)
         counts: dict[str, int] = {}
         for message in report.messages:
-            session = sessions.get(message.client_id)
-            if session is None or not cast("MirroredSession", session).stream_known:
-                counts[message.client_id] = counts.get(message.client_id, 0) + 1
+            cid = message.client_id
+            if cid in known:
+                continue
+            seen = loads.get(cid)
+            if seen is None or (message.seq, message.message_id) not in seen:
+                counts[cid] = counts.get(cid, 0) + 1
         total = sum(counts.values())
         if total:
             self.expired += total
