@@ -24,9 +24,16 @@ from test_sqlite_store import tmpfs
 from tether import Hub, HubConfig, HubUnavailable, SendStatus
 from tether.backends import sqlite_store
 from tether.backends.sqlite import SqliteBackend
-from tether.backends.sqlite_store import SqliteStore, StoreLockedError
+from tether.backends.sqlite_store import (
+    MessageKind,
+    NewMessage,
+    SqliteStore,
+    StoreCorruptError,
+    StoreLockedError,
+)
 from tether.client import Client
 from tether.clock import ManualClock
+from tether.monitoring.health import HealthCheck, HealthThresholds
 from tether.protocol import Hello
 from tether.testing import MockWebSocket
 
@@ -778,3 +785,43 @@ async def test_serve_on_a_full_disk_rejects_sends_with_the_reason(
         finally:
             await client.close()
         again.kill(signal.SIGKILL)
+
+
+async def test_a_store_damaged_deep_inside_is_found_after_open_and_refuses_appends(
+    node: Factory, tmp_path: Path
+) -> None:
+    """8 KiB zeroed in the middle of the file: the header and schema are intact, so the
+    open succeeds, and the integrity check run after it finds the damage: the backend is
+    unhealthy (/health says why) and critical sends are REJECTED with the reason."""
+    path = tmp_path / "tether.db"
+    store = await SqliteStore.open(path)
+    rows = [
+        store.append(
+            f"c{n % 7}", NewMessage(f"m{n}", b"x" * 200, MessageKind.TEXT, 0, 2**62), max_size=10**6
+        )
+        for n in range(3000)
+    ]
+    await asyncio.gather(*rows)
+    assert await store.integrity_checked() is None
+    assert store.describe()["integrity"] == "ok"
+    await store.close()
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\0" * 8192)
+
+    hub = node(clock=ManualClock())
+    await hub.start()
+    damaged = store_of(hub)
+    problem = await damaged.integrity_checked()
+    assert problem is not None
+    assert damaged.corrupt is not None and "damaged" in damaged.corrupt
+    assert damaged.describe()["integrity"] == "damaged"
+    assert not hub.backend.healthy
+    result = await hub.send("c1", "after", critical=True)
+    assert result.status is SendStatus.REJECTED
+    assert "damaged" in (result.reason or "")
+    reasons = HealthCheck(hub, HealthThresholds()).evaluate()["reasons"]
+    assert any("sqlite store damaged" in r for r in reasons)
+    with pytest.raises(StoreCorruptError, match="damaged"):
+        await damaged.append("c2", NewMessage("z", b"x", MessageKind.TEXT, 0, 2**62), max_size=9)

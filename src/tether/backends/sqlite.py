@@ -129,7 +129,10 @@ class SqliteBackend(SingleNode):
     async def start(self, events: BackendEvents) -> None:
         """Open the file (nothing pending is loaded). Raises StoreOpenError (missing or
         read-only directory), StoreLockedError (another process has the file),
-        StoreCorruptError (not a tether store, or damaged), StoreFullError."""
+        StoreCorruptError (not a tether store, a damaged header or schema),
+        StoreFullError. Damage deeper in the file is found by the integrity check that
+        runs after the open (`SqliteStore.open`): the backend is then unhealthy and
+        critical sends are REJECTED with the reason."""
         await self.open_store()
 
     async def open_store(self) -> SqliteStore:
@@ -163,7 +166,8 @@ class SqliteBackend(SingleNode):
 
     @property
     def healthy(self) -> bool:
-        return self._ok
+        store = self._store
+        return self._ok and (store is None or store.corrupt is None)
 
     @property
     def store(self) -> SqliteStore:
