@@ -1324,19 +1324,26 @@ class SqliteStore:
         """All of the client's messages ≤ `seq` are delivered: delete them (`chunk_rows`
         per transaction; `acked` advances with each chunk, so a crash in between leaves
         a consistent stream) and raise `acked`. A seq beyond the last one handed out is
-        clamped to it; an unknown client is a no-op. Returns the rows deleted."""
+        clamped to it; an unknown client is a no-op. Returns the rows deleted.
+
+        `seq` is a number of the stream as it was when the first chunk ran: a stream
+        renumbered meanwhile (a resume with another epoch, a new stream) ends the ack
+        there, since its numbers now name other messages."""
 
         def step(conn: sqlite3.Connection, carry: Any) -> tuple[bool, Any]:
-            done = int(carry or 0)
+            done, numbering = carry or (0, None)
             if self._budget <= 0:
-                return False, done  # this transaction has deleted enough: next one
+                return False, (done, numbering)  # this transaction has deleted enough
             self._touch(conn, client_id)
             row = conn.execute(
-                "SELECT sid, acked, next_seq FROM streams WHERE client_id = ?", (client_id,)
+                "SELECT sid, epoch, acked, next_seq FROM streams WHERE client_id = ?",
+                (client_id,),
             ).fetchone()
             if row is None:
                 return True, done
-            sid, acked, next_seq = row
+            sid, epoch, acked, next_seq = row
+            if numbering is not None and numbering != (sid, epoch):
+                return True, done  # renumbered between two chunks: not this ack's numbers
             target = min(seq, next_seq - 1)
             if target <= acked:
                 return True, done
@@ -1356,7 +1363,9 @@ class SqliteStore:
             )
             self._budget -= deleted
             self._freed = self._freed or deleted > 0
-            return bound >= target, done + deleted
+            if bound >= target:
+                return True, done + deleted
+            return False, (done + deleted, (sid, epoch))
 
         result: int = await self._submit(step)
         return result
