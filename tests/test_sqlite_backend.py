@@ -529,6 +529,35 @@ async def test_a_hub_whose_store_is_locked_at_first_use_rejects_and_starts_later
     assert ws.sent == ["two"]
 
 
+async def test_a_shutdown_while_the_first_send_opens_the_store_rejects_that_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lazy start of a first send still opening the file when shutdown begins: the
+    send is REJECTED ("shutting down"), and no retry/cleanup loop outlives the hub."""
+    real_open = SqliteStore.open
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def gated_open(*args: Any, **kwargs: Any) -> SqliteStore:
+        entered.set()
+        await release.wait()
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(SqliteStore, "open", gated_open)
+    hub = Hub(HubConfig(backend="sqlite", sqlite_path=str(tmp_path / "tether.db")))
+    sending = asyncio.ensure_future(hub.send("a", "one", critical=True))
+    await entered.wait()  # the first send is opening the store
+    stopping = asyncio.ensure_future(hub.shutdown(timeout=1.0))
+    await asyncio.sleep(0)  # one turn: the shutdown has begun
+    assert hub.closing
+    release.set()
+    result = await sending
+    assert result.status is SendStatus.REJECTED and result.reason == "shutting down"
+    await stopping
+    assert not hub.running and not hub.backend.healthy
+    again = await real_open(tmp_path / "tether.db")  # the store was closed behind it
+    await again.close()
+
+
 async def test_a_close_during_an_open_closes_the_store_so_the_file_can_be_reopened(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -113,6 +113,8 @@ class Hub:
             if self._closing:
                 raise HubClosedError("a hub cannot be restarted after shutdown")
             await self._backend.start(self._cluster.events())
+            if self._closing:  # shut down meanwhile: no loops that would outlive it
+                raise HubClosedError("hub is shutting down")
             self._tasks.every(self.config.retry_interval, self.retry_now, "tether-retry")
             self._tasks.every(self.config.cleanup_interval, self.cleanup_now, "tether-cleanup")
             self._started = True
@@ -123,6 +125,8 @@ class Hub:
             await self.start()
         except BackendError as exc:
             raise Rejected(f"backend unavailable: {exc}") from None
+        except HubClosedError:
+            raise Rejected("shutting down") from None
 
     async def __aenter__(self) -> Hub:
         await self.start()
