@@ -21,11 +21,19 @@ import pytest
 import pytest_asyncio
 
 from test_sqlite_store import tmpfs
-from tether import Hub, HubConfig, SendStatus
+from tether import Hub, HubConfig, HubUnavailable, SendStatus
+from tether.backends import sqlite_store
 from tether.backends.sqlite import SqliteBackend
-from tether.backends.sqlite_store import SqliteStore, StoreLockedError
+from tether.backends.sqlite_store import (
+    MessageKind,
+    NewMessage,
+    SqliteStore,
+    StoreCorruptError,
+    StoreLockedError,
+)
 from tether.client import Client
 from tether.clock import ManualClock
+from tether.monitoring.health import HealthCheck, HealthThresholds
 from tether.protocol import Hello
 from tether.testing import MockWebSocket
 
@@ -173,6 +181,48 @@ async def test_plain_connect_delivers_and_trims_the_file(node: Factory) -> None:
     assert await hub.backend.pending_count("eve") == 0
 
 
+async def test_a_cancelled_senders_message_loaded_by_a_plain_connect_is_written_once(
+    node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender cancelled while its commit runs, and its client connecting in plain mode:
+    the connect's load (reader connection) sees the committed row before the writer's
+    hand-off reaches the loop. The late outcome must not mirror the message again."""
+    clock = ManualClock()
+    hub = node(clock=clock)
+    assert (await hub.send("bob", "one", critical=True)).status is SendStatus.QUEUED
+    loop = asyncio.get_running_loop()
+    committed, release = asyncio.Event(), asyncio.Event()
+    held: list[asyncio.Task[None]] = []
+    real = sqlite_store._settle
+
+    def late_settle(outcomes: Any) -> None:  # on the loop, scheduled by the writer thread
+        committed.set()
+
+        async def later() -> None:
+            await release.wait()
+            real(outcomes)
+
+        held.append(loop.create_task(later()))
+
+    monkeypatch.setattr(sqlite_store, "_settle", late_settle)
+    sending = asyncio.ensure_future(hub.send("bob", "two", critical=True))
+    await committed.wait()  # the row of "two" is committed, its outcome not yet seen
+    monkeypatch.setattr(sqlite_store, "_settle", real)
+    sending.cancel()  # the producer gives up (a wait_for timeout)
+    with contextlib.suppress(asyncio.CancelledError):
+        await sending
+    ws = MockWebSocket()
+    await hub.connect("bob", ws)  # plain mode: loads the file, writes both
+    assert ws.sent == ["one", "two"]
+    release.set()
+    await asyncio.gather(*held)  # now the commit's outcome is mirrored
+    clock.advance(5)
+    await hub.retry_now()
+    assert ws.sent == ["one", "two"]
+    assert hub.pending("bob") == 0
+    assert hub.metrics.to_dict()["messages"]["delivered"] == 2
+
+
 async def test_critical_dedup_survives_a_restart(node: Factory) -> None:
     first = node()
     assert (await first.send("fay", "x", critical=True, message_id="m1")).accepted
@@ -218,6 +268,63 @@ async def test_cleanup_expires_rows_of_clients_not_loaded_and_counts_them(
     await second.connect("hal", ws)
     assert ws.sent == ["stays"]
     assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 4  # not twice
+
+
+async def test_an_expiry_pass_overlapping_a_first_send_counts_every_row_once(
+    node: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's expiry pass deletes in chunks (one row a transaction here); the first
+    send to a client not seen since the restart loads its stream between two chunks.
+    Rows deleted before that load are the pass's to count, those the load saw the
+    session's: every expired message counted, none twice."""
+    clock = ManualClock()
+    config = {"sqlite_path": str(tmp_path / "tether.db")}
+    first = node(clock)
+    for n in range(6):
+        await first.send("ivy", n, critical=True, ttl=5)
+    await first.shutdown()
+
+    clock.advance(100)  # past their deadline and the file's grace period
+    backend = SqliteBackend(
+        tmp_path / "tether.db", HubConfig(backend="sqlite", **config), clock=clock, chunk_rows=1
+    )
+    second = node(clock, backend=backend)
+    await second.start()
+    store = backend.store
+    loop = asyncio.get_running_loop()
+    between, loaded = asyncio.Event(), asyncio.Event()
+    go = threading.Event()
+    steps = 0
+    real_touch, real_load = store._touch, store.load
+
+    def touch(conn: Any, *more: Any) -> None:  # the writer thread, at each chunk
+        nonlocal steps
+        steps += 1
+        if steps == 3:  # two chunks committed: hold the third
+            loop.call_soon_threadsafe(between.set)
+            go.wait(30)
+        real_touch(conn, *more)
+
+    async def load(*args: Any, **kwargs: Any) -> Any:
+        result = await real_load(*args, **kwargs)
+        loaded.set()
+        return result
+
+    monkeypatch.setattr(store, "_touch", touch)
+    monkeypatch.setattr(store, "load", load)
+    cleanup = asyncio.ensure_future(second.cleanup_now())
+    try:
+        await between.wait()
+        sending = asyncio.ensure_future(second.send("ivy", "new", critical=True))
+        await loaded.wait()  # its load saw the four rows left
+    finally:
+        go.set()
+    await cleanup
+    assert (await sending).status is SendStatus.QUEUED
+    await second.retry_now()  # the session expires and counts what it loaded
+    await second.cleanup_now()
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 6
+    assert await second.backend.pending_count("ivy") == 1
 
 
 async def test_expiry_counts_each_message_once_when_a_session_holds_it(node: Factory) -> None:
@@ -390,6 +497,65 @@ async def test_a_second_hub_on_the_same_file_is_refused(node: Factory, tmp_path:
     second = Hub(HubConfig(backend="sqlite", sqlite_path=str(tmp_path / "tether.db")))
     with pytest.raises(StoreLockedError, match="single-node"):
         await second.start()
+
+
+async def test_a_hub_whose_store_is_locked_at_first_use_rejects_and_starts_later(
+    node: Factory, tmp_path: Path
+) -> None:
+    """The lazy start in send/broadcast/connect: a store that cannot be opened is a
+    REJECTED result (HubUnavailable for connect), not an exception, and once the file
+    is free the hub starts for real (healthy, loops running, sends queued)."""
+    other = await SqliteStore.open(tmp_path / "tether.db")  # another process's hold
+    hub = node(clock=ManualClock())
+    try:
+        result = await hub.send("a", "one", critical=True)
+        assert result.status is SendStatus.REJECTED
+        assert "in use by another process" in (result.reason or "")
+        fanned = await hub.broadcast("all", critical=True)
+        assert fanned.rejected == 0 and fanned.queued == 0  # nobody is known yet
+        with pytest.raises(HubUnavailable, match="in use by another process"):
+            await hub.connect("a", MockWebSocket())
+        with pytest.raises(StoreLockedError):
+            await hub.start()
+        assert not hub.running and not hub.backend.healthy
+    finally:
+        await other.close()
+    result = await hub.send("a", "two", critical=True)
+    assert result.status is SendStatus.QUEUED
+    assert hub.running and hub.backend.healthy
+    assert await hub.stored_pending("a") == 1
+    ws = MockWebSocket()
+    await hub.connect("a", ws)
+    assert ws.sent == ["two"]
+
+
+async def test_a_shutdown_while_the_first_send_opens_the_store_rejects_that_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lazy start of a first send still opening the file when shutdown begins: the
+    send is REJECTED ("shutting down"), and no retry/cleanup loop outlives the hub."""
+    real_open = SqliteStore.open
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def gated_open(*args: Any, **kwargs: Any) -> SqliteStore:
+        entered.set()
+        await release.wait()
+        return await real_open(*args, **kwargs)
+
+    monkeypatch.setattr(SqliteStore, "open", gated_open)
+    hub = Hub(HubConfig(backend="sqlite", sqlite_path=str(tmp_path / "tether.db")))
+    sending = asyncio.ensure_future(hub.send("a", "one", critical=True))
+    await entered.wait()  # the first send is opening the store
+    stopping = asyncio.ensure_future(hub.shutdown(timeout=1.0))
+    await asyncio.sleep(0)  # one turn: the shutdown has begun
+    assert hub.closing
+    release.set()
+    result = await sending
+    assert result.status is SendStatus.REJECTED and result.reason == "shutting down"
+    await stopping
+    assert not hub.running and not hub.backend.healthy
+    again = await real_open(tmp_path / "tether.db")  # the store was closed behind it
+    await again.close()
 
 
 async def test_a_close_during_an_open_closes_the_store_so_the_file_can_be_reopened(
@@ -648,3 +814,43 @@ async def test_serve_on_a_full_disk_rejects_sends_with_the_reason(
         finally:
             await client.close()
         again.kill(signal.SIGKILL)
+
+
+async def test_a_store_damaged_deep_inside_is_found_after_open_and_refuses_appends(
+    node: Factory, tmp_path: Path
+) -> None:
+    """8 KiB zeroed in the middle of the file: the header and schema are intact, so the
+    open succeeds, and the integrity check run after it finds the damage: the backend is
+    unhealthy (/health says why) and critical sends are REJECTED with the reason."""
+    path = tmp_path / "tether.db"
+    store = await SqliteStore.open(path)
+    rows = [
+        store.append(
+            f"c{n % 7}", NewMessage(f"m{n}", b"x" * 200, MessageKind.TEXT, 0, 2**62), max_size=10**6
+        )
+        for n in range(3000)
+    ]
+    await asyncio.gather(*rows)
+    assert await store.integrity_checked() is None
+    assert store.describe()["integrity"] == "ok"
+    await store.close()
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\0" * 8192)
+
+    hub = node(clock=ManualClock())
+    await hub.start()
+    damaged = store_of(hub)
+    problem = await damaged.integrity_checked()
+    assert problem is not None
+    assert damaged.corrupt is not None and "damaged" in damaged.corrupt
+    assert damaged.describe()["integrity"] == "damaged"
+    assert not hub.backend.healthy
+    result = await hub.send("c1", "after", critical=True)
+    assert result.status is SendStatus.REJECTED
+    assert "damaged" in (result.reason or "")
+    reasons = HealthCheck(hub, HealthThresholds()).evaluate()["reasons"]
+    assert any("sqlite store damaged" in r for r in reasons)
+    with pytest.raises(StoreCorruptError, match="damaged"):
+        await damaged.append("c2", NewMessage("z", b"x", MessageKind.TEXT, 0, 2**62), max_size=9)

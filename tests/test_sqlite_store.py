@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,6 +261,82 @@ async def test_a_second_process_is_refused_clearly(tmp_path: Path) -> None:
     try:
         with pytest.raises(StoreLockedError):  # a second open in the same process, too
             await SqliteStore.open(path)
+    finally:
+        await store.close()
+
+
+async def test_a_second_process_through_a_symlink_or_hard_link_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The lock belongs to the file, not to its name: two processes on one file through
+    two names would reuse seqs and hide confirmed messages below `acked`."""
+    path = tmp_path / "tether.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _HOLDER,
+        str(path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert await holder.stdout.readline() == b"ready\n"
+        symlink = elsewhere / "link.db"
+        symlink.symlink_to(path)
+        with pytest.raises(StoreLockedError, match=f"pid {holder.pid}"):
+            await SqliteStore.open(symlink)
+        hard = elsewhere / "hard.db"
+        os.link(path, hard)
+        with pytest.raises(StoreLockedError, match="hard link"):
+            await SqliteStore.open(hard)
+    finally:
+        holder.stdin.write(b"done\n")
+        holder.stdin.close()
+        assert await asyncio.wait_for(holder.wait(), 30) == 0
+    store = await SqliteStore.open(hard)  # free again once the holder closed it
+    try:
+        with pytest.raises(StoreLockedError):  # the same process, through the other name
+            await SqliteStore.open(path)
+    finally:
+        await store.close()
+
+
+async def test_a_chunked_ack_stops_when_a_resume_renumbers_the_stream_between_chunks(
+    tmp_path: Path,
+) -> None:
+    """An ack of 35 (four chunks of 10) and, queued behind it, a resume with another
+    epoch that renumbers the stream after the ack's first chunk: the rest of the ack
+    names the old numbering, so it must not delete the renumbered (undelivered) rows."""
+    store = await SqliteStore.open(tmp_path / "tether.db", chunk_rows=10)
+    try:
+        for n in range(1, 41):
+            await store.append("alice", msg(f"m{n}"), max_size=1000)
+        await store.resume("alice", 0, None)
+        held, entered = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            entered.set()
+            held.wait(30)
+
+        holding = store.transact(hold)  # the writer is busy: both below queue behind it
+        await asyncio.to_thread(entered.wait, 30)
+        acking = asyncio.ensure_future(store.ack("alice", 35))
+        resuming = asyncio.ensure_future(store.resume("alice", 5, "some-other-epoch"))
+        await asyncio.sleep(0)  # both tasks have queued their operation
+        held.set()
+        await holding
+        resumed = await resuming
+        assert resumed.reset
+        deleted = await acking
+        assert deleted == 10  # the first chunk only, of the old numbering
+        left = await store.load("alice")
+        assert left is not None
+        assert left.stream.epoch == resumed.stream.epoch
+        assert len(left.messages) == len(resumed.messages) == 30
+        assert [m.message_id for m in left.messages] == [f"m{n}" for n in range(11, 41)]
     finally:
         await store.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -89,6 +90,7 @@ class Hub:
         self._acct = acct
         self._handlers: list[MessageHandler] = []
         self._started = False
+        self._start_lock = asyncio.Lock()
         self._closing = False
         self._shutdown_stats: ShutdownStats | None = None
 
@@ -99,16 +101,32 @@ class Hub:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Start the retry and cleanup loops. Idempotent; `connect`/`send` call it too.
-        Raises `HubClosedError` after shutdown."""
+        """Open the backend and start the retry and cleanup loops. Idempotent;
+        `connect`/`send`/`broadcast` call it too. Raises `HubClosedError` after shutdown,
+        and the backend's `BackendError` (e.g. `StoreLockedError`) when it cannot be
+        opened: the hub then stays not started, and a later call tries again."""
         if self._started:
             return
-        if self._closing:
-            raise HubClosedError("a hub cannot be restarted after shutdown")
-        self._started = True
-        await self._backend.start(self._cluster.events())
-        self._tasks.every(self.config.retry_interval, self.retry_now, "tether-retry")
-        self._tasks.every(self.config.cleanup_interval, self.cleanup_now, "tether-cleanup")
+        async with self._start_lock:  # concurrent first sends open the backend once
+            if self._started:
+                return
+            if self._closing:
+                raise HubClosedError("a hub cannot be restarted after shutdown")
+            await self._backend.start(self._cluster.events())
+            if self._closing:  # shut down meanwhile: no loops that would outlive it
+                raise HubClosedError("hub is shutting down")
+            self._tasks.every(self.config.retry_interval, self.retry_now, "tether-retry")
+            self._tasks.every(self.config.cleanup_interval, self.cleanup_now, "tether-cleanup")
+            self._started = True
+
+    async def _started_or_rejected(self) -> None:
+        """`start` for a first send: a backend that cannot be opened is `Rejected`."""
+        try:
+            await self.start()
+        except BackendError as exc:
+            raise Rejected(f"backend unavailable: {exc}") from None
+        except HubClosedError:
+            raise Rejected("shutting down") from None
 
     async def __aenter__(self) -> Hub:
         await self.start()
@@ -149,7 +167,10 @@ class Hub:
         if self._closing:
             raise HubClosedError("hub is shutting down")
         client = self._tracked(client_id)
-        await self.start()
+        try:
+            await self.start()
+        except BackendError as exc:
+            raise HubUnavailable(f"backend unavailable: {exc}") from None
         return await self._connections.open(client, transport, hello)
 
     async def disconnect(
@@ -219,7 +240,7 @@ class Hub:
                 _checked(client_id)
             envelope = self._envelopes.prepare(payload, critical, message_id, ttl)
             if not self._started:
-                await self.start()
+                await self._started_or_rejected()
             if client is None:
                 client = self._registry.get_or_track(client_id)
         except Rejected as rejected:
@@ -255,6 +276,8 @@ class Hub:
             if self._closing:
                 raise Rejected("shutting down")
             template = self._envelopes.prepare(payload, critical, message_id, ttl)
+            if not self._started:
+                await self._started_or_rejected()
         except Rejected as rejected:
             targets, more = fanout.targets(
                 group, critical=critical, exclude=exclude, closing=self._closing
@@ -267,8 +290,6 @@ class Hub:
                 rejected=len(targets),
                 reasons={rejected.reason: len(targets)} if targets else {},
             )
-        if not self._started:
-            await self.start()
         # `more` (the clients only other nodes know) is a task already asking the store:
         # from here on nothing is awaited before `deliver` awaits it.
         targets, more = fanout.targets(

@@ -119,13 +119,20 @@ class SqliteBackend(SingleNode):
         self._batch: list[_Pending] = []
         self._items: list[tuple[str, NewMessage, str | None, int, bool]] = []
         self._offset = 0.0  # wall minus hub clock (seconds), read once per batch
+        # One entry per expiry pass under way: the rows each load during it saw, per
+        # client ((seq, message_id)), so that the pass counts exactly the rows no
+        # session holds (see expire_stored).
+        self._passes: list[dict[str, set[tuple[int, str]]]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, events: BackendEvents) -> None:
         """Open the file (nothing pending is loaded). Raises StoreOpenError (missing or
         read-only directory), StoreLockedError (another process has the file),
-        StoreCorruptError (not a tether store, or damaged), StoreFullError."""
+        StoreCorruptError (not a tether store, a damaged header or schema),
+        StoreFullError. Damage deeper in the file is found by the integrity check that
+        runs after the open (`SqliteStore.open`): the backend is then unhealthy and
+        critical sends are REJECTED with the reason."""
         await self.open_store()
 
     async def open_store(self) -> SqliteStore:
@@ -159,7 +166,8 @@ class SqliteBackend(SingleNode):
 
     @property
     def healthy(self) -> bool:
-        return self._ok
+        store = self._store
+        return self._ok and (store is None or store.corrupt is None)
 
     @property
     def store(self) -> SqliteStore:
@@ -243,6 +251,8 @@ class SqliteBackend(SingleNode):
         """A StoredOutbox from rows; expired ones apart (the caller discards them)."""
         if state is None:
             return StoredOutbox(next_seq=1, acked=0)
+        if self._passes:
+            self._saw(session.client_id, messages)
         # Reuse the objects the session already holds for the same message: they keep
         # their attempt counts (for dead-lettering) and cached frames.
         cached = {(e.seq, e.message_id): e for e in session.outbox}
@@ -270,6 +280,8 @@ class SqliteBackend(SingleNode):
             return
         loaded = await self._call("load", self.store.load(session.client_id))
         if loaded is not None:
+            if self._passes:
+                self._saw(session.client_id, loaded.messages)
             outbox = session.outbox
             outbox.drain()
             for message in loaded.messages:
@@ -281,6 +293,12 @@ class SqliteBackend(SingleNode):
             mirror.epoch = loaded.stream.epoch
         mirror.stream_known = True
 
+    def _saw(self, client_id: str, messages: list[StoredMessage]) -> None:
+        """A load during an expiry pass: its session now holds (and will count) these."""
+        seen = {(m.seq, m.message_id) for m in messages}
+        for loads in self._passes:
+            loads.setdefault(client_id, set()).update(seen)
+
     def _accepted(
         self, session: SessionView, envelope: Envelope, result: Appended | Refusal
     ) -> Accepted | Refused:
@@ -289,6 +307,12 @@ class SqliteBackend(SingleNode):
             return Refused.DUPLICATE if result is Refusal.DUPLICATE else Refused.FULL
         seq = envelope.seq = result.seq
         mirror: MirroredSession = session  # type: ignore[assignment]  # cast() without a call
+        if seq < mirror.next_seq and result.epoch == mirror.epoch:
+            # Already mirrored: a load (the plain connect of a sender cancelled during the
+            # commit) saw the committed row before this outcome reached the loop, and may
+            # have written it already. Pushing it again would deliver it twice.
+            gone = tuple(self._envelope(m) for m in result.evicted)
+            return Accepted(seq, gone, epoch=result.epoch)
         # The mirror holds what the store holds, so under drop_oldest the outbox pushes
         # out the same oldest messages the store deleted; the store's list is the truth.
         outcome = session.outbox.push(envelope)
@@ -556,15 +580,30 @@ class SqliteBackend(SingleNode):
         `retry_interval`); rows are taken only a grace period after their deadline, so
         that cycle has long done so and nothing is counted twice or dropped uncounted. A
         client not seen since the restart loses nothing by the wait: loading skips (and
-        counts) expired rows."""
+        counts) expired rows.
+
+        The pass runs over several transactions, and a client's first send (or connect)
+        may load its stream between two of them: the rows that load saw are its session's
+        to count, those deleted before it are counted here. So a session counts as
+        mirroring only if it did when the pass began, and each load during the pass
+        records what it saw."""
         grace = max(60.0, 10 * self.config.retry_interval)
         cutoff = int((self.clock.wall() - grace) * 1000)
-        report = await self._call("expire", self.store.expire(cutoff))
+        known = {cid for cid, s in sessions.items() if cast("MirroredSession", s).stream_known}
+        loads: dict[str, set[tuple[int, str]]] = {}
+        self._passes.append(loads)
+        try:
+            report = await self._call("expire", self.store.expire(cutoff))
+        finally:
+            self._passes.remove(loads)
         counts: dict[str, int] = {}
         for message in report.messages:
-            session = sessions.get(message.client_id)
-            if session is None or not cast("MirroredSession", session).stream_known:
-                counts[message.client_id] = counts.get(message.client_id, 0) + 1
+            cid = message.client_id
+            if cid in known:
+                continue
+            seen = loads.get(cid)
+            if seen is None or (message.seq, message.message_id) not in seen:
+                counts[cid] = counts.get(cid, 0) + 1
         total = sum(counts.values())
         if total:
             self.expired += total

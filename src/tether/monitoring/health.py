@@ -108,7 +108,12 @@ class HealthCheck:
         self._backend_errors = errors
         backend = self.hub.backend
         if not backend.healthy:
-            degraded.append(f"{backend.name} backend unreachable")
+            damage = backend.describe().get("damage")  # the sqlite store's integrity check
+            degraded.append(
+                f"{backend.name} store damaged: {damage}"
+                if damage
+                else f"{backend.name} backend unreachable"
+            )
         elif (
             errors
             and self._backend_error_at is not None
