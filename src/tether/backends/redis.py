@@ -321,8 +321,10 @@ class RedisBackend:
                 if attempt + 1 == attempts:
                     if not retry and not never_sent(exc):
                         raise OutcomeUnknown(f"Redis {what}: no reply ({exc})") from exc
-                    # Unreachable: for a moment, fail fast instead of waiting to connect.
-                    self._fail_fast_until = asyncio.get_running_loop().time() + 0.25
+                    # Unreachable: for a moment, fail fast instead of waiting to connect
+                    # (not for a pool whose connections are all busy: Redis is up).
+                    if "No connection available" not in str(exc):
+                        self._fail_fast_until = asyncio.get_running_loop().time() + 0.25
                     raise BackendError(f"Redis {what} failed: {exc}") from exc
                 continue
             except RedisError as exc:

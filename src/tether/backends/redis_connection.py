@@ -139,7 +139,10 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
+    ClusterDownError,
     NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -153,10 +156,13 @@ from ..config import HubConfig
 __all__ = [
     "CommandClient",
     "LuaScript",
+    "NotRun",
+    "NotSent",
     "RedisConnections",
     "ScriptCall",
     "Topology",
     "redact_url",
+    "refused",
     "slot_of",
 ]
 
@@ -303,6 +309,32 @@ class LuaScript:
 class ReplicationShortfall(RedisError):
     """The call ran on the master, but fewer replicas than required confirmed its writes
     within the timeout (WAIT): a failover now could lose it."""
+
+
+class NotSent(RedisConnectionError):
+    """A round that never left this process: no connection could be had for it (a pool
+    exhausted past its wait, a node refusing connections). Nothing of it ran."""
+
+
+class NotRun(ResponseError):
+    """The server refused a call without running it, and following the refusal is not
+    safe: ASK / TRYAGAIN while its slot migrates (a call re-run on the importing node
+    would create a second stream there). Retryable once the migration is over."""
+
+
+# Refusals before a script ran: nothing of it was stored. A script that had written
+# something is never failed by these (Redis 7 checks them only before its first write).
+_REFUSED_CODES = ("BUSY ", "NOREPLICAS ", "MISCONF ", "MASTERDOWN ", "CLUSTERDOWN ")
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether `exc`, a call's error reply, means the server did not run the call (so
+    nothing of it was stored): over maxmemory (OOM), a read-only replica, a cluster or
+    master down, a busy server, too few replicas, a failing disk, a migrating slot.
+    NOSCRIPT is also not run, but is handled (loaded and re-sent) where it arrives."""
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError | ClusterDownError | NotRun):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_REFUSED_CODES)
 
 
 ScriptCall = tuple[Sequence[Any], Sequence[Any]]
@@ -561,8 +593,12 @@ class RedisConnections:
         results = await self._evalsha_round(script, calls, wait)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
-            await self.load_script(script)
-            retried = await self._evalsha_round(script, [calls[i] for i in missing], wait)
+            retried: list[Any]
+            try:
+                await self.load_script(script)
+                retried = await self._evalsha_round(script, [calls[i] for i in missing], wait)
+            except Exception as exc:  # only these calls: the others ran and keep their replies
+                retried = [exc] * len(missing)
             for index, result in zip(missing, retried, strict=True):
                 results[index] = result
         return results
@@ -705,7 +741,9 @@ class RedisConnections:
                 try:
                     connection = await self._borrow(pool)
                 except Exception as exc:  # no connection: nothing of this job was sent
-                    outcomes.append(exc)
+                    unsent = NotSent(f"not sent, no connection: {exc}")
+                    unsent.__cause__ = exc
+                    outcomes.append(unsent)
                     held.append(None)
                     continue
                 held.append((pool, connection))
@@ -714,7 +752,7 @@ class RedisConnections:
                 try:
                     await _write(connection, connection.pack_commands(commands))
                 except Exception as exc:
-                    outcomes[-1] = exc
+                    outcomes[-1] = await _in_doubt(connection, exc)
                     unread.discard(len(held) - 1)
             for number, entry in enumerate(held):
                 if number not in unread:
@@ -731,7 +769,7 @@ class RedisConnections:
                         except ResponseError as exc:  # that call's entry; the rest follow
                             replies.append(exc)
                 except Exception as exc:  # redis-py has dropped the connection
-                    outcomes[number] = exc
+                    outcomes[number] = await _in_doubt(connection, exc)
                 else:
                     outcomes[number] = _confirmed(replies, wait)
                 unread.discard(number)
@@ -796,6 +834,19 @@ async def _write(connection: AbstractConnection, packed: list[bytes]) -> None:
         raise
 
 
+async def _in_doubt(connection: AbstractConnection, exc: Exception) -> Exception:
+    """The failure of a pipeline that may have been (partly) written: what ran is
+    unknown. Anything but a connection error or timeout (an unparsable reply, say) is
+    reported as a `ConnectionError`, so that no caller takes it for a refusal; the
+    connection is dropped (its replies no longer line up)."""
+    if isinstance(exc, _UNREACHABLE):
+        return exc
+    await connection.disconnect(nowait=True)
+    unknown = RedisConnectionError(f"reply unreadable, outcome unknown: {exc!r}")
+    unknown.__cause__ = exc
+    return unknown
+
+
 def _confirmed(results: list[Any], wait: tuple[int, int] | None) -> list[Any]:
     """A pipeline's call results without its trailing WAIT reply; with fewer replicas
     than asked, the calls that ran become `ReplicationShortfall`."""
@@ -812,12 +863,15 @@ def _confirmed(results: list[Any], wait: tuple[int, int] | None) -> list[Any]:
 
 def never_sent(exc: BaseException) -> bool:
     """Whether a failed call certainly never reached Redis (so nothing was written): the
-    connection could not be made. Anything else after the call was written — a timeout
-    or a connection lost mid-reply — leaves the outcome unknown."""
+    connection could not be made, or none could be borrowed from the pool. Anything else
+    after the call was written — a timeout, a connection lost mid-reply, a reply that
+    could not be parsed — leaves the outcome unknown."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
+        if isinstance(seen, ConnectionRefusedError | NotSent):
             return True
+        if isinstance(seen, RedisConnectionError) and str(seen) == "No connection available.":
+            return True  # redis-py's BlockingConnectionPool: waited, got none
         if isinstance(seen, RedisConnectionError) and "connecting to" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
