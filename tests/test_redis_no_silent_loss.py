@@ -307,6 +307,41 @@ async def test_an_unparsable_reply_to_a_stored_append_is_not_rejected(
         await r.aclose()
 
 
+async def test_a_resolved_append_rings_the_node_holding_the_client(
+    own_redis: OwnRedis,
+) -> None:
+    """A's append reply is lost (unparsable) and the look-first resend settles it as
+    stored: the node holding the client's connection (B) is rung all the same - else the
+    message sits in Redis until some later event - and the producer is told it is
+    delivered by B, not that the client is not connected."""
+    proxy = await ReplyDropper(own_redis.port).start()
+    hubs = []
+    for node, url in (("a", proxy.url), ("b", own_redis.url)):
+        config = HubConfig(
+            backend="redis", redis_url=url, redis_prefix="t", node_id=node, presence_ttl=30
+        )
+        hubs.append(Hub(config, backend=RedisBackend(url, "t", node, config)))
+    a, b = hubs
+    try:
+        for hub in hubs:
+            await hub.start()
+        ws = MockWebSocket()
+        await b.connect("x", ws)
+        assert (await a.send("x", {"m": 0}, critical=True)).accepted
+        await until(lambda: len(ws.payloads) == 1, timeout=5)
+        proxy.corrupt_on = _LUA["append"].sha.encode()
+        result = await a.send("x", {"m": 1}, critical=True)
+        assert proxy.corrupt_on is None  # the reply was corrupted
+        assert result.status is SendStatus.QUEUED and result.seq == 2, result
+        assert result.reason == "delivered by node b", result
+        await until(lambda: len(ws.payloads) == 2, timeout=5)
+        assert ws.payloads == [{"m": 0}, {"m": 1}]
+    finally:
+        for hub in hubs:
+            await hub.shutdown(timeout=1.0)
+        await proxy.close()
+
+
 async def test_a_send_without_a_free_connection_is_rejected(nodes: Factory) -> None:
     """Every connection of the pool is busy past the wait: the append never left this
     process, so it is REJECTED (certainly not stored), not UNKNOWN."""

@@ -537,6 +537,8 @@ class RedisBackend:
             outcome = (await self._resolve([(session, envelope, local)], exc))[0]
             if isinstance(outcome, BackendError):
                 raise outcome from None
+            if isinstance(outcome, Accepted) and outcome.holder not in (None, self.node_id):
+                await self._ring_holders([(session, envelope, local)], [outcome])
             return outcome
         if self._unknown:
             self._unknown.pop((session.client_id, envelope.message_id), None)
@@ -560,7 +562,9 @@ class RedisBackend:
                 self._remember_unknown(session.client_id, envelope.message_id)
             return [exc] * len(items)
         except OutcomeUnknown as exc:
-            return await self._resolve(items, exc)
+            resolved = await self._resolve(items, exc)
+            await self._ring_holders(items, resolved)
+            return resolved
         except BackendError as exc:
             return [exc] * len(items)
         unknown = self._unknown
@@ -613,15 +617,35 @@ class RedisBackend:
                 self._remember_unknown(session.client_id, envelope.message_id)
             return [again] * len(items)
         outcomes: list[Accepted | Refused | BackendError] = []
+        stored_before: list[int] = []
         for (session, envelope, _), reply in zip(items, replies, strict=True):
             self._unknown.pop((session.client_id, envelope.message_id), None)
             head = _text(reply[0] if isinstance(reply, list) else reply)
             if head.startswith("D|"):  # the first attempt stored it
                 envelope.seq = int(head[2:])
+                stored_before.append(len(outcomes))
                 outcomes.append(Accepted(envelope.seq, unmirrored=True))
             else:
                 outcomes.append(self._accepted(session, envelope, reply))
+        if stored_before:
+            # A duplicate answer does not name the node holding the client's connection
+            # (a stored reply does): asked for, so that the caller rings it.
+            clients = list({items[index][0].client_id: None for index in stored_before})
+            found = await asyncio.gather(*map(self._holder, clients))
+            holders = dict(zip(clients, found, strict=True))
+            for index in stored_before:
+                holder = holders[items[index][0].client_id]
+                if holder is not None:
+                    seq = items[index][1].seq
+                    assert seq is not None
+                    outcomes[index] = Accepted(seq, holder=holder, unmirrored=True)
         return outcomes
+
+    async def _holder(self, client_id: str) -> str | None:
+        """The node holding `client_id`'s connection per presence; None when unknown."""
+        with contextlib.suppress(BackendError):
+            return await self.owner(client_id)
+        return None
 
     def _remember_unknown(self, client_id: str, message_id: str) -> None:
         unknown = self._unknown
