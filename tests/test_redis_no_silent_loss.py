@@ -342,6 +342,35 @@ async def test_a_resolved_append_rings_the_node_holding_the_client(
         await proxy.close()
 
 
+async def test_a_claim_whose_reply_is_lost_still_kicks_the_previous_holder(
+    own_redis: OwnRedis,
+) -> None:
+    """x moves from node B to node A and the reply to A's claim is lost: the claim is run
+    again, and the re-run must still name B (not A itself), so B closes its stale
+    connection instead of writing the client's messages to it."""
+    proxy = await ReplyDropper(own_redis.port).start()
+    hubs = []
+    for node, url in (("a", proxy.url), ("b", own_redis.url)):
+        config = HubConfig(
+            backend="redis", redis_url=url, redis_prefix="t", node_id=node, presence_ttl=30
+        )
+        hubs.append(Hub(config, backend=RedisBackend(url, "t", node, config)))
+    a, b = hubs
+    try:
+        for hub in hubs:
+            await hub.start()
+        old = MockWebSocket()
+        await b.connect("x", old)
+        proxy.corrupt_on = _LUA["claim"].sha.encode()
+        await a.connect("x", MockWebSocket())
+        assert proxy.corrupt_on is None  # the first claim's reply was lost
+        await until(lambda: old.closed, timeout=5)  # B was kicked
+    finally:
+        for hub in hubs:
+            await hub.shutdown(timeout=1.0)
+        await proxy.close()
+
+
 async def test_a_send_without_a_free_connection_is_rejected(nodes: Factory) -> None:
     """Every connection of the pool is busy past the wait: the append never left this
     process, so it is REJECTED (certainly not stored), not UNKNOWN."""

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..clock import Clock, SystemClock
@@ -55,12 +55,15 @@ log = logging.getLogger("tether.redis")
 
 T = TypeVar("T")
 
-# Errors that mean "Redis is not reachable right now" (as opposed to a bug or a script error).
+# Errors that mean "Redis is not reachable right now" (as opposed to a bug or a script error),
+# or a reply that could not be parsed (redis-py drops that connection): either way the
+# command may have run, and an idempotent one is tried again.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
     TimeoutError,
+    InvalidResponse,
 )
 
 DEAD_LETTER_TTL_MS = 7 * 86_400 * 1000  # dead letters are for inspection, not forever
@@ -798,10 +801,13 @@ class RedisBackend:
     async def claim(self, client_id: str) -> None:
         # First: if Redis is down now, the listener's recovery still rings this client.
         self._claimed.add(client_id)
+        # A token of this claim: retried after a lost reply, the script answers the holder
+        # the first run replaced (not this node), so that node is still kicked.
+        token = secrets.token_hex(8)
         old = await self._eval(
             "claim",
-            self._presence_keys(client_id),
-            [self.node_id, self._presence_ms, self._keep_ms],
+            [*self._presence_keys(client_id), self.keys.claim(client_id)],
+            [self.node_id, self._presence_ms, self._keep_ms, token],
         )
         seen = self.clock.wall()
         await self._call("clients", lambda: self._r.zadd(self.keys.clients, {client_id: seen}))
