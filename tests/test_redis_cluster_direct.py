@@ -174,3 +174,52 @@ async def test_a_send_to_a_migrating_slot_is_rejected_not_stored_twice(
             await server.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
             await server.aclose()
         await hub.shutdown(timeout=1.0)
+
+
+async def test_a_send_answered_moved_is_stored_once_on_the_new_owner(
+    fresh_redis_cluster: ClusterTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot handed to another node behind the hub's back (its slot map is stale): the
+    old owner answers MOVED without running the call, and the call is sent once to the
+    node named, where it is stored."""
+    topology = fresh_redis_cluster
+    prefix = f"tether-moved-{uuid.uuid4().hex[:8]}"
+    config = HubConfig(
+        backend="redis",
+        redis_url=topology.seed_url,
+        redis_cluster=True,
+        redis_prefix=prefix,
+        node_id="a",
+        presence_ttl=5,
+    )
+    hub = Hub(config)
+    await hub.start()
+    backend = hub.backend
+    assert isinstance(backend, RedisBackend)
+    keys = backend.keys
+    slot = slot_of(keys.slot_key(keys.bucket("x")))
+    source = topology.node_for_slot(slot)
+    target = next(node for node in topology.nodes if node is not source)
+    servers = [aioredis.Redis(port=node.port) for node in topology.nodes]
+    redirected: list[Any] = []
+    resend = RedisConnections._resend_moved
+
+    async def spy(self: RedisConnections, *args: Any) -> Any:
+        redirected.append(args[3])
+        return await resend(self, *args)
+
+    monkeypatch.setattr(RedisConnections, "_resend_moved", spy)
+    try:
+        assert (await hub.send("warm", 0, critical=True)).accepted  # the slot map is read
+        dst_id = await servers[topology.nodes.index(target)].execute_command("CLUSTER", "MYID")
+        for server in servers:  # the slot is empty: handed over at once
+            await server.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id.decode())
+        result = await hub.send("x", 1, critical=True)
+        assert result.status is SendStatus.QUEUED and result.seq == 1, result
+        assert [type(moved).__name__ for moved in redirected] == ["MovedError"]
+        owner = servers[topology.nodes.index(target)]
+        assert await owner.xlen(keys.out("x")) == 1
+    finally:
+        for server in servers:
+            await server.aclose()
+        await hub.shutdown(timeout=1.0)
