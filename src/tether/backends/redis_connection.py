@@ -661,7 +661,10 @@ class RedisConnections:
         for name, outcome in zip(names, outcomes, strict=True):
             indices = groups[name]
             if isinstance(outcome, Exception):
-                node_failed = node_failed or isinstance(outcome, _UNREACHABLE)
+                # (a pool with every connection busy says nothing of the slot map)
+                node_failed = node_failed or (
+                    isinstance(outcome, _UNREACHABLE) and not _pool_busy(outcome)
+                )
                 for index in indices:
                     results[index] = outcome  # this node's calls: outcome unknown
             else:
@@ -864,6 +867,11 @@ async def _write(connection: AbstractConnection, packed: list[bytes]) -> None:
     except BaseException:
         await connection.disconnect(nowait=True)
         raise
+
+
+def _pool_busy(exc: BaseException) -> bool:
+    """Whether `exc` is a pool's "every connection is busy" (Redis itself is fine)."""
+    return isinstance(exc, NotSent) and "No connection available" in str(exc)
 
 
 def _slot_named(call: ScriptCall) -> int | str:
