@@ -87,6 +87,9 @@ class ReplyDropper:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.dropping = False
+        # the next reply on the connection whose commands contain these bytes is replaced
+        # with a malformed line (the command ran; its answer cannot be parsed)
+        self.corrupt_on: bytes | None = None
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -103,9 +106,17 @@ class ReplyDropper:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
 
+        armed = [False]
+
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
             try:
                 while data := await src.read(65536):
+                    if not replies and self.corrupt_on is not None and self.corrupt_on in data:
+                        self.corrupt_on = None
+                        armed[0] = True
+                    if replies and armed[0]:
+                        armed[0] = False
+                        data = b"?bogus\r\n"
                     if replies and self.dropping:
                         continue
                     dst.write(data)

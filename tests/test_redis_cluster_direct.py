@@ -14,8 +14,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tether import HubConfig
-from tether.backends.redis_connection import LuaScript, RedisConnections
+from redis_topology import ClusterTopology
+from tether import Hub, HubConfig, SendStatus
+from tether.backends.redis import RedisBackend
+from tether.backends.redis_connection import LuaScript, RedisConnections, slot_of
 
 pytestmark = pytest.mark.redis
 
@@ -125,3 +127,99 @@ async def test_killed_connections_fail_their_round_and_the_next_reconnects(
     finally:
         for server in servers:
             await server.aclose()
+
+
+async def test_a_send_to_a_migrating_slot_is_rejected_not_stored_twice(
+    fresh_redis_cluster: ClusterTopology,
+) -> None:
+    """While the slot of a client's keys migrates, the source node answers ASK (the
+    call's declared bucket key never exists). Following it (ASKING on the importing node)
+    started a second stream there - seq 1 again - which MIGRATE then clashes with or
+    overwrites. The send is REJECTED as not run, retryable, and nothing lands on the
+    target."""
+    topology = fresh_redis_cluster
+    prefix = f"tether-migrate-{uuid.uuid4().hex[:8]}"
+    config = HubConfig(
+        backend="redis",
+        redis_url=topology.seed_url,
+        redis_cluster=True,
+        redis_prefix=prefix,
+        node_id="a",
+        presence_ttl=5,
+    )
+    hub = Hub(config)
+    await hub.start()
+    backend = hub.backend
+    assert isinstance(backend, RedisBackend)
+    keys = backend.keys
+    slot = slot_of(keys.slot_key(keys.bucket("x")))
+    source = topology.node_for_slot(slot)
+    target = next(node for node in topology.nodes if node is not source)
+    src = aioredis.Redis(port=source.port, single_connection_client=True)
+    dst = aioredis.Redis(port=target.port, single_connection_client=True)
+    try:
+        assert (await hub.send("x", 0, critical=True)).seq == 1
+        src_id = (await src.execute_command("CLUSTER", "MYID")).decode()
+        dst_id = (await dst.execute_command("CLUSTER", "MYID")).decode()
+        await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        result = await hub.send("x", 1, critical=True)
+        assert result.status is SendStatus.REJECTED, result
+        assert "migrating; retry" in (result.reason or "")
+        await dst.execute_command("ASKING")
+        assert await dst.xlen(keys.out("x")) == 0  # no second stream on the target
+        assert await src.xlen(keys.out("x")) == 1
+    finally:
+        for server in (src, dst):
+            await server.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+            await server.aclose()
+        await hub.shutdown(timeout=1.0)
+
+
+async def test_a_send_answered_moved_is_stored_once_on_the_new_owner(
+    fresh_redis_cluster: ClusterTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot handed to another node behind the hub's back (its slot map is stale): the
+    old owner answers MOVED without running the call, and the call is sent once to the
+    node named, where it is stored."""
+    topology = fresh_redis_cluster
+    prefix = f"tether-moved-{uuid.uuid4().hex[:8]}"
+    config = HubConfig(
+        backend="redis",
+        redis_url=topology.seed_url,
+        redis_cluster=True,
+        redis_prefix=prefix,
+        node_id="a",
+        presence_ttl=5,
+    )
+    hub = Hub(config)
+    await hub.start()
+    backend = hub.backend
+    assert isinstance(backend, RedisBackend)
+    keys = backend.keys
+    slot = slot_of(keys.slot_key(keys.bucket("x")))
+    source = topology.node_for_slot(slot)
+    target = next(node for node in topology.nodes if node is not source)
+    servers = [aioredis.Redis(port=node.port) for node in topology.nodes]
+    redirected: list[Any] = []
+    resend = RedisConnections._resend_moved
+
+    async def spy(self: RedisConnections, *args: Any) -> Any:
+        redirected.append(args[3])
+        return await resend(self, *args)
+
+    monkeypatch.setattr(RedisConnections, "_resend_moved", spy)
+    try:
+        assert (await hub.send("warm", 0, critical=True)).accepted  # the slot map is read
+        dst_id = await servers[topology.nodes.index(target)].execute_command("CLUSTER", "MYID")
+        for server in servers:  # the slot is empty: handed over at once
+            await server.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id.decode())
+        result = await hub.send("x", 1, critical=True)
+        assert result.status is SendStatus.QUEUED and result.seq == 1, result
+        assert [type(moved).__name__ for moved in redirected] == ["MovedError"]
+        owner = servers[topology.nodes.index(target)]
+        assert await owner.xlen(keys.out("x")) == 1
+    finally:
+        for server in servers:
+            await server.aclose()
+        await hub.shutdown(timeout=1.0)

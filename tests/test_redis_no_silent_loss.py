@@ -16,7 +16,7 @@ from websockets.asyncio.server import serve
 from redis_server import OwnRedis, ReplyDropper
 from support import until
 from tether import Client, Hub, HubConfig, SendStatus
-from tether.backends.redis import RedisBackend
+from tether.backends.redis import _LUA, RedisBackend
 from tether.backends.redis_batch import PIPELINE_ITEMS
 from tether.client import Lost
 from tether.clock import Clock, ManualClock
@@ -278,6 +278,135 @@ async def test_one_lost_reply_is_resolved_by_the_dedup_key(own_redis: OwnRedis) 
     finally:
         await hub.shutdown(timeout=1.0)
         await proxy.close()
+
+
+async def test_an_unparsable_reply_to_a_stored_append_is_not_rejected(
+    own_redis: OwnRedis,
+) -> None:
+    """The append ran but its reply cannot be parsed: the outcome is unknown, never
+    REJECTED (a producer would resend and store it twice). The look-first resend finds
+    it stored: QUEUED, stored once."""
+    proxy = await ReplyDropper(own_redis.port).start()
+    config = HubConfig(
+        backend="redis", redis_url=proxy.url, redis_prefix="t", node_id="a", presence_ttl=5
+    )
+    backend = RedisBackend(proxy.url, "t", "a", config, socket_timeout=2.0)
+    hub = Hub(config, backend=backend)
+    r = aioredis.Redis.from_url(own_redis.url)
+    try:
+        await hub.start()
+        assert (await hub.send("warm", 0, critical=True)).accepted  # connections are open
+        proxy.corrupt_on = _LUA["append"].sha.encode()
+        result = await hub.send("y", {"text": "once"}, critical=True)
+        assert proxy.corrupt_on is None  # the reply was corrupted
+        assert result.status is SendStatus.QUEUED and result.seq == 1, result
+        assert await r.xlen(backend.keys.out("y")) == 1
+    finally:
+        await hub.shutdown(timeout=1.0)
+        await proxy.close()
+        await r.aclose()
+
+
+async def test_a_resolved_append_rings_the_node_holding_the_client(
+    own_redis: OwnRedis,
+) -> None:
+    """A's append reply is lost (unparsable) and the look-first resend settles it as
+    stored: the node holding the client's connection (B) is rung all the same - else the
+    message sits in Redis until some later event - and the producer is told it is
+    delivered by B, not that the client is not connected."""
+    proxy = await ReplyDropper(own_redis.port).start()
+    hubs = []
+    for node, url in (("a", proxy.url), ("b", own_redis.url)):
+        config = HubConfig(
+            backend="redis", redis_url=url, redis_prefix="t", node_id=node, presence_ttl=30
+        )
+        hubs.append(Hub(config, backend=RedisBackend(url, "t", node, config)))
+    a, b = hubs
+    try:
+        for hub in hubs:
+            await hub.start()
+        ws = MockWebSocket()
+        await b.connect("x", ws)
+        assert (await a.send("x", {"m": 0}, critical=True)).accepted
+        await until(lambda: len(ws.payloads) == 1, timeout=5)
+        proxy.corrupt_on = _LUA["append"].sha.encode()
+        result = await a.send("x", {"m": 1}, critical=True)
+        assert proxy.corrupt_on is None  # the reply was corrupted
+        assert result.status is SendStatus.QUEUED and result.seq == 2, result
+        assert result.reason == "delivered by node b", result
+        await until(lambda: len(ws.payloads) == 2, timeout=5)
+        assert ws.payloads == [{"m": 0}, {"m": 1}]
+    finally:
+        for hub in hubs:
+            await hub.shutdown(timeout=1.0)
+        await proxy.close()
+
+
+async def test_a_claim_whose_reply_is_lost_still_kicks_the_previous_holder(
+    own_redis: OwnRedis,
+) -> None:
+    """x moves from node B to node A and the reply to A's claim is lost: the claim is run
+    again, and the re-run must still name B (not A itself), so B closes its stale
+    connection instead of writing the client's messages to it."""
+    proxy = await ReplyDropper(own_redis.port).start()
+    hubs = []
+    for node, url in (("a", proxy.url), ("b", own_redis.url)):
+        config = HubConfig(
+            backend="redis", redis_url=url, redis_prefix="t", node_id=node, presence_ttl=30
+        )
+        hubs.append(Hub(config, backend=RedisBackend(url, "t", node, config)))
+    a, b = hubs
+    try:
+        for hub in hubs:
+            await hub.start()
+        old = MockWebSocket()
+        await b.connect("x", old)
+        proxy.corrupt_on = _LUA["claim"].sha.encode()
+        await a.connect("x", MockWebSocket())
+        assert proxy.corrupt_on is None  # the first claim's reply was lost
+        await until(lambda: old.closed, timeout=5)  # B was kicked
+    finally:
+        for hub in hubs:
+            await hub.shutdown(timeout=1.0)
+        await proxy.close()
+
+
+async def test_a_send_without_a_free_connection_is_rejected(nodes: Factory) -> None:
+    """Every connection of the pool is busy past the wait: the append never left this
+    process, so it is REJECTED (certainly not stored), not UNKNOWN."""
+    hub = nodes("a", socket_timeout=0.2, redis_max_connections=1)
+    await hub.start()
+    assert (await hub.send("warm", 0, critical=True)).accepted
+    backend = hub.backend
+    assert isinstance(backend, RedisBackend)
+    pool = backend._r.connection_pool
+    held = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        result = await hub.send("y", {"t": 1}, critical=True)
+    finally:
+        await pool.release(held)
+    assert result.status is SendStatus.REJECTED, result
+    assert "not sent" in (result.reason or "")
+    assert await backend.pending_counts(["y"]) == 0
+
+
+async def test_an_append_refused_over_maxmemory_is_rejected(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """Over maxmemory (noeviction) Redis refuses the script before it writes anything
+    (-OOM): REJECTED with the reason, not UNKNOWN."""
+    hub = nodes("a")
+    await hub.start()
+    assert (await hub.send("warm", 0, critical=True)).accepted
+    used = int((await r.info("memory"))["used_memory"])
+    await r.config_set("maxmemory", str(used // 2))
+    try:
+        result = await hub.send("y", {"t": 1}, critical=True)
+    finally:
+        await r.config_set("maxmemory", "0")
+    assert result.status is SendStatus.REJECTED, result
+    assert "maxmemory" in (result.reason or "")
+    assert await r.xlen(hub.backend.keys.out("y")) == 0  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------ 5. shutdown counts

@@ -296,6 +296,8 @@ class DeliveryPipeline:
             reason = NOT_CONNECTED
             if stored.holder is not None and stored.holder != self.backend.node_id:
                 reason = f"delivered by node {stored.holder}"
+            elif client.connected:  # stored by an attempt whose reply was lost
+                reason = "stored; delivered from the store"
             return self.queued(client, envelope, reason)
         if client.epoch is None:
             client.epoch = stored.epoch

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..clock import Clock, SystemClock
@@ -55,12 +55,15 @@ log = logging.getLogger("tether.redis")
 
 T = TypeVar("T")
 
-# Errors that mean "Redis is not reachable right now" (as opposed to a bug or a script error).
+# Errors that mean "Redis is not reachable right now" (as opposed to a bug or a script error),
+# or a reply that could not be parsed (redis-py drops that connection): either way the
+# command may have run, and an idempotent one is tried again.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
     TimeoutError,
+    InvalidResponse,
 )
 
 DEAD_LETTER_TTL_MS = 7 * 86_400 * 1000  # dead letters are for inspection, not forever
@@ -321,8 +324,10 @@ class RedisBackend:
                 if attempt + 1 == attempts:
                     if not retry and not never_sent(exc):
                         raise OutcomeUnknown(f"Redis {what}: no reply ({exc})") from exc
-                    # Unreachable: for a moment, fail fast instead of waiting to connect.
-                    self._fail_fast_until = asyncio.get_running_loop().time() + 0.25
+                    # Unreachable: for a moment, fail fast instead of waiting to connect
+                    # (not for a pool whose connections are all busy: Redis is up).
+                    if "No connection available" not in str(exc):
+                        self._fail_fast_until = asyncio.get_running_loop().time() + 0.25
                     raise BackendError(f"Redis {what} failed: {exc}") from exc
                 continue
             except RedisError as exc:
@@ -535,6 +540,8 @@ class RedisBackend:
             outcome = (await self._resolve([(session, envelope, local)], exc))[0]
             if isinstance(outcome, BackendError):
                 raise outcome from None
+            if isinstance(outcome, Accepted) and outcome.holder not in (None, self.node_id):
+                await self._ring_holders([(session, envelope, local)], [outcome])
             return outcome
         if self._unknown:
             self._unknown.pop((session.client_id, envelope.message_id), None)
@@ -558,7 +565,9 @@ class RedisBackend:
                 self._remember_unknown(session.client_id, envelope.message_id)
             return [exc] * len(items)
         except OutcomeUnknown as exc:
-            return await self._resolve(items, exc)
+            resolved = await self._resolve(items, exc)
+            await self._ring_holders(items, resolved)
+            return resolved
         except BackendError as exc:
             return [exc] * len(items)
         unknown = self._unknown
@@ -611,15 +620,35 @@ class RedisBackend:
                 self._remember_unknown(session.client_id, envelope.message_id)
             return [again] * len(items)
         outcomes: list[Accepted | Refused | BackendError] = []
+        stored_before: list[int] = []
         for (session, envelope, _), reply in zip(items, replies, strict=True):
             self._unknown.pop((session.client_id, envelope.message_id), None)
             head = _text(reply[0] if isinstance(reply, list) else reply)
             if head.startswith("D|"):  # the first attempt stored it
                 envelope.seq = int(head[2:])
+                stored_before.append(len(outcomes))
                 outcomes.append(Accepted(envelope.seq, unmirrored=True))
             else:
                 outcomes.append(self._accepted(session, envelope, reply))
+        if stored_before:
+            # A duplicate answer does not name the node holding the client's connection
+            # (a stored reply does): asked for, so that the caller rings it.
+            clients = list({items[index][0].client_id: None for index in stored_before})
+            found = await asyncio.gather(*map(self._holder, clients))
+            holders = dict(zip(clients, found, strict=True))
+            for index in stored_before:
+                holder = holders[items[index][0].client_id]
+                if holder is not None:
+                    seq = items[index][1].seq
+                    assert seq is not None
+                    outcomes[index] = Accepted(seq, holder=holder, unmirrored=True)
         return outcomes
+
+    async def _holder(self, client_id: str) -> str | None:
+        """The node holding `client_id`'s connection per presence; None when unknown."""
+        with contextlib.suppress(BackendError):
+            return await self.owner(client_id)
+        return None
 
     def _remember_unknown(self, client_id: str, message_id: str) -> None:
         unknown = self._unknown
@@ -772,10 +801,13 @@ class RedisBackend:
     async def claim(self, client_id: str) -> None:
         # First: if Redis is down now, the listener's recovery still rings this client.
         self._claimed.add(client_id)
+        # A token of this claim: retried after a lost reply, the script answers the holder
+        # the first run replaced (not this node), so that node is still kicked.
+        token = secrets.token_hex(8)
         old = await self._eval(
             "claim",
-            self._presence_keys(client_id),
-            [self.node_id, self._presence_ms, self._keep_ms],
+            [*self._presence_keys(client_id), self.keys.claim(client_id)],
+            [self.node_id, self._presence_ms, self._keep_ms, token],
         )
         seen = self.clock.wall()
         await self._call("clients", lambda: self._r.zadd(self.keys.clients, {client_id: seen}))

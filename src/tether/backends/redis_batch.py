@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import BackendError, NotReplicated, OutcomeUnknown
-from .redis_connection import ReplicationShortfall
+from .redis_connection import ReplicationShortfall, never_sent, refused
 
 # A call that failed with one of these was sent, and may have run (a node died mid-call).
 _IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
@@ -318,6 +318,10 @@ class StreamBatcher:
                 missing.append(chunk)  # nothing ran: safe to send again
             elif isinstance(reply, ReplicationShortfall):
                 self._fail(chunk, NotReplicated(f"Redis {chunk.script}: {reply}"))
+            elif isinstance(reply, Exception) and (never_sent(reply) or refused(reply)):
+                # no connection for it, or the server refused it without running it
+                # (OOM, READONLY, CLUSTERDOWN, a migrating slot...): nothing was stored
+                self._fail(chunk, BackendError(f"Redis {chunk.script} not run: {reply}"))
             elif isinstance(reply, _IN_DOUBT) or (
                 isinstance(reply, Exception) and "non local key" in str(reply)
             ):

@@ -56,9 +56,10 @@ and benchmarks/redis_topology_pipeline.py show them):
   10,000 EVALSHA in pipelines of 500 ran at 0.65-0.73x a single server's rate on a
   3-master cluster on the same host (three runs). `run_script_batch` groups the calls by
   the cluster's slot map itself and sends one plain pipeline per master, concurrently:
-  0.78-1.01x the single server in the same runs. It re-runs MOVED / ASK / TRYAGAIN calls
-  through the cluster client, which follows the redirection and fixes its slot map (the
-  node refused them unrun, so that is safe).
+  0.78-1.01x the single server in the same runs. A MOVED call is re-read in the slot map
+  and sent once to the node named (refused unrun, so that is safe); an ASK / TRYAGAIN one
+  (its slot migrating) is reported not run: the calls declare a bucket key that never
+  exists, so following ASK would start a second stream on the importing node.
 - Per script round, redis-py's own client path is most of the cost in this process:
   taking a pooled connection (a condition, a timeout scope, a liveness probe), its
   observability events, and a task per socket write (`wait_for`, for the write timeout).
@@ -139,7 +140,11 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
+    ClusterDownError,
+    MovedError,
     NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -153,10 +158,13 @@ from ..config import HubConfig
 __all__ = [
     "CommandClient",
     "LuaScript",
+    "NotRun",
+    "NotSent",
     "RedisConnections",
     "ScriptCall",
     "Topology",
     "redact_url",
+    "refused",
     "slot_of",
 ]
 
@@ -303,6 +311,32 @@ class LuaScript:
 class ReplicationShortfall(RedisError):
     """The call ran on the master, but fewer replicas than required confirmed its writes
     within the timeout (WAIT): a failover now could lose it."""
+
+
+class NotSent(RedisConnectionError):
+    """A round that never left this process: no connection could be had for it (a pool
+    exhausted past its wait, a node refusing connections). Nothing of it ran."""
+
+
+class NotRun(ResponseError):
+    """The server refused a call without running it, and following the refusal is not
+    safe: ASK / TRYAGAIN while its slot migrates (a call re-run on the importing node
+    would create a second stream there). Retryable once the migration is over."""
+
+
+# Refusals before a script ran: nothing of it was stored. A script that had written
+# something is never failed by these (Redis 7 checks them only before its first write).
+_REFUSED_CODES = ("BUSY ", "NOREPLICAS ", "MISCONF ", "MASTERDOWN ", "CLUSTERDOWN ")
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether `exc`, a call's error reply, means the server did not run the call (so
+    nothing of it was stored): over maxmemory (OOM), a read-only replica, a cluster or
+    master down, a busy server, too few replicas, a failing disk, a migrating slot.
+    NOSCRIPT is also not run, but is handled (loaded and re-sent) where it arrives."""
+    if isinstance(exc, OutOfMemoryError | ReadOnlyError | ClusterDownError | NotRun):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_REFUSED_CODES)
 
 
 ScriptCall = tuple[Sequence[Any], Sequence[Any]]
@@ -561,8 +595,12 @@ class RedisConnections:
         results = await self._evalsha_round(script, calls, wait)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
-            await self.load_script(script)
-            retried = await self._evalsha_round(script, [calls[i] for i in missing], wait)
+            retried: list[Any]
+            try:
+                await self.load_script(script)
+                retried = await self._evalsha_round(script, [calls[i] for i in missing], wait)
+            except Exception as exc:  # only these calls: the others ran and keep their replies
+                retried = [exc] * len(missing)
             for index, result in zip(missing, retried, strict=True):
                 results[index] = result
         return results
@@ -623,7 +661,10 @@ class RedisConnections:
         for name, outcome in zip(names, outcomes, strict=True):
             indices = groups[name]
             if isinstance(outcome, Exception):
-                node_failed = node_failed or isinstance(outcome, _UNREACHABLE)
+                # (a pool with every connection busy says nothing of the slot map)
+                node_failed = node_failed or (
+                    isinstance(outcome, _UNREACHABLE) and not _pool_busy(outcome)
+                )
                 for index in indices:
                     results[index] = outcome  # this node's calls: outcome unknown
             else:
@@ -632,18 +673,48 @@ class RedisConnections:
         if node_failed:
             with contextlib.suppress(RedisError, OSError):
                 await cluster.nodes_manager.initialize()  # re-read the slot map
-        # MOVED / ASK / TRYAGAIN: the node refused without running the call (resharding,
-        # failover); redis-py's own client follows the redirection and fixes its map.
+        # MOVED / ASK / TRYAGAIN: the node refused without running the call. MOVED (a
+        # resharding or failover our map missed): re-sent once to the slot's owner. ASK /
+        # TRYAGAIN (its slot is migrating): not followed - the calls declare a bucket key
+        # that never exists, so the source always redirects, and a call re-run on the
+        # importing node (ASKING) would start a second stream there while the first still
+        # migrates. Reported as not run (retryable) instead.
+        moved: list[int] = []
         for index, result in enumerate(results):
-            if isinstance(result, AskError | TryAgainError):
-                keys, args = calls[index]
-                try:
-                    results[index] = await cluster.execute_command(
-                        "EVALSHA", script.sha, len(keys), *keys, *args
-                    )
-                except Exception as exc:
-                    results[index] = exc
+            if isinstance(result, MovedError):
+                moved.append(index)
+            elif isinstance(result, AskError | TryAgainError):
+                results[index] = NotRun(
+                    f"slot {_slot_named(calls[index])} migrating; retry ({result!r})"
+                )
+        if moved:
+            with contextlib.suppress(RedisError, OSError):
+                await cluster.nodes_manager.initialize()  # re-read the slot map
+            for index in moved:
+                results[index] = await self._resend_moved(
+                    cluster, script, calls[index], results[index], wait
+                )
         return results
+
+    async def _resend_moved(
+        self,
+        cluster: RedisCluster,
+        script: LuaScript,
+        call: ScriptCall,
+        moved: MovedError,
+        wait: tuple[int, int] | None,
+    ) -> Any:
+        """`call`, answered MOVED, sent once to the node the redirection names; a second
+        redirection is reported as not run."""
+        node = cluster.get_node(host=moved.host, port=moved.port) or ClusterNode(
+            moved.host, moved.port
+        )
+        job = (self._node_pool(node), [call])
+        outcome = (await self._evalsha_on_pools(script, [job], wait))[0]
+        result = outcome if isinstance(outcome, Exception) else outcome[0]
+        if isinstance(result, AskError | TryAgainError):  # MOVED again, or migrating
+            return NotRun(f"slot {_slot_named(call)} moving; retry ({result!r})")
+        return result
 
     def _node_pool(self, node: ClusterNode) -> ConnectionPool:
         """The connection pool of one cluster node, bounded like the rest (per node)."""
@@ -705,7 +776,9 @@ class RedisConnections:
                 try:
                     connection = await self._borrow(pool)
                 except Exception as exc:  # no connection: nothing of this job was sent
-                    outcomes.append(exc)
+                    unsent = NotSent(f"not sent, no connection: {exc}")
+                    unsent.__cause__ = exc
+                    outcomes.append(unsent)
                     held.append(None)
                     continue
                 held.append((pool, connection))
@@ -714,7 +787,7 @@ class RedisConnections:
                 try:
                     await _write(connection, connection.pack_commands(commands))
                 except Exception as exc:
-                    outcomes[-1] = exc
+                    outcomes[-1] = await _in_doubt(connection, exc)
                     unread.discard(len(held) - 1)
             for number, entry in enumerate(held):
                 if number not in unread:
@@ -731,7 +804,7 @@ class RedisConnections:
                         except ResponseError as exc:  # that call's entry; the rest follow
                             replies.append(exc)
                 except Exception as exc:  # redis-py has dropped the connection
-                    outcomes[number] = exc
+                    outcomes[number] = await _in_doubt(connection, exc)
                 else:
                     outcomes[number] = _confirmed(replies, wait)
                 unread.discard(number)
@@ -796,6 +869,29 @@ async def _write(connection: AbstractConnection, packed: list[bytes]) -> None:
         raise
 
 
+def _pool_busy(exc: BaseException) -> bool:
+    """Whether `exc` is a pool's "every connection is busy" (Redis itself is fine)."""
+    return isinstance(exc, NotSent) and "No connection available" in str(exc)
+
+
+def _slot_named(call: ScriptCall) -> int | str:
+    keys = call[0]
+    return slot_of(keys[0]) if keys else "?"
+
+
+async def _in_doubt(connection: AbstractConnection, exc: Exception) -> Exception:
+    """The failure of a pipeline that may have been (partly) written: what ran is
+    unknown. Anything but a connection error or timeout (an unparsable reply, say) is
+    reported as a `ConnectionError`, so that no caller takes it for a refusal; the
+    connection is dropped (its replies no longer line up)."""
+    if isinstance(exc, _UNREACHABLE):
+        return exc
+    await connection.disconnect(nowait=True)
+    unknown = RedisConnectionError(f"reply unreadable, outcome unknown: {exc!r}")
+    unknown.__cause__ = exc
+    return unknown
+
+
 def _confirmed(results: list[Any], wait: tuple[int, int] | None) -> list[Any]:
     """A pipeline's call results without its trailing WAIT reply; with fewer replicas
     than asked, the calls that ran become `ReplicationShortfall`."""
@@ -812,12 +908,15 @@ def _confirmed(results: list[Any], wait: tuple[int, int] | None) -> list[Any]:
 
 def never_sent(exc: BaseException) -> bool:
     """Whether a failed call certainly never reached Redis (so nothing was written): the
-    connection could not be made. Anything else after the call was written — a timeout
-    or a connection lost mid-reply — leaves the outcome unknown."""
+    connection could not be made, or none could be borrowed from the pool. Anything else
+    after the call was written — a timeout, a connection lost mid-reply, a reply that
+    could not be parsed — leaves the outcome unknown."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ConnectionRefusedError):
+        if isinstance(seen, ConnectionRefusedError | NotSent):
             return True
+        if isinstance(seen, RedisConnectionError) and str(seen) == "No connection available.":
+            return True  # redis-py's BlockingConnectionPool: waited, got none
         if isinstance(seen, RedisConnectionError) and "connecting to" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__

@@ -11,6 +11,8 @@ bucket at once and each bucket lives in one Redis Cluster slot):
     {prefix}:{b<n>}:<cid>#x       List of dead letters (JSON), newest first, LTRIM'd
     {prefix}:{b<n>}:<cid>#p       String, PX presence_ttl: the node holding the connection,
                                   or "~<node>" once that node let it go (a tombstone)
+    {prefix}:{b<n>}:<cid>#c       String, PX presence_ttl: the last claim ("<token>|<the
+                                  holder it replaced>"), so that a re-run claim kicks it
 
 Per deployment:
 
@@ -83,6 +85,9 @@ class RedisKeys:
 
     def presence(self, client_id: str) -> str:
         return self.base(client_id) + "#p"
+
+    def claim(self, client_id: str) -> str:
+        return self.base(client_id) + "#c"
 
     def slot_key(self, group: Hashable) -> str:
         """The key a script call over one batch group declares: on a Cluster it routes

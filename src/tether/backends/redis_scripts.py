@@ -348,11 +348,24 @@ return {state[1], tonumber(state[2] or '0'), tonumber(state[3] or '0'),
 """
 
 # Presence. claim: this node holds the connection now; returns the previous holder
-# (maybe a "~node" tombstone). KEYS: presence, meta, out. ARGV: node, presence ms, keep ms.
+# (maybe a "~node" tombstone). KEYS: presence, meta, out, claim record. ARGV: node,
+# presence ms, keep ms, claim token. Idempotent per token: a claim re-run after its reply
+# was lost finds its record ("token|previous holder") and returns the holder it replaced,
+# not itself - that node must still be kicked - unless another node claimed in between.
 CLAIM = (
     _TOP
     + """
 local old = redis.call('GET', KEYS[1])
+local record = redis.call('GET', KEYS[4])
+local mark = ARGV[4] .. '|'
+if record and string.sub(record, 1, #mark) == mark then
+  if old == false or old == ARGV[1] then
+    old = string.sub(record, #mark + 1)
+    if old == '' then old = false end
+  end
+else
+  redis.call('SET', KEYS[4], mark .. (old or ''), 'PX', ARGV[2])
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 keep_alive({KEYS[2], KEYS[3]}, tonumber(ARGV[3]))
 return old
