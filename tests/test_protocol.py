@@ -42,6 +42,7 @@ from tether.protocol import (
     encode,
     encode_data,
     encode_msg,
+    has_out_of_range_int,
 )
 
 
@@ -1334,3 +1335,26 @@ def test_long_digit_runs_that_are_not_huge_integers_pass() -> None:
     )
     assert isinstance(frame, Publish)
     assert frame.data == {"n": 18446744073709551615, "s": "123456789012345678901234"}
+
+
+def test_an_out_of_range_integer_nested_deeper_than_json_recurses_is_refused() -> None:
+    # orjson parses up to 1,024 levels; the check must not give up where `json` would.
+    for depth in (900, 1000, 1020):
+        raw = '{"type":"publish","data":' + "[" * depth + "18446744073709551617" + "]" * depth + "}"
+        with pytest.raises(ProtocolError) as info:
+            decode_client_frame(raw)
+        assert info.value.code == "invalid_frame"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"f":1.12345678901234567890123}',  # a fraction's digits are not an integer
+        '{"e":1e12345678901234567890}',  # nor an exponent's
+        '{"s":"a\\"12345678901234567890123"}',  # digits after an escaped quote are text
+        '{"n":-9223372036854775808,"m":18446744073709551615}',  # both ends of the range
+    ],
+)
+def test_the_integer_scan_reads_only_integer_literals(text: str) -> None:
+    assert not has_out_of_range_int(text)
+    assert not has_out_of_range_int(text.encode())
