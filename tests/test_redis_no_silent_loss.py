@@ -393,3 +393,29 @@ async def test_a_reset_skips_expired_messages_and_numbers_agree(nodes: Factory) 
     assert await a.ack("z", 51) == 1
     assert (await a.send("z", "next", critical=True)).seq == 52
     assert [m["data"] for m in msgs(ws)] == ["live", "next"]
+
+
+async def test_a_stale_copy_leaving_never_deletes_another_message_at_its_seq(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """A node holds a copy of seq 1 when the client's keys vanish; another node stores a
+    new message, seq 1 of the recreated stream. The stale copy expiring on the first
+    node must not delete the new message, which nobody would count."""
+    clock = ManualClock()
+    a = nodes("a", clock=clock, retry_base_delay=100, retry_max_delay=100)
+    b = nodes("b", clock=clock)
+    await a.start()
+    await b.start()
+    ws = MockWebSocket()
+    ws.fail_next(1)
+    await a.connect("x", ws)
+    assert (await a.send("x", "stale", critical=True, ttl=5)).status is SendStatus.QUEUED
+    keys = a.backend.keys  # type: ignore[attr-defined]
+    await r.delete(keys.out("x"), keys.meta("x"), keys.presence("x"))  # the keys vanish
+    fresh = await b.send("x", "fresh", critical=True, ttl=600)
+    assert fresh.status is SendStatus.QUEUED and fresh.seq == 1
+    clock.advance(6)
+    await a.retry_now()  # expires (and counts) its stale copy
+    assert a.metrics.snapshot().to_dict()["messages"]["expired"] == 1
+    assert await b.backend.pending_count("x") == 1
+    assert [e[1][b"d"] for e in await r.xrange(keys.out("x"))] == [b"fresh"]

@@ -279,6 +279,49 @@ return results
 """
 )
 
+# Forget messages that left other than by delivery (expired, dead-lettered): an entry is
+# deleted only while it is still the message the caller means — the stream is the epoch
+# the caller's copy came from and the entry at that seq carries the same message id. A
+# stream recreated under a node (its keys vanished) numbers from 1 again: a bare XDEL of
+# a stale copy's seq would delete another message, which nobody would count.
+# KEYS: 1, the call's slot key. ARGV: the items, concatenated, each
+# "base key|expected epoch|seq|message id length|" followed by the message id (any
+# bytes). An empty expected epoch (the caller's copy names none) checks the id alone.
+# Returns per item 1 (deleted) or 0 (not there, or another message or epoch).
+DISCARD = (
+    _BATCH
+    + """
+local results = {}
+local blob = ARGV[1]
+local pos, i = 1, 0
+while pos <= #blob do
+  i = i + 1
+  local base, expect, seq, ml, at = string.match(blob,
+    '^([^|]*)|([^|]*)|(%d+)|(%d+)|()', pos)
+  ml = ml + 0
+  local mid = string.sub(blob, at, at + ml - 1)
+  pos = at + ml
+  local meta, out = base .. '#m', base .. '#o'
+  local deleted = 0
+  if expect == '' or redis.call('HGET', meta, 'e') == expect then
+    local id = seq .. '-0'
+    local found = redis.call('XRANGE', out, id, id)
+    if #found == 1 then
+      local f = found[1][2]
+      for j = 1, #f, 2 do
+        if f[j] == 'm' then
+          if f[j + 1] == mid then deleted = redis.call('XDEL', out, id) end
+          break
+        end
+      end
+    end
+  end
+  results[i] = deleted
+end
+return results
+"""
+)
+
 # A tether.v1 client resumes from `last_seq`: settle its stream against it.
 # KEYS: meta, out. ARGV: last_seq, the hello's epoch ('' when it sent none), fresh epoch,
 # keep ms. A stream that cannot vouch for last_seq (no record of it, never attached, another
@@ -405,4 +448,5 @@ SCRIPTS: dict[str, str] = {
     "claim": CLAIM,
     "refresh": REFRESH,
     "release": RELEASE,
+    "discard": DISCARD,
 }
