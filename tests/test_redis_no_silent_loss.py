@@ -446,3 +446,24 @@ async def test_a_plain_clients_copies_are_stored_again_when_its_stream_is_recrea
     assert again.payloads == [3, 0, 1, 2]
     messages = hub.metrics.snapshot().to_dict()["messages"]
     assert messages["delivered"] == 4 and messages["dropped"] == 0
+
+
+async def test_messages_a_doorbell_load_finds_expired_are_counted(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """Another node stores a message for a client connected here while the doorbell does
+    not reach us (its presence had lapsed); by the time this node loads the stream the
+    message has expired: the load removes it, and it is counted as expired."""
+    clock = ManualClock()
+    a = nodes("a", clock=clock)
+    b = nodes("b", clock=clock)
+    await a.start()
+    await b.start()
+    ws = MockWebSocket()
+    await a.connect("x", ws)
+    await r.delete(a.backend.keys.presence("x"))  # type: ignore[attr-defined]
+    assert (await b.send("x", "late", critical=True, ttl=5)).status is SendStatus.QUEUED
+    clock.advance(10)
+    await b.backend.notify("a", "x")  # the doorbell that had rung nobody
+    await until(lambda: a.metrics.snapshot().to_dict()["messages"]["expired"] == 1)
+    assert await a.backend.pending_count("x") == 0 and ws.payloads == []

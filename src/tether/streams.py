@@ -56,6 +56,8 @@ class StreamKeeper:
     def extend(self, client: ClientSession, stored: StoredOutbox, after: int) -> bool:
         """Add what other nodes stored after seq `after` (lock held). False — and the
         connection is closed — when the stored stream is another epoch."""
+        for _ in stored.expired:  # past their TTL, removed by the load: counted here
+            self._acct.expired(client)
         if client.epoch is not None and (
             stored.epoch != client.epoch or stored.next_seq < client.next_seq
         ):
