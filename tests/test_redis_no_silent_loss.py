@@ -467,3 +467,19 @@ async def test_messages_a_doorbell_load_finds_expired_are_counted(
     await b.backend.notify("a", "x")  # the doorbell that had rung nobody
     await until(lambda: a.metrics.snapshot().to_dict()["messages"]["expired"] == 1)
     assert await a.backend.pending_count("x") == 0 and ws.payloads == []
+
+
+async def test_messages_a_reset_leaves_out_as_expired_are_counted(nodes: Factory) -> None:
+    """A resume the store cannot vouch for renumbers what it holds; what has expired is
+    left out of the new stream, and counted as expired, as a plain connect counts it."""
+    clock = ManualClock()
+    hub = nodes("a", clock=clock)
+    await hub.start()
+    assert (await hub.send("x", "short", critical=True, ttl=1)).status is SendStatus.QUEUED
+    assert (await hub.send("x", "long", critical=True, ttl=600)).status is SendStatus.QUEUED
+    clock.advance(5)
+    ws = MockWebSocket()
+    welcome = await hub.connect("x", ws, hello=Hello("x", 7))
+    assert welcome is not None and welcome.reset
+    assert [m["data"] for m in msgs(ws)] == ["long"]
+    assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1

@@ -752,6 +752,8 @@ class RedisBackend:
         stored = self._stored(session, reply, reply[4])
         stored.reset = bool(int(reply[3]))
         await self._drop_expired(session, stored)
+        # a reset left out (and removed) what had expired: counted like the rest
+        stored.expired.extend(self.wire.from_entry(entry) for entry in reply[5])
         return stored
 
     async def pending_count(self, client_id: str) -> int | None:

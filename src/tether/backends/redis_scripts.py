@@ -327,7 +327,8 @@ return results
 # keep ms. A stream that cannot vouch for last_seq (no record of it, never attached, another
 # epoch, or numbered below it) is reset: its pending entries are renumbered after
 # last_seq under a fresh epoch, so nothing new is mistaken for something already seen.
-# Returns {epoch, s, a, reset, entries}.
+# Returns {epoch, s, a, reset, entries, expired}: expired, the entries a reset found past
+# their TTL and left out (removed), to be counted.
 ATTACH = (
     _TOP
     + """
@@ -345,6 +346,7 @@ if last > 0 then
   end
 end
 local entries = redis.call('XRANGE', out, '-', '+')
+local expired = {}
 if reset == 1 then
   redis.call('DEL', out)
   local n = last
@@ -360,6 +362,8 @@ if reset == 1 then
       n = n + 1
       redis.call('XADD', out, n .. '-0', unpack(f))
       if x ~= nil and x - hub_now > longest then longest = x - hub_now end
+    else
+      expired[#expired + 1] = e
     end
   end
   keep = longest
@@ -374,7 +378,7 @@ elseif not epoch then
 end
 redis.call('HSET', meta, 'e', epoch, 's', s, 'a', a, 'v', '1')
 keep_alive({meta, out}, keep)
-return {epoch, s, a, reset, entries}
+return {epoch, s, a, reset, entries, expired}
 """
 )
 
