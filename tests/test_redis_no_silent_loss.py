@@ -483,3 +483,37 @@ async def test_messages_a_reset_leaves_out_as_expired_are_counted(nodes: Factory
     assert welcome is not None and welcome.reset
     assert [m["data"] for m in msgs(ws)] == ["long"]
     assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1
+
+
+async def test_the_keys_outlive_a_pending_message_after_a_reset_and_an_ack(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """A reset renumbers a message that lives a minute under a client_ttl of half a
+    second: the keys get its TTL, and the next ack must not shorten them to client_ttl
+    (the reset had left the recorded deadline at 0)."""
+    hub = nodes("a", presence_ttl=0.5, client_ttl=0.5, message_ttl=0.5)
+    await hub.start()
+    for n in range(2):
+        assert (await hub.send("x", n, critical=True, ttl=60)).status is SendStatus.QUEUED
+    ws = MockWebSocket()
+    welcome = await hub.connect("x", ws, hello=Hello("x", 5))
+    assert welcome is not None and welcome.reset
+    assert await hub.ack("x", 6) == 1
+    keys = hub.backend.keys  # type: ignore[attr-defined]
+    # seq 7 lives ~60 s; client_ttl-scale expiry would be 625 ms
+    assert await r.pttl(keys.out("x")) > 30_000 and await r.pttl(keys.meta("x")) > 30_000
+
+
+async def test_a_short_append_never_shortens_a_stream_holding_a_longer_message(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """A meta hash evicted on its own (maxmemory evicts keys one by one) is recreated by
+    the next append: a short message must not shorten the stream's expiry below that of
+    the long message it holds, nor leave the meta to expire before the stream."""
+    hub = nodes("a", presence_ttl=0.5, client_ttl=0.5, message_ttl=0.5)
+    await hub.start()
+    assert (await hub.send("y", "long", critical=True, ttl=60)).status is SendStatus.QUEUED
+    keys = hub.backend.keys  # type: ignore[attr-defined]
+    await r.delete(keys.meta("y"))
+    assert (await hub.send("y", "short", critical=True, ttl=1)).status is SendStatus.QUEUED
+    assert await r.pttl(keys.out("y")) > 30_000 and await r.pttl(keys.meta("y")) > 30_000

@@ -46,8 +46,14 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local function extend(meta, out, k, keep, force)
   if force or k < now + keep then
     local ms = math.floor(keep * 1.25)
-    redis.call('PEXPIRE', meta, ms)
-    redis.call('PEXPIRE', out, ms)
+    -- never shortened: the stream may hold a message that lives longer than this write
+    -- asks (a meta recreated alone, after an eviction, starts with k = 0); both keys
+    -- get the later deadline, which k records (the keys expire together)
+    local tm, to = redis.call('PTTL', meta), redis.call('PTTL', out)
+    if tm > ms then ms = tm end
+    if to > ms then ms = to end
+    if tm < ms then redis.call('PEXPIRE', meta, ms) end
+    if to < ms then redis.call('PEXPIRE', out, ms) end
     redis.call('HSET', meta, 'k', now + ms)
   end
 end
@@ -368,9 +374,10 @@ if reset == 1 then
   end
   keep = longest
   epoch, s, a = fresh, n, last
-  -- the recreated stream has no expiry yet; appends trust the meta's deadline `k`
-  -- (keys expire together), so the next append sets both anew
-  redis.call('HSET', meta, 'k', 0)
+  -- the recreated stream has no expiry yet: keep_alive below gives both keys at least
+  -- `longest` (the longest pending TTL), and `k` says so. Left lower (it was 0), the
+  -- next ack's extend shortened the keys to 1.25 x client_ttl, below that message's TTL.
+  redis.call('HSET', meta, 'k', now + longest)
   entries = redis.call('XRANGE', out, '-', '+')
 elseif not epoch then
   epoch = fresh
