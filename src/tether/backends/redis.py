@@ -508,13 +508,26 @@ class RedisBackend:
         from_entry = self.wire.from_entry
         return Accepted(
             seq,
-            tuple(from_entry(e) for e in evicted) if evicted else (),
+            self._own(session, evicted) if evicted else (),
             tuple(from_entry(e) for e in gap) if gap else (),
             changed == "1",
             epoch,
             holder,
             expired=tuple(from_entry(e) for e in expired) if expired else (),
         )
+
+    def _own(self, session: StreamState, entries: list[Any]) -> tuple[Envelope, ...]:
+        """Evicted entries as the envelopes the session holds for the same messages (by
+        seq and message id), as `_stored` does: only those know whether the message was
+        written and awaits its ack — such a message is not dropped (see
+        `DeliveryPipeline._refused`)."""
+        from_entry = self.wire.from_entry
+        held = {(e.seq, e.message_id): e for e in session.outbox}
+        owned: list[Envelope] = []
+        for entry in entries:
+            envelope = from_entry(entry)
+            owned.append(held.get((envelope.seq, envelope.message_id), envelope))
+        return tuple(owned)
 
     async def append(
         self, session: StreamState, envelope: Envelope, *, local: bool
