@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.server import serve
 
 from redis_server import OwnRedis, ReplyDropper
@@ -517,3 +519,62 @@ async def test_a_short_append_never_shortens_a_stream_holding_a_longer_message(
     await r.delete(keys.meta("y"))
     assert (await hub.send("y", "short", critical=True, ttl=1)).status is SendStatus.QUEUED
     assert await r.pttl(keys.out("y")) > 30_000 and await r.pttl(keys.meta("y")) > 30_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_expired_and_dead_lettered_copies_leave_the_store_on_every_topology(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The checked discard (one batched script call per Cluster node) still removes the
+    stored copies of messages that expire or are dead-lettered, for clients spread over
+    every node."""
+    from conftest import redis_topology_values
+
+    prefix = f"t-discard-{uuid.uuid4().hex[:10]}"
+    clock = ManualClock()
+    values: dict[str, Any] = {
+        "redis_prefix": prefix,
+        "node_id": "a",
+        **redis_topology_values(kind, request),
+    }
+    config = HubConfig(
+        backend="redis", max_retries=1, failure_threshold=100, retry_base_delay=0.1, **values
+    )
+    backend = RedisBackend(config.redis_url, prefix, "a", config, clock=clock)
+    hub = Hub(config, backend=backend, clock=clock)
+    await hub.start()
+    clients = [f"c{n}" for n in range(12)]
+    try:
+        for n, cid in enumerate(clients):
+            await hub.connect(cid, MockWebSocket(failure_rate=1.0))
+            ttl = 2 if n % 2 else 600
+            assert (await hub.send(cid, n, critical=True, ttl=ttl)).status is SendStatus.QUEUED
+        assert await hub.stored_pending(clients[0]) == 1
+        for _ in range(10):
+            clock.advance(1)
+            await hub.retry_now()
+        messages = hub.metrics.snapshot().to_dict()["messages"]
+        assert messages["expired"] + messages["dead_lettered"] == len(clients)
+        assert [await hub.stored_pending(cid) for cid in clients] == [0] * len(clients)
+    finally:
+        await hub.shutdown(timeout=1.0)
+        await _delete_prefix(config.redis_url, prefix, cluster=kind == "redis-cluster")
+
+
+async def _delete_prefix(url: str, prefix: str, *, cluster: bool) -> None:
+    """Remove a test's keys (on every primary of a Cluster)."""
+    servers = [aioredis.Redis.from_url(url)]
+    if cluster:
+        seed = RedisCluster.from_url(url)
+        try:
+            await seed.initialize()
+            servers = [aioredis.Redis(host=n.host, port=n.port) for n in seed.get_primaries()]
+        finally:
+            await seed.aclose()
+    for server in servers:
+        try:
+            async for key in server.scan_iter(match=f"{prefix}:*"):
+                await server.delete(key)
+        finally:
+            await server.aclose()
