@@ -450,6 +450,31 @@ async def test_a_plain_clients_copies_are_stored_again_when_its_stream_is_recrea
     assert messages["delivered"] == 4 and messages["dropped"] == 0
 
 
+async def test_a_copy_that_cannot_be_stored_again_is_counted_dropped(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """The recreated stream has no room for every copy the node held (overflow policy
+    reject): the copy that does not fit is counted dropped (and logged), not lost silently."""
+    hub = nodes(
+        "a", retry_interval=60, retry_base_delay=60, max_queue_size=2, overflow_policy="reject"
+    )
+    await hub.start()
+    ws = MockWebSocket()
+    ws.fail_next(1)
+    await hub.connect("x", ws)
+    for n in range(2):
+        assert (await hub.send("x", n, critical=True)).status is SendStatus.QUEUED
+    keys = hub.backend.keys  # type: ignore[attr-defined]
+    await r.delete(keys.out("x"), keys.meta("x"))
+    assert (await hub.send("x", 2, critical=True)).status is SendStatus.QUEUED
+    await until(lambda: hub.metrics.snapshot().to_dict()["messages"]["dropped"] == 1)
+    again = MockWebSocket()
+    await hub.connect("x", again)
+    await until(lambda: len(again.payloads) == 2)
+    assert again.payloads == [2, 0]
+    assert hub.metrics.snapshot().to_dict()["messages"]["dropped"] == 1
+
+
 async def test_messages_a_doorbell_load_finds_expired_are_counted(
     nodes: Factory, r: aioredis.Redis
 ) -> None:

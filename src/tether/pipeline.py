@@ -661,33 +661,40 @@ class DeliveryPipeline:
                 held: set[str] = set()
                 if stored is not None:
                     held = {e.message_id for e in stored.envelopes}
-                    for _ in stored.expired:  # removed by the load: counted here
-                        self._acct.expired(client)
+                    # removed by the load: counted here, unless the session mirrors them
+                    # (reconnected meanwhile), whose own expiry counts them
+                    mirrored = {id(e) for e in client.outbox}
+                    for gone in stored.expired:
+                        if id(gone) not in mirrored:
+                            self._acct.expired(client)
                 now = self.clock.now()
                 while left:
-                    envelope = left.pop(0)
+                    envelope = left[0]  # taken off once settled: a cancel counts it
                     if envelope.message_id in held:
-                        continue  # still stored: delivered from there
+                        left.pop(0)  # still stored: delivered from there
+                        continue
                     if envelope.expires_at <= now:
+                        left.pop(0)
                         self._acct.expired(client)
                         continue
                     envelope.seq = None
                     try:
                         outcome = await self.backend.append(client, envelope, local=False)
                     except BackendError as exc:
+                        left.pop(0)
                         self._restore_failed(client, [envelope], f"backend unavailable: {exc}")
                         continue
+                    left.pop(0)
                     if outcome is _DUPLICATE:  # its dedup key outlived the stream
                         self._restore_failed(client, [envelope], "its dedup key outlived it")
                     elif outcome is _FULL:
+                        self._acct.overflow(client)
                         self._restore_failed(client, [envelope], "outbox full")
-                    elif isinstance(outcome, Accepted):
-                        for _ in outcome.expired:
-                            self._acct.expired(client)
-                        for evicted in outcome.evicted:
-                            self._acct.overflow(client)
-                            self._acct.dropped(client)
-                            self._warn_overflow(client, evicted)
+                    else:  # stored: count what it pushed out, as for any append
+                        self._refused(client, envelope, outcome)
+                        if isinstance(outcome, Accepted):
+                            for _ in outcome.expired:
+                                self._acct.expired(client)
         except asyncio.CancelledError:
             self._restore_failed(client, left, "hub stopping")
             raise
