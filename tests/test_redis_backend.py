@@ -181,6 +181,23 @@ async def test_overflow_policies_hold_in_redis(node: Factory) -> None:
         assert await strict.backend.pending_count(f"e-{policy}") == 3
 
 
+async def test_an_evicted_message_written_and_then_acked_is_delivered_not_dropped(
+    node: Factory,
+) -> None:
+    """drop_oldest pushes out a message that was written and awaits its ack; the ack then
+    covers it: delivered, as with the memory backend — the store's evicted entry is the
+    session's own envelope, which knows it was written."""
+    hub = node("a", max_queue_size=2, overflow_policy="drop_oldest")
+    ws = MockWebSocket()
+    await hub.connect("x", ws, hello=v1_hello("x"))
+    results = [await hub.send("x", n, critical=True) for n in range(3)]
+    assert [x.status for x in results] == [SendStatus.SENT] * 3
+    assert await hub.ack("x", 3) >= 2
+    snapshot = hub.metrics.snapshot().to_dict()
+    assert snapshot["queue"]["overflows"] == 1
+    assert snapshot["messages"]["delivered"] == 3 and snapshot["messages"]["dropped"] == 0
+
+
 async def test_critical_dedup_is_cluster_wide(node: Factory) -> None:
     a, b = node("a"), node("b")
     assert (await a.send("f", {"id": "order-1"}, critical=True)).status is SendStatus.QUEUED

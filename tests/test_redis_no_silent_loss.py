@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.server import serve
 
 from redis_server import OwnRedis, ReplyDropper
@@ -522,3 +524,211 @@ async def test_a_reset_skips_expired_messages_and_numbers_agree(nodes: Factory) 
     assert await a.ack("z", 51) == 1
     assert (await a.send("z", "next", critical=True)).seq == 52
     assert [m["data"] for m in msgs(ws)] == ["live", "next"]
+
+
+async def test_a_stale_copy_leaving_never_deletes_another_message_at_its_seq(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """A node holds a copy of seq 1 when the client's keys vanish; another node stores a
+    new message, seq 1 of the recreated stream. The stale copy expiring on the first
+    node must not delete the new message, which nobody would count."""
+    clock = ManualClock()
+    a = nodes("a", clock=clock, retry_base_delay=100, retry_max_delay=100)
+    b = nodes("b", clock=clock)
+    await a.start()
+    await b.start()
+    ws = MockWebSocket()
+    ws.fail_next(1)
+    await a.connect("x", ws)
+    assert (await a.send("x", "stale", critical=True, ttl=5)).status is SendStatus.QUEUED
+    keys = a.backend.keys  # type: ignore[attr-defined]
+    await r.delete(keys.out("x"), keys.meta("x"), keys.presence("x"))  # the keys vanish
+    fresh = await b.send("x", "fresh", critical=True, ttl=600)
+    assert fresh.status is SendStatus.QUEUED and fresh.seq == 1
+    clock.advance(6)
+    await a.retry_now()  # expires (and counts) its stale copy
+    assert a.metrics.snapshot().to_dict()["messages"]["expired"] == 1
+    assert await b.backend.pending_count("x") == 1
+    assert [e[1][b"d"] for e in await r.xrange(keys.out("x"))] == [b"fresh"]
+
+
+async def test_a_plain_clients_copies_are_stored_again_when_its_stream_is_recreated(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """A plain-mode client has three messages queued on its node when its keys vanish: the
+    next send finds the stream recreated and the connection is closed; the node's copies
+    (the only ones left) are stored again in the new stream, in order, and delivered when
+    the client is back, none dropped uncounted."""
+    hub = nodes("a", retry_interval=60, retry_base_delay=60)
+    await hub.start()
+    ws = MockWebSocket()
+    ws.fail_next(1)
+    await hub.connect("x", ws)
+    for n in range(3):
+        assert (await hub.send("x", n, critical=True)).status is SendStatus.QUEUED
+    keys = hub.backend.keys  # type: ignore[attr-defined]
+    await r.delete(keys.out("x"), keys.meta("x"))  # the client's keys vanish
+    assert (await hub.send("x", 3, critical=True)).status is SendStatus.QUEUED
+    await until(lambda: ws.closed)
+    again = MockWebSocket()
+    await hub.connect("x", again)
+    await until(lambda: len(again.payloads) == 4)
+    # behind the send that found the stream recreated (stored first), the rest in order
+    assert again.payloads == [3, 0, 1, 2]
+    messages = hub.metrics.snapshot().to_dict()["messages"]
+    assert messages["delivered"] == 4 and messages["dropped"] == 0
+
+
+async def test_a_copy_that_cannot_be_stored_again_is_counted_dropped(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """The recreated stream has no room for every copy the node held (overflow policy
+    reject): the copy that does not fit is counted dropped (and logged), not lost silently."""
+    hub = nodes(
+        "a", retry_interval=60, retry_base_delay=60, max_queue_size=2, overflow_policy="reject"
+    )
+    await hub.start()
+    ws = MockWebSocket()
+    ws.fail_next(1)
+    await hub.connect("x", ws)
+    for n in range(2):
+        assert (await hub.send("x", n, critical=True)).status is SendStatus.QUEUED
+    keys = hub.backend.keys  # type: ignore[attr-defined]
+    await r.delete(keys.out("x"), keys.meta("x"))
+    assert (await hub.send("x", 2, critical=True)).status is SendStatus.QUEUED
+    await until(lambda: hub.metrics.snapshot().to_dict()["messages"]["dropped"] == 1)
+    again = MockWebSocket()
+    await hub.connect("x", again)
+    await until(lambda: len(again.payloads) == 2)
+    assert again.payloads == [2, 0]
+    assert hub.metrics.snapshot().to_dict()["messages"]["dropped"] == 1
+
+
+async def test_messages_a_doorbell_load_finds_expired_are_counted(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """Another node stores a message for a client connected here while the doorbell does
+    not reach us (its presence had lapsed); by the time this node loads the stream the
+    message has expired: the load removes it, and it is counted as expired."""
+    clock = ManualClock()
+    a = nodes("a", clock=clock)
+    b = nodes("b", clock=clock)
+    await a.start()
+    await b.start()
+    ws = MockWebSocket()
+    await a.connect("x", ws)
+    await r.delete(a.backend.keys.presence("x"))  # type: ignore[attr-defined]
+    assert (await b.send("x", "late", critical=True, ttl=5)).status is SendStatus.QUEUED
+    clock.advance(10)
+    await b.backend.notify("a", "x")  # the doorbell that had rung nobody
+    await until(lambda: a.metrics.snapshot().to_dict()["messages"]["expired"] == 1)
+    assert await a.backend.pending_count("x") == 0 and ws.payloads == []
+
+
+async def test_messages_a_reset_leaves_out_as_expired_are_counted(nodes: Factory) -> None:
+    """A resume the store cannot vouch for renumbers what it holds; what has expired is
+    left out of the new stream, and counted as expired, as a plain connect counts it."""
+    clock = ManualClock()
+    hub = nodes("a", clock=clock)
+    await hub.start()
+    assert (await hub.send("x", "short", critical=True, ttl=1)).status is SendStatus.QUEUED
+    assert (await hub.send("x", "long", critical=True, ttl=600)).status is SendStatus.QUEUED
+    clock.advance(5)
+    ws = MockWebSocket()
+    welcome = await hub.connect("x", ws, hello=Hello("x", 7))
+    assert welcome is not None and welcome.reset
+    assert [m["data"] for m in msgs(ws)] == ["long"]
+    assert hub.metrics.snapshot().to_dict()["messages"]["expired"] == 1
+
+
+async def test_the_keys_outlive_a_pending_message_after_a_reset_and_an_ack(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """A reset renumbers a message that lives a minute under a client_ttl of half a
+    second: the keys get its TTL, and the next ack must not shorten them to client_ttl
+    (the reset had left the recorded deadline at 0)."""
+    hub = nodes("a", presence_ttl=0.5, client_ttl=0.5, message_ttl=0.5)
+    await hub.start()
+    for n in range(2):
+        assert (await hub.send("x", n, critical=True, ttl=60)).status is SendStatus.QUEUED
+    ws = MockWebSocket()
+    welcome = await hub.connect("x", ws, hello=Hello("x", 5))
+    assert welcome is not None and welcome.reset
+    assert await hub.ack("x", 6) == 1
+    keys = hub.backend.keys  # type: ignore[attr-defined]
+    # seq 7 lives ~60 s; client_ttl-scale expiry would be 625 ms
+    assert await r.pttl(keys.out("x")) > 30_000 and await r.pttl(keys.meta("x")) > 30_000
+
+
+async def test_a_short_append_never_shortens_a_stream_holding_a_longer_message(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """A meta hash evicted on its own (maxmemory evicts keys one by one) is recreated by
+    the next append: a short message must not shorten the stream's expiry below that of
+    the long message it holds, nor leave the meta to expire before the stream."""
+    hub = nodes("a", presence_ttl=0.5, client_ttl=0.5, message_ttl=0.5)
+    await hub.start()
+    assert (await hub.send("y", "long", critical=True, ttl=60)).status is SendStatus.QUEUED
+    keys = hub.backend.keys  # type: ignore[attr-defined]
+    await r.delete(keys.meta("y"))
+    assert (await hub.send("y", "short", critical=True, ttl=1)).status is SendStatus.QUEUED
+    assert await r.pttl(keys.out("y")) > 30_000 and await r.pttl(keys.meta("y")) > 30_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_expired_and_dead_lettered_copies_leave_the_store_on_every_topology(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The checked discard (one batched script call per Cluster node) still removes the
+    stored copies of messages that expire or are dead-lettered, for clients spread over
+    every node."""
+    from conftest import redis_topology_values
+
+    prefix = f"t-discard-{uuid.uuid4().hex[:10]}"
+    clock = ManualClock()
+    values: dict[str, Any] = {
+        "redis_prefix": prefix,
+        "node_id": "a",
+        **redis_topology_values(kind, request),
+    }
+    config = HubConfig(
+        backend="redis", max_retries=1, failure_threshold=100, retry_base_delay=0.1, **values
+    )
+    backend = RedisBackend(config.redis_url, prefix, "a", config, clock=clock)
+    hub = Hub(config, backend=backend, clock=clock)
+    await hub.start()
+    clients = [f"c{n}" for n in range(12)]
+    try:
+        for n, cid in enumerate(clients):
+            await hub.connect(cid, MockWebSocket(failure_rate=1.0))
+            ttl = 2 if n % 2 else 600
+            assert (await hub.send(cid, n, critical=True, ttl=ttl)).status is SendStatus.QUEUED
+        assert await hub.stored_pending(clients[0]) == 1
+        for _ in range(10):
+            clock.advance(1)
+            await hub.retry_now()
+        messages = hub.metrics.snapshot().to_dict()["messages"]
+        assert messages["expired"] + messages["dead_lettered"] == len(clients)
+        assert [await hub.stored_pending(cid) for cid in clients] == [0] * len(clients)
+    finally:
+        await hub.shutdown(timeout=1.0)
+        await _delete_prefix(config.redis_url, prefix, cluster=kind == "redis-cluster")
+
+
+async def _delete_prefix(url: str, prefix: str, *, cluster: bool) -> None:
+    """Remove a test's keys (on every primary of a Cluster)."""
+    servers = [aioredis.Redis.from_url(url)]
+    if cluster:
+        seed = RedisCluster.from_url(url)
+        try:
+            await seed.initialize()
+            servers = [aioredis.Redis(host=n.host, port=n.port) for n in seed.get_primaries()]
+        finally:
+            await seed.aclose()
+    for server in servers:
+        try:
+            async for key in server.scan_iter(match=f"{prefix}:*"):
+                await server.delete(key)
+        finally:
+            await server.aclose()

@@ -67,6 +67,8 @@ class DeliveryPipeline:
         self._registry = registry
         self.writer = writer
         self.streams = streams
+        if backend.shared:
+            streams.restore = self.restore
         self._tasks = tasks
         self._retry = retry
         self.best_effort = BestEffort(clock, backend, accounting, writer)
@@ -641,6 +643,76 @@ class DeliveryPipeline:
                 if client.connected and client.outbox.queue:
                     written += await self.flush(client, force=False)
         return written
+
+    async def restore(self, client: ClientSession, envelopes: list[Envelope]) -> None:
+        """Store again, in order, a plain-mode client's copies that its recreated stream
+        lost (see `StreamKeeper.lost`), behind whatever the new stream already holds. A
+        copy the stream still holds (a failover that rolled back only the last writes)
+        is not stored twice; one that has expired is counted expired; one that cannot be
+        stored again is counted dropped and logged — never thrown away uncounted."""
+        cid = client.client_id
+        left = list(envelopes)
+        try:
+            async with client.lock:
+                try:
+                    stored = await self.backend.load(client, after=0)
+                except BackendError as exc:
+                    self._restore_failed(client, left, f"backend unavailable: {exc}")
+                    left = []
+                    return
+                held: set[str] = set()
+                if stored is not None:
+                    held = {e.message_id for e in stored.envelopes}
+                    # removed by the load: counted here, unless the session mirrors them
+                    # (reconnected meanwhile), whose own expiry counts them
+                    mirrored = {id(e) for e in client.outbox}
+                    for gone in stored.expired:
+                        if id(gone) not in mirrored:
+                            self._acct.expired(client)
+                now = self.clock.now()
+                while left:
+                    envelope = left[0]  # taken off once settled: a cancel counts it
+                    if envelope.message_id in held:
+                        left.pop(0)  # still stored: delivered from there
+                        continue
+                    if envelope.expires_at <= now:
+                        left.pop(0)
+                        self._acct.expired(client)
+                        continue
+                    envelope.seq = None
+                    try:
+                        outcome = await self.backend.append(client, envelope, local=False)
+                    except BackendError as exc:
+                        left.pop(0)
+                        self._restore_failed(client, [envelope], f"backend unavailable: {exc}")
+                        continue
+                    left.pop(0)
+                    if outcome is _DUPLICATE:  # its dedup key outlived the stream
+                        self._restore_failed(client, [envelope], "its dedup key outlived it")
+                    elif outcome is _FULL:
+                        self._acct.overflow(client)
+                        self._restore_failed(client, [envelope], "outbox full")
+                    else:  # stored: count what it pushed out, as for any append
+                        self._refused(client, envelope, outcome)
+                        if isinstance(outcome, Accepted):
+                            for _ in outcome.expired:
+                                self._acct.expired(client)
+        except asyncio.CancelledError:
+            self._restore_failed(client, left, "hub stopping")
+            raise
+        log.info("tether: stored %d message(s) to %s again in its new stream", len(envelopes), cid)
+        await self.load_new(cid)  # connected here again meanwhile: deliver them
+
+    def _restore_failed(self, client: ClientSession, envelopes: list[Envelope], why: str) -> None:
+        for envelope in envelopes:
+            self._acct.dropped(client)
+            log.warning(
+                "tether: message %s to %s dropped: its stored stream was recreated and it "
+                "could not be stored again (%s)",
+                envelope.message_id,
+                client.client_id,
+                why,
+            )
 
     async def load_new(self, client_id: str) -> None:
         """Another node stored critical messages for a client connected here: mirror

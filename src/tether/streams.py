@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from .accounting import Accounting
 from .backends import StoredOutbox
@@ -24,7 +25,7 @@ def mirror(client: ClientSession, envelope: Envelope) -> None:
 class StreamKeeper:
     """Keeps a session's stream (numbering, epoch, outbox) in step with a shared store."""
 
-    __slots__ = ("_acct", "_registry", "_tasks")
+    __slots__ = ("_acct", "_registry", "_tasks", "restore")
 
     def __init__(
         self, accounting: Accounting, registry: ClientRegistry, tasks: BackgroundTasks
@@ -32,6 +33,9 @@ class StreamKeeper:
         self._acct = accounting
         self._registry = registry
         self._tasks = tasks
+        # Stores a plain-mode client's copies again in its recreated stream (the
+        # pipeline's `restore`); None: there is no store to put them back into.
+        self.restore: Callable[[ClientSession, list[Envelope]], Awaitable[None]] | None = None
 
     def adopt(self, client: ClientSession, stored: StoredOutbox) -> None:
         """Make the session mirror the stored stream (lock held)."""
@@ -52,6 +56,8 @@ class StreamKeeper:
     def extend(self, client: ClientSession, stored: StoredOutbox, after: int) -> bool:
         """Add what other nodes stored after seq `after` (lock held). False — and the
         connection is closed — when the stored stream is another epoch."""
+        for _ in stored.expired:  # past their TTL, removed by the load: counted here
+            self._acct.expired(client)
         if client.epoch is not None and (
             stored.epoch != client.epoch or stored.next_seq < client.next_seq
         ):
@@ -70,14 +76,18 @@ class StreamKeeper:
         """The stored stream was recreated under a connected client (its keys vanished):
         its numbering is no longer the one this connection speaks. Close the connection
         (1012, so the client comes back at once); its resume is answered with a reset and
-        nothing is resumed over."""
+        nothing is resumed over. A plain-mode client has no resume to be told of a loss:
+        the copies this node holds for it (undelivered: written is delivered in plain
+        mode) are stored again in the new stream, in order (`restore`)."""
         log.warning(
             "tether: the stored stream of %s was recreated under its connection; "
             "closing it so that its resume reports the reset",
             client.client_id,
         )
         transport = client.transport
-        client.outbox.drain()
+        drained = client.outbox.drain()
+        if drained and not client.v1 and self.restore is not None:
+            self._tasks.spawn(self.restore(client, drained))
         client.epoch = None
         client.stream_known = False
         if transport is not None:

@@ -513,13 +513,26 @@ class RedisBackend:
         from_entry = self.wire.from_entry
         return Accepted(
             seq,
-            tuple(from_entry(e) for e in evicted) if evicted else (),
+            self._own(session, evicted) if evicted else (),
             tuple(from_entry(e) for e in gap) if gap else (),
             changed == "1",
             epoch,
             holder,
             expired=tuple(from_entry(e) for e in expired) if expired else (),
         )
+
+    def _own(self, session: StreamState, entries: list[Any]) -> tuple[Envelope, ...]:
+        """Evicted entries as the envelopes the session holds for the same messages (by
+        seq and message id), as `_stored` does: only those know whether the message was
+        written and awaits its ack — such a message is not dropped (see
+        `DeliveryPipeline._refused`)."""
+        from_entry = self.wire.from_entry
+        held = {(e.seq, e.message_id): e for e in session.outbox}
+        owned: list[Envelope] = []
+        for entry in entries:
+            envelope = from_entry(entry)
+            owned.append(held.get((envelope.seq, envelope.message_id), envelope))
+        return tuple(owned)
 
     async def append(
         self, session: StreamState, envelope: Envelope, *, local: bool
@@ -675,10 +688,29 @@ class RedisBackend:
         return [int(reply) >= 0 for reply in replies]
 
     async def discard(self, session: StreamState, envelopes: list[Envelope]) -> None:
-        ids = [f"{e.seq}-0" for e in envelopes if e.seq is not None]
-        if ids:
-            out = self.keys.out(session.client_id)
-            await self._call("discard", lambda: self._r.xdel(out, *ids))
+        await self._discard(session.client_id, session.epoch, envelopes)
+
+    async def _discard(
+        self, client_id: str, epoch: str | None, envelopes: Sequence[Envelope]
+    ) -> None:
+        """Delete stored copies of messages that left other than by delivery, each only
+        while the stream is still `epoch` (the one the copies came from) and its entry at
+        that seq is the same message: a stream recreated under this node numbers anew,
+        and a stale copy's seq may now name another message (see `redis_scripts.DISCARD`)."""
+        if not any(e.seq is not None for e in envelopes):
+            return
+        base = self.keys.base_bytes(client_id)
+        expect = (epoch or "").encode()  # an epoch is hex: ASCII
+        group = self._group(client_id) if self._cluster else 0
+        entries: list[tuple[Hashable, bytes]] = []
+        for envelope in envelopes:
+            if envelope.seq is None:
+                continue
+            mid = envelope.message_id.encode("utf-8", "surrogatepass")
+            head = b"%s|%s|%d|%d|" % (base, expect, envelope.seq, len(mid))
+            entries.append((group, head + mid))
+        self._gate()
+        await self._b.submit("discard", entries)
 
     async def dead_letter(self, session: StreamState, letter: DeadLetter) -> None:
         data = letter.data
@@ -733,7 +765,8 @@ class RedisBackend:
     async def _drop_expired(self, session: StreamState, stored: StoredOutbox) -> None:
         if stored.expired:
             with contextlib.suppress(BackendError):  # expired either way; retried next load
-                await self.discard(session, stored.expired)
+                # the epoch they were read from, which the session may not mirror yet
+                await self._discard(session.client_id, stored.epoch, stored.expired)
 
     async def load(self, session: StreamState, *, after: int = 0) -> StoredOutbox | None:
         cid = session.client_id
@@ -761,6 +794,8 @@ class RedisBackend:
         stored = self._stored(session, reply, reply[4])
         stored.reset = bool(int(reply[3]))
         await self._drop_expired(session, stored)
+        # a reset left out (and removed) what had expired: counted like the rest
+        stored.expired.extend(self.wire.from_entry(entry) for entry in reply[5])
         return stored
 
     async def pending_count(self, client_id: str) -> int | None:

@@ -46,8 +46,14 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local function extend(meta, out, k, keep, force)
   if force or k < now + keep then
     local ms = math.floor(keep * 1.25)
-    redis.call('PEXPIRE', meta, ms)
-    redis.call('PEXPIRE', out, ms)
+    -- never shortened: the stream may hold a message that lives longer than this write
+    -- asks (a meta recreated alone, after an eviction, starts with k = 0); both keys
+    -- get the later deadline, which k records (the keys expire together)
+    local tm, to = redis.call('PTTL', meta), redis.call('PTTL', out)
+    if tm > ms then ms = tm end
+    if to > ms then ms = to end
+    if tm < ms then redis.call('PEXPIRE', meta, ms) end
+    if to < ms then redis.call('PEXPIRE', out, ms) end
     redis.call('HSET', meta, 'k', now + ms)
   end
 end
@@ -279,12 +285,56 @@ return results
 """
 )
 
+# Forget messages that left other than by delivery (expired, dead-lettered): an entry is
+# deleted only while it is still the message the caller means — the stream is the epoch
+# the caller's copy came from and the entry at that seq carries the same message id. A
+# stream recreated under a node (its keys vanished) numbers from 1 again: a bare XDEL of
+# a stale copy's seq would delete another message, which nobody would count.
+# KEYS: 1, the call's slot key. ARGV: the items, concatenated, each
+# "base key|expected epoch|seq|message id length|" followed by the message id (any
+# bytes). An empty expected epoch (the caller's copy names none) checks the id alone.
+# Returns per item 1 (deleted) or 0 (not there, or another message or epoch).
+DISCARD = (
+    _BATCH
+    + """
+local results = {}
+local blob = ARGV[1]
+local pos, i = 1, 0
+while pos <= #blob do
+  i = i + 1
+  local base, expect, seq, ml, at = string.match(blob,
+    '^([^|]*)|([^|]*)|(%d+)|(%d+)|()', pos)
+  ml = ml + 0
+  local mid = string.sub(blob, at, at + ml - 1)
+  pos = at + ml
+  local meta, out = base .. '#m', base .. '#o'
+  local deleted = 0
+  if expect == '' or redis.call('HGET', meta, 'e') == expect then
+    local id = seq .. '-0'
+    local found = redis.call('XRANGE', out, id, id)
+    if #found == 1 then
+      local f = found[1][2]
+      for j = 1, #f, 2 do
+        if f[j] == 'm' then
+          if f[j + 1] == mid then deleted = redis.call('XDEL', out, id) end
+          break
+        end
+      end
+    end
+  end
+  results[i] = deleted
+end
+return results
+"""
+)
+
 # A tether.v1 client resumes from `last_seq`: settle its stream against it.
 # KEYS: meta, out. ARGV: last_seq, the hello's epoch ('' when it sent none), fresh epoch,
 # keep ms. A stream that cannot vouch for last_seq (no record of it, never attached, another
 # epoch, or numbered below it) is reset: its pending entries are renumbered after
 # last_seq under a fresh epoch, so nothing new is mistaken for something already seen.
-# Returns {epoch, s, a, reset, entries}.
+# Returns {epoch, s, a, reset, entries, expired}: expired, the entries a reset found past
+# their TTL and left out (removed), to be counted.
 ATTACH = (
     _TOP
     + """
@@ -302,6 +352,7 @@ if last > 0 then
   end
 end
 local entries = redis.call('XRANGE', out, '-', '+')
+local expired = {}
 if reset == 1 then
   redis.call('DEL', out)
   local n = last
@@ -317,13 +368,16 @@ if reset == 1 then
       n = n + 1
       redis.call('XADD', out, n .. '-0', unpack(f))
       if x ~= nil and x - hub_now > longest then longest = x - hub_now end
+    else
+      expired[#expired + 1] = e
     end
   end
   keep = longest
   epoch, s, a = fresh, n, last
-  -- the recreated stream has no expiry yet; appends trust the meta's deadline `k`
-  -- (keys expire together), so the next append sets both anew
-  redis.call('HSET', meta, 'k', 0)
+  -- the recreated stream has no expiry yet: keep_alive below gives both keys at least
+  -- `longest` (the longest pending TTL), and `k` says so. Left lower (it was 0), the
+  -- next ack's extend shortened the keys to 1.25 x client_ttl, below that message's TTL.
+  redis.call('HSET', meta, 'k', now + longest)
   entries = redis.call('XRANGE', out, '-', '+')
 elseif not epoch then
   epoch = fresh
@@ -331,7 +385,7 @@ elseif not epoch then
 end
 redis.call('HSET', meta, 'e', epoch, 's', s, 'a', a, 'v', '1')
 keep_alive({meta, out}, keep)
-return {epoch, s, a, reset, entries}
+return {epoch, s, a, reset, entries, expired}
 """
 )
 
@@ -418,4 +472,5 @@ SCRIPTS: dict[str, str] = {
     "claim": CLAIM,
     "refresh": REFRESH,
     "release": RELEASE,
+    "discard": DISCARD,
 }
