@@ -152,3 +152,60 @@ async def test_presence_after_a_takeover_shows_the_client_and_announces_it_once(
                 seen.append(frame)
             assert seen == []  # not join, leave: alice never left
         old.close()
+
+
+async def test_a_takeover_subscribe_that_fails_at_the_store_leaves_no_ghost_presence() -> None:
+    """The old connection's deferred leave runs while the new connection's subscribe waits
+    for the store (and skips: the client looks subscribed); when the store then fails,
+    the failed subscribe must take the presence down itself."""
+    from tether.backends.base import BackendError
+    from tether.channels.store import MemoryChannelStore
+    from tether.clock import ManualClock
+    from tether.config import HubConfig
+
+    class Frames:
+        def __init__(self) -> None:
+            self.frames: list[dict[str, Any]] = []
+
+        async def send(self, data: str | bytes) -> None:
+            self.frames.append(orjson.loads(data))
+
+        def try_send(self, data: str | bytes) -> bool:
+            self.frames.append(orjson.loads(data))
+            return True
+
+    class FailingStore(MemoryChannelStore):
+        gate: asyncio.Event | None = None
+        entered = asyncio.Event()
+
+        async def recover(self, channel: str, since: Any) -> Any:
+            if self.gate is not None:
+                self.entered.set()
+                await self.gate.wait()  # a round trip that ends in a timeout
+                raise BackendError("timeout")
+            return await super().recover(channel, since)
+
+    clock = ManualClock()
+    store = FailingStore(100, 300, clock)
+    current: dict[str, Any] = {}
+    service = Channels(HubConfig(), clock, store=store, current=current.get)
+    await service.start()
+    bob, old, new = Frames(), Frames(), Frames()
+    current.update(bob=bob, alice=old)
+    await service.subscribe("bob", bob, "room", None, presence=True)
+    await service.subscribe("alice", old, "room", None)
+    await settled(service)
+    current["alice"] = new  # alice reconnected; the old connection lingers half-open
+    store.gate = asyncio.Event()
+    attempt = asyncio.create_task(service.subscribe("alice", new, "room", None))
+    await store.entered.wait()
+    await settled(service)  # the old connection's deferred leave: skipped
+    store.gate.set()
+    with pytest.raises(Exception, match="backend unavailable"):
+        await attempt
+    await settled(service)
+    assert service.subscriptions("alice") == frozenset()
+    assert sorted(await service.presence("room")) == ["bob"]
+    events = [(f["type"], f["client_id"]) for f in bob.frames if f["type"] in ("join", "leave")]
+    assert events == [("join", "alice"), ("leave", "alice")]
+    await service.close()

@@ -628,8 +628,12 @@ class Channels:
         try:
             recovery = await self.store.recover(channel, since)
         except BackendError as exc:
-            # A subscription it replaced is gone too, and with it the presence.
-            self._remove(sub, presence_left=old is not None)
+            # A subscription it replaced is gone too, and with it the presence. Always
+            # left, even with nothing replaced on this connection: a takeover's deferred
+            # leave of the old connection may have run (and skipped, seeing this
+            # subscription) while the store was asked; `_left` only announces a leave
+            # the channel saw a join for.
+            self._remove(sub)
             refusal = SubscribeRefused("unavailable", f"backend unavailable: {exc}")
             self._write(conn, _refusal(channel, refusal))
             raise refusal from None
