@@ -399,6 +399,51 @@ async def test_a_name_replaced_by_a_hard_link_after_the_check_is_refused_keeping
     assert descriptors_of(path) == 0
 
 
+async def test_a_close_just_before_the_integrity_check_starts_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`close` interrupts the check run after open; SQLite drops an interrupt that lands
+    between the check's connect and its statement, so the check stops itself too."""
+    path = tmp_path / "tether.db"
+    store = await SqliteStore.open(path)
+    for n in range(1000):  # enough rows for the check to take many VM steps
+        await store.append("a", msg(f"m{n}"), max_size=10_000)
+    await store.close()
+
+    connected, interrupted = threading.Event(), threading.Event()
+    real_connect = SqliteStore._connect
+
+    class Held:  # the checker's connection: its statement starts after the interrupt
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def interrupt(self) -> None:
+            self.conn.interrupt()
+            interrupted.set()
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            interrupted.wait(30)
+            return self.conn.execute(sql)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+    def connect(self: SqliteStore, *, readonly: bool) -> Any:
+        conn = real_connect(self, readonly=readonly)
+        if not threading.current_thread().name.startswith("tether-sqlite-check"):
+            return conn
+        connected.set()
+        return Held(conn)
+
+    monkeypatch.setattr(SqliteStore, "_connect", connect)
+    store = await SqliteStore.open(path)
+    assert await asyncio.to_thread(connected.wait, 30)
+    await store.close()
+    assert interrupted.is_set()
+    assert await store.integrity_checked() is None
+    assert store.describe()["integrity"] == "not checked: closed"
+
+
 async def test_a_chunked_ack_stops_when_a_resume_renumbers_the_stream_between_chunks(
     tmp_path: Path,
 ) -> None:
