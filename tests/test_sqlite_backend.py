@@ -327,6 +327,88 @@ async def test_an_expiry_pass_overlapping_a_first_send_counts_every_row_once(
     assert await second.backend.pending_count("ivy") == 1
 
 
+def hold_answers(
+    monkeypatch: pytest.MonkeyPatch, store: Any, name: str
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold the answers of `store.<name>` (read or committed at once) until `release` is
+    set; `read` is set when one is read."""
+    real = getattr(store, name)
+    read, release = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        result = await real(*args, **kwargs)  # the snapshot is taken here
+        read.set()
+        await release.wait()  # its answer reaches the loop later
+        return result
+
+    monkeypatch.setattr(store, name, held)
+    return read, release
+
+
+async def test_a_first_send_whose_load_is_answered_after_an_expiry_pass_counts_once(
+    node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first send to a client not seen since the restart reads its stream; an expiry
+    pass then deletes and counts those rows, and only after it ended does the load's
+    answer (read before the deletion) reach the loop. The session must not take over
+    the rows the pass counted: its retry cycle would count them again."""
+    clock = ManualClock()
+    first = node(clock)
+    for n in range(6):
+        await first.send("ivy", n, critical=True, ttl=5)
+    await first.send("ivy", "stays", critical=True, ttl=500)
+    await first.shutdown()
+
+    clock.advance(100)  # past their deadline and the file's grace period
+    second = node(clock)
+    await second.start()
+    read, release = hold_answers(monkeypatch, store_of(second), "load")
+    sending = asyncio.ensure_future(second.send("ivy", "new", critical=True))
+    await read.wait()  # the load saw all seven rows
+    await second.cleanup_now()  # the pass deletes and counts six
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 6
+    release.set()
+    assert (await sending).status is SendStatus.QUEUED
+    await second.retry_now()
+    await second.cleanup_now()
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 6
+    assert await second.backend.pending_count("ivy") == 2
+    ws = MockWebSocket()
+    await second.connect("ivy", ws)
+    assert ws.sent == ["stays", "new"]
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 6
+
+
+async def test_a_resume_answered_after_an_expiry_pass_counts_each_row_once(
+    node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same ordering for a tether.v1 client resuming: its stream is read (on the
+    writer) before the pass deletes the expired rows and the answer reaches the loop
+    after the pass ended. Rows the pass counted are not counted by the resume."""
+    clock = ManualClock()
+    first = node(clock)
+    for n in range(4):
+        await first.send("jon", n, critical=True, ttl=5)
+    await first.send("jon", "stays", critical=True, ttl=500)
+    await first.shutdown()
+
+    clock.advance(100)
+    second = node(clock)
+    await second.start()
+    read, release = hold_answers(monkeypatch, store_of(second), "resume")
+    ws = MockWebSocket()
+    connecting = asyncio.ensure_future(second.connect("jon", ws, hello=Hello("jon", 0)))
+    await read.wait()
+    await second.cleanup_now()
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 4
+    release.set()
+    await connecting
+    assert ws.data() == ["stays"]
+    await second.retry_now()
+    await second.cleanup_now()
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 4
+
+
 async def test_expiry_counts_each_message_once_when_a_session_holds_it(node: Factory) -> None:
     clock = ManualClock()
     hub = node(clock)

@@ -13,6 +13,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -302,6 +303,145 @@ async def test_a_second_process_through_a_symlink_or_hard_link_is_refused(
             await SqliteStore.open(path)
     finally:
         await store.close()
+
+
+_LEAVE_WAL = textwrap.dedent(
+    """
+    import sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
+    try:
+        print(conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0])
+    except sqlite3.OperationalError as exc:
+        print(exc)
+    """
+)
+
+
+def leave_wal_from_another_process(path: Path) -> str:
+    """What an sqlite3 shell run by the operator on the live file could do: it needs the
+    exclusive lock, refused while a store holds the file."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LEAVE_WAL, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.strip()
+
+
+async def test_a_refused_open_of_a_hard_link_in_the_same_process_keeps_the_files_locks(
+    tmp_path: Path,
+) -> None:
+    """Closing any descriptor of a file drops every fcntl() lock the process holds on it,
+    SQLite's included: an open of another name for a file this process holds must be
+    refused without opening (and closing) a descriptor of it."""
+    path = tmp_path / "tether.db"
+    store = await SqliteStore.open(path)
+    try:
+        await store.append("a", msg("m1"), max_size=10)
+        assert leave_wal_from_another_process(path) == "database is locked"
+        hard = tmp_path / "hard.db"
+        os.link(path, hard)
+        for _ in range(2):
+            with pytest.raises(StoreLockedError, match="already open in this process"):
+                await SqliteStore.open(hard)
+        assert leave_wal_from_another_process(path) == "database is locked"
+        await store.append("a", msg("m2"), max_size=10)
+    finally:
+        await store.close()
+    again = await SqliteStore.open(hard)  # the holder closed it: free again
+    try:
+        loaded = await again.load("a")
+        assert loaded is not None and [m.message_id for m in loaded.messages] == ["m1", "m2"]
+    finally:
+        await again.close()
+
+
+def descriptors_of(path: Path) -> int:
+    target = path.stat()
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/self/fd/{name}")
+            count += (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
+    return count
+
+
+async def test_a_name_replaced_by_a_hard_link_after_the_check_is_refused_keeping_the_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name is looked up before a descriptor is opened; if it turns out to be a file
+    this process holds all the same (the name replaced in between), the descriptor is
+    kept open until the holder closes, so that its locks stay."""
+    path = tmp_path / "tether.db"
+    hard = tmp_path / "hard.db"
+    store = await SqliteStore.open(path)
+    os.link(path, hard)
+    real_stat = os.stat
+
+    def stat(target: Any, *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(target) == str(hard):
+            raise FileNotFoundError(target)  # not there yet when looked up
+        return real_stat(target, *args, **kwargs)
+
+    try:
+        before = descriptors_of(path)
+        monkeypatch.setattr(os, "stat", stat)
+        with pytest.raises(StoreLockedError, match="already open in this process"):
+            await SqliteStore.open(hard)
+        monkeypatch.setattr(os, "stat", real_stat)
+        assert descriptors_of(path) == before + 1  # kept for the holder
+        assert leave_wal_from_another_process(path) == "database is locked"
+    finally:
+        monkeypatch.setattr(os, "stat", real_stat)
+        await store.close()
+    assert descriptors_of(path) == 0
+
+
+async def test_a_close_just_before_the_integrity_check_starts_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`close` interrupts the check run after open; SQLite drops an interrupt that lands
+    between the check's connect and its statement, so the check stops itself too."""
+    path = tmp_path / "tether.db"
+    store = await SqliteStore.open(path)
+    for n in range(1000):  # enough rows for the check to take many VM steps
+        await store.append("a", msg(f"m{n}"), max_size=10_000)
+    await store.close()
+
+    connected, interrupted = threading.Event(), threading.Event()
+    real_connect = SqliteStore._connect
+
+    class Held:  # the checker's connection: its statement starts after the interrupt
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def interrupt(self) -> None:
+            self.conn.interrupt()
+            interrupted.set()
+
+        def execute(self, sql: str) -> sqlite3.Cursor:
+            interrupted.wait(30)
+            return self.conn.execute(sql)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.conn, name)
+
+    def connect(self: SqliteStore, *, readonly: bool) -> Any:
+        conn = real_connect(self, readonly=readonly)
+        if not threading.current_thread().name.startswith("tether-sqlite-check"):
+            return conn
+        connected.set()
+        return Held(conn)
+
+    monkeypatch.setattr(SqliteStore, "_connect", connect)
+    store = await SqliteStore.open(path)
+    assert await asyncio.to_thread(connected.wait, 30)
+    await store.close()
+    assert interrupted.is_set()
+    assert await store.integrity_checked() is None
+    assert store.describe()["integrity"] == "not checked: closed"
 
 
 async def test_a_chunked_ack_stops_when_a_resume_renumbers_the_stream_between_chunks(

@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from ..clock import Clock, SystemClock
@@ -79,6 +79,16 @@ def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+class _Load:
+    """A load in flight: the rows ((seq, message_id)) expiry passes that ended while it
+    ran deleted and counted. Compared by identity."""
+
+    __slots__ = ("counted",)
+
+    def __init__(self) -> None:
+        self.counted: set[tuple[int, str]] = set()
+
+
 class SqliteBackend(SingleNode):
     """Durable storage for a single hub process in one SQLite file (`TETHER_SQLITE_PATH`)."""
 
@@ -123,6 +133,10 @@ class SqliteBackend(SingleNode):
         # client ((seq, message_id)), so that the pass counts exactly the rows no
         # session holds (see expire_stored).
         self._passes: list[dict[str, set[tuple[int, str]]]] = []
+        # The loads (and resumes) in flight, per client: each collects the rows a pass
+        # that ended meanwhile deleted and counted, which its answer (read before that
+        # deletion) may still hold and must not hand to the session (see _fresh).
+        self._loading: dict[str, list[_Load]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -251,8 +265,6 @@ class SqliteBackend(SingleNode):
         """A StoredOutbox from rows; expired ones apart (the caller discards them)."""
         if state is None:
             return StoredOutbox(next_seq=1, acked=0)
-        if self._passes:
-            self._saw(session.client_id, messages)
         # Reuse the objects the session already holds for the same message: they keep
         # their attempt counts (for dead-lettering) and cached frames.
         cached = {(e.seq, e.message_id): e for e in session.outbox}
@@ -278,13 +290,13 @@ class SqliteBackend(SingleNode):
         mirror = cast("MirroredSession", session)
         if mirror.stream_known:
             return
-        loaded = await self._call("load", self.store.load(session.client_id))
+        client_id = session.client_id
+        with self._load(client_id) as load:
+            loaded = await self._call("load", self.store.load(client_id))
         if loaded is not None:
-            if self._passes:
-                self._saw(session.client_id, loaded.messages)
             outbox = session.outbox
             outbox.drain()
-            for message in loaded.messages:
+            for message in self._fresh(client_id, load, loaded.messages):
                 envelope = self._envelope(message)
                 if not outbox.push(envelope).accepted:  # the store applied the bound
                     outbox.queue.append(envelope)
@@ -293,11 +305,40 @@ class SqliteBackend(SingleNode):
             mirror.epoch = loaded.stream.epoch
         mirror.stream_known = True
 
-    def _saw(self, client_id: str, messages: list[StoredMessage]) -> None:
-        """A load during an expiry pass: its session now holds (and will count) these."""
-        seen = {(m.seq, m.message_id) for m in messages}
-        for loads in self._passes:
-            loads.setdefault(client_id, set()).update(seen)
+    @contextlib.contextmanager
+    def _load(self, client_id: str) -> Iterator[_Load]:
+        """Track a load (or resume) of `client_id`'s stream while it is in flight: enter
+        before the store is asked (its snapshot may be taken at once), leave when its
+        answer is back on the loop."""
+        load = _Load()
+        loads = self._loading.setdefault(client_id, [])
+        loads.append(load)
+        try:
+            yield load
+        finally:
+            loads.remove(load)
+            if not loads:
+                del self._loading[client_id]
+
+    def _fresh(
+        self, client_id: str, load: _Load, messages: list[StoredMessage]
+    ) -> list[StoredMessage]:
+        """What a load read, as its session takes it over: exactly once for every row an
+        expiry pass deletes, whichever reaches the loop first.
+
+        - An answer back while a pass runs: the session holds (and will count) the rows
+          it read; the pass, which has not counted yet, leaves them (`_passes`).
+        - An answer back after a pass ended: the rows that pass deleted and counted are
+          gone from the file, though the answer, read before, may hold them; they are
+          left out, as if the load had run after the pass (`_Load.counted`)."""
+        if load.counted:
+            counted = load.counted
+            messages = [m for m in messages if (m.seq, m.message_id) not in counted]
+        if self._passes:
+            seen = {(m.seq, m.message_id) for m in messages}
+            for loads in self._passes:
+                loads.setdefault(client_id, set()).update(seen)
+        return messages
 
     def _accepted(
         self, session: SessionView, envelope: Envelope, result: Appended | Refusal
@@ -510,17 +551,23 @@ class SqliteBackend(SingleNode):
     async def attach(
         self, session: SessionView, last_seq: int, epoch: str | None
     ) -> StoredOutbox | None:
-        resumed = await self._call("attach", self.store.resume(session.client_id, last_seq, epoch))
-        stored = self._outbox(session, resumed.stream, resumed.messages)
+        client_id = session.client_id
+        with self._load(client_id) as load:
+            resumed = await self._call("attach", self.store.resume(client_id, last_seq, epoch))
+        stored = self._outbox(
+            session, resumed.stream, self._fresh(client_id, load, resumed.messages)
+        )
         stored.reset = resumed.reset
         await self._drop_expired(session, stored)
         return stored
 
     async def load(self, session: SessionView, *, after: int = 0) -> StoredOutbox | None:
-        loaded = await self._call("load", self.store.load(session.client_id, after=after))
+        client_id = session.client_id
+        with self._load(client_id) as load:
+            loaded = await self._call("load", self.store.load(client_id, after=after))
         if loaded is None:
             return self._outbox(session, None, [])
-        stored = self._outbox(session, loaded.stream, loaded.messages)
+        stored = self._outbox(session, loaded.stream, self._fresh(client_id, load, loaded.messages))
         await self._drop_expired(session, stored)
         return stored
 
@@ -583,10 +630,12 @@ class SqliteBackend(SingleNode):
         counts) expired rows.
 
         The pass runs over several transactions, and a client's first send (or connect)
-        may load its stream between two of them: the rows that load saw are its session's
-        to count, those deleted before it are counted here. So a session counts as
-        mirroring only if it did when the pass began, and each load during the pass
-        records what it saw."""
+        may load its stream meanwhile: each deleted row is counted once, by the pass or by
+        the session, whichever order the load's read and its answer take against the
+        deletions. A session counts as mirroring only if it did when the pass began; a
+        load whose answer comes back during the pass records what it saw (those rows are
+        its session's), and one whose answer comes back after the pass ended leaves out
+        the rows the pass deleted and counted (see `_fresh`)."""
         grace = max(60.0, 10 * self.config.retry_interval)
         cutoff = int((self.clock.wall() - grace) * 1000)
         known = {cid for cid, s in sessions.items() if cast("MirroredSession", s).stream_known}
@@ -597,13 +646,19 @@ class SqliteBackend(SingleNode):
         finally:
             self._passes.remove(loads)
         counts: dict[str, int] = {}
+        loading = self._loading
         for message in report.messages:
             cid = message.client_id
             if cid in known:
                 continue
             seen = loads.get(cid)
-            if seen is None or (message.seq, message.message_id) not in seen:
+            row = (message.seq, message.message_id)
+            if seen is None or row not in seen:
                 counts[cid] = counts.get(cid, 0) + 1
+                # A load still in flight may have read this row before it was deleted:
+                # counted here, so it must not reach its session (see _fresh).
+                for load in loading.get(cid, ()):
+                    load.counted.add(row)
         total = sum(counts.values())
         if total:
             self.expired += total

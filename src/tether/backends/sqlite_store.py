@@ -58,8 +58,9 @@ until space is freed; then everything resumes, nothing confirmed is lost.
 Nothing is loaded at open: a client's pending rows are read only when `load` asks for
 them (`rows_loaded` counts every row read that way). The file keeps one process: a
 lock on `<real path>.lock` (symlinks resolved) and one on the database file itself (so
-that a hard link, another name for the same file, is refused too) turn a second one
-away (several nodes use the Redis backend).
+that a hard link, another name for the same file, is refused too; within this process
+by the file's identity, before a descriptor of it is opened, as closing one would drop
+SQLite's locks) turn a second one away (several nodes use the Redis backend).
 
 Errors: every failure is a `StoreError` (a `BackendError`): `StoreOpenError` /
 `StoreLockedError` / `StoreCorruptError` at open (and for every append once the
@@ -487,6 +488,7 @@ class SqliteStore:
         self._rows: list[Any] = []
         self._lock_fd: int | None = None
         self._file_fd: int | None = None  # the database file, flock()ed: its identity
+        self._identity: tuple[int, int] | None = None  # its (st_dev, st_ino) in _HELD
         # The integrity check run after open (see `integrity_checked`): its thread, its
         # connection (interrupted by close), what it found.
         self._checker: threading.Thread | None = None
@@ -593,6 +595,12 @@ class SqliteStore:
                     return
                 conn = self._check_conn = self._connect(readonly=True)
             try:
+                # `close` interrupts the check, but SQLite drops an interrupt that lands
+                # before the statement starts: so the check also stops itself, at the
+                # latest ~10,000 VM steps (~500 rows) after `close` began.
+                conn.set_progress_handler(self._check_stopped, 10_000)
+                if self._closing:
+                    return
                 found = [str(r[0]) for r in conn.execute("PRAGMA quick_check(10)").fetchall()]
                 state = "ok" if found == ["ok"] else "damaged"
                 if found != ["ok"]:
@@ -617,6 +625,10 @@ class SqliteStore:
                 log.error("tether: %s", self._corrupt)
             self._integrity = state
             self._checked.set_result(problem)
+
+    def _check_stopped(self) -> bool:
+        """The integrity check's progress handler (checker thread): True aborts it."""
+        return self._closing
 
     async def integrity_checked(self) -> str | None:
         """Wait for the integrity check started at open: what it found wrong, or None
@@ -676,36 +688,68 @@ class SqliteStore:
     def _lock_file(self) -> None:
         """flock() the database file (created empty if missing: SQLite takes an empty
         file as a new database). SQLite itself uses fcntl() locks, which flock() does
-        not touch; this fd stays open until the connections are closed (closing an fd
-        of the file drops the process's fcntl() locks on it)."""
-        try:
+        not touch; this fd stays open until the connections are closed.
+
+        Closing ANY descriptor of the file drops every fcntl() lock this process holds
+        on it, SQLite's included: so a file a store of this process holds (found by its
+        identity in `_HELD`: another name for it, a hard link) is refused before a
+        descriptor is opened, and a descriptor found to be of such a file after all (the
+        name replaced meanwhile) is handed to its holder, closed when the holder closes."""
+        with _HELD_GUARD:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except PermissionError:  # a read-only file: SQLite reports that at open
-                fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise StoreOpenError(
-                f"cannot open the sqlite store {self.path}: {exc.strerror}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreLockedError(
-                f"the sqlite store {self.path} is in use by another process (it opened the "
-                "same file by another name: a hard link); the sqlite backend is "
-                "single-node: run one process per file, and use TETHER_BACKEND=redis to "
-                "run several nodes"
-            ) from None
-        self._file_fd = fd
+                known = os.stat(self.path)
+            except OSError:  # missing (created below), or unreadable (reported below)
+                pass
+            else:
+                if (known.st_dev, known.st_ino) in _HELD:
+                    raise self._held_here()
+            try:
+                try:
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                except PermissionError:  # a read-only file: SQLite reports that at open
+                    fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise StoreOpenError(
+                    f"cannot open the sqlite store {self.path}: {exc.strerror}"
+                ) from exc
+            st = os.fstat(fd)
+            identity = (st.st_dev, st.st_ino)
+            parked = _HELD.get(identity)
+            if parked is not None:
+                parked.append(fd)  # closing it now would drop the holder's locks
+                raise self._held_here()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # not held in this process: no lock of ours to drop
+                raise StoreLockedError(
+                    f"the sqlite store {self.path} is in use by another process (it "
+                    "opened the same file by another name: a hard link); the sqlite "
+                    "backend is single-node: run one process per file, and use "
+                    "TETHER_BACKEND=redis to run several nodes"
+                ) from None
+            _HELD[identity] = []
+            self._identity = identity
+            self._file_fd = fd
+
+    def _held_here(self) -> StoreLockedError:
+        return StoreLockedError(
+            f"the sqlite store {self.path} is already open in this process by another "
+            "name (a hard link to the same file); the sqlite backend is single-node: open "
+            "each file once, and use TETHER_BACKEND=redis to run several nodes"
+        )
 
     def _unlock(self) -> None:
-        for fd in (self._file_fd, self._lock_fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    os.close(fd)
-        self._file_fd = self._lock_fd = None
+        with _HELD_GUARD:
+            parked = _HELD.pop(self._identity, []) if self._identity is not None else []
+            for fd in (*parked, self._file_fd, self._lock_fd):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._file_fd = self._lock_fd = None
+            self._identity = None
 
     def _connect(self, *, readonly: bool) -> sqlite3.Connection:
         if readonly:
@@ -1806,4 +1850,9 @@ class SqliteStore:
 
 
 _OPEN_TOKEN = object()
+# The database files this process's stores hold, by (st_dev, st_ino): each with the
+# descriptors of it opened by a refused open, closed only when its holder closes (closing
+# a descriptor of a file drops all of this process's fcntl() locks on it, SQLite's too).
+_HELD: dict[tuple[int, int], list[int]] = {}
+_HELD_GUARD = threading.Lock()
 _STREAM_CACHE_SIZE = 65_536  # streams the writer keeps between transactions
