@@ -285,6 +285,7 @@ class Session:
             self.failed = True
             log.exception("tether: connection of %s failed", self.client_id)
             if not self._ending:  # else the close is under way (the watchdog's)
+                self._ending = True  # a watchdog firing during this close adds no other
                 with contextlib.suppress(Exception):
                     await self.conn.close(1011, "internal error")
         finally:
