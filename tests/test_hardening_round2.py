@@ -768,6 +768,31 @@ async def test_plain_mode_token_expiry_while_a_handler_is_busy_closes_1008(adapt
             await until(lambda: connection_counter(hub).open == 0)
 
 
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_the_expiry_is_kept_at_expires_at_however_late_the_watchdog_starts(
+    adapter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url):
+        connect = hub.connect
+
+        async def late_connect(*args: Any, **kwargs: Any) -> Any:
+            # Time passes between the hook's answer and the watchdog's first run.
+            clock.advance(5)
+            return await connect(*args, **kwargs)
+
+        monkeypatch.setattr(hub, "connect", late_connect)
+        async with await v1(url) as ws:
+            await hello(ws, "gina", token=token_for(clock, "gina", 10))  # welcomed at +5 s
+            clock.advance(4.9)
+            await served_up_to_here(ws, "a")
+            assert hub.is_connected("gina")
+            clock.advance(0.1)  # +10 s: the token's expiry, not 10 s after the watchdog began
+            error = await recv_json(ws)
+            assert error["type"] == "error" and error["code"] == "token_expired", error
+            assert await closed_with(ws) == 1008
+
+
 # ----------------------------------------------------------------------------- 6. last_seq bound
 
 

@@ -605,21 +605,22 @@ class Session:
             self.expires_at = None
             return
         clock = self.hub.clock
-        self.expires_at = clock.now() + remaining
+        self.expires_at = deadline = clock.now() + remaining
         self._task = task = asyncio.current_task()
         self._cancels_before = task.cancelling() if task is not None else 0
         self._watchdog = asyncio.get_running_loop().create_task(
-            self._expire_after(remaining), name="tether-token-expiry"
+            self._expire_after(deadline), name="tether-token-expiry"
         )
 
-    async def _expire_after(self, seconds: float) -> None:
-        """The watchdog: after `seconds` on the hub's clock the credentials have expired.
+    async def _expire_after(self, deadline: float) -> None:
+        """The watchdog: at `deadline` on the hub's clock the credentials have expired.
         Delivery stops now, whatever the session task is doing: the connection is
         detached from the hub (critical sends queue, in-flight messages go back to the
         outbox). A task waiting in the receive is cancelled there and reports the
         expiry itself; a task busy elsewhere is left to finish while the watchdog
         writes the error and closes (see `__init__` for who cancels what)."""
-        await self.hub.clock.sleep(seconds)
+        clock = self.hub.clock
+        await clock.sleep(deadline - clock.now())
         self._expired = True
         task = self._task
         client_id = self.client_id
