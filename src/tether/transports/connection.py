@@ -262,6 +262,11 @@ class Session:
         self._cancels_before = 0  # its `cancelling()` count when the watchdog started
         self._receiving = False
         self._expiry_cancel = False
+        # A renewal under way: the `auth` hook checks a fresh token that arrived before
+        # the deadline; done when it has an outcome. Until then (bounded by
+        # `_renewal_until`, on the hub's clock) the watchdog waits instead of expiring.
+        self._renewal: asyncio.Future[None] | None = None
+        self._renewal_until = 0.0
         cfg = hub.config
         self.bucket = TokenBucket(cfg.max_inbound_rate, cfg.max_inbound_rate * BURST_FACTOR)
         # The tether.v1 state while the connection is open (for `frame_now`).
@@ -570,6 +575,34 @@ class Session:
         `ProtocolError` (close 1008) when it is refused or names another client id."""
         if self.authenticate is None:
             return  # nothing expires without an authenticate hook
+        if self._expired:
+            raise _token_expired()  # too late: the watchdog is ending the connection
+        renewal: asyncio.Future[None] | None = None
+        if self.expires_at is not None:
+            # Received before the deadline: should the hook answer after it, the
+            # watchdog waits for the answer (at most `hello_timeout` from now) and the
+            # connection keeps delivering meanwhile.
+            renewal = asyncio.get_running_loop().create_future()
+            self._renewal = renewal
+            self._renewal_until = self.hub.clock.now() + self.hub.config.hello_timeout
+        try:
+            identity = await self._check_fresh_token(client_id, token)
+            if self._expired:
+                # The watchdog stopped waiting for the hook (`hello_timeout`) and has
+                # ended the connection; a token cannot revive it.
+                raise _token_expired()
+            self._set_expiry(identity)  # cancels the waiting watchdog, starts the next
+        finally:
+            if renewal is not None:
+                self._renewal = None
+                if not renewal.done():
+                    renewal.set_result(None)  # refused: the watchdog may go on
+        await self.hub.channel_grants_changed(client_id, self, self.channel_grants)
+
+    async def _check_fresh_token(self, client_id: str, token: str) -> str | Identity:
+        """Run the `authenticate` hook on an `auth` frame's token; raises `ProtocolError`
+        when it is refused or names another client id."""
+        assert self.authenticate is not None
         try:
             identity = await self.authenticate(self.info, protocol.Hello(client_id, 0, token))
         except protocol.ProtocolError:
@@ -585,12 +618,7 @@ class Session:
                 "the fresh token names another client id",
                 protocol.CloseCode.POLICY_VIOLATION,
             )
-        if self._expired:
-            # The old token ran out while the hook checked the fresh one: the watchdog
-            # has ended the connection; a token cannot revive it.
-            raise _token_expired()
-        self._set_expiry(identity)
-        await self.hub.channel_grants_changed(client_id, self, self.channel_grants)
+        return identity
 
     def _set_expiry(self, identity: str | Identity) -> None:
         """Take the expiry and the channel grants of fresh credentials: (re)start the
@@ -618,9 +646,15 @@ class Session:
         detached from the hub (critical sends queue, in-flight messages go back to the
         outbox). A task waiting in the receive is cancelled there and reports the
         expiry itself; a task busy elsewhere is left to finish while the watchdog
-        writes the error and closes (see `__init__` for who cancels what)."""
+        writes the error and closes (see `__init__` for who cancels what). A renewal
+        received before the deadline and still being checked is waited for first (its
+        success cancels this watchdog; its refusal ends the connection from the session
+        task), for at most `hello_timeout` after it arrived."""
         clock = self.hub.clock
         await clock.sleep(deadline - clock.now())
+        renewal = self._renewal
+        if renewal is not None and not renewal.done():
+            await self._await_renewal(renewal)
         self._expired = True
         task = self._task
         client_id = self.client_id
@@ -649,6 +683,15 @@ class Session:
             await self._close(error.close_code, error.reason)
         else:
             await self._close(1008, _PLAIN_EXPIRED)
+
+    async def _await_renewal(self, renewal: asyncio.Future[None]) -> None:
+        """Wait until the hook has answered the renewal, or until `_renewal_until`."""
+        clock = self.hub.clock
+        timer = asyncio.ensure_future(clock.sleep(self._renewal_until - clock.now()))
+        try:
+            await asyncio.wait({renewal, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
 
     async def _authenticated(self, hello: protocol.Hello | None) -> str | None:
         """Run the `authenticate` hook; on refusal report it and return None."""
