@@ -34,6 +34,7 @@ from tether import Client, Hub, HubConfig, SendStatus
 from tether.auth import sign_token, signed_token_authenticator, token_expires_at
 from tether.client import TetherRejected
 from tether.clock import ManualClock
+from tether.cluster import ClusterEvents
 from tether.monitoring import BackgroundServer, create_app
 from tether.protocol import MAX_RESUME_SEQ, MAX_SEQ
 from tether.transports.connection import (
@@ -890,6 +891,95 @@ async def renewal_too_late_or_refused(
         frames = await frames_until_closed(ws)
         assert [(f["type"], f.get("code")) for f in frames] == [("error", "unauthorized")], frames
         assert ws.close_code == 1008
+
+
+class SlowConnect:
+    """Makes the hub take its time connecting a client — before it attaches the
+    connection ("before_attach"), or while attached, loading the stream from the store
+    ("while_attached") — until `gate` is set; `entered` is set once it waits."""
+
+    def __init__(self, hub: Hub, monkeypatch: pytest.MonkeyPatch, window: str) -> None:
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        if window == "before_attach":
+            connect = hub.connect
+
+            async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+                await self.wait()
+                return await connect(*args, **kwargs)
+
+            monkeypatch.setattr(hub, "connect", slow_connect)
+        else:
+            load_stored = ClusterEvents.load_stored
+
+            async def slow_load(events: ClusterEvents, *args: Any) -> Any:
+                await self.wait()
+                return await load_stored(events, *args)
+
+            monkeypatch.setattr(ClusterEvents, "load_stored", slow_load)
+
+    async def wait(self) -> None:
+        self.entered.set()
+        await self.gate.wait()
+
+
+@pytest.mark.parametrize("window", ["before_attach", "while_attached"])
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_a_token_expiring_while_the_hub_connects_gets_no_welcome_and_no_messages(
+    adapter: str, window: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url):
+        for n in (1, 2):
+            assert (await hub.send("hana", {"n": n}, critical=True)).status is SendStatus.QUEUED
+        slow = SlowConnect(hub, monkeypatch, window)
+        with released(slow.gate):
+            async with await v1(url) as ws:
+                await ws.send(hello_frame("hana", token=token_for(clock, "hana", 10)))
+                await slow.entered.wait()
+                clock.advance(10)  # the token expires while the hub connects the client
+                for _ in range(20):  # loop turns: the watchdog has fired
+                    await asyncio.sleep(0)
+                slow.gate.set()
+                frames = await frames_until_closed(ws)
+                # Not the welcome, not the two messages: only the reason, then 1008.
+                kinds = [(f["type"], f.get("code")) for f in frames]
+                assert kinds == [("error", "token_expired")], frames
+                assert ws.close_code == 1008
+                await until(lambda: connection_counter(hub).open == 0)
+        assert not hub.is_connected("hana") and hub.pending("hana") == 2
+        monkeypatch.undo()
+        async with await v1(url) as ws:  # nothing was lost: a fresh token gets both
+            await hello(ws, "hana", token=token_for(clock, "hana", 10))
+            got = [await recv_json(ws) for _ in range(2)]
+            assert [f["data"] for f in got] == [{"n": 1}, {"n": 2}], got
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_plain_mode_token_expiring_while_the_hub_connects_writes_nothing(
+    adapter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url):
+        assert (await hub.send("ivy", "queued", critical=True)).status is SendStatus.QUEUED
+        slow = SlowConnect(hub, monkeypatch, "while_attached")
+        token = token_for(clock, "ivy", 10)
+        with released(slow.gate):
+            async with connect(f"{url}?client_id=ivy&token={token}") as ws:
+                await slow.entered.wait()
+                clock.advance(10)
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                slow.gate.set()
+                received: list[str | bytes] = []
+                with contextlib.suppress(ConnectionClosed):
+                    async with asyncio.timeout(5):
+                        while True:
+                            received.append(await ws.recv())
+                assert received == [] and ws.close_code == 1008
+                assert ws.close_reason is not None and "token_expired" in ws.close_reason
+                await until(lambda: connection_counter(hub).open == 0)
+        assert not hub.is_connected("ivy") and hub.pending("ivy") == 1
 
 
 @pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])

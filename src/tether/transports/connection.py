@@ -267,6 +267,9 @@ class Session:
         # `_renewal_until`, on the hub's clock) the watchdog waits instead of expiring.
         self._renewal: asyncio.Future[None] | None = None
         self._renewal_until = 0.0
+        # Whether `send`/`try_send` refuse to write once `_expired` is set (installed for
+        # connections whose credentials expire only: the others keep the plain writes).
+        self._guarded = False
         cfg = hub.config
         self.bucket = TokenBucket(cfg.max_inbound_rate, cfg.max_inbound_rate * BURST_FACTOR)
         # The tether.v1 state while the connection is open (for `frame_now`).
@@ -379,6 +382,10 @@ class Session:
         except HubClosedError:
             await self._close(1001, "server shutting down")
             return
+        if self._expired:  # while the hub connected it: nothing was written, nothing will be
+            self.client_id = client_id
+            await self._plain_refuse(1008, _PLAIN_EXPIRED)
+            return
         self._connected(client_id)
         limit = self.hub.config.max_message_size
         while True:
@@ -459,6 +466,11 @@ class Session:
                 raise protocol.ProtocolError(
                     "going_away", "server shutting down", protocol.CloseCode.GOING_AWAY
                 ) from None
+            if self._expired:
+                # The token ran out while the hub connected it: the guarded writes let
+                # nothing through (not even the welcome); detach it and say why.
+                self.client_id = client_id
+                raise _token_expired()
             self._connected(client_id)
             assert welcome is not None
             sp.welcome(welcome)  # the hub already wrote it; this opens the protocol state
@@ -538,6 +550,34 @@ class Session:
         """`Transport.send` for the hub. Raises `TransportClosed` (from the adapter) when
         the connection is gone."""
         await self.conn.send(data)
+
+    def _guard_writes(self) -> None:
+        """From now on the hub's writes (`send`, `try_send`) raise `TransportClosed` once
+        the credentials have expired, whatever still holds the connection (a hub that is
+        connecting it, a delivery under way): the hub then detaches it and keeps the
+        messages. Installed as instance attributes, before the hub first sees the
+        connection, and only for credentials that expire: the writes of every other
+        connection stay the adapter's own, without a check per message."""
+        if self._guarded:
+            return
+        self._guarded = True
+        conn = self.conn
+        fast = self.try_send
+
+        async def send(data: str | bytes) -> None:
+            if self._expired:
+                raise TransportClosed("the token expired")
+            await conn.send(data)
+
+        self.send = send  # type: ignore[method-assign]
+        if fast is not None:
+
+            def try_send(data: str | bytes) -> bool:
+                if self._expired:
+                    raise TransportClosed("the token expired")
+                return fast(data)
+
+            self.try_send = try_send
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """`Transport.close` for the hub."""
@@ -632,6 +672,7 @@ class Session:
         if remaining is None:
             self.expires_at = None
             return
+        self._guard_writes()
         clock = self.hub.clock
         self.expires_at = deadline = clock.now() + remaining
         self._task = task = asyncio.current_task()
@@ -642,14 +683,14 @@ class Session:
 
     async def _expire_after(self, deadline: float) -> None:
         """The watchdog: at `deadline` on the hub's clock the credentials have expired.
-        Delivery stops now, whatever the session task is doing: the connection is
-        detached from the hub (critical sends queue, in-flight messages go back to the
-        outbox). A task waiting in the receive is cancelled there and reports the
-        expiry itself; a task busy elsewhere is left to finish while the watchdog
-        writes the error and closes (see `__init__` for who cancels what). A renewal
-        received before the deadline and still being checked is waited for first (its
-        success cancels this watchdog; its refusal ends the connection from the session
-        task), for at most `hello_timeout` after it arrived."""
+        Delivery stops now, whatever the session task is doing: writes are refused and
+        the connection is detached from the hub (critical sends queue, in-flight
+        messages go back to the outbox). A task waiting in the receive is cancelled
+        there and reports the expiry itself; a task busy elsewhere is left to finish
+        while the watchdog writes the error and closes (see `__init__` for who cancels
+        what). A renewal received before the deadline and still being checked is waited
+        for first (its success cancels this watchdog; its refusal ends the connection
+        from the session task), for at most `hello_timeout` after it arrived."""
         clock = self.hub.clock
         await clock.sleep(deadline - clock.now())
         renewal = self._renewal
