@@ -643,6 +643,53 @@ async def test_the_expiry_watchdog_never_swallows_another_cancellation() -> None
         assert peer.closed == []
 
 
+class _FailingPeer(_SilentPeer):
+    """Sends one frame; its 1011 close (after an internal error) waits for `gate`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: asyncio.Queue[str] = asyncio.Queue()
+        self.gate = asyncio.Event()
+
+    async def recv(self) -> str | bytes:
+        return await self.frames.get()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed.append((code, reason))
+        if code == 1011:
+            await self.gate.wait()
+
+
+async def test_an_expiry_during_the_internal_error_close_adds_no_second_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = ManualClock()
+
+    async def authenticate(info: ConnectionInfo, hello: Any) -> Identity:
+        return Identity("kim", expires_in=10)
+
+    async def broken(client_id: str, data: Any) -> None:
+        raise RuntimeError("a bug in the server")
+
+    async with Hub(HubConfig(), clock=clock) as hub:
+        monkeypatch.setattr(hub, "receive", broken)
+        peer = _FailingPeer()
+        session = Session(hub, peer, ConnectionInfo("/", {}, {}, None), authenticate=authenticate)
+        task = asyncio.create_task(session.run())
+        try:
+            await until(lambda: hub.is_connected("kim"))
+            peer.frames.put_nowait("hi")
+            await until(lambda: bool(peer.closed))
+            clock.advance(10)  # the token expires while the 1011 close is under way
+            for _ in range(20):  # loop turns: a watchdog that fired would act now
+                await asyncio.sleep(0)
+        finally:
+            peer.gate.set()
+        async with asyncio.timeout(5):
+            await task
+        assert [code for code, _ in peer.closed] == [1011]
+
+
 async def frames_until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
     """Every frame the server still writes on `ws`, up to its close."""
     frames: list[dict[str, Any]] = []
