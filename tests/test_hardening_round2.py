@@ -31,12 +31,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from support import closed_with, hello, hello_frame, recv_json, until
 from tether import Client, Hub, HubConfig, SendStatus
-from tether.auth import sign_token, token_expires_at
+from tether.auth import sign_token, signed_token_authenticator, token_expires_at
 from tether.client import TetherRejected
 from tether.clock import ManualClock
+from tether.cluster import ClusterEvents
 from tether.monitoring import BackgroundServer, create_app
 from tether.protocol import MAX_RESUME_SEQ, MAX_SEQ
 from tether.transports.connection import (
+    Authenticate,
     ConnectionInfo,
     Identity,
     Session,
@@ -411,12 +413,15 @@ async def test_allowed_hosts_setting_replaces_the_loopback_default() -> None:
 
 
 @contextlib.asynccontextmanager
-async def authed(adapter: str, clock: ManualClock | None = None) -> AsyncIterator[tuple[Hub, str]]:
-    """A hub that needs tokens signed with SECRET (its own `auth_secret` hook), served by
-    `adapter`. With `clock`, the hub — and so the token hook and the token watchdog —
-    runs on it, and the test advances it instead of sleeping (its wall time is years in
-    the past: a hook reading the real clock would refuse every token); without, the
-    real clock (for clients whose refresh schedule is real time)."""
+async def authed(
+    adapter: str, clock: ManualClock | None = None, authenticate: Authenticate | None = None
+) -> AsyncIterator[tuple[Hub, str]]:
+    """A hub that needs tokens signed with SECRET (its own `auth_secret` hook, or
+    `authenticate` when given), served by `adapter`. With `clock`, the hub — and so the
+    token hook and the token watchdog — runs on it, and the test advances it instead of
+    sleeping (its wall time is years in the past: a hook reading the real clock would
+    refuse every token); without, the real clock (for clients whose refresh schedule is
+    real time)."""
     if clock is None:
         hub = Hub(HubConfig(auth_secret=SECRET, hello_timeout=5))
     else:
@@ -424,10 +429,10 @@ async def authed(adapter: str, clock: ManualClock | None = None) -> AsyncIterato
         config = HubConfig(auth_secret=SECRET, hello_timeout=5, retry_interval=3600)
         hub = Hub(config, clock=clock)
     if adapter == "uvicorn":
-        async with app_server(hub) as server:
+        async with app_server(hub, authenticate=authenticate) as server:
             yield hub, server.ws_url + "/ws"
     else:
-        async with hub, ws_serve(hub, "127.0.0.1", 0) as ws_server:
+        async with hub, ws_serve(hub, "127.0.0.1", 0, authenticate=authenticate) as ws_server:
             port = next(iter(ws_server.sockets)).getsockname()[1]
             yield hub, f"ws://127.0.0.1:{port}"
 
@@ -638,6 +643,53 @@ async def test_the_expiry_watchdog_never_swallows_another_cancellation() -> None
         assert peer.closed == []
 
 
+class _FailingPeer(_SilentPeer):
+    """Sends one frame; its 1011 close (after an internal error) waits for `gate`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: asyncio.Queue[str] = asyncio.Queue()
+        self.gate = asyncio.Event()
+
+    async def recv(self) -> str | bytes:
+        return await self.frames.get()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed.append((code, reason))
+        if code == 1011:
+            await self.gate.wait()
+
+
+async def test_an_expiry_during_the_internal_error_close_adds_no_second_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = ManualClock()
+
+    async def authenticate(info: ConnectionInfo, hello: Any) -> Identity:
+        return Identity("kim", expires_in=10)
+
+    async def broken(client_id: str, data: Any) -> None:
+        raise RuntimeError("a bug in the server")
+
+    async with Hub(HubConfig(), clock=clock) as hub:
+        monkeypatch.setattr(hub, "receive", broken)
+        peer = _FailingPeer()
+        session = Session(hub, peer, ConnectionInfo("/", {}, {}, None), authenticate=authenticate)
+        task = asyncio.create_task(session.run())
+        try:
+            await until(lambda: hub.is_connected("kim"))
+            peer.frames.put_nowait("hi")
+            await until(lambda: bool(peer.closed))
+            clock.advance(10)  # the token expires while the 1011 close is under way
+            for _ in range(20):  # loop turns: a watchdog that fired would act now
+                await asyncio.sleep(0)
+        finally:
+            peer.gate.set()
+        async with asyncio.timeout(5):
+            await task
+        assert [code for code, _ in peer.closed] == [1011]
+
+
 async def frames_until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
     """Every frame the server still writes on `ws`, up to its close."""
     frames: list[dict[str, Any]] = []
@@ -766,6 +818,240 @@ async def test_plain_mode_token_expiry_while_a_handler_is_busy_closes_1008(adapt
             finally:
                 gate.set()
             await until(lambda: connection_counter(hub).open == 0)
+
+
+@contextlib.contextmanager
+def released(gate: asyncio.Event) -> Iterator[None]:
+    """Sets `gate` on the way out: a failing test leaves no hook waiting forever (and the
+    server's shutdown waiting for it)."""
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+class SlowRenewals:
+    """The SECRET hook, except that checking a token in `slow` waits for `gate`: a fresh
+    token checked remotely (introspection), say. `entered` is set when one waits."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.check = signed_token_authenticator(SECRET, clock=clock.wall)
+        self.slow: set[str] = set()
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def __call__(self, info: ConnectionInfo, hello: Any) -> str | Identity:
+        if hello is not None and hello.token in self.slow:
+            self.entered.set()
+            await self.gate.wait()
+        return await self.check(info, hello)
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_a_renewal_sent_before_expiry_keeps_the_connection_when_its_check_ends_after(
+    adapter: str,
+) -> None:
+    clock = ManualClock()
+    hook = SlowRenewals(clock)
+    async with authed(adapter, clock, hook) as (hub, url):
+        with released(hook.gate):
+            await renewed_late(hub, url, clock, hook)
+
+
+async def renewed_late(hub: Hub, url: str, clock: ManualClock, hook: SlowRenewals) -> None:
+    async with await v1(url) as ws:
+        await hello(ws, "hana", token=token_for(clock, "hana", 10))
+        await delivered(hub, ws, "hana", {"n": 0})
+        clock.advance(9)  # 1 s before the expiry, as the reference clients do
+        fresh = token_for(clock, "hana", 10)
+        hook.slow.add(fresh)
+        await ws.send(auth_frame(fresh))
+        await hook.entered.wait()
+        clock.advance(1)  # the old token's expiry passes while the hook checks the new one
+        for _ in range(20):  # loop turns, not time: a watchdog that fired would act now
+            await asyncio.sleep(0)
+        # The token was valid when the renewal was sent: delivery goes on meanwhile.
+        await delivered(hub, ws, "hana", {"n": 1})
+        assert hub.is_connected("hana")
+        hook.gate.set()  # valid: the connection stays, with the fresh token's lifetime
+        await served_up_to_here(ws, "renewed")
+        await delivered(hub, ws, "hana", {"n": 2})
+        clock.advance(8.5)  # the fresh token runs until +19 s
+        await served_up_to_here(ws, "later")
+        assert hub.is_connected("hana")
+        clock.advance(0.5)
+        error = await recv_json(ws)
+        assert error["type"] == "error" and error["code"] == "token_expired", error
+        assert await closed_with(ws) == 1008
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_a_renewal_whose_check_outlasts_hello_timeout_or_fails_ends_the_connection(
+    adapter: str,
+) -> None:
+    clock = ManualClock()
+    hook = SlowRenewals(clock)
+    async with authed(adapter, clock, hook) as (hub, url):
+        with released(hook.gate):
+            await renewal_too_late_or_refused(hub, url, clock, hook)
+
+
+async def renewal_too_late_or_refused(
+    hub: Hub, url: str, clock: ManualClock, hook: SlowRenewals
+) -> None:
+    # The hook never answers: the expiry waits at most hello_timeout (5 s here)
+    # from the auth frame, then ends the connection as usual.
+    async with await v1(url) as ws:
+        await hello(ws, "hana", token=token_for(clock, "hana", 10))
+        clock.advance(9)
+        fresh = token_for(clock, "hana", 10)
+        hook.slow.add(fresh)
+        await ws.send(auth_frame(fresh))
+        await hook.entered.wait()
+        clock.advance(4.9)  # past the expiry, within hello_timeout of the auth frame
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await delivered(hub, ws, "hana", {"n": 0})
+        clock.advance(0.1)
+        await until(lambda: not hub.is_connected("hana"))
+        assert (await hub.send("hana", {"n": 1}, critical=True)).status is SendStatus.QUEUED
+        hook.gate.set()  # valid, too late: no second error, no second close
+        frames = await frames_until_closed(ws)
+        assert [(f["type"], f.get("code")) for f in frames] == [("error", "token_expired")]
+        assert ws.close_code == 1008
+    # Refused after the expiry: reported as a refusal, once, and nothing more written.
+    hook.gate.clear()
+    hook.entered.clear()
+    async with await v1(url) as ws:
+        await hello(ws, "hana", token=token_for(clock, "hana", 10))
+        # n=0, its ack unread while the hook ran, and n=1, queued after the expiry.
+        got = [await recv_json(ws) for _ in range(2)]
+        assert [f["data"] for f in got] == [{"n": 0}, {"n": 1}], got
+        await ws.send(orjson.dumps({"type": "ack", "seq": got[-1]["seq"]}).decode())
+        clock.advance(9)
+        forged = token_for(clock, "hana", 10)[:-2] + "xx"
+        hook.slow.add(forged)
+        await ws.send(auth_frame(forged))
+        await hook.entered.wait()
+        clock.advance(1)
+        hook.gate.set()
+        frames = await frames_until_closed(ws)
+        assert [(f["type"], f.get("code")) for f in frames] == [("error", "unauthorized")], frames
+        assert ws.close_code == 1008
+
+
+class SlowConnect:
+    """Makes the hub take its time connecting a client — before it attaches the
+    connection ("before_attach"), or while attached, loading the stream from the store
+    ("while_attached") — until `gate` is set; `entered` is set once it waits."""
+
+    def __init__(self, hub: Hub, monkeypatch: pytest.MonkeyPatch, window: str) -> None:
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        if window == "before_attach":
+            connect = hub.connect
+
+            async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+                await self.wait()
+                return await connect(*args, **kwargs)
+
+            monkeypatch.setattr(hub, "connect", slow_connect)
+        else:
+            load_stored = ClusterEvents.load_stored
+
+            async def slow_load(events: ClusterEvents, *args: Any) -> Any:
+                await self.wait()
+                return await load_stored(events, *args)
+
+            monkeypatch.setattr(ClusterEvents, "load_stored", slow_load)
+
+    async def wait(self) -> None:
+        self.entered.set()
+        await self.gate.wait()
+
+
+@pytest.mark.parametrize("window", ["before_attach", "while_attached"])
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_a_token_expiring_while_the_hub_connects_gets_no_welcome_and_no_messages(
+    adapter: str, window: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url):
+        for n in (1, 2):
+            assert (await hub.send("hana", {"n": n}, critical=True)).status is SendStatus.QUEUED
+        slow = SlowConnect(hub, monkeypatch, window)
+        with released(slow.gate):
+            async with await v1(url) as ws:
+                await ws.send(hello_frame("hana", token=token_for(clock, "hana", 10)))
+                await slow.entered.wait()
+                clock.advance(10)  # the token expires while the hub connects the client
+                for _ in range(20):  # loop turns: the watchdog has fired
+                    await asyncio.sleep(0)
+                slow.gate.set()
+                frames = await frames_until_closed(ws)
+                # Not the welcome, not the two messages: only the reason, then 1008.
+                kinds = [(f["type"], f.get("code")) for f in frames]
+                assert kinds == [("error", "token_expired")], frames
+                assert ws.close_code == 1008
+                await until(lambda: connection_counter(hub).open == 0)
+        assert not hub.is_connected("hana") and hub.pending("hana") == 2
+        monkeypatch.undo()
+        async with await v1(url) as ws:  # nothing was lost: a fresh token gets both
+            await hello(ws, "hana", token=token_for(clock, "hana", 10))
+            got = [await recv_json(ws) for _ in range(2)]
+            assert [f["data"] for f in got] == [{"n": 1}, {"n": 2}], got
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_plain_mode_token_expiring_while_the_hub_connects_writes_nothing(
+    adapter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url):
+        assert (await hub.send("ivy", "queued", critical=True)).status is SendStatus.QUEUED
+        slow = SlowConnect(hub, monkeypatch, "while_attached")
+        token = token_for(clock, "ivy", 10)
+        with released(slow.gate):
+            async with connect(f"{url}?client_id=ivy&token={token}") as ws:
+                await slow.entered.wait()
+                clock.advance(10)
+                for _ in range(20):
+                    await asyncio.sleep(0)
+                slow.gate.set()
+                received: list[str | bytes] = []
+                with contextlib.suppress(ConnectionClosed):
+                    async with asyncio.timeout(5):
+                        while True:
+                            received.append(await ws.recv())
+                assert received == [] and ws.close_code == 1008
+                assert ws.close_reason is not None and "token_expired" in ws.close_reason
+                await until(lambda: connection_counter(hub).open == 0)
+        assert not hub.is_connected("ivy") and hub.pending("ivy") == 1
+
+
+@pytest.mark.parametrize("adapter", ["uvicorn", "websockets"])
+async def test_the_expiry_is_kept_at_expires_at_however_late_the_watchdog_starts(
+    adapter: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock()
+    async with authed(adapter, clock) as (hub, url):
+        connect = hub.connect
+
+        async def late_connect(*args: Any, **kwargs: Any) -> Any:
+            # Time passes between the hook's answer and the watchdog's first run.
+            clock.advance(5)
+            return await connect(*args, **kwargs)
+
+        monkeypatch.setattr(hub, "connect", late_connect)
+        async with await v1(url) as ws:
+            await hello(ws, "gina", token=token_for(clock, "gina", 10))  # welcomed at +5 s
+            clock.advance(4.9)
+            await served_up_to_here(ws, "a")
+            assert hub.is_connected("gina")
+            clock.advance(0.1)  # +10 s: the token's expiry, not 10 s after the watchdog began
+            error = await recv_json(ws)
+            assert error["type"] == "error" and error["code"] == "token_expired", error
+            assert await closed_with(ws) == 1008
 
 
 # ----------------------------------------------------------------------------- 6. last_seq bound

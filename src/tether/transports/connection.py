@@ -262,6 +262,14 @@ class Session:
         self._cancels_before = 0  # its `cancelling()` count when the watchdog started
         self._receiving = False
         self._expiry_cancel = False
+        # A renewal under way: the `auth` hook checks a fresh token that arrived before
+        # the deadline; done when it has an outcome. Until then (bounded by
+        # `_renewal_until`, on the hub's clock) the watchdog waits instead of expiring.
+        self._renewal: asyncio.Future[None] | None = None
+        self._renewal_until = 0.0
+        # Whether `send`/`try_send` refuse to write once `_expired` is set (installed for
+        # connections whose credentials expire only: the others keep the plain writes).
+        self._guarded = False
         cfg = hub.config
         self.bucket = TokenBucket(cfg.max_inbound_rate, cfg.max_inbound_rate * BURST_FACTOR)
         # The tether.v1 state while the connection is open (for `frame_now`).
@@ -285,6 +293,7 @@ class Session:
             self.failed = True
             log.exception("tether: connection of %s failed", self.client_id)
             if not self._ending:  # else the close is under way (the watchdog's)
+                self._ending = True  # a watchdog firing during this close adds no other
                 with contextlib.suppress(Exception):
                     await self.conn.close(1011, "internal error")
         finally:
@@ -373,6 +382,10 @@ class Session:
         except HubClosedError:
             await self._close(1001, "server shutting down")
             return
+        if self._expired:  # while the hub connected it: nothing was written, nothing will be
+            self.client_id = client_id
+            await self._plain_refuse(1008, _PLAIN_EXPIRED)
+            return
         self._connected(client_id)
         limit = self.hub.config.max_message_size
         while True:
@@ -453,6 +466,11 @@ class Session:
                 raise protocol.ProtocolError(
                     "going_away", "server shutting down", protocol.CloseCode.GOING_AWAY
                 ) from None
+            if self._expired:
+                # The token ran out while the hub connected it: the guarded writes let
+                # nothing through (not even the welcome); detach it and say why.
+                self.client_id = client_id
+                raise _token_expired()
             self._connected(client_id)
             assert welcome is not None
             sp.welcome(welcome)  # the hub already wrote it; this opens the protocol state
@@ -533,6 +551,34 @@ class Session:
         the connection is gone."""
         await self.conn.send(data)
 
+    def _guard_writes(self) -> None:
+        """From now on the hub's writes (`send`, `try_send`) raise `TransportClosed` once
+        the credentials have expired, whatever still holds the connection (a hub that is
+        connecting it, a delivery under way): the hub then detaches it and keeps the
+        messages. Installed as instance attributes, before the hub first sees the
+        connection, and only for credentials that expire: the writes of every other
+        connection stay the adapter's own, without a check per message."""
+        if self._guarded:
+            return
+        self._guarded = True
+        conn = self.conn
+        fast = self.try_send
+
+        async def send(data: str | bytes) -> None:
+            if self._expired:
+                raise TransportClosed("the token expired")
+            await conn.send(data)
+
+        self.send = send  # type: ignore[method-assign]
+        if fast is not None:
+
+            def try_send(data: str | bytes) -> bool:
+                if self._expired:
+                    raise TransportClosed("the token expired")
+                return fast(data)
+
+            self.try_send = try_send
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """`Transport.close` for the hub."""
         await self.conn.close(code, _close_reason(reason))
@@ -569,6 +615,34 @@ class Session:
         `ProtocolError` (close 1008) when it is refused or names another client id."""
         if self.authenticate is None:
             return  # nothing expires without an authenticate hook
+        if self._expired:
+            raise _token_expired()  # too late: the watchdog is ending the connection
+        renewal: asyncio.Future[None] | None = None
+        if self.expires_at is not None:
+            # Received before the deadline: should the hook answer after it, the
+            # watchdog waits for the answer (at most `hello_timeout` from now) and the
+            # connection keeps delivering meanwhile.
+            renewal = asyncio.get_running_loop().create_future()
+            self._renewal = renewal
+            self._renewal_until = self.hub.clock.now() + self.hub.config.hello_timeout
+        try:
+            identity = await self._check_fresh_token(client_id, token)
+            if self._expired:
+                # The watchdog stopped waiting for the hook (`hello_timeout`) and has
+                # ended the connection; a token cannot revive it.
+                raise _token_expired()
+            self._set_expiry(identity)  # cancels the waiting watchdog, starts the next
+        finally:
+            if renewal is not None:
+                self._renewal = None
+                if not renewal.done():
+                    renewal.set_result(None)  # refused: the watchdog may go on
+        await self.hub.channel_grants_changed(client_id, self, self.channel_grants)
+
+    async def _check_fresh_token(self, client_id: str, token: str) -> str | Identity:
+        """Run the `authenticate` hook on an `auth` frame's token; raises `ProtocolError`
+        when it is refused or names another client id."""
+        assert self.authenticate is not None
         try:
             identity = await self.authenticate(self.info, protocol.Hello(client_id, 0, token))
         except protocol.ProtocolError:
@@ -584,12 +658,7 @@ class Session:
                 "the fresh token names another client id",
                 protocol.CloseCode.POLICY_VIOLATION,
             )
-        if self._expired:
-            # The old token ran out while the hook checked the fresh one: the watchdog
-            # has ended the connection; a token cannot revive it.
-            raise _token_expired()
-        self._set_expiry(identity)
-        await self.hub.channel_grants_changed(client_id, self, self.channel_grants)
+        return identity
 
     def _set_expiry(self, identity: str | Identity) -> None:
         """Take the expiry and the channel grants of fresh credentials: (re)start the
@@ -603,22 +672,30 @@ class Session:
         if remaining is None:
             self.expires_at = None
             return
+        self._guard_writes()
         clock = self.hub.clock
-        self.expires_at = clock.now() + remaining
+        self.expires_at = deadline = clock.now() + remaining
         self._task = task = asyncio.current_task()
         self._cancels_before = task.cancelling() if task is not None else 0
         self._watchdog = asyncio.get_running_loop().create_task(
-            self._expire_after(remaining), name="tether-token-expiry"
+            self._expire_after(deadline), name="tether-token-expiry"
         )
 
-    async def _expire_after(self, seconds: float) -> None:
-        """The watchdog: after `seconds` on the hub's clock the credentials have expired.
-        Delivery stops now, whatever the session task is doing: the connection is
-        detached from the hub (critical sends queue, in-flight messages go back to the
-        outbox). A task waiting in the receive is cancelled there and reports the
-        expiry itself; a task busy elsewhere is left to finish while the watchdog
-        writes the error and closes (see `__init__` for who cancels what)."""
-        await self.hub.clock.sleep(seconds)
+    async def _expire_after(self, deadline: float) -> None:
+        """The watchdog: at `deadline` on the hub's clock the credentials have expired.
+        Delivery stops now, whatever the session task is doing: writes are refused and
+        the connection is detached from the hub (critical sends queue, in-flight
+        messages go back to the outbox). A task waiting in the receive is cancelled
+        there and reports the expiry itself; a task busy elsewhere is left to finish
+        while the watchdog writes the error and closes (see `__init__` for who cancels
+        what). A renewal received before the deadline and still being checked is waited
+        for first (its success cancels this watchdog; its refusal ends the connection
+        from the session task), for at most `hello_timeout` after it arrived."""
+        clock = self.hub.clock
+        await clock.sleep(deadline - clock.now())
+        renewal = self._renewal
+        if renewal is not None and not renewal.done():
+            await self._await_renewal(renewal)
         self._expired = True
         task = self._task
         client_id = self.client_id
@@ -647,6 +724,15 @@ class Session:
             await self._close(error.close_code, error.reason)
         else:
             await self._close(1008, _PLAIN_EXPIRED)
+
+    async def _await_renewal(self, renewal: asyncio.Future[None]) -> None:
+        """Wait until the hook has answered the renewal, or until `_renewal_until`."""
+        clock = self.hub.clock
+        timer = asyncio.ensure_future(clock.sleep(self._renewal_until - clock.now()))
+        try:
+            await asyncio.wait({renewal, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
 
     async def _authenticated(self, hello: protocol.Hello | None) -> str | None:
         """Run the `authenticate` hook; on refusal report it and return None."""
