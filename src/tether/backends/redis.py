@@ -508,17 +508,19 @@ class RedisBackend:
         seq = envelope.seq = int(seq_text)
         # none, or a tombstone: nobody to ring
         holder = None if not holder_text or holder_text[0] == "~" else holder_text
+        rolled = int(changed[1:]) if changed[0] == "r" else None
         if evicted is None:
-            return Accepted(seq, (), (), changed == "1", epoch, holder)
+            return Accepted(seq, (), (), changed != "0", epoch, holder, rolled_back_to=rolled)
         from_entry = self.wire.from_entry
         return Accepted(
             seq,
             self._own(session, evicted) if evicted else (),
             tuple(from_entry(e) for e in gap) if gap else (),
-            changed == "1",
+            changed != "0",
             epoch,
             holder,
             expired=tuple(from_entry(e) for e in expired) if expired else (),
+            rolled_back_to=rolled,
         )
 
     def _own(self, session: StreamState, entries: list[Any]) -> tuple[Envelope, ...]:
@@ -561,6 +563,50 @@ class RedisBackend:
         outcome = self._accepted(session, envelope, reply)
         if isinstance(outcome, Accepted) and outcome.holder not in (None, self.node_id):
             await self._ring_holders([(session, envelope, local)], [outcome])
+        return outcome
+
+    async def restore_append(
+        self, session: StreamState, envelope: Envelope, epoch: str | None, seq: int | None
+    ) -> Accepted | Refused | None:
+        """Store again a copy its node held when the client's stream was found recreated
+        or rolled back (see `DeliveryPipeline.restore`), which the caller found missing
+        from the stream: its dedup key is recorded, not checked (it may have outlived the
+        stream). None: skipped, as delivered — the stream is still `epoch` and its acked
+        floor reached `seq` (another node delivered it from there meanwhile). Raises
+        `BackendError` when it was not stored, or may not have been."""
+        self._gate()
+        dedup = b""
+        if self._dedup_on and session.dedup is not None and envelope.dedup_key:
+            dedup = envelope.dedup_key.encode("utf-8", "surrogatepass")
+        flags = 8 | (1 if dedup else 0)
+        expect = b""
+        floor = 0
+        if epoch and seq is not None:
+            flags |= 16
+            expect, floor = epoch.encode(), seq
+        keep = max(self._keep_ms, int((envelope.expires_at - self.clock.now()) * 1000))
+        base = self.keys.base_bytes(session.client_id)
+        item = b"".join(
+            (
+                _ITEM_HEAD.pack(flags, floor, -1, keep, len(base)),
+                base,
+                _LENGTH.pack(len(expect)),
+                expect,
+                _KEY_LENGTH.pack(len(dedup)),
+                dedup,
+            )
+        )
+        group = self._group(session.client_id) if self._cluster else 0
+        future = self._b.submit_one("append", group, item, self.wire.payload(envelope))
+        try:
+            reply = await future
+        except OutcomeUnknown as exc:
+            raise BackendError(f"outcome unknown: {exc}") from exc
+        if reply == b"S" or reply == "S":
+            return None
+        outcome = self._accepted(session, envelope, reply)
+        if isinstance(outcome, Accepted) and outcome.holder not in (None, self.node_id):
+            await self._ring_holders([(session, envelope, False)], [outcome])
         return outcome
 
     async def append_many(
