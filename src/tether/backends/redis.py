@@ -15,6 +15,7 @@ import random
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from itertools import islice
 from struct import Struct
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -69,6 +70,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 DEAD_LETTER_TTL_MS = 7 * 86_400 * 1000  # dead letters are for inspection, not forever
 _LUA = {name: LuaScript(source) for name, source in SCRIPTS.items()}
 MAX_UNKNOWN = 10_000  # appends with an unknown outcome remembered for a probing resend
+# How far past the evicted entries' count `_own` looks at the head of a session's outbox:
+# the copies the same append found expired (up to 64) may still be there ahead of them.
+_OWN_SLACK = 72
 _DIRECT = Accepted(0, direct=True)  # read-only: one answer for every direct write
 # A binary append item (see `redis_scripts.APPEND`): flags, floor, known, keep ms and the
 # base key's length, then the base key and the expected epoch, each after its length as a
@@ -527,14 +531,24 @@ class RedisBackend:
         """Evicted entries as the envelopes the session holds for the same messages (by
         seq and message id), as `_stored` does: only those know whether the message was
         written and awaits its ack — such a message is not dropped (see
-        `DeliveryPipeline._refused`)."""
+        `DeliveryPipeline._refused`). Evicted entries are the stream's oldest, so they are
+        looked for only at the head of the session's outbox (behind at most the expired
+        ones the same call removed), not in a dict of all of it: a full outbox under
+        drop_oldest evicts on every append."""
         from_entry = self.wire.from_entry
-        held = {(e.seq, e.message_id): e for e in session.outbox}
-        owned: list[Envelope] = []
+        wanted = {}
         for entry in entries:
             envelope = from_entry(entry)
-            owned.append(held.get((envelope.seq, envelope.message_id), envelope))
-        return tuple(owned)
+            wanted[(envelope.seq, envelope.message_id)] = envelope
+        missing = len(wanted)
+        for held in islice(session.outbox, len(entries) + _OWN_SLACK):
+            key = (held.seq, held.message_id)
+            if key in wanted and wanted[key] is not held:
+                wanted[key] = held
+                missing -= 1
+                if not missing:
+                    break
+        return tuple(wanted.values())
 
     async def append(
         self, session: StreamState, envelope: Envelope, *, local: bool
