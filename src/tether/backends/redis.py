@@ -143,6 +143,7 @@ class RedisBackend:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.errors = 0
         self.keys = RedisKeys(prefix)
+        self._prefix_bytes = prefix.encode("utf-8")
         self.wire = WireCodec(self.clock)
         self._socket_timeout = socket_timeout
         self._connect_timeout = connect_timeout
@@ -214,7 +215,9 @@ class RedisBackend:
         self._redis = self._conn.commands
         # Two slots (the default): Redis runs one pipeline while the next waits, and
         # answers each on its own (see `StreamBatcher._start`).
-        self._batcher = StreamBatcher(self._run_pipeline)
+        self._batcher = StreamBatcher(
+            self._run_pipeline, regroup=self._bucket_of_item if self._cluster else None
+        )
         try:
             await self._load_scripts()
         except BackendError as exc:  # run degraded; the listener keeps trying to get in
@@ -420,6 +423,14 @@ class RedisBackend:
             return self._bucket_keys[bucket]
         self._node_keys[node] = self._bucket_keys[bucket]  # any key of that node routes it there
         return node
+
+    def _bucket_of_item(self, item: Any) -> str:
+        """The bucket key of a binary append item's client (its base key up to the
+        bucket's hash tag: see `RedisKeys`), for a call sent again per bucket."""
+        (length,) = _LENGTH.unpack_from(item, _ITEM_HEAD.size - _LENGTH.size)
+        base: bytes = item[_ITEM_HEAD.size : _ITEM_HEAD.size + length]
+        end = base.index(b"}", len(self._prefix_bytes) + 1) + 1
+        return base[:end].decode("utf-8")
 
     def _items(
         self, items: Sequence[tuple[StreamState, Envelope, bool]], probe: bool
@@ -648,6 +659,9 @@ class RedisBackend:
         outcomes: list[Accepted | Refused | BackendError] = []
         ring = False
         for (session, envelope, _), reply in zip(items, replies, strict=True):
+            if reply.__class__ is BackendError:  # not run: its bucket's slot migrates
+                outcomes.append(reply)
+                continue
             if unknown:
                 unknown.pop((session.client_id, envelope.message_id), None)
             outcome = accepted(session, envelope, reply)
@@ -695,6 +709,10 @@ class RedisBackend:
         outcomes: list[Accepted | Refused | BackendError] = []
         stored_before: list[int] = []
         for (session, envelope, _), reply in zip(items, replies, strict=True):
+            if isinstance(reply, BackendError):  # this attempt did not run (its slot moves)
+                self._remember_unknown(session.client_id, envelope.message_id)
+                outcomes.append(OutcomeUnknown(f"{unknown}; a second attempt failed: {reply}"))
+                continue
             self._unknown.pop((session.client_id, envelope.message_id), None)
             head = _text(reply[0] if isinstance(reply, list) else reply)
             if head.startswith("D|"):  # the first attempt stored it
