@@ -198,6 +198,48 @@ async def test_an_evicted_message_written_and_then_acked_is_delivered_not_droppe
     assert snapshot["messages"]["delivered"] == 3 and snapshot["messages"]["dropped"] == 0
 
 
+async def test_an_eviction_looks_only_at_the_head_of_the_sessions_outbox(
+    node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full outbox under drop_oldest evicts on every append: the evicted entry is
+    matched against the head of the session's outbox (the oldest), not a map of all of
+    it, and is still the session's own envelope (which knows it was written)."""
+    hub = node("a", max_queue_size=300, overflow_policy="drop_oldest")
+    ws = MockWebSocket()
+    await hub.connect("x", ws, hello=v1_hello("x"))
+    for n in range(300):
+        assert (await hub.send("x", n, critical=True)).status is SendStatus.SENT
+    backend = hub.backend
+    own = backend._own  # type: ignore[attr-defined]
+    looked: list[Any] = []
+    owned: list[Any] = []
+
+    def counted_own(session: Any, entries: list[Any]) -> Any:
+        head = next(iter(session.outbox))
+        original = type(session.outbox).__iter__
+
+        def counting(outbox: Any) -> Any:
+            for envelope in original(outbox):
+                looked.append(envelope)
+                yield envelope
+
+        monkeypatch.setattr(type(session.outbox), "__iter__", counting)
+        try:
+            result = own(session, entries)
+        finally:
+            monkeypatch.setattr(type(session.outbox), "__iter__", original)
+        owned.extend(envelope is head for envelope in result)
+        return result
+
+    monkeypatch.setattr(backend, "_own", counted_own)
+    assert (await hub.send("x", 300, critical=True)).status is SendStatus.SENT
+    assert owned == [True]  # the session's own envelope
+    assert len(looked) < 100  # the head, not all 300
+    assert await hub.ack("x", 301) >= 300
+    messages = hub.metrics.snapshot().to_dict()["messages"]
+    assert messages["delivered"] == 301 and messages["dropped"] == 0
+
+
 async def test_critical_dedup_is_cluster_wide(node: Factory) -> None:
     a, b = node("a"), node("b")
     assert (await a.send("f", {"id": "order-1"}, critical=True)).status is SendStatus.QUEUED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -16,8 +17,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redis_topology import ClusterTopology
 from tether import Hub, HubConfig, SendStatus
+from tether.backends.base import Accepted, BackendError
 from tether.backends.redis import RedisBackend
 from tether.backends.redis_connection import LuaScript, RedisConnections, slot_of
+from tether.messages import Envelope
 
 pytestmark = pytest.mark.redis
 
@@ -169,6 +172,94 @@ async def test_a_send_to_a_migrating_slot_is_rejected_not_stored_twice(
         await dst.execute_command("ASKING")
         assert await dst.xlen(keys.out("x")) == 0  # no second stream on the target
         assert await src.xlen(keys.out("x")) == 1
+    finally:
+        for server in (src, dst):
+            await server.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+            await server.aclose()
+        await hub.shutdown(timeout=1.0)
+
+
+@dataclass
+class _Stream:  # the part of a session a backend reads, for a client connected nowhere
+    client_id: str
+    epoch: str | None = None
+    next_seq: int = 1
+    dedup: Any = None
+    outbox: Any = None
+
+
+async def test_a_migrating_slot_rejects_only_its_own_clients_sends(
+    fresh_redis_cluster: ClusterTopology,
+) -> None:
+    """Clients of several buckets on one node share a script call, which declares one
+    bucket key. That bucket's slot migrating made the node refuse (ASK) the whole call:
+    every client in it was REJECTED, though only one slot moves. The call's items are sent
+    again once, one call per bucket: only the migrating bucket's sends are REJECTED, in
+    a send of its own or a broadcast's copies alike."""
+    topology = fresh_redis_cluster
+    prefix = f"tether-ask-{uuid.uuid4().hex[:8]}"
+    config = HubConfig(
+        backend="redis",
+        redis_url=topology.seed_url,
+        redis_cluster=True,
+        redis_prefix=prefix,
+        node_id="a",
+        presence_ttl=5,
+    )
+    hub = Hub(config)
+    await hub.start()
+    backend = hub.backend
+    assert isinstance(backend, RedisBackend)
+    keys = backend.keys
+    slot = slot_of(keys.slot_key(keys.bucket("x")))
+    source = topology.node_for_slot(slot)
+    y = next(
+        c
+        for c in (f"y{n}" for n in range(10_000))
+        if keys.bucket(c) != keys.bucket("x")
+        and topology.node_for_slot(slot_of(keys.slot_key(keys.bucket(c)))) is source
+    )
+    target = next(node for node in topology.nodes if node is not source)
+    src = aioredis.Redis(port=source.port, single_connection_client=True)
+    dst = aioredis.Redis(port=target.port, single_connection_client=True)
+    try:
+        for cid in ("x", y):
+            assert (await hub.send(cid, 0, critical=True)).seq == 1
+        src_id = (await src.execute_command("CLUSTER", "MYID")).decode()
+        dst_id = (await dst.execute_command("CLUSTER", "MYID")).decode()
+        await dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        await src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        stored_x = 1
+        rejected_x = 0
+        for order in (("x", y), (y, "x")):  # whichever bucket the call declares
+            results = await asyncio.gather(*(hub.send(c, "m", critical=True) for c in order))
+            by_client = dict(zip(order, results, strict=True))
+            assert by_client[y].status is SendStatus.QUEUED, by_client[y]
+            # x's keys have not moved yet: a call declaring y's key stores it on the source
+            if by_client["x"].status is SendStatus.QUEUED:
+                stored_x += 1
+            else:
+                assert by_client["x"].status is SendStatus.REJECTED, by_client["x"]
+                assert "migrating; retry" in (by_client["x"].reason or "")
+                rejected_x += 1
+        assert rejected_x  # a call declaring x's bucket key was refused
+        now = backend.clock.now()
+        envelope = Envelope(
+            message_id="b-1",
+            data="all",
+            data_json=None,
+            critical=True,
+            created_at=now,
+            expires_at=now + 60,
+        )
+        copies: list[Any] = [(_Stream(y), envelope, False), (_Stream("x"), envelope, False)]
+        outcomes = await backend.append_many(copies)  # the call declares x's bucket key
+        assert isinstance(outcomes[0], Accepted) and outcomes[0].seq == 4
+        assert isinstance(outcomes[1], BackendError) and "migrating" in str(outcomes[1])
+        assert await src.xlen(keys.out(y)) == 4
+        assert await src.xlen(keys.out("x")) == stored_x
+        await dst.execute_command("ASKING")
+        assert await dst.xlen(keys.out("x")) == 0  # no second stream on the target
     finally:
         for server in (src, dst):
             await server.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")

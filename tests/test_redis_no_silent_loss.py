@@ -604,6 +604,77 @@ async def test_a_copy_that_cannot_be_stored_again_is_counted_dropped(
     assert hub.metrics.snapshot().to_dict()["messages"]["dropped"] == 1
 
 
+async def test_a_restored_copy_with_a_dedup_key_is_stored_again(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """The dedup keys of a plain-mode client's copies outlive its vanished stream: the
+    copies are stored again all the same (the key recorded anew, not checked), not
+    counted dropped as duplicates of themselves."""
+    hub = nodes("a", retry_interval=60, retry_base_delay=60)
+    await hub.start()
+    ws = MockWebSocket()
+    ws.fail_next(1)
+    await hub.connect("x", ws)
+    sent = await hub.send("x", "with-id", critical=True, message_id="order-1")
+    assert sent.status is SendStatus.QUEUED
+    assert (await hub.send("x", {"id": "o-2"}, critical=True)).status is SendStatus.QUEUED
+    keys = hub.backend.keys  # type: ignore[attr-defined]
+    assert await r.exists(keys.dedup("x", "i:order-1"))
+    await r.delete(keys.out("x"), keys.meta("x"))  # the stream goes, its dedup keys stay
+    assert (await hub.send("x", "next", critical=True)).status is SendStatus.QUEUED
+    await until(lambda: ws.closed)
+    again = MockWebSocket()
+    await hub.connect("x", again)
+    await until(lambda: len(again.payloads) == 3)
+    assert again.payloads == ["next", "with-id", {"id": "o-2"}]
+    messages = hub.metrics.snapshot().to_dict()["messages"]
+    assert messages["delivered"] == 3 and messages["dropped"] == 0
+    # recorded anew: a resend of the restored message is still a duplicate
+    resent = await hub.send("x", "with-id", critical=True, message_id="order-1")
+    assert resent.status is SendStatus.DUPLICATE
+
+
+async def test_a_restore_skips_copies_another_node_delivered_after_a_rollback(
+    nodes: Factory, r: aioredis.Redis
+) -> None:
+    """A failover rolled back the last write of a plain-mode client's stream (same
+    epoch). Node a finds out and stores its copies again, but the client came back
+    through node b first, which delivered (and acked) those the stream still held: a
+    stores again only the copy the rollback lost, not the delivered ones a second time."""
+    a, b = nodes("a", retry_interval=60, retry_base_delay=60), nodes("b", retry_interval=60)
+    await a.start()
+    await b.start()
+    ws = MockWebSocket()
+    ws.fail_next(1)
+    await a.connect("x", ws)
+    for n in range(3):
+        assert (await a.send("x", n, critical=True)).status is SendStatus.QUEUED
+    keys = a.backend.keys  # type: ignore[attr-defined]
+    # the failover lost seq 3, and the counter went back to 2 (same epoch)
+    await r.xdel(keys.out("x"), "3-0")
+    await r.hset(keys.meta("x"), "s", 2)
+    streams = a._pipeline.streams
+    restore, go = streams.restore, asyncio.Event()
+    assert restore is not None
+
+    async def slow_restore(*args: Any) -> None:  # a's restore waits until b has delivered
+        await go.wait()
+        await restore(*args)
+
+    streams.restore = slow_restore
+    sent = await a.send("x", "new", critical=True)  # finds the rollback
+    assert sent.status is SendStatus.QUEUED
+    ws_b = MockWebSocket()
+    await b.connect("x", ws_b)  # the client comes back through node b
+    await until(lambda: len(ws_b.payloads) == 3)
+    assert ws_b.payloads == [0, 1, "new"]
+    go.set()
+    await until(lambda: 2 in ws_b.payloads)
+    assert ws_b.payloads == [0, 1, "new", 2]
+    for hub in (a, b):
+        assert hub.metrics.snapshot().to_dict()["messages"]["dropped"] == 0
+
+
 async def test_messages_a_doorbell_load_finds_expired_are_counted(
     nodes: Factory, r: aioredis.Redis
 ) -> None:

@@ -288,7 +288,7 @@ class DeliveryPipeline:
             for _ in stored.expired:
                 self._acct.expired(client)
         if local and stored.changed:
-            self.streams.lost(client)
+            self.streams.lost(client, stored.rolled_back_to)
             return self.queued(
                 client, envelope, "stored; the client's stream was recreated, it is reconnecting"
             )
@@ -644,14 +644,27 @@ class DeliveryPipeline:
                     written += await self.flush(client, force=False)
         return written
 
-    async def restore(self, client: ClientSession, envelopes: list[Envelope]) -> None:
+    async def restore(
+        self,
+        client: ClientSession,
+        envelopes: list[Envelope],
+        epoch: str | None = None,
+        upto: int | None = None,
+    ) -> None:
         """Store again, in order, a plain-mode client's copies that its recreated stream
         lost (see `StreamKeeper.lost`), behind whatever the new stream already holds. A
         copy the stream still holds (a failover that rolled back only the last writes)
-        is not stored twice; one that has expired is counted expired; one that cannot be
-        stored again is counted dropped and logged — never thrown away uncounted."""
+        is not stored twice, nor is one another node delivered meanwhile (the stream was
+        rolled back to `upto` in `epoch`, the epoch the copies' seqs belong to, so a copy
+        numbered up to there kept its number, and is still that epoch, acked past the
+        copy: delivered from there; numbers above `upto` may have been reused); one that has
+        expired is counted expired; one that cannot be stored again is counted dropped and
+        logged — never thrown away uncounted. Its dedup key may have outlived the stream:
+        recorded anew, not checked (the copy is not in the stream)."""
         cid = client.client_id
         left = list(envelopes)
+        again = getattr(self.backend, "restore_append", None)
+        restored = 0
         try:
             async with client.lock:
                 try:
@@ -679,20 +692,29 @@ class DeliveryPipeline:
                         left.pop(0)
                         self._acct.expired(client)
                         continue
-                    envelope.seq = None
+                    old_seq, envelope.seq = envelope.seq, None
                     try:
-                        outcome = await self.backend.append(client, envelope, local=False)
+                        if again is not None:
+                            kept = upto is not None and old_seq is not None and old_seq <= upto
+                            outcome = await again(
+                                client, envelope, epoch if kept else None, old_seq
+                            )
+                        else:
+                            outcome = await self.backend.append(client, envelope, local=False)
                     except BackendError as exc:
                         left.pop(0)
                         self._restore_failed(client, [envelope], f"backend unavailable: {exc}")
                         continue
                     left.pop(0)
+                    if outcome is None:  # delivered by another node meanwhile
+                        continue
                     if outcome is _DUPLICATE:  # its dedup key outlived the stream
                         self._restore_failed(client, [envelope], "its dedup key outlived it")
                     elif outcome is _FULL:
                         self._acct.overflow(client)
                         self._restore_failed(client, [envelope], "outbox full")
                     else:  # stored: count what it pushed out, as for any append
+                        restored += 1
                         self._refused(client, envelope, outcome)
                         if isinstance(outcome, Accepted):
                             for _ in outcome.expired:
@@ -700,7 +722,7 @@ class DeliveryPipeline:
         except asyncio.CancelledError:
             self._restore_failed(client, left, "hub stopping")
             raise
-        log.info("tether: stored %d message(s) to %s again in its new stream", len(envelopes), cid)
+        log.info("tether: stored %d message(s) to %s again in its new stream", restored, cid)
         await self.load_new(cid)  # connected here again meanwhile: deliver them
 
     def _restore_failed(self, client: ClientSession, envelopes: list[Envelope], why: str) -> None:

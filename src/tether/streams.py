@@ -35,7 +35,10 @@ class StreamKeeper:
         self._tasks = tasks
         # Stores a plain-mode client's copies again in its recreated stream (the
         # pipeline's `restore`); None: there is no store to put them back into.
-        self.restore: Callable[[ClientSession, list[Envelope]], Awaitable[None]] | None = None
+        self.restore: (
+            Callable[[ClientSession, list[Envelope], str | None, int | None], Awaitable[None]]
+            | None
+        ) = None
 
     def adopt(self, client: ClientSession, stored: StoredOutbox) -> None:
         """Make the session mirror the stored stream (lock held)."""
@@ -63,7 +66,8 @@ class StreamKeeper:
         ):
             # recreated under this connection (keys vanished), or rolled back (a failover
             # lost the last writes, whose numbers may now be reused)
-            self.lost(client)
+            rolled = stored.epoch == client.epoch
+            self.lost(client, stored.next_seq - 1 if rolled else None)
             return False
         client.epoch = stored.epoch
         for envelope in stored.envelopes:
@@ -72,13 +76,15 @@ class StreamKeeper:
         client.next_seq = max(client.next_seq, stored.next_seq)
         return True
 
-    def lost(self, client: ClientSession) -> None:
+    def lost(self, client: ClientSession, upto: int | None = None) -> None:
         """The stored stream was recreated under a connected client (its keys vanished):
         its numbering is no longer the one this connection speaks. Close the connection
         (1012, so the client comes back at once); its resume is answered with a reset and
         nothing is resumed over. A plain-mode client has no resume to be told of a loss:
         the copies this node holds for it (undelivered: written is delivered in plain
-        mode) are stored again in the new stream, in order (`restore`)."""
+        mode) are stored again in the new stream, in order (`restore`). `upto`: the stream
+        was rolled back (same epoch) to that counter; the copies numbered up to there that
+        another node delivered meanwhile are not stored again."""
         log.warning(
             "tether: the stored stream of %s was recreated under its connection; "
             "closing it so that its resume reports the reset",
@@ -87,7 +93,9 @@ class StreamKeeper:
         transport = client.transport
         drained = client.outbox.drain()
         if drained and not client.v1 and self.restore is not None:
-            self._tasks.spawn(self.restore(client, drained))
+            # the epoch their seqs belong to: those another node delivered meanwhile
+            # (acked in that epoch) are not stored again
+            self._tasks.spawn(self.restore(client, drained, client.epoch, upto))
         client.epoch = None
         client.stream_known = False
         if transport is not None:

@@ -74,6 +74,9 @@ class Accepted:
     unmirrored: bool = False  # stored by an attempt whose reply was lost: reload to mirror it
     direct: bool = False  # not stored: nothing is held for the client, write it directly
     expired: tuple[Envelope, ...] = ()  # found past their TTL in the store and removed
+    # `changed` because the stream was rolled back (a failover lost its last writes): the
+    # counter it was found at; its numbers above that may have been reused
+    rolled_back_to: int | None = None
 
 
 class Refused(Enum):

@@ -15,6 +15,7 @@ import random
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from itertools import islice
 from struct import Struct
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -69,6 +70,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 DEAD_LETTER_TTL_MS = 7 * 86_400 * 1000  # dead letters are for inspection, not forever
 _LUA = {name: LuaScript(source) for name, source in SCRIPTS.items()}
 MAX_UNKNOWN = 10_000  # appends with an unknown outcome remembered for a probing resend
+# How far past the evicted entries' count `_own` looks at the head of a session's outbox:
+# the copies the same append found expired (up to 64) may still be there ahead of them.
+_OWN_SLACK = 72
 _DIRECT = Accepted(0, direct=True)  # read-only: one answer for every direct write
 # A binary append item (see `redis_scripts.APPEND`): flags, floor, known, keep ms and the
 # base key's length, then the base key and the expected epoch, each after its length as a
@@ -139,6 +143,7 @@ class RedisBackend:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.errors = 0
         self.keys = RedisKeys(prefix)
+        self._prefix_bytes = prefix.encode("utf-8")
         self.wire = WireCodec(self.clock)
         self._socket_timeout = socket_timeout
         self._connect_timeout = connect_timeout
@@ -210,7 +215,9 @@ class RedisBackend:
         self._redis = self._conn.commands
         # Two slots (the default): Redis runs one pipeline while the next waits, and
         # answers each on its own (see `StreamBatcher._start`).
-        self._batcher = StreamBatcher(self._run_pipeline)
+        self._batcher = StreamBatcher(
+            self._run_pipeline, regroup=self._bucket_of_item if self._cluster else None
+        )
         try:
             await self._load_scripts()
         except BackendError as exc:  # run degraded; the listener keeps trying to get in
@@ -417,6 +424,14 @@ class RedisBackend:
         self._node_keys[node] = self._bucket_keys[bucket]  # any key of that node routes it there
         return node
 
+    def _bucket_of_item(self, item: Any) -> str:
+        """The bucket key of a binary append item's client (its base key up to the
+        bucket's hash tag: see `RedisKeys`), for a call sent again per bucket."""
+        (length,) = _LENGTH.unpack_from(item, _ITEM_HEAD.size - _LENGTH.size)
+        base: bytes = item[_ITEM_HEAD.size : _ITEM_HEAD.size + length]
+        end = base.index(b"}", len(self._prefix_bytes) + 1) + 1
+        return base[:end].decode("utf-8")
+
     def _items(
         self, items: Sequence[tuple[StreamState, Envelope, bool]], probe: bool
     ) -> list[bytes]:
@@ -508,31 +523,43 @@ class RedisBackend:
         seq = envelope.seq = int(seq_text)
         # none, or a tombstone: nobody to ring
         holder = None if not holder_text or holder_text[0] == "~" else holder_text
+        rolled = int(changed[1:]) if changed[0] == "r" else None
         if evicted is None:
-            return Accepted(seq, (), (), changed == "1", epoch, holder)
+            return Accepted(seq, (), (), changed != "0", epoch, holder, rolled_back_to=rolled)
         from_entry = self.wire.from_entry
         return Accepted(
             seq,
             self._own(session, evicted) if evicted else (),
             tuple(from_entry(e) for e in gap) if gap else (),
-            changed == "1",
+            changed != "0",
             epoch,
             holder,
             expired=tuple(from_entry(e) for e in expired) if expired else (),
+            rolled_back_to=rolled,
         )
 
     def _own(self, session: StreamState, entries: list[Any]) -> tuple[Envelope, ...]:
         """Evicted entries as the envelopes the session holds for the same messages (by
         seq and message id), as `_stored` does: only those know whether the message was
         written and awaits its ack — such a message is not dropped (see
-        `DeliveryPipeline._refused`)."""
+        `DeliveryPipeline._refused`). Evicted entries are the stream's oldest, so they are
+        looked for only at the head of the session's outbox (behind at most the expired
+        ones the same call removed), not in a dict of all of it: a full outbox under
+        drop_oldest evicts on every append."""
         from_entry = self.wire.from_entry
-        held = {(e.seq, e.message_id): e for e in session.outbox}
-        owned: list[Envelope] = []
+        wanted = {}
         for entry in entries:
             envelope = from_entry(entry)
-            owned.append(held.get((envelope.seq, envelope.message_id), envelope))
-        return tuple(owned)
+            wanted[(envelope.seq, envelope.message_id)] = envelope
+        missing = len(wanted)
+        for held in islice(session.outbox, len(entries) + _OWN_SLACK):
+            key = (held.seq, held.message_id)
+            if key in wanted and wanted[key] is not held:
+                wanted[key] = held
+                missing -= 1
+                if not missing:
+                    break
+        return tuple(wanted.values())
 
     async def append(
         self, session: StreamState, envelope: Envelope, *, local: bool
@@ -563,6 +590,50 @@ class RedisBackend:
             await self._ring_holders([(session, envelope, local)], [outcome])
         return outcome
 
+    async def restore_append(
+        self, session: StreamState, envelope: Envelope, epoch: str | None, seq: int | None
+    ) -> Accepted | Refused | None:
+        """Store again a copy its node held when the client's stream was found recreated
+        or rolled back (see `DeliveryPipeline.restore`), which the caller found missing
+        from the stream: its dedup key is recorded, not checked (it may have outlived the
+        stream). None: skipped, as delivered — the stream is still `epoch` and its acked
+        floor reached `seq` (another node delivered it from there meanwhile). Raises
+        `BackendError` when it was not stored, or may not have been."""
+        self._gate()
+        dedup = b""
+        if self._dedup_on and session.dedup is not None and envelope.dedup_key:
+            dedup = envelope.dedup_key.encode("utf-8", "surrogatepass")
+        flags = 8 | (1 if dedup else 0)
+        expect = b""
+        floor = 0
+        if epoch and seq is not None:
+            flags |= 16
+            expect, floor = epoch.encode(), seq
+        keep = max(self._keep_ms, int((envelope.expires_at - self.clock.now()) * 1000))
+        base = self.keys.base_bytes(session.client_id)
+        item = b"".join(
+            (
+                _ITEM_HEAD.pack(flags, floor, -1, keep, len(base)),
+                base,
+                _LENGTH.pack(len(expect)),
+                expect,
+                _KEY_LENGTH.pack(len(dedup)),
+                dedup,
+            )
+        )
+        group = self._group(session.client_id) if self._cluster else 0
+        future = self._b.submit_one("append", group, item, self.wire.payload(envelope))
+        try:
+            reply = await future
+        except OutcomeUnknown as exc:
+            raise BackendError(f"outcome unknown: {exc}") from exc
+        if reply == b"S" or reply == "S":
+            return None
+        outcome = self._accepted(session, envelope, reply)
+        if isinstance(outcome, Accepted) and outcome.holder not in (None, self.node_id):
+            await self._ring_holders([(session, envelope, False)], [outcome])
+        return outcome
+
     async def append_many(
         self, items: Sequence[tuple[StreamState, Envelope, bool]]
     ) -> list[Accepted | Refused | BackendError]:
@@ -588,6 +659,9 @@ class RedisBackend:
         outcomes: list[Accepted | Refused | BackendError] = []
         ring = False
         for (session, envelope, _), reply in zip(items, replies, strict=True):
+            if reply.__class__ is BackendError:  # not run: its bucket's slot migrates
+                outcomes.append(reply)
+                continue
             if unknown:
                 unknown.pop((session.client_id, envelope.message_id), None)
             outcome = accepted(session, envelope, reply)
@@ -635,6 +709,10 @@ class RedisBackend:
         outcomes: list[Accepted | Refused | BackendError] = []
         stored_before: list[int] = []
         for (session, envelope, _), reply in zip(items, replies, strict=True):
+            if isinstance(reply, BackendError):  # this attempt did not run (its slot moves)
+                self._remember_unknown(session.client_id, envelope.message_id)
+                outcomes.append(OutcomeUnknown(f"{unknown}; a second attempt failed: {reply}"))
+                continue
             self._unknown.pop((session.client_id, envelope.message_id), None)
             head = _text(reply[0] if isinstance(reply, list) else reply)
             if head.startswith("D|"):  # the first attempt stored it

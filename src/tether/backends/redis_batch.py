@@ -32,7 +32,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import BackendError, NotReplicated, OutcomeUnknown
-from .redis_connection import ReplicationShortfall, never_sent, refused
+from .redis_connection import NotRun, ReplicationShortfall, never_sent, refused
 
 # A call that failed with one of these was sent, and may have run (a node died mid-call).
 _IN_DOUBT = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
@@ -114,8 +114,18 @@ class StreamBatcher:
     pipeline as a whole failed.
     """
 
-    def __init__(self, run: Runner, *, max_in_flight: int = 2) -> None:
+    def __init__(
+        self,
+        run: Runner,
+        *,
+        max_in_flight: int = 2,
+        regroup: Callable[[Any], Hashable] | None = None,
+    ) -> None:
         self._run = run
+        # An append item's own key group (its Cluster bucket), for a call refused unrun
+        # because the one bucket key it declares is migrating: its items are sent again
+        # once, one call per bucket, so that only the migrating bucket's items fail.
+        self._regroup = regroup
         self._max_in_flight = max_in_flight
         self._queue: dict[tuple[str, Hashable], _Call] = {}
         self._in_flight = 0
@@ -291,7 +301,9 @@ class StreamBatcher:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._start)
 
-    async def _send(self, chunks: list[_Call], *, retry_noscript: bool) -> None:
+    async def _send(
+        self, chunks: list[_Call], *, retry_noscript: bool, regrouped: bool = False
+    ) -> None:
         try:
             requests = [self._request(chunk) for chunk in chunks]
         except Exception as exc:  # a packing bug: nothing was sent, so nothing was stored
@@ -311,6 +323,7 @@ class StreamBatcher:
                 raise
             return
         missing: list[_Call] = []
+        moving: list[_Call] = []
         # the senders of a Cluster's pipeline are spread over its nodes' calls: counted together
         stagger = sum(len(chunk.runs) for chunk in chunks) >= STAGGER_AT
         for chunk, reply in zip(chunks, replies, strict=True):
@@ -318,10 +331,21 @@ class StreamBatcher:
                 missing.append(chunk)  # nothing ran: safe to send again
             elif isinstance(reply, ReplicationShortfall):
                 self._fail(chunk, NotReplicated(f"Redis {chunk.script}: {reply}"))
+            elif (
+                isinstance(reply, NotRun)
+                and not regrouped
+                and self._regroup is not None
+                and chunk.script == "append"
+            ):
+                moving.append(chunk)  # its declared bucket migrates: nothing ran
             elif isinstance(reply, Exception) and (never_sent(reply) or refused(reply)):
                 # no connection for it, or the server refused it without running it
                 # (OOM, READONLY, CLUSTERDOWN, a migrating slot...): nothing was stored
-                self._fail(chunk, BackendError(f"Redis {chunk.script} not run: {reply}"))
+                failure = BackendError(f"Redis {chunk.script} not run: {reply}")
+                if regrouped:  # one bucket's items: the other buckets' keep their replies
+                    self._fail_items(chunk, failure)
+                else:
+                    self._fail(chunk, failure)
             elif isinstance(reply, _IN_DOUBT) or (
                 isinstance(reply, Exception) and "non local key" in str(reply)
             ):
@@ -350,7 +374,47 @@ class StreamBatcher:
                     self._later.append(later)
                     loop.call_soon(loop.call_soon, self._settle_later, later)
         if missing:
-            await self._send(missing, retry_noscript=False)
+            await self._send(missing, retry_noscript=False, regrouped=regrouped)
+        if moving:
+            await self._send(self._by_bucket(moving), retry_noscript=False, regrouped=True)
+
+    def _by_bucket(self, chunks: list[_Call]) -> list[_Call]:
+        """The items of `chunks` as one call per key group `regroup` names, in order."""
+        regroup = self._regroup
+        assert regroup is not None
+        calls: dict[Hashable, _Call] = {}
+        for chunk in chunks:
+            for run in chunk.runs:
+                for offset, text in enumerate(run.texts):
+                    group = regroup(text)
+                    call = calls.get(group)
+                    if call is None:
+                        call = calls[group] = _Call(chunk.script, group)
+                    if run.start < 0:
+                        piece = _Run(run.sink, -1, [text], run.payload)
+                    else:
+                        at = run.start + offset if run.indices is None else run.indices[offset]
+                        piece = _Run(run.sink, at, [text], run.payload, [at])
+                    call.runs.append(piece)
+                    call.size += 1
+        return list(calls.values())
+
+    @staticmethod
+    def _fail_items(chunk: _Call, failure: BackendError) -> None:
+        """`failure` as the reply of each of `chunk`'s items (certainly not run): a
+        ticket's other items keep theirs."""
+        for run in chunk.runs:
+            sink, start, count = run.sink, run.start, len(run.texts)
+            if start < 0:
+                if not sink.done():
+                    sink.set_exception(failure)
+                continue
+            indices = run.indices if run.indices is not None else range(start, start + count)
+            for index in indices:
+                sink.replies[index] = failure
+            sink.missing -= count
+            if sink.missing == 0 and not sink.future.done():
+                sink.future.set_result(sink.replies)
 
     def _settle_later(self, later: tuple[list[_Run], list[Any], int]) -> None:
         for index, held in enumerate(self._later):

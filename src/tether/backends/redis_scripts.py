@@ -77,6 +77,11 @@ end
 #          plain-mode client connected to the calling node with nothing queued there; if
 #          the stream holds nothing beyond the node's mirror, answer 0 (write it, do
 #          not store it: an integer, the cheapest reply to send and parse)
+#          8 = restore (see `DeliveryPipeline.restore`): record the dedup key without
+#          checking it; `floor` is then the copy's seq in the stream it came from and
+#          16 = skip it, answering "S", if the stream is still the expected epoch and its
+#          acked floor reached that seq (delivered by another node); numbering as for a
+#          client connected nowhere
 #   floor: numbering continues above it (the highest seq this node's mirror has seen)
 #   known: the highest seq this node's mirror holds (-1: no mirror, the client is not
 #          connected here); entries between it and the new seq (stored by other nodes)
@@ -84,8 +89,10 @@ end
 #   expected epoch: the epoch this node's mirror belongs to ('' for none); a different
 #          one means the stream was recreated under a connected client, and a counter
 #          below `floor` in the same epoch that it was rolled back (a failover lost writes):
-#          either way the item says `changed`
-# Returns per item: "D|seq it was stored with" duplicate, 0 write directly, "F" full, the
+#          either way the item says `changed` ('1'; 'r' and the counter found when
+#          rolled back)
+# Returns per item: "D|seq it was stored with" duplicate, "S" skipped (flag 16), 0 write
+# directly, "F" full, the
 # seq alone (an integer) when stored with nothing else to say — in the epoch the caller
 # expects, or for a client connected nowhere (the common cases: no string to build or
 # parse), or
@@ -124,13 +131,27 @@ while pos <= size do
   local kind, x, c, mid, data = head[1], head[2], head[3], head[4], head[5]
   local meta, out = base .. '#m', base .. '#o'
   local dflag = fl % 2 == 1
-  local direct = fl >= 4
+  local direct = math.floor(fl / 4) % 2 == 1
+  local restore = math.floor(fl / 8) % 2 == 1
   local prior = false
+  local skipped = false
   local dd
-  if dflag then
+  if restore then
+    -- a copy its node held when the stream was found recreated or rolled back: not in
+    -- the stream (the caller looked), so its dedup key, which may have outlived the
+    -- stream, is recorded anew, not checked. Delivered meanwhile (an ack in the epoch it
+    -- came from reached its old seq, the floor field): skipped.
+    if math.floor(fl / 16) % 2 == 1 then
+      local ea = redis.call('HMGET', meta, 'e', 'a')
+      if ea[1] == expect and (ea[2] or 0) + 0 >= floor then skipped = true end
+    end
+    floor, expect = 0, ''
+    if dflag then dd = base .. '#d:' .. dkey end
+  elseif dflag then
     dd = base .. '#d:' .. dkey
     prior = redis.call('GET', dd)
   end
+  if skipped then prior = true end
   if not prior and math.floor(fl / 2) % 2 == 1 then
     for _, e in ipairs(redis.call('XRANGE', out, '-', '+')) do
       local f = e[2]
@@ -148,7 +169,9 @@ while pos <= size do
       state = redis.call('HMGET', meta, 'e', 's', 'k')
     end
   end
-  if prior then
+  if skipped then
+    results[i] = 'S'
+  elseif prior then
     results[i] = 'D|' .. prior
   elseif state == false or (direct and not dflag and (state[1] or '') == expect
       and (state[2] or 0) + 0 == known and redis.call('XLEN', out) == 0) then
@@ -196,6 +219,7 @@ while pos <= size do
       -- Behind this node's mirror of the same epoch: the stream was rolled back (a
       -- failover lost the last writes) and some numbers may be reused. Say so.
       local rolled_back = expect ~= '' and expect == epoch and s < floor
+      local found_at = s
       if s < floor then s = floor end
       s = s + 1
       local sd = string.format('%d', s)
@@ -217,7 +241,11 @@ while pos <= size do
         redis.call('PEXPIREAT', out, k)
       end
       local changed = '0'
-      if (expect ~= '' and expect ~= epoch) or rolled_back then changed = '1' end
+      if expect ~= '' and expect ~= epoch then
+        changed = '1'
+      elseif rolled_back then
+        changed = 'r' .. string.format('%d', found_at)  -- and the counter it was found at
+      end
       local gap = {}
       if known >= 0 and changed == '0' and s > known + 1 then
         gap = redis.call('XRANGE', out, string.format('%d-0', known + 1),
