@@ -1358,3 +1358,18 @@ def test_an_out_of_range_integer_nested_deeper_than_json_recurses_is_refused() -
 def test_the_integer_scan_reads_only_integer_literals(text: str) -> None:
     assert not has_out_of_range_int(text)
     assert not has_out_of_range_int(text.encode())
+
+
+def test_the_integer_scan_consumes_an_unterminated_string_in_one_match() -> None:
+    # Malformed text reaches the scan on the error path (nested deeper than `json`
+    # recurses). A string that never closes must be consumed to the end by one match,
+    # not retried from every later quote: that was quadratic in the frame's length.
+    from tether.protocol import _STRING_OR_INTEGER
+
+    tail = '"\\' * 5000 + "1234567890123456789"
+    found = _STRING_OR_INTEGER.match(tail)
+    assert found is not None and found.end() == len(tail)
+    raw = "[" * 1100 + tail
+    with pytest.raises(ProtocolError) as info:
+        decode_client_frame(raw)
+    assert info.value.code == "invalid_json"

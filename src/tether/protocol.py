@@ -92,9 +92,12 @@ _DIGITS_AS_ZERO: Final = bytes(0x30 if 0x30 <= b <= 0x39 else 0x78 for b in rang
 _NINETEEN_DIGITS: Final = b"0" * 19
 # A JSON value that is a string (skipped whole, so its digits are text), or an integer
 # literal: not preceded by a digit, dot, exponent or sign, not followed by a fraction or
-# exponent. Linear, and without recursion however deep the nesting.
+# exponent. Linear, and without recursion however deep the nesting. The string branch
+# never fails once it has started (unrolled, its closing quote optional): on malformed
+# text (the error path scans what orjson refused) a string that never closes is consumed
+# to the end once, instead of being tried again from every later quote (quadratic).
 _STRING_OR_INTEGER: Final = re.compile(
-    r'"(?:[^"\\]|\\.)*"|(?<![0-9.eE+\-])(-?[0-9]{19,})(?![0-9.eE])'
+    r'"[^"\\]*(?:\\[\s\S][^"\\]*)*"?|(?<![0-9.eE+\-])(-?[0-9]{19,})(?![0-9.eE])'
 )
 DEFAULT_MAX_MESSAGE_SIZE: Final = 1_048_576
 
