@@ -17,16 +17,19 @@ from typing import Any
 
 import pytest
 
+from tether.backends import sqlite_store
 from tether.backends.base import BackendError
 from tether.backends.sqlite_store import (
     Appended,
     DeadLetterRecord,
+    ExpiryReport,
     MessageKind,
     NewMessage,
     Refusal,
     SqliteStore,
     StoreClosedError,
     StoreCorruptError,
+    StoreError,
     StoreFullError,
     StoreLockedError,
     StoreOpenError,
@@ -643,6 +646,127 @@ async def test_expire_removes_expired_messages_and_dedup_keys_in_chunks(tmp_path
         assert await store.pending_count("bob") == 3
         loaded = await store.load("alice")
         assert loaded is not None and [m.message_id for m in loaded.messages] == ["a1 again"]
+    finally:
+        await store.close()
+
+
+def fail_at(monkeypatch: pytest.MonkeyPatch, store: Any, name: str, call: int) -> None:
+    """`store.<name>` (run on the writer thread) raises a disk I/O error at its `call`th
+    call: that transaction rolls back."""
+    real = getattr(store, name)
+    calls = 0
+
+    def failing(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(*args)
+
+    monkeypatch.setattr(store, name, failing)
+
+
+def stop_signal(monkeypatch: pytest.MonkeyPatch, store: Any) -> threading.Event:
+    """An event set once close() has queued its stop for the writer thread."""
+    real_queue = store._queue
+    queued = threading.Event()
+
+    class Queue:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_queue, name)
+
+        def put(self, item: Any) -> None:
+            real_queue.put(item)
+            if item is sqlite_store._STOP:
+                queued.set()
+
+    monkeypatch.setattr(store, "_queue", Queue())
+    return queued
+
+
+async def test_an_expiry_failing_midway_reports_what_its_committed_chunks_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six expired rows, one a transaction; the third transaction fails. The two rows
+    the committed ones deleted are gone: the error names them (`partial`), and the next
+    pass reports the four others, the failed chunk's among them: each row once."""
+    store = await SqliteStore.open(tmp_path / "tether.db", chunk_rows=1)
+    try:
+        for n in range(1, 7):
+            await store.append("alice", msg(f"m{n}", expires_ms=1000), max_size=100)
+        fail_at(monkeypatch, store, "_touch", 3)  # each chunk of the pass touches first
+        with pytest.raises(StoreError) as failed:
+            await store.expire(10_000)
+        partial = failed.value.partial
+        assert isinstance(partial, ExpiryReport)
+        assert [m.message_id for m in partial.messages] == ["m1", "m2"]
+        assert await store.pending_count("alice") == 4
+        rest = await store.expire(10_000)
+        assert [m.message_id for m in rest.messages] == ["m3", "m4", "m5", "m6"]
+        assert await store.pending_count("alice") == 0
+    finally:
+        await store.close()
+
+
+async def test_an_expiry_cut_short_by_close_reports_what_it_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while an expiry pass is between chunks: the pass ends with the chunk that
+    runs beside the close, and its StoreClosedError names every row it deleted, no more
+    (the others are still in the file)."""
+    path = tmp_path / "tether.db"
+    store = await SqliteStore.open(path, chunk_rows=1)
+    for n in range(1, 7):
+        await store.append("alice", msg(f"m{n}", expires_ms=1000), max_size=100)
+    entered, stop_queued = threading.Event(), stop_signal(monkeypatch, store)
+    real_touch = store._touch
+    calls = 0
+
+    def touch(conn: Any, *more: Any) -> None:  # the writer thread, at each chunk
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # two chunks committed: hold the third until close() has asked
+            entered.set()
+            stop_queued.wait(30)
+        real_touch(conn, *more)
+
+    monkeypatch.setattr(store, "_touch", touch)
+    expiring = asyncio.ensure_future(store.expire(10_000))
+    await asyncio.to_thread(entered.wait, 30)
+    await store.close()
+    with pytest.raises(StoreClosedError) as cut:
+        await expiring
+    partial = cut.value.partial
+    assert isinstance(partial, ExpiryReport)
+    reported = [m.message_id for m in partial.messages]
+    assert 2 < len(reported) < 6
+    store = await SqliteStore.open(path)
+    try:
+        left = await store.load("alice")
+        assert left is not None
+        assert reported + [m.message_id for m in left.messages] == [f"m{n}" for n in range(1, 7)]
+    finally:
+        await store.close()
+
+
+async def test_a_drop_stream_failing_after_its_first_chunk_reports_the_dropped_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream goes with drop_stream's first chunk: if a later one fails, the messages
+    are dropped all the same (an expiry pass finishes deleting their rows, uncounted),
+    so the error says how many (`partial`)."""
+    store = await SqliteStore.open(tmp_path / "tether.db", chunk_rows=2)
+    try:
+        for n in range(1, 6):
+            await store.append("alice", msg(f"m{n}"), max_size=100)
+        fail_at(monkeypatch, store, "_purge_chunk", 2)
+        with pytest.raises(StoreError) as failed:
+            await store.drop_stream("alice")
+        assert failed.value.partial == 5
+        assert await store.load("alice") is None
+        monkeypatch.undo()
+        report = await store.expire(0)
+        assert (report.messages, report.purged_rows) == ([], 3)
     finally:
         await store.close()
 

@@ -75,6 +75,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import errno
 import fcntl
 import logging
@@ -124,7 +125,13 @@ Synchronous = Literal["NORMAL", "FULL"]
 
 
 class StoreError(BackendError):
-    """The store could not do what was asked; nothing of that operation was stored."""
+    """The store could not do what was asked; nothing of that operation was stored, except
+    for a chunked deletion (ack, expire, drop_stream) that failed or was cut short by
+    `close()` after some of its transactions had committed: those stay, and `partial`
+    says what they did (the value the operation would have returned for them alone; None
+    when nothing of it committed)."""
+
+    partial: Any = None
 
 
 class StoreOpenError(StoreError):
@@ -409,9 +416,11 @@ def _translate(exc: BaseException, path: Path) -> StoreError:
 
 class _Op:
     """One queued write: `step(conn, carry) -> (finished, value)`; an unfinished step's
-    value becomes its next carry and it runs again in the next transaction."""
+    value becomes its next carry and it runs again in the next transaction. `partial`
+    turns a committed carry into what the committed chunks did, for the error of an
+    operation that fails or is cut short after some of them (see StoreError.partial)."""
 
-    __slots__ = ("carry", "future", "loop", "step")
+    __slots__ = ("carry", "future", "loop", "partial", "step")
 
     def __init__(
         self,
@@ -419,11 +428,22 @@ class _Op:
         future: asyncio.Future[Any],
         loop: asyncio.AbstractEventLoop,
         carry: Any,
+        partial: Callable[[Any], Any] | None = None,
     ) -> None:
         self.step = step
         self.future = future
         self.loop = loop
         self.carry = carry
+        self.partial = partial
+
+    def error(self, error: StoreError, carry: Any) -> StoreError:
+        """`error` for this operation, with what its committed chunks (`carry`) did."""
+        if self.partial is None or carry is None:
+            return error
+        own = copy.copy(error)  # the same error may fail several operations
+        own.__cause__ = error.__cause__
+        own.partial = self.partial(carry)
+        return own
 
 
 _STOP = object()
@@ -961,7 +981,8 @@ class SqliteStore:
                     f"sqlite store {self.path} closed before this operation finished "
                     "(what it committed so far stays)"
                 )
-                outcomes.setdefault(op.loop, []).append((op.future, False, error))
+                # `value` is the carry of the chunk just committed: it counts too.
+                outcomes.setdefault(op.loop, []).append((op.future, False, op.error(error, value)))
             else:
                 op.carry = value
                 self._again.append(op)
@@ -974,7 +995,8 @@ class SqliteStore:
     def _fail(self, ops: Iterable[_Op], error: StoreError) -> None:
         outcomes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for op in ops:
-            outcomes.setdefault(op.loop, []).append((op.future, False, error))
+            # op.carry holds only committed chunks (a failed one's never replaces it).
+            outcomes.setdefault(op.loop, []).append((op.future, False, op.error(error, op.carry)))
         for loop, settled in outcomes.items():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, settled)
@@ -1008,12 +1030,13 @@ class SqliteStore:
         self,
         step: Callable[[sqlite3.Connection, Any], tuple[bool, Any]],
         carry: Any = None,
+        partial: Callable[[Any], Any] | None = None,
     ) -> asyncio.Future[Any]:
         if self._closing:
             raise StoreClosedError(f"sqlite store {self.path} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Op(step, future, loop, carry))
+        self._queue.put(_Op(step, future, loop, carry, partial))
         return future
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -1411,7 +1434,7 @@ class SqliteStore:
                 return True, done + deleted
             return False, (done + deleted, (sid, epoch))
 
-        result: int = await self._submit(step)
+        result: int = await self._submit(step, partial=lambda carry: carry[0])
         return result
 
     async def discard(self, client_id: str, seqs: Iterable[int]) -> int:
@@ -1637,7 +1660,8 @@ class SqliteStore:
             finished = self._purge_chunk(conn, sid)[1]
             return (True, count) if finished else (False, (sid, count))
 
-        result: int = await self._submit(step)
+        # The stream (and so its `count` messages) is gone once the first chunk commits.
+        result: int = await self._submit(step, partial=lambda carry: carry[1])
         return result
 
     def _purge_chunk(self, conn: sqlite3.Connection, sid: int) -> tuple[int, bool]:
@@ -1712,10 +1736,13 @@ class SqliteStore:
             more = len(rows) >= chunk or dedup_deleted >= chunk or not purge_done
             if more:
                 return False, carry
-            messages = [m for part in carry[0] for m in part]
-            return True, ExpiryReport(messages, carry[1], carry[2])
+            return True, report(carry)
 
-        result: ExpiryReport = await self._submit(step)
+        def report(carry: Any) -> ExpiryReport:
+            chunks, keys, purged = carry
+            return ExpiryReport([m for part in chunks for m in part], keys, purged)
+
+        result: ExpiryReport = await self._submit(step, partial=report)
         return result
 
     # ------------------------------------------------------------------ reads
