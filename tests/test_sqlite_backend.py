@@ -20,7 +20,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from test_sqlite_store import tmpfs
+from test_sqlite_store import fail_at, stop_signal, tmpfs
 from tether import Hub, HubConfig, HubUnavailable, SendStatus
 from tether.backends import sqlite_store
 from tether.backends.sqlite import SqliteBackend
@@ -325,6 +325,82 @@ async def test_an_expiry_pass_overlapping_a_first_send_counts_every_row_once(
     await second.cleanup_now()
     assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 6
     assert await second.backend.pending_count("ivy") == 1
+
+
+async def test_an_expiry_pass_failing_midway_counts_the_rows_its_committed_chunks_deleted(
+    node: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six expired rows of a client not seen since the restart, deleted one a
+    transaction; the third transaction fails (disk I/O error). The two rows deleted
+    before are gone from the file: counted by that pass; the next pass counts the
+    others. Six expired, none twice."""
+    clock = ManualClock()
+    config = {"sqlite_path": str(tmp_path / "tether.db")}
+    first = node(clock)
+    for n in range(6):
+        await first.send("ivy", n, critical=True, ttl=5)
+    await first.shutdown()
+
+    clock.advance(100)  # past their deadline and the file's grace period
+    backend = SqliteBackend(
+        tmp_path / "tether.db", HubConfig(backend="sqlite", **config), clock=clock, chunk_rows=1
+    )
+    second = node(clock, backend=backend)
+    await second.start()
+    fail_at(monkeypatch, backend.store, "_touch", 3)  # each chunk of the pass touches first
+    await second.cleanup_now()
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 2
+    assert await backend.pending_count("ivy") == 4
+    assert backend.errors == 1  # the failure is still logged and counted
+    await second.cleanup_now()
+    assert second.metrics.snapshot().to_dict()["messages"]["expired"] == 6
+    assert await backend.pending_count("ivy") == 0
+
+
+async def test_an_expiry_pass_cut_short_by_close_counts_the_rows_it_deleted(
+    node: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend closes while its expiry pass is between chunks: the pass returns the
+    rows it deleted, to be counted; the rows it did not reach are still in the file and
+    counted by the next start's pass. Six expired, none twice."""
+    clock = ManualClock()
+    config = {"sqlite_path": str(tmp_path / "tether.db")}
+    first = node(clock)
+    for n in range(6):
+        await first.send("ivy", n, critical=True, ttl=5)
+    await first.shutdown()
+
+    clock.advance(100)
+    backend = SqliteBackend(
+        tmp_path / "tether.db", HubConfig(backend="sqlite", **config), clock=clock, chunk_rows=1
+    )
+    store = await backend.open_store()
+    entered, stop_queued = threading.Event(), stop_signal(monkeypatch, store)
+    real_touch = store._touch
+    calls = 0
+
+    def touch(conn: Any, *more: Any) -> None:  # the writer thread, at each chunk
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # two chunks committed: hold the third until close() has asked
+            entered.set()
+            stop_queued.wait(30)
+        real_touch(conn, *more)
+
+    monkeypatch.setattr(store, "_touch", touch)
+    expiring = asyncio.ensure_future(backend.expire_stored({}))
+    await asyncio.to_thread(entered.wait, 30)
+    await backend.close()
+    counted = (await expiring).get("ivy", 0)
+    assert 2 < counted < 6
+    assert backend.expired == counted
+
+    third = node(clock)
+    await third.start()
+    assert await third.backend.pending_count("ivy") == 6 - counted
+    await third.cleanup_now()
+    assert third.metrics.snapshot().to_dict()["messages"]["expired"] == 6 - counted
+    assert await third.backend.pending_count("ivy") == 0
 
 
 def hold_answers(

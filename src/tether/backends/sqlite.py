@@ -39,11 +39,13 @@ from .redis_wire import WireCodec
 from .sqlite_store import (
     Appended,
     DeadLetterRecord,
+    ExpiryReport,
     MessageKind,
     NewMessage,
     Refusal,
     SqliteStore,
     StoreClosedError,
+    StoreError,
     StoredMessage,
     StreamState,
     Synchronous,
@@ -635,7 +637,11 @@ class SqliteBackend(SingleNode):
         deletions. A session counts as mirroring only if it did when the pass began; a
         load whose answer comes back during the pass records what it saw (those rows are
         its session's), and one whose answer comes back after the pass ended leaves out
-        the rows the pass deleted and counted (see `_fresh`)."""
+        the rows the pass deleted and counted (see `_fresh`).
+
+        A pass that fails, or is cut short by close(), after some of its transactions
+        committed returns what those deleted (the failure is logged and counted as an
+        error); raises only when nothing of it committed."""
         grace = max(60.0, 10 * self.config.retry_interval)
         cutoff = int((self.clock.wall() - grace) * 1000)
         known = {cid for cid, s in sessions.items() if cast("MirroredSession", s).stream_known}
@@ -643,8 +649,22 @@ class SqliteBackend(SingleNode):
         self._passes.append(loads)
         try:
             report = await self._call("expire", self.store.expire(cutoff))
+        except StoreError as exc:
+            if not isinstance(exc.partial, ExpiryReport):
+                raise  # nothing of the pass committed
+            # Failed (logged and counted by _call) or cut short by close() after some
+            # chunks committed: their rows are gone from the file, so they are returned
+            # to be counted like those of a whole pass. Those of the chunk that rolled
+            # back are still in the file, for the next pass.
+            report = exc.partial
         finally:
             self._passes.remove(loads)
+        return self._count_expired(report, known, loads)
+
+    def _count_expired(
+        self, report: ExpiryReport, known: set[str], loads: dict[str, set[tuple[int, str]]]
+    ) -> dict[str, int]:
+        """Count the rows an expiry pass deleted (see `expire_stored`)."""
         counts: dict[str, int] = {}
         loading = self._loading
         for message in report.messages:
