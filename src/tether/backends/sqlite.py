@@ -45,8 +45,8 @@ from .sqlite_store import (
     Refusal,
     SqliteStore,
     StoreClosedError,
-    StoreError,
     StoredMessage,
+    StoreError,
     StreamState,
     Synchronous,
 )
