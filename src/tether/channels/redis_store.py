@@ -12,6 +12,8 @@ Keys of channel `<name>` (one hash tag, so each script call stays in one Cluster
                               node holding the subscription, so a dead node's entries expire
                               (dropped, with a leave event, by the next read of the members).
     <prefix>:{ch:<name>}:pi   Hash client id -> presence info (JSON).
+    <prefix>:{ch:<name>}:pn   Hash client id -> the node that wrote the entry (only that
+                              node's refresh keeps it, only that node's leave removes it).
     <prefix>:channels         ZSET channel -> last activity (wall ms), for `channels()`.
 
 A publish is **one** script call, whatever the number of subscribers: it trims, dedups,
@@ -149,20 +151,32 @@ return {epoch, redis.call('XRANGE', KEYS[2], (tonumber(ARGV[1]) + 1) .. '-0', '+
 """
 )
 
-# KEYS p pi; ARGV client, expiry ms (0: remove), info JSON, keep ms, events channel,
-# channel name, origin node. Publishes a join (a new entry) or a leave (a removed one).
+# KEYS p pi pn; ARGV client, expiry ms (0: remove), info JSON, keep ms, events channel
+# ("": announce nothing), channel name, this node, claim ("1": a subscribe here, which takes
+# the entry over from any node; "0": a refresh, which leaves another node's entry alone).
+# An entry belongs to the node that wrote it (pn): a remove takes out only this node's
+# (returns -1 when another node holds it: the client subscribed there since). Publishes a
+# join (a new entry) or a leave (a removed one); returns 1 for either, else 0.
 _PRESENCE = LuaScript(
     """
+local owner = redis.call('HGET', KEYS[3], ARGV[1])
+if owner and owner ~= ARGV[7] and (ARGV[2] == '0' or ARGV[8] ~= '1')
+    and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return -1
+end
 local changed, kind
 if ARGV[2] == '0' then
   changed = redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
   kind = 'l'
 else
   changed = redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[7])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
   kind = 'j'
 end
 if changed == 1 and ARGV[5] ~= '' then
@@ -173,13 +187,14 @@ return changed
 """
 )
 
-# KEYS p pi; ARGV now ms, events channel, channel name. Drops expired entries (their node
+# KEYS p pi pn; ARGV now ms, events channel, channel name. Drops expired entries (their node
 # died) and publishes a leave for each; returns {client, info, ...}.
 _MEMBERS = LuaScript(
     """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 for _, cid in ipairs(gone) do
   redis.call('HDEL', KEYS[2], cid)
+  redis.call('HDEL', KEYS[3], cid)
   redis.call('PUBLISH', ARGV[2], '["l",' .. cjson.encode(ARGV[3]) .. ','
     .. cjson.encode(cid) .. ',"~expired"]')
 end
@@ -250,6 +265,10 @@ class RedisChannelStore:
     def _keys(self, channel: str) -> tuple[str, str, str, str, str]:
         tag = f"{self.prefix}:{{ch:{channel}}}"
         return f"{tag}:m", f"{tag}:s", f"{tag}:i", f"{tag}:p", f"{tag}:pi"
+
+    def _presence_keys(self, channel: str) -> list[str]:
+        tag = f"{self.prefix}:{{ch:{channel}}}"
+        return [f"{tag}:p", f"{tag}:pi", f"{tag}:pn"]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -418,33 +437,41 @@ class RedisChannelStore:
 
     # ------------------------------------------------------------------ presence
 
-    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None:
+    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> bool:
         text = orjson.dumps(info).decode()
         self._present[(channel, client_id)] = text
-        await self._presence_call(channel, client_id, self._expiry_ms(), text)
+        return await self._presence_call(channel, client_id, self._expiry_ms(), text) == 1
 
-    async def presence_remove(self, channel: str, client_id: str) -> None:
+    async def presence_remove(self, channel: str, client_id: str) -> bool:
         self._present.pop((channel, client_id), None)
-        await self._presence_call(channel, client_id, 0, "")
+        return await self._presence_call(channel, client_id, 0, "") != -1
 
     def _expiry_ms(self) -> int:
         return int(self.clock.wall() * 1000) + self._presence_ms
 
-    async def _presence_call(self, channel: str, client_id: str, expiry: int, info: str) -> None:
-        _, _, _, p, pi = self._keys(channel)
-        await self._eval(
+    async def _presence_call(self, channel: str, client_id: str, expiry: int, info: str) -> int:
+        reply = await self._eval(
             "presence",
             _PRESENCE,
-            [p, pi],
-            [client_id, expiry, info, self._keep_ms, self.events_channel, channel, self.node_id],
+            self._presence_keys(channel),
+            [
+                client_id,
+                expiry,
+                info,
+                self._keep_ms,
+                self.events_channel,
+                channel,
+                self.node_id,
+                1,
+            ],
         )
+        return int(reply)
 
     async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
-        _, _, _, p, pi = self._keys(channel)
         reply = await self._eval(
             "members",
             _MEMBERS,
-            [p, pi],
+            self._presence_keys(channel),
             [int(self.clock.wall() * 1000), self.events_channel, channel],
         )
         out: dict[str, dict[str, Any]] = {}
@@ -461,12 +488,13 @@ class RedisChannelStore:
             await asyncio.sleep(interval)
             for (channel, client_id), info in list(self._present.items()):
                 try:
-                    _, _, _, p, pi = self._keys(channel)
+                    keys = self._presence_keys(channel)
+                    node = self.node_id
                     await self._eval(
                         "presence refresh",
                         _PRESENCE,
-                        [p, pi],
-                        [client_id, self._expiry_ms(), info, self._keep_ms, "", channel, ""],
+                        keys,
+                        [client_id, self._expiry_ms(), info, self._keep_ms, "", channel, node, 0],
                     )
                     if (channel, client_id) not in self._present:
                         # Removed while the refresh was in flight: the two calls ran on
@@ -475,8 +503,8 @@ class RedisChannelStore:
                         await self._eval(
                             "presence refresh",
                             _PRESENCE,
-                            [p, pi],
-                            [client_id, 0, "", self._keep_ms, "", channel, ""],
+                            keys,
+                            [client_id, 0, "", self._keep_ms, "", channel, node, 0],
                         )
                 except BackendError as exc:
                     log.debug("tether: presence refresh failed: %s", exc)

@@ -786,8 +786,9 @@ class Channels:
     async def _joined(self, channel: str, client_id: str) -> None:
         info = {"node": self.node_id, "since": self.clock.wall()}
         async with self._turn(channel, client_id):
+            new = True
             try:
-                await self.store.presence_add(channel, client_id, info)
+                new = await self.store.presence_add(channel, client_id, info)
             except BackendError as exc:
                 log.warning(
                     "tether: presence of %s in %s not recorded: %s", client_id, channel, exc
@@ -795,14 +796,16 @@ class Channels:
             announced = self._announced.setdefault(channel, set())
             if client_id not in announced:  # present already (resubscribed): no new join
                 announced.add(client_id)
-                self._presence_event(channel, client_id, True)
+                if new:  # else present through another node, whose join was announced
+                    self._presence_event(channel, client_id, True)
 
     async def _left(self, channel: str, client_id: str) -> None:
         async with self._turn(channel, client_id):
             if client_id in self._subscribers.get(channel, ()):
                 return  # subscribed again meanwhile (a takeover's new connection): present
+            gone = True
             try:
-                await self.store.presence_remove(channel, client_id)
+                gone = await self.store.presence_remove(channel, client_id)
             except BackendError as exc:
                 log.warning("tether: presence of %s in %s not removed: %s", client_id, channel, exc)
             announced = self._announced.get(channel)
@@ -810,7 +813,8 @@ class Channels:
                 announced.discard(client_id)
                 if not announced:
                     del self._announced[channel]
-                self._presence_event(channel, client_id, False)
+                if gone:  # else it subscribed on another node since: still present
+                    self._presence_event(channel, client_id, False)
 
     async def _on_remote_presence(self, channel: str, client_id: str, joined: bool) -> None:
         self._presence_event(channel, client_id, joined)

@@ -80,9 +80,15 @@ class ChannelStore(Protocol):
 
     async def channels(self) -> list[ChannelInfo]: ...
 
-    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None: ...
+    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> bool:
+        """Record `client_id` present (written by this node); True if it was not present
+        before (on any node)."""
+        ...
 
-    async def presence_remove(self, channel: str, client_id: str) -> None: ...
+    async def presence_remove(self, channel: str, client_id: str) -> bool:
+        """Remove the entry this node wrote; True if the client is gone, False if another
+        node holds its entry (it subscribed there since): that one stays."""
+        ...
 
     async def presence(self, channel: str) -> dict[str, dict[str, Any]]: ...
 
@@ -94,15 +100,19 @@ class LocalPresence:
 
     _presence: dict[str, dict[str, dict[str, Any]]]
 
-    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> None:
-        self._presence.setdefault(channel, {})[client_id] = info
+    async def presence_add(self, channel: str, client_id: str, info: dict[str, Any]) -> bool:
+        members = self._presence.setdefault(channel, {})
+        new = client_id not in members
+        members[client_id] = info
+        return new
 
-    async def presence_remove(self, channel: str, client_id: str) -> None:
+    async def presence_remove(self, channel: str, client_id: str) -> bool:
         members = self._presence.get(channel)
         if members is not None:
             members.pop(client_id, None)
             if not members:
                 del self._presence[channel]
+        return True  # one node: nobody else holds an entry
 
     async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
         return dict(self._presence.get(channel, {}))
