@@ -616,6 +616,52 @@ async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:
     assert await backend.pending_count("ivy") == 0
 
 
+async def test_a_dead_letter_that_cannot_be_recorded_is_not_counted_and_stays_queued(
+    node: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store refuses the dead letter once (a full disk): the message is not counted
+    dead-lettered, stays in the file and the outbox, and its next failed attempt
+    dead-letters it (counted once); nothing is delivered again after a reconnect."""
+    clock = ManualClock()
+    hub = node(clock, max_retries=1, failure_threshold=100, retry_base_delay=0.1)
+    ws = MockWebSocket(failure_rate=1.0)
+    await hub.connect("ivy", ws)
+    await hub.send("ivy", "poison", critical=True)
+    store = store_of(hub)
+    real = store.dead_letter
+    refusals = 0
+
+    async def refuse_once(*args: Any) -> Any:
+        nonlocal refusals
+        if refusals == 0:
+            refusals += 1
+            raise sqlite_store.StoreError("database or disk is full")
+        return await real(*args)
+
+    monkeypatch.setattr(store, "dead_letter", refuse_once)
+    for _ in range(20):
+        if refusals:
+            break
+        clock.advance(1)
+        await hub.retry_now()
+    assert refusals == 1
+    messages = hub.metrics.snapshot().to_dict()["messages"]
+    assert messages["dead_lettered"] == 0 and not hub.dead_letters("ivy")
+    assert await hub.backend.pending_count("ivy") == 1  # still stored
+    for _ in range(20):
+        if hub.dead_letters("ivy"):
+            break
+        clock.advance(1)
+        await hub.retry_now()
+    assert [d.data for d in hub.dead_letters("ivy")] == ["poison"]
+    assert hub.metrics.snapshot().to_dict()["messages"]["dead_lettered"] == 1
+    assert await hub.backend.pending_count("ivy") == 0
+    await hub.disconnect("ivy")
+    again = MockWebSocket()
+    await hub.connect("ivy", again)
+    assert again.sent == []  # not delivered after being dead-lettered
+
+
 async def test_a_full_disk_rejects_with_the_reason_and_acknowledges_only_what_is_stored(
     tmp_path: Path,
 ) -> None:

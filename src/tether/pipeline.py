@@ -600,13 +600,9 @@ class DeliveryPipeline:
 
     async def dead_letter(self, client: ClientSession, envelope: Envelope, reason: str) -> None:
         """Keep a message whose retries are used up in the dead-letter store (and the
-        backend's), counted and logged."""
-        self._acct.dead_lettered(client)
-        if len(client.dead_letters) == client.dead_letters.maxlen:
-            log.warning(
-                "tether: dead-letter store of %s full; discarding its oldest entry",
-                client.client_id,
-            )
+        backend's), counted and logged. When the backend cannot record it (a full disk),
+        the message is not dead-lettered: it goes back to the outbox, still stored, and its
+        next failed attempt dead-letters it again (a successful one delivers it)."""
         letter = DeadLetter(
             client_id=client.client_id,
             message_id=envelope.message_id,
@@ -616,12 +612,29 @@ class DeliveryPipeline:
             failed_at=self.clock.wall(),
             data=envelope.data,
         )
-        client.dead_letters.append(letter)
         try:
             await self.backend.dead_letter(client, letter)
+        except BackendError as exc:
+            log.warning(
+                "tether: could not record dead letter for %s: %s; message %s (seq %s) stays queued",
+                client.client_id,
+                exc,
+                envelope.message_id,
+                envelope.seq,
+            )
+            self._requeue(client, envelope)
+            return
+        try:
             await self.backend.discard(client, [envelope])
         except BackendError as exc:
-            log.warning("tether: could not record dead letter for %s: %s", client.client_id, exc)
+            log.warning("tether: could not discard dead letter for %s: %s", client.client_id, exc)
+        self._acct.dead_lettered(client)
+        if len(client.dead_letters) == client.dead_letters.maxlen:
+            log.warning(
+                "tether: dead-letter store of %s full; discarding its oldest entry",
+                client.client_id,
+            )
+        client.dead_letters.append(letter)
         log.warning(
             "tether: message %s to %s dead-lettered after %d attempts (%s)",
             envelope.message_id,
@@ -629,6 +642,21 @@ class DeliveryPipeline:
             envelope.attempts,
             reason,
         )
+
+    def _requeue(self, client: ClientSession, envelope: Envelope) -> None:
+        """Put back, in seq order among the unwritten, a message taken out of the queue
+        to be dead-lettered whose dead letter could not be recorded; retried after the
+        backoff of its (exhausted) attempt count."""
+        envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        queue = client.outbox.queue
+        seq = envelope.seq
+        index = 0 if seq is None else len(queue)
+        if seq is not None:
+            for position, queued in enumerate(queue):
+                if queued.seq is None or queued.seq > seq:
+                    index = position
+                    break
+        queue.insert(index, envelope)
 
     async def retry(self, clients: list[ClientSession]) -> int:
         """One retry cycle: for each client with anything pending, expire, then write
