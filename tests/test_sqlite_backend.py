@@ -616,6 +616,45 @@ async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:
     assert await backend.pending_count("ivy") == 0
 
 
+async def test_failed_attempts_survive_a_restart_so_the_retry_budget_does_not_start_again(
+    node: Factory,
+) -> None:
+    """A poison message that failed 3 times of a budget of 4 (max_retries=3) before a
+    restart is dead-lettered after its one remaining attempt, not after 4 more."""
+    clock = ManualClock()
+    config: dict[str, Any] = {
+        "max_retries": 3,
+        "failure_threshold": 100,
+        "retry_base_delay": 0.1,
+        "retry_max_delay": 0.1,
+    }
+    first = node(clock, **config)
+    ws = MockWebSocket(failure_rate=1.0)
+    await first.connect("ivy", ws)
+    await first.send("ivy", "poison", critical=True)
+    for _ in range(20):
+        if ws.failures >= 3:
+            break
+        clock.advance(1)
+        await first.retry_now()
+    assert ws.failures == 3 and not first.dead_letters("ivy")
+    await first.disconnect("ivy")  # else the shutdown's drain makes one more attempt
+    await first.shutdown()
+
+    second = node(clock, **config)
+    await second.start()
+    ws = MockWebSocket(failure_rate=1.0)
+    await second.connect("ivy", ws)
+    for _ in range(20):
+        if second.dead_letters("ivy"):
+            break
+        clock.advance(1)
+        await second.retry_now()
+    assert ws.failures == 1  # the one attempt left of its budget
+    assert [d.attempts for d in second.dead_letters("ivy")] == [4]
+    assert await second.backend.pending_count("ivy") == 0
+
+
 async def test_a_dead_letter_that_cannot_be_recorded_is_not_counted_and_stays_queued(
     node: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

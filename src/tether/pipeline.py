@@ -79,6 +79,10 @@ class DeliveryPipeline:
         # coroutine frame (a stored send's resume wakes one frame less); None: await
         # `append`.
         self.append_future = getattr(backend, "append_future", None)
+        # Optional, durable stores: `record_attempts(session, envelope) -> None` keeps a
+        # stored message's failed-attempt count (not awaited), so that its retry budget
+        # survives a restart.
+        self._record_attempts = getattr(backend, "record_attempts", None)
         # A store that is the session's own outbox (nothing durable or shared to trim):
         # an ack is settled in process, without awaiting the backend.
         self.acks_in_process = (
@@ -493,6 +497,8 @@ class DeliveryPipeline:
         if self._retry.exhausted(envelope.attempts):
             return client.outbox.remove_head()
         envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        if self._record_attempts is not None:
+            self._record_attempts(client, envelope)
         return None
 
     # ------------------------------------------------------------------ leaving the outbox
