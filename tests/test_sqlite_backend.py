@@ -655,17 +655,17 @@ async def test_failed_attempts_survive_a_restart_so_the_retry_budget_does_not_st
     assert await second.backend.pending_count("ivy") == 0
 
 
+@pytest.mark.parametrize("max_retries", [0, 1])  # 0: dead-lettered by the send's own write
 async def test_a_dead_letter_that_cannot_be_recorded_is_not_counted_and_stays_queued(
-    node: Factory, monkeypatch: pytest.MonkeyPatch
+    node: Factory, monkeypatch: pytest.MonkeyPatch, max_retries: int
 ) -> None:
     """The store refuses the dead letter once (a full disk): the message is not counted
     dead-lettered, stays in the file and the outbox, and its next failed attempt
     dead-letters it (counted once); nothing is delivered again after a reconnect."""
     clock = ManualClock()
-    hub = node(clock, max_retries=1, failure_threshold=100, retry_base_delay=0.1)
+    hub = node(clock, max_retries=max_retries, failure_threshold=100, retry_base_delay=0.1)
     ws = MockWebSocket(failure_rate=1.0)
     await hub.connect("ivy", ws)
-    await hub.send("ivy", "poison", critical=True)
     store = store_of(hub)
     real = store.dead_letter
     refusals = 0
@@ -678,6 +678,7 @@ async def test_a_dead_letter_that_cannot_be_recorded_is_not_counted_and_stays_qu
         return await real(*args)
 
     monkeypatch.setattr(store, "dead_letter", refuse_once)
+    await hub.send("ivy", "poison", critical=True)
     for _ in range(20):
         if refusals:
             break

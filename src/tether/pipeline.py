@@ -393,7 +393,9 @@ class DeliveryPipeline:
         if outcome is not CLOSED:
             doomed = self._head_failed(client, envelope)
             if doomed is not None:
-                self._tasks.spawn(self.dead_letter(client, doomed, "retries exhausted"))
+                self._tasks.spawn(
+                    self.dead_letter(client, doomed, "retries exhausted", locked=False)
+                )
         return self.queued(client, envelope)
 
     def _warn_overflow(self, client: ClientSession, evicted: Envelope) -> None:
@@ -604,11 +606,14 @@ class DeliveryPipeline:
             except BackendError as exc:
                 log.warning("tether: could not discard expired messages: %s", exc)
 
-    async def dead_letter(self, client: ClientSession, envelope: Envelope, reason: str) -> None:
+    async def dead_letter(
+        self, client: ClientSession, envelope: Envelope, reason: str, *, locked: bool = True
+    ) -> None:
         """Keep a message whose retries are used up in the dead-letter store (and the
         backend's), counted and logged. When the backend cannot record it (a full disk),
         the message is not dead-lettered: it goes back to the outbox, still stored, and its
-        next failed attempt dead-letters it again (a successful one delivers it)."""
+        next failed attempt dead-letters it again (a successful one delivers it).
+        `locked`: the caller holds the client's lock (else it is taken to requeue)."""
         letter = DeadLetter(
             client_id=client.client_id,
             message_id=envelope.message_id,
@@ -628,7 +633,11 @@ class DeliveryPipeline:
                 envelope.message_id,
                 envelope.seq,
             )
-            self._requeue(client, envelope)
+            if locked:
+                self._requeue(client, envelope)
+            else:
+                async with client.lock:
+                    self._requeue(client, envelope)
             return
         try:
             await self.backend.discard(client, [envelope])
