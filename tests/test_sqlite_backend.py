@@ -616,6 +616,92 @@ async def test_dead_letters_are_kept_in_the_file(node: Factory) -> None:
     assert await backend.pending_count("ivy") == 0
 
 
+async def test_failed_attempts_survive_a_restart_so_the_retry_budget_does_not_start_again(
+    node: Factory,
+) -> None:
+    """A poison message that failed 3 times of a budget of 4 (max_retries=3) before a
+    restart is dead-lettered after its one remaining attempt, not after 4 more."""
+    clock = ManualClock()
+    config: dict[str, Any] = {
+        "max_retries": 3,
+        "failure_threshold": 100,
+        "retry_base_delay": 0.1,
+        "retry_max_delay": 0.1,
+    }
+    first = node(clock, **config)
+    ws = MockWebSocket(failure_rate=1.0)
+    await first.connect("ivy", ws)
+    await first.send("ivy", "poison", critical=True)
+    for _ in range(20):
+        if ws.failures >= 3:
+            break
+        clock.advance(1)
+        await first.retry_now()
+    assert ws.failures == 3 and not first.dead_letters("ivy")
+    await first.disconnect("ivy")  # else the shutdown's drain makes one more attempt
+    await first.shutdown()
+
+    second = node(clock, **config)
+    await second.start()
+    ws = MockWebSocket(failure_rate=1.0)
+    await second.connect("ivy", ws)
+    for _ in range(20):
+        if second.dead_letters("ivy"):
+            break
+        clock.advance(1)
+        await second.retry_now()
+    assert ws.failures == 1  # the one attempt left of its budget
+    assert [d.attempts for d in second.dead_letters("ivy")] == [4]
+    assert await second.backend.pending_count("ivy") == 0
+
+
+@pytest.mark.parametrize("max_retries", [0, 1])  # 0: dead-lettered by the send's own write
+async def test_a_dead_letter_that_cannot_be_recorded_is_not_counted_and_stays_queued(
+    node: Factory, monkeypatch: pytest.MonkeyPatch, max_retries: int
+) -> None:
+    """The store refuses the dead letter once (a full disk): the message is not counted
+    dead-lettered, stays in the file and the outbox, and its next failed attempt
+    dead-letters it (counted once); nothing is delivered again after a reconnect."""
+    clock = ManualClock()
+    hub = node(clock, max_retries=max_retries, failure_threshold=100, retry_base_delay=0.1)
+    ws = MockWebSocket(failure_rate=1.0)
+    await hub.connect("ivy", ws)
+    store = store_of(hub)
+    real = store.dead_letter
+    refusals = 0
+
+    async def refuse_once(*args: Any) -> Any:
+        nonlocal refusals
+        if refusals == 0:
+            refusals += 1
+            raise sqlite_store.StoreError("database or disk is full")
+        return await real(*args)
+
+    monkeypatch.setattr(store, "dead_letter", refuse_once)
+    await hub.send("ivy", "poison", critical=True)
+    for _ in range(20):
+        if refusals:
+            break
+        clock.advance(1)
+        await hub.retry_now()
+    assert refusals == 1
+    messages = hub.metrics.snapshot().to_dict()["messages"]
+    assert messages["dead_lettered"] == 0 and not hub.dead_letters("ivy")
+    assert await hub.backend.pending_count("ivy") == 1  # still stored
+    for _ in range(20):
+        if hub.dead_letters("ivy"):
+            break
+        clock.advance(1)
+        await hub.retry_now()
+    assert [d.data for d in hub.dead_letters("ivy")] == ["poison"]
+    assert hub.metrics.snapshot().to_dict()["messages"]["dead_lettered"] == 1
+    assert await hub.backend.pending_count("ivy") == 0
+    await hub.disconnect("ivy")
+    again = MockWebSocket()
+    await hub.connect("ivy", again)
+    assert again.sent == []  # not delivered after being dead-lettered
+
+
 async def test_a_full_disk_rejects_with_the_reason_and_acknowledges_only_what_is_stored(
     tmp_path: Path,
 ) -> None:

@@ -79,6 +79,10 @@ class DeliveryPipeline:
         # coroutine frame (a stored send's resume wakes one frame less); None: await
         # `append`.
         self.append_future = getattr(backend, "append_future", None)
+        # Optional, durable stores: `record_attempts(session, envelope) -> None` keeps a
+        # stored message's failed-attempt count (not awaited), so that its retry budget
+        # survives a restart.
+        self._record_attempts = getattr(backend, "record_attempts", None)
         # A store that is the session's own outbox (nothing durable or shared to trim):
         # an ack is settled in process, without awaiting the backend.
         self.acks_in_process = (
@@ -389,7 +393,9 @@ class DeliveryPipeline:
         if outcome is not CLOSED:
             doomed = self._head_failed(client, envelope)
             if doomed is not None:
-                self._tasks.spawn(self.dead_letter(client, doomed, "retries exhausted"))
+                self._tasks.spawn(
+                    self.dead_letter(client, doomed, "retries exhausted", locked=False)
+                )
         return self.queued(client, envelope)
 
     def _warn_overflow(self, client: ClientSession, evicted: Envelope) -> None:
@@ -493,6 +499,8 @@ class DeliveryPipeline:
         if self._retry.exhausted(envelope.attempts):
             return client.outbox.remove_head()
         envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        if self._record_attempts is not None:
+            self._record_attempts(client, envelope)
         return None
 
     # ------------------------------------------------------------------ leaving the outbox
@@ -598,15 +606,14 @@ class DeliveryPipeline:
             except BackendError as exc:
                 log.warning("tether: could not discard expired messages: %s", exc)
 
-    async def dead_letter(self, client: ClientSession, envelope: Envelope, reason: str) -> None:
+    async def dead_letter(
+        self, client: ClientSession, envelope: Envelope, reason: str, *, locked: bool = True
+    ) -> None:
         """Keep a message whose retries are used up in the dead-letter store (and the
-        backend's), counted and logged."""
-        self._acct.dead_lettered(client)
-        if len(client.dead_letters) == client.dead_letters.maxlen:
-            log.warning(
-                "tether: dead-letter store of %s full; discarding its oldest entry",
-                client.client_id,
-            )
+        backend's), counted and logged. When the backend cannot record it (a full disk),
+        the message is not dead-lettered: it goes back to the outbox, still stored, and its
+        next failed attempt dead-letters it again (a successful one delivers it).
+        `locked`: the caller holds the client's lock (else it is taken to requeue)."""
         letter = DeadLetter(
             client_id=client.client_id,
             message_id=envelope.message_id,
@@ -616,12 +623,33 @@ class DeliveryPipeline:
             failed_at=self.clock.wall(),
             data=envelope.data,
         )
-        client.dead_letters.append(letter)
         try:
             await self.backend.dead_letter(client, letter)
+        except BackendError as exc:
+            log.warning(
+                "tether: could not record dead letter for %s: %s; message %s (seq %s) stays queued",
+                client.client_id,
+                exc,
+                envelope.message_id,
+                envelope.seq,
+            )
+            if locked:
+                self._requeue(client, envelope)
+            else:
+                async with client.lock:
+                    self._requeue(client, envelope)
+            return
+        try:
             await self.backend.discard(client, [envelope])
         except BackendError as exc:
-            log.warning("tether: could not record dead letter for %s: %s", client.client_id, exc)
+            log.warning("tether: could not discard dead letter for %s: %s", client.client_id, exc)
+        self._acct.dead_lettered(client)
+        if len(client.dead_letters) == client.dead_letters.maxlen:
+            log.warning(
+                "tether: dead-letter store of %s full; discarding its oldest entry",
+                client.client_id,
+            )
+        client.dead_letters.append(letter)
         log.warning(
             "tether: message %s to %s dead-lettered after %d attempts (%s)",
             envelope.message_id,
@@ -629,6 +657,21 @@ class DeliveryPipeline:
             envelope.attempts,
             reason,
         )
+
+    def _requeue(self, client: ClientSession, envelope: Envelope) -> None:
+        """Put back, in seq order among the unwritten, a message taken out of the queue
+        to be dead-lettered whose dead letter could not be recorded; retried after the
+        backoff of its (exhausted) attempt count."""
+        envelope.next_attempt_at = self.clock.now() + self._retry.delay(envelope.attempts)
+        queue = client.outbox.queue
+        seq = envelope.seq
+        index = 0 if seq is None else len(queue)
+        if seq is not None:
+            for position, queued in enumerate(queue):
+                if queued.seq is None or queued.seq > seq:
+                    index = position
+                    break
+        queue.insert(index, envelope)
 
     async def retry(self, clients: list[ClientSession]) -> int:
         """One retry cycle: for each client with anything pending, expire, then write

@@ -133,6 +133,11 @@ class Backend(Protocol):
     # in the session's outbox (as memory does): acks are then settled in process and its
     # `ack` is not called.
     #
+    # Optional: `record_attempts(session, envelope) -> None`, for a durable store: keep
+    # the stored message's failed-delivery count (`envelope.attempts`), not awaited (the
+    # store batches it), so that a restart does not start its retry budget again; `load`
+    # and `attach` then return it in the envelopes' `attempts`.
+    #
     # Optional: `store_slice: int | None`. A critical broadcast's copies go to
     # `append_many` in slices of this many, one event-loop turn apart, so a store a round
     # trip away works on the first slices while the hub builds the others; without it

@@ -139,6 +139,9 @@ class SqliteBackend(SingleNode):
         # that ended meanwhile deleted and counted, which its answer (read before that
         # deletion) may still hold and must not hand to the session (see _fresh).
         self._loading: dict[str, list[_Load]] = {}
+        # Failed-delivery counts of this event-loop turn, per client ({seq: attempts}),
+        # written together through the writer queue (see record_attempts).
+        self._attempts: dict[str, dict[int, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -171,6 +174,7 @@ class SqliteBackend(SingleNode):
 
     async def close(self) -> None:
         self._closed = True  # an open still waiting for the lock sees it and refuses
+        self._submit_attempts()  # counts of this turn go in before the store closes
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         # An open in progress (a channel used before the hub started) finishes first, so
@@ -577,6 +581,40 @@ class SqliteBackend(SingleNode):
         seqs = [e.seq for e in envelopes if e.seq is not None]
         if seqs:
             await self._call("discard", self.store.discard(session.client_id, seqs))
+
+    def record_attempts(self, session: SessionView, envelope: Envelope) -> None:
+        """A delivery attempt of this stored message failed: keep its count in the file,
+        so that its retry budget is not started again after a restart. Not awaited: the
+        counts of an event-loop turn go to the writer queue together and commit with the
+        group; a count that cannot be written is logged (the message is still stored and
+        retried, with a budget counted from the last count written)."""
+        seq = envelope.seq
+        if seq is None or self._store is None:
+            return
+        pending = self._attempts
+        if not pending:
+            asyncio.get_running_loop().call_soon(self._submit_attempts)
+        counts = pending.get(session.client_id)
+        if counts is None:
+            counts = pending[session.client_id] = {}
+        counts[seq] = envelope.attempts
+
+    def _submit_attempts(self) -> None:
+        pending = self._attempts
+        if not pending:
+            return
+        self._attempts = {}
+        store = self._store
+        if store is None:
+            return
+        task = asyncio.ensure_future(self._write_attempts(store, pending))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write_attempts(self, store: SqliteStore, pending: dict[str, dict[int, int]]) -> None:
+        calls = [store.record_attempts(client_id, counts) for client_id, counts in pending.items()]
+        with contextlib.suppress(BackendError):  # counted and logged by _call
+            await self._call("record_attempts", asyncio.gather(*calls))
 
     async def dead_letter(self, session: SessionView, letter: DeadLetter) -> None:
         """Keep the letter in the file and remove its message from the stream (one
