@@ -380,6 +380,7 @@ async def test_a_name_replaced_by_a_hard_link_after_the_check_is_refused_keeping
     path = tmp_path / "tether.db"
     hard = tmp_path / "hard.db"
     store = await SqliteStore.open(path)
+    await store.integrity_checked()  # its connection closed: the count below is stable
     os.link(path, hard)
     real_stat = os.stat
 
