@@ -67,7 +67,10 @@ class DeliveryPipeline:
         self._registry = registry
         self.writer = writer
         self.streams = streams
-        if backend.shared:
+        # A shared store that can store a recreated stream's lost copies again
+        # (`restore`): `restore_append(session, envelope, epoch, seq)`.
+        self._restore_append = getattr(backend, "restore_append", None)
+        if self._restore_append is not None:
             streams.restore = self.restore
         self._tasks = tasks
         self._retry = retry
@@ -706,7 +709,8 @@ class DeliveryPipeline:
         recorded anew, not checked (the copy is not in the stream)."""
         cid = client.client_id
         left = list(envelopes)
-        again = getattr(self.backend, "restore_append", None)
+        again = self._restore_append
+        assert again is not None  # wired only then (see __init__)
         restored = 0
         try:
             async with client.lock:
@@ -736,14 +740,9 @@ class DeliveryPipeline:
                         self._acct.expired(client)
                         continue
                     old_seq, envelope.seq = envelope.seq, None
+                    kept = upto is not None and old_seq is not None and old_seq <= upto
                     try:
-                        if again is not None:
-                            kept = upto is not None and old_seq is not None and old_seq <= upto
-                            outcome = await again(
-                                client, envelope, epoch if kept else None, old_seq
-                            )
-                        else:
-                            outcome = await self.backend.append(client, envelope, local=False)
+                        outcome = await again(client, envelope, epoch if kept else None, old_seq)
                     except BackendError as exc:
                         left.pop(0)
                         self._restore_failed(client, [envelope], f"backend unavailable: {exc}")
@@ -751,9 +750,7 @@ class DeliveryPipeline:
                     left.pop(0)
                     if outcome is None:  # delivered by another node meanwhile
                         continue
-                    if outcome is _DUPLICATE:  # its dedup key outlived the stream
-                        self._restore_failed(client, [envelope], "its dedup key outlived it")
-                    elif outcome is _FULL:
+                    if outcome is _FULL:
                         self._acct.overflow(client)
                         self._restore_failed(client, [envelope], "outbox full")
                     else:  # stored: count what it pushed out, as for any append
