@@ -137,8 +137,82 @@ async def test_a_plain_send_is_timed_once_written_whether_at_once_or_after_a_rec
             clock.advance(0.125)
         await hub.connect("p", _Socket())
         written_at = clock.now()
-        hub.metrics.snapshot()
+        snap = hub.metrics.snapshot()
         ages = [0.0] + [written_at - t for t in queued_at]
-        assert hub.metrics.latency.count == 3 == hub.metrics.total("messages_delivered")
-        assert hub.metrics.latency.buckets == _binned(ages)
-        assert hub.metrics.latency.total == sum(sorted(ages))
+        assert snap.latency_count == 3 == hub.metrics.total("messages_delivered")
+        assert list(snap.latency_buckets) == _binned(ages)
+        assert snap.latency_total == sum(sorted(ages))
+
+
+async def test_deliveries_at_once_stay_counted_and_timed_after_their_client_is_forgotten() -> None:
+    """A write under the first bucket's bound is counted on the client, not buffered: it
+    is in `messages_delivered`, the per-client counters, the snapshot's first bucket and
+    the Prometheus histogram, before and after the client is forgotten."""
+    from prometheus_client import generate_latest
+
+    from tether import Hub, HubConfig, ManualClock
+
+    clock = ManualClock()
+    hub = Hub(HubConfig(backend="memory"), clock=clock)
+    async with hub:
+        await hub.connect("p", _Socket())
+        for _ in range(5):
+            assert (await hub.send("p", "now", critical=True)).status.value == "sent"
+        assert (await hub.send("p", "fast")).status.value == "sent"  # best-effort
+        await hub.disconnect("p")
+        assert (await hub.send("p", "later", critical=True)).status.value == "queued"
+        clock.advance(0.5)
+        await hub.connect("p", _Socket())
+        assert hub.metrics.client_dict("p")["messages_delivered"] == 7
+        for forget in (False, True):
+            if forget:
+                assert hub.metrics.forget("p")
+            snap = hub.metrics.snapshot()
+            assert (
+                hub.metrics.total("messages_delivered") == 7 == snap.counter("messages_delivered")
+            )
+            assert snap.latency_count == 7
+            assert list(snap.latency_buckets) == _binned([0.0] * 6 + [0.5])
+            assert snap.latency_total == 0.5
+            text = generate_latest(hub.metrics.prometheus_registry).decode()
+            assert "tether_latency_seconds_count 7.0" in text
+
+
+def test_a_large_ack_is_timed_by_runs_never_under_its_ages_and_counted_exactly() -> None:
+    """An ack of GROUPED_FROM or more messages: each run of GROUP consecutive messages is
+    timed by its oldest; the count is exact and no message's latency is read as lower
+    than it was, nor higher than its run's oldest."""
+    import bisect
+    import random
+
+    from tether.messages import Envelope
+    from tether.metrics import _UPPER_BOUNDS, GROUP, GROUPED_FROM, LatencyHistogram
+
+    rng = random.Random(3)
+    histogram = LatencyHistogram()
+    now = 100.0
+    recorded_total = 0
+    for size in (1, GROUPED_FROM - 1, GROUPED_FROM, GROUPED_FROM + 3, 64, 200):
+        before = list(histogram.buckets)
+        created = sorted(now - rng.uniform(0.0005, 0.2) for _ in range(size))  # oldest first
+        envelopes = [
+            Envelope("m", "x", None, True, c, c + 60, None, None, 0, 0.0, None) for c in created
+        ]
+        histogram.record_ages(now, envelopes)
+        histogram.fold()
+        got = [a - b for a, b in zip(histogram.buckets, before, strict=True)]
+        assert sum(got) == size
+        recorded_total += size
+        ages = [now - c for c in created]
+        low = [bisect.bisect_right(_UPPER_BOUNDS, a) for a in ages]
+        if size < GROUPED_FROM:
+            assert got == [low.count(i) for i in range(len(got))]
+            continue
+        # Each message is binned where its run's oldest is: never below its own bucket.
+        single = size % GROUP
+        high = low[:single] + [
+            low[single + (i - single) // GROUP * GROUP] for i in range(single, size)
+        ]
+        assert all(h >= own for h, own in zip(high, low, strict=True))
+        assert got == [high.count(i) for i in range(len(got))]
+    assert histogram.count == recorded_total

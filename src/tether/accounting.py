@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .metrics import PENDING_SAMPLES, Counters, HubMetrics
+from .metrics import INSTANT, PENDING_SAMPLES, Counters, HubMetrics
 from .resilience import CircuitState
 
 if TYPE_CHECKING:
@@ -20,6 +20,12 @@ class Accounting:
     when read. Other per-client message counters and the latency histogram are kept only
     when metrics are enabled; per-client connection and breaker counters always are
     (they are cheap and rare). This class is the only code that knows that difference.
+
+    Latency is what a message waited: from the send call to its write (plain mode) or
+    its ack (tether.v1). A delivery that waited less than the histogram's first bound
+    (a message written by the call that sent it) is counted in
+    `ClientStats.delivered_at_once` instead of `messages_delivered` — one integer add,
+    as with metrics off — and read as a latency of 0 in the first bucket.
     """
 
     __slots__ = ("_latency", "_sample", "_samples", "enabled", "metrics", "totals")
@@ -45,8 +51,12 @@ class Accounting:
 
     def delivered(self, client: ClientSession, envelope: Envelope, now: float) -> None:
         """A message reached the client: written (plain) or acknowledged (tether.v1)."""
-        client.stats.counters.messages_delivered += 1
-        if self.enabled:
+        if not self.enabled:
+            client.stats.counters.messages_delivered += 1
+        elif now - envelope.created_at < INSTANT:  # the first latency bucket: counted only
+            client.stats.delivered_at_once += 1
+        else:
+            client.stats.counters.messages_delivered += 1
             self._sample(now - envelope.created_at)
             if len(self._samples) >= PENDING_SAMPLES:
                 self._latency.fold()
@@ -63,10 +73,14 @@ class Accounting:
 
     def sent_and_delivered(self, client: ClientSession, envelope: Envelope, now: float) -> None:
         """A best-effort message was written: sent and delivered in one event."""
-        mine = client.stats.counters
-        mine.messages_sent += 1
-        mine.messages_delivered += 1
-        if self.enabled:
+        stats = client.stats
+        stats.counters.messages_sent += 1
+        if not self.enabled:
+            stats.counters.messages_delivered += 1
+        elif now - envelope.created_at < INSTANT:  # the first latency bucket: counted only
+            stats.delivered_at_once += 1
+        else:
+            stats.counters.messages_delivered += 1
             self._sample(now - envelope.created_at)
             if len(self._samples) >= PENDING_SAMPLES:
                 self._latency.fold()

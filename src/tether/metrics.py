@@ -51,15 +51,23 @@ class LatencyHistogram:
     Recording appends the sample to a short buffer (a list append on the delivery path);
     the buffer is binned in batches — when it fills, and before anything reads the
     histogram (`fold`, which snapshots call) — so readers always see every sample.
+
+    An ack of `GROUPED_FROM` or more messages is recorded cheaper (`record_ages`): each
+    run of `GROUP` consecutive messages is timed by its oldest — the count stays exact, a
+    run's younger messages are over-reported by at most the time between the run's first
+    and last send, never under-reported. (Deliveries under the first bucket's bound are
+    not recorded here at all: `ClientStats.delivered_at_once` counts them.)
     """
 
-    __slots__ = ("_folding", "buckets", "count", "pending", "total")
+    __slots__ = ("_folding", "buckets", "count", "grouped", "pending", "total")
 
     def __init__(self) -> None:
         self.buckets = [0] * LATENCY_BUCKETS
         self.count = 0
         self.total = 0.0
         self.pending: list[float] = []
+        # Samples that each stand for `GROUP` deliveries (the runs of a large ack).
+        self.grouped: list[float] = []
         # Folds may run on another thread (a Prometheus exporter's scrape) while the event
         # loop appends and folds: one fold at a time, and only what it copied is removed.
         self._folding = threading.Lock()
@@ -77,24 +85,38 @@ class LatencyHistogram:
             self.count += count
             self.total += seconds * count
 
-    def record_ages(self, now: float, envelopes: Iterable[Envelope]) -> None:
-        """Record `now - created_at` of each envelope (what one ack delivered)."""
-        pending = self.pending
-        pending += [now - envelope.created_at for envelope in envelopes]
-        if len(pending) >= PENDING_SAMPLES:
+    def record_ages(self, now: float, envelopes: list[Envelope]) -> None:
+        """Record `now - created_at` of each envelope (what one ack delivered, oldest
+        first). From `GROUPED_FROM` envelopes on, the first `len % GROUP` are timed one by
+        one and each following run of `GROUP` by its first (oldest): an ack that big
+        comes from a busy stream, whose consecutive messages were sent moments apart."""
+        size = len(envelopes)
+        if size < GROUPED_FROM:
+            pending = self.pending
+            pending += [now - envelope.created_at for envelope in envelopes]
+            if len(pending) >= PENDING_SAMPLES:
+                self.fold()
+            return
+        single = size % GROUP
+        if single:
+            self.pending += [now - envelope.created_at for envelope in envelopes[:single]]
+        grouped = self.grouped
+        grouped += [now - envelope.created_at for envelope in envelopes[single::GROUP]]
+        if len(grouped) >= PENDING_SAMPLES or len(self.pending) >= PENDING_SAMPLES:
             self.fold()
 
     def fold(self) -> None:
         """Bin the buffered samples. Sorted first: then each bucket they touch costs one
         binary search, however many samples fall in it (deliveries come in bursts of
         similar latency)."""
-        if not self.pending:
+        if not self.pending and not self.grouped:
             return
         with self._folding:
-            self._fold_locked()
+            self._fold_locked(self.pending, 1)
+            self._fold_locked(self.grouped, GROUP)
 
-    def _fold_locked(self) -> None:
-        buffered = self.pending  # the same list: `Accounting` appends to it directly
+    def _fold_locked(self, buffered: list[float], weight: int) -> None:
+        # `buffered` is the list itself: `Accounting` appends to it directly.
         size = len(buffered)
         if not size:  # another thread folded them while this one waited for the lock
             return
@@ -110,7 +132,7 @@ class LatencyHistogram:
         index = _bucket_of(bounds, batch[0])
         while index < last:
             j = _first_at_or_above(batch, bounds[index], i)
-            buckets[index] += j - i
+            buckets[index] += (j - i) * weight
             if j == size:
                 break
             i = j
@@ -118,13 +140,20 @@ class LatencyHistogram:
             if index < last and batch[i] >= bounds[index]:
                 index = _bucket_of(bounds, batch[i], index)
         else:  # the open-ended last bucket takes the rest
-            buckets[last] += size - i
-        self.count += size
-        self.total += sum(batch)
+            buckets[last] += (size - i) * weight
+        self.count += size * weight
+        self.total += sum(batch) * weight
 
 
-# Samples buffered before binning: 512 floats (~16 KiB) at most, whatever the traffic.
+# Samples buffered before binning: 512 floats (~16 KiB) at most per buffer, whatever the
+# traffic.
 PENDING_SAMPLES = 512
+# A latency under the first bucket's upper bound (10.5 µs) lands in bucket 0 whatever it
+# is: such a delivery (a message written by the call that sent it) is only counted.
+INSTANT = _UPPER_BOUNDS[0]
+# Acks of at least GROUPED_FROM messages are timed one sample per GROUP consecutive ones.
+GROUP = 8
+GROUPED_FROM = 16
 _first_at_or_above = bisect.bisect_left
 
 
@@ -192,6 +221,10 @@ class ClientStats:
     """One client's counters (its live state is read from the hub when asked)."""
 
     counters: Counters = field(default_factory=Counters)
+    # Deliveries timed under `INSTANT` (metrics on): part of `messages_delivered` (added
+    # when read) and of the latency histogram's first bucket (added at snapshot time), so
+    # that such a delivery costs one integer add, as with metrics off.
+    delivered_at_once: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,8 +393,10 @@ def _section_diff(
 SectionReader = Callable[[], dict[str, Any]]
 
 
-def client_counters_dict(counters: Counters) -> dict[str, int]:
-    return dict(zip(COUNTER_FIELDS, counters.as_tuple(), strict=True))
+def client_counters_dict(stats: ClientStats) -> dict[str, int]:
+    data = dict(zip(COUNTER_FIELDS, stats.counters.as_tuple(), strict=True))
+    data["messages_delivered"] += stats.delivered_at_once
+    return data
 
 
 class HubMetrics:
@@ -380,6 +415,8 @@ class HubMetrics:
         self.counters = Counters()
         self.latency = LatencyHistogram()
         self.clients: dict[str, ClientStats] = {}
+        # `delivered_at_once` of forgotten clients (still in the histogram's first bucket).
+        self._retired_at_once = 0
         self._started = clock.now()
         self._gauges: GaugeReader = Gauges
         self._client_extras: Callable[[str], dict[str, Any]] = lambda _cid: {}
@@ -423,7 +460,8 @@ class HubMetrics:
         """A forgotten client's share of the per-client-only counters joins `counters`."""
         mine, totals = stats.counters, self.counters
         totals.messages_sent += mine.messages_sent
-        totals.messages_delivered += mine.messages_delivered
+        totals.messages_delivered += mine.messages_delivered + stats.delivered_at_once
+        self._retired_at_once += stats.delivered_at_once
         totals.messages_queued += mine.messages_queued
 
     def total(self, name: str) -> int:
@@ -431,7 +469,14 @@ class HubMetrics:
         value: int = getattr(self.counters, name)
         if name in PER_CLIENT_ONLY:
             value += sum(getattr(stats.counters, name) for stats in list(self.clients.values()))
+            if name == "messages_delivered":
+                value += self._at_once() - self._retired_at_once
         return value
+
+    def _at_once(self) -> int:
+        """Deliveries timed under `INSTANT`, hub-wide (forgotten clients included)."""
+        live = sum(stats.delivered_at_once for stats in list(self.clients.values()))
+        return self._retired_at_once + live
 
     def totals(self) -> tuple[int, ...]:
         """Every hub-wide counter, in `COUNTER_FIELDS` order, exact now."""
@@ -439,7 +484,7 @@ class HubMetrics:
         for stats in list(self.clients.values()):  # a scrape may run on another thread
             mine = stats.counters
             sent += mine.messages_sent
-            delivered += mine.messages_delivered
+            delivered += mine.messages_delivered + stats.delivered_at_once
             queued += mine.messages_queued
         values = list(self.counters.as_tuple())
         values[_SENT] += sent
@@ -456,7 +501,11 @@ class HubMetrics:
         return self.clock.now() - self._started
 
     def snapshot(self, *, include_clients: bool = False) -> MetricsSnapshot:
-        self.latency.fold()  # readers see every sample recorded so far
+        latency = self.latency
+        latency.fold()  # readers see every sample recorded so far
+        at_once = self._at_once()  # in the first bucket, with a latency of 0 in the total
+        buckets = list(latency.buckets)
+        buckets[0] += at_once
         clients = None
         if include_clients:
             clients = {cid: self.client_dict(cid) for cid in list(self.clients)}
@@ -465,9 +514,9 @@ class HubMetrics:
             uptime_seconds=self.uptime,
             counters=self.totals(),
             gauges=self._gauges(),
-            latency_buckets=tuple(self.latency.buckets),
-            latency_count=self.latency.count,
-            latency_total=self.latency.total,
+            latency_buckets=tuple(buckets),
+            latency_count=latency.count + at_once,
+            latency_total=latency.total,
             rss_bytes=rss_bytes(),
             clients=clients,
             sections=tuple(
@@ -481,7 +530,7 @@ class HubMetrics:
     def client_dict(self, client_id: str) -> dict[str, Any]:
         """Per-client counters plus `state`, `pending` and `last_activity`."""
         stats = self.clients.get(client_id)
-        data: dict[str, Any] = client_counters_dict(stats.counters) if stats else {}
+        data: dict[str, Any] = client_counters_dict(stats) if stats else {}
         data.update(self._client_extras(client_id))
         return data
 
