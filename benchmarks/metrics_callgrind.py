@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,29 +39,89 @@ _HELPER_C = """
 #include <valgrind/callgrind.h>
 void tether_cg_start(void) { CALLGRIND_START_INSTRUMENTATION; CALLGRIND_ZERO_STATS; }
 void tether_cg_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT("rounds"); }
+void tether_cg_zero(void) { CALLGRIND_ZERO_STATS; }
 """
 
 
-async def _child(workload: str, metrics_enabled: bool, helper: str) -> None:
+class _SlowedClock:
+    """The real clock slowed down by valgrind's factor, so that the ages the hub measures
+    are what they would be at native speed. Under callgrind a round runs ~50x slower:
+    on the real clock a plain send written at once (~5 µs) would measure ~0.3 ms and be
+    recorded as a message that waited, which at native speed it is not. Both hubs (on
+    and off) read this clock alike; its arithmetic adds the same few instructions per
+    reading to both."""
+
+    __slots__ = ("_base", "_real_base", "factor")
+
+    def __init__(self) -> None:
+        self._base = self._real_base = time.monotonic()
+        self.factor = 1.0
+
+    def now(self) -> float:
+        return self._base + (time.monotonic() - self._real_base) / self.factor
+
+    def slow_down(self, factor: float) -> None:
+        self._base = self.now()
+        self._real_base = time.monotonic()
+        self.factor = factor
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds * self.factor)
+
+
+async def _child(workload: str, metrics_enabled: bool, helper: str, native: float) -> None:
+    """One count under valgrind; `native`: seconds per delivery of this workload at
+    native speed (0: measure that instead, not under valgrind, and print it)."""
     from .metrics_overhead import _hub
 
-    lib = ctypes.CDLL(helper)
+    lib = ctypes.CDLL(helper) if helper != "-" else None
+    clock = _SlowedClock()
     # No timer may fire during the rounds: under valgrind they last minutes of wall-clock
     # time, and a retry pass each second would make the count depend on the machine's load.
-    hub, run = await _hub(metrics_enabled, workload, retry_interval=3600.0)
+    hub, run = await _hub(metrics_enabled, workload, clock=clock, retry_interval=3600.0)
     first = 0
     await run(first, MESSAGES)  # warm-up: outboxes, acks and folds in steady state
     first += MESSAGES
     gc.collect()
-    done = 0
+    if lib is None:  # the native timing: the median of the measured rounds
+        per_delivery = []
+        for _ in range(ROUNDS + 1):
+            started = time.perf_counter()
+            done = await run(first, MESSAGES)
+            per_delivery.append((time.perf_counter() - started) / done)
+            first += MESSAGES
+        print(sorted(per_delivery)[len(per_delivery) // 2], flush=True)
+        os._exit(0)
     lib.tether_cg_start()
+    # One round instrumented (as the measured ones are) to find valgrind's slowdown, then
+    # the hub's clock runs that much slower and the counts start again from zero.
+    started = time.perf_counter()
+    done = await run(first, MESSAGES)
+    first += MESSAGES
+    clock.slow_down((time.perf_counter() - started) / done / native)
+    gc.collect()
+    lib.tether_cg_zero()
+    done = 0
     for _ in range(ROUNDS):
         done += await run(first, MESSAGES)
         first += MESSAGES
     hub.metrics.snapshot()  # every sample recorded in the rounds is binned, and counted
     lib.tether_cg_stop()
-    print(done, flush=True)
+    print(done, f"{clock.factor:.1f}", flush=True)
     os._exit(0)  # no shutdown: nothing after the rounds is counted anyway
+
+
+def _native(workload: str, enabled: bool) -> float:
+    """Seconds per delivery of `workload` at native speed (median round)."""
+    env = child_env()
+    env["PYTHONHASHSEED"] = "0"
+    cmd = [sys.executable, "-m", "benchmarks.metrics_callgrind", "--child", workload]
+    cmd += ["on" if enabled else "off", "-", "0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return float(proc.stdout.split()[-1])
 
 
 def _helper(out_dir: Path) -> Path:
@@ -80,8 +141,10 @@ def _instructions(out_file: Path) -> int:
     return int(found.group(1))
 
 
-def _count(workload: str, enabled: bool, run: int, out_dir: Path) -> tuple[int, int, Path]:
-    """(instructions, deliveries counted by the child, callgrind output file)."""
+def _count(workload: str, enabled: bool, run: int, out_dir: Path) -> tuple[int, int, Path, float]:
+    """(instructions, deliveries counted by the child, callgrind output file, valgrind's
+    slowdown that the hub's clock was given)."""
+    native = _native(workload, enabled)
     tag = f"{workload.replace(' ', '_')}.{'on' if enabled else 'off'}.{run}"
     out_file = out_dir / f"callgrind.{tag}.out"
     env = child_env()
@@ -98,19 +161,21 @@ def _count(workload: str, enabled: bool, run: int, out_dir: Path) -> tuple[int, 
         workload,
         "on" if enabled else "off",
         str(out_dir / "tether_cg.so"),
+        repr(native),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{tag}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-    deliveries = int(proc.stdout.split()[-1])
+    deliveries, slowdown = proc.stdout.split()[-2:]
     dumped = out_dir / f"{out_file.name}.1"  # the dump at `tether_cg_stop`
-    return _instructions(dumped), deliveries, dumped
+    return _instructions(dumped), int(deliveries), dumped, float(slowdown)
 
 
 def measure(
     workloads: Sequence[str], out_dir: Path, jobs: int, repeat: int
-) -> list[tuple[str, list[float], list[float]]]:
-    """(workload, instructions per delivery on, off: one per repeat) per workload."""
+) -> list[tuple[str, list[float], list[float], list[float]]]:
+    """(workload, instructions per delivery on, off: one per repeat, valgrind's slowdowns)
+    per workload."""
     _helper(out_dir)
     plan = [(w, e, r) for r in range(repeat) for w in workloads for e in (True, False)]
     with ThreadPoolExecutor(jobs) as pool:
@@ -124,7 +189,8 @@ def measure(
             ]
             for enabled in (True, False)
         }
-        rows.append((workload, per[True], per[False]))
+        slowdowns = [counted[workload, e, r][3] for r in range(repeat) for e in (True, False)]
+        rows.append((workload, per[True], per[False], slowdowns))
     return rows
 
 
@@ -132,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.metrics_callgrind", description=__doc__
     )
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument(
         "--workload", action="append", choices=WORKLOADS, help="only these (repeatable)"
     )
@@ -143,8 +209,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind output files here")
     args = parser.parse_args(argv)
     if args.child:
-        workload, on_off, helper = args.child
-        asyncio.run(_child(workload, on_off == "on", helper))
+        workload, on_off, helper, native = args.child
+        asyncio.run(_child(workload, on_off == "on", helper, float(native)))
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed")
@@ -160,11 +226,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"(callgrind), metrics on / off; goal < {GOAL_PCT:g} %"
     )
     print(f"{'workload':<26}{'on':>10}{'off':>10}{'overhead':>10}  runs")
-    for workload, on, off in rows:
+    for workload, on, off, slowdowns in rows:
         pct = (on[0] / off[0] - 1) * 100
         verdict = "met" if pct < GOAL_PCT else "NOT met"
         runs = ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(on, off, strict=True))
-        print(f"{workload:<26}{on[0]:>10,.0f}{off[0]:>10,.0f}{pct:>9.2f}%  {verdict}  [{runs}]")
+        slowed = "/".join(f"{f:.0f}x" for f in slowdowns)
+        print(
+            f"{workload:<26}{on[0]:>10,.0f}{off[0]:>10,.0f}{pct:>9.2f}%  {verdict}  [{runs}]"
+            f"  clock slowed {slowed}"
+        )
 
 
 if __name__ == "__main__":

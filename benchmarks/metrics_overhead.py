@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from tether import Hub, HubConfig, protocol
-from tether.clock import SystemClock
+from tether.clock import Clock, SystemClock
 from tether.metrics import HubMetrics
 
 from ._common import Result, check, cli_main, make_result, median, rnd
@@ -33,10 +33,13 @@ FLAT = 64 * 1024
 Round = Callable[[int], Awaitable[int]]  # (first message number) -> deliveries made
 
 
-async def _hub(metrics_enabled: bool, workload: str, **config: Any) -> tuple[Hub, Round]:
+async def _hub(
+    metrics_enabled: bool, workload: str, clock: Clock | None = None, **config: Any
+) -> tuple[Hub, Round]:
     """A hub with CLIENTS clients for `workload` and the coroutine running one round;
     `config`: more `HubConfig` settings."""
-    hub = Hub(HubConfig(metrics_enabled=metrics_enabled, max_queue_size=10_000, **config))
+    cfg = HubConfig(metrics_enabled=metrics_enabled, max_queue_size=10_000, **config)
+    hub = Hub(cfg, clock=clock)
     await hub.start()
     v1 = "v1" in workload
     ids = [f"c{i}" for i in range(CLIENTS)]

@@ -97,3 +97,19 @@ def test_ab_trees_compares_two_trees_operation_by_operation() -> None:
         before, after, ratio, paired = map(float, row[-4:])
         assert before > 0 and after > 0 and ratio > 0 and paired > 0
         assert abs(ratio - after / before) < 0.01  # rounded figures, same ratio
+
+
+@pytest.mark.parametrize("workload", ["send critical plain", "broadcast critical v1"])
+def test_metrics_callgrind_native_timing_runs_its_workload(workload: str) -> None:
+    # The part of `metrics_callgrind` that runs without valgrind: the workload on the
+    # slowed clock, timed at native speed (what the clock's slowdown is computed from).
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.metrics_callgrind", "--child", workload, "on", "-", "0"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 0 < float(proc.stdout.split()[-1]) < 1  # seconds per delivery
