@@ -1,5 +1,5 @@
-"""Benchmark: metrics on vs off counted in instructions (valgrind callgrind, deterministic) for the
-four critical workloads of `metrics_overhead`; run `python -m benchmarks.metrics_callgrind`."""
+"""Benchmark: metrics on vs off counted in instructions (valgrind callgrind) for the four critical
+workloads of `metrics_overhead`; run `python -m benchmarks.metrics_callgrind`."""
 
 from __future__ import annotations
 
@@ -43,26 +43,31 @@ void tether_cg_zero(void) { CALLGRIND_ZERO_STATS; }
 """
 
 
+_real_now = time.monotonic
+
+
 class _SlowedClock:
     """The real clock slowed down by valgrind's factor, so that the ages the hub measures
     are what they would be at native speed. Under callgrind a round runs ~50x slower:
     on the real clock a plain send written at once (~5 µs) would measure ~0.3 ms and be
     recorded as a message that waited, which at native speed it is not. Both hubs (on
     and off) read this clock alike; its arithmetic adds the same few instructions per
-    reading to both."""
+    reading to both. The factor is measured (a native run's time per delivery against an
+    instrumented round's), so a count depends on it wherever a path depends on an age:
+    the factors are printed; count more than once (`--repeat`)."""
 
     __slots__ = ("_base", "_real_base", "factor")
 
     def __init__(self) -> None:
-        self._base = self._real_base = time.monotonic()
+        self._base = self._real_base = _real_now()
         self.factor = 1.0
 
     def now(self) -> float:
-        return self._base + (time.monotonic() - self._real_base) / self.factor
+        return self._base + (_real_now() - self._real_base) / self.factor
 
     def slow_down(self, factor: float) -> None:
         self._base = self.now()
-        self._real_base = time.monotonic()
+        self._real_base = _real_now()
         self.factor = factor
 
     def wall(self) -> float:

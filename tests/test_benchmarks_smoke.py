@@ -113,3 +113,18 @@ def test_metrics_callgrind_native_timing_runs_its_workload(workload: str) -> Non
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert 0 < float(proc.stdout.split()[-1]) < 1  # seconds per delivery
+
+
+def test_metrics_callgrind_slowed_clock_runs_slower_by_its_factor_and_never_jumps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import metrics_callgrind
+
+    real = iter([100.0, 100.0, 102.0, 102.0, 102.0, 102.0, 152.0])
+    monkeypatch.setattr(metrics_callgrind, "_real_now", lambda: next(real))
+    clock = metrics_callgrind._SlowedClock()  # reads 100.0
+    assert clock.now() == 100.0
+    assert clock.now() == 102.0  # factor 1: the real clock
+    clock.slow_down(50.0)  # at real 102.0: continues from there
+    assert clock.now() == 102.0
+    assert clock.now() == 103.0  # 50 real seconds later: one slowed second

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 
 def test_folds_on_another_thread_lose_and_double_no_latency_sample() -> None:
     """A Prometheus exporter thread scrapes (folds) while the loop records and folds."""
@@ -178,41 +180,75 @@ async def test_deliveries_at_once_stay_counted_and_timed_after_their_client_is_f
             assert "tether_latency_seconds_count 7.0" in text
 
 
-def test_a_large_ack_is_timed_by_runs_never_under_its_ages_and_counted_exactly() -> None:
-    """An ack of GROUPED_FROM or more messages: each run of GROUP consecutive messages is
-    timed by its oldest; the count is exact and no message's latency is read as lower
-    than it was, nor higher than its run's oldest."""
-    import bisect
-    import random
+def test_a_snapshot_on_another_thread_never_sees_a_count_go_back_across_forget() -> None:
+    """An exporter thread snapshots while the loop forgets clients whose deliveries were
+    counted at once: the delivered total and the latency count never decrease."""
+    import sys
+    import threading
 
-    from tether.messages import Envelope
-    from tether.metrics import _UPPER_BOUNDS, GROUP, GROUPED_FROM, LatencyHistogram
+    from tether import ManualClock
+    from tether.metrics import HubMetrics
 
-    rng = random.Random(3)
-    histogram = LatencyHistogram()
-    now = 100.0
-    recorded_total = 0
-    for size in (1, GROUPED_FROM - 1, GROUPED_FROM, GROUPED_FROM + 3, 64, 200):
-        before = list(histogram.buckets)
-        created = sorted(now - rng.uniform(0.0005, 0.2) for _ in range(size))  # oldest first
-        envelopes = [
-            Envelope("m", "x", None, True, c, c + 60, None, None, 0, 0.0, None) for c in created
-        ]
-        histogram.record_ages(now, envelopes)
-        histogram.fold()
-        got = [a - b for a, b in zip(histogram.buckets, before, strict=True)]
-        assert sum(got) == size
-        recorded_total += size
-        ages = [now - c for c in created]
-        low = [bisect.bisect_right(_UPPER_BOUNDS, a) for a in ages]
-        if size < GROUPED_FROM:
-            assert got == [low.count(i) for i in range(len(got))]
-            continue
-        # Each message is binned where its run's oldest is: never below its own bucket.
-        single = size % GROUP
-        high = low[:single] + [
-            low[single + (i - single) // GROUP * GROUP] for i in range(single, size)
-        ]
-        assert all(h >= own for h, own in zip(high, low, strict=True))
-        assert got == [high.count(i) for i in range(len(got))]
-    assert histogram.count == recorded_total
+    metrics = HubMetrics(ManualClock())
+    done = threading.Event()
+    seen: list[tuple[int, int, int]] = []
+
+    def scrape() -> None:
+        while not done.is_set():
+            snap = metrics.snapshot()
+            seen.append(
+                (snap.counter("messages_delivered"), snap.latency_count, snap.latency_buckets[0])
+            )
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        n = 0
+        while n < 3000 or len(seen) < 50:  # until the scraper has taken enough snapshots
+            stats = metrics.client(f"c{n % 50}")
+            stats.delivered_at_once += 3
+            if n % 7 == 0:
+                metrics.forget(f"c{(n * 13) % 50}")
+            if n % 997 == 0:
+                metrics.forget_all()
+            n += 1
+    finally:
+        done.set()
+        scraper.join()
+        sys.setswitchinterval(interval)
+    final = metrics.snapshot()
+    assert final.counter("messages_delivered") == 3 * n == final.latency_count
+    for earlier, later in itertools.pairwise(seen):
+        assert all(b >= a for a, b in zip(earlier, later, strict=True)), (earlier, later)
+
+
+def test_a_snapshot_taken_in_the_middle_of_forget_waits_for_it() -> None:
+    """A snapshot on another thread that starts while `forget` moves a client's counts
+    into the totals sees them once: before the move or after it, never half-way."""
+    import threading
+
+    from tether import ManualClock
+    from tether.metrics import HubMetrics
+
+    metrics = HubMetrics(ManualClock())
+    metrics.client("gone").delivered_at_once = 100
+    retire = metrics._retire
+    seen: list[tuple[int, int]] = []
+
+    def snapshot() -> None:
+        snap = metrics.snapshot()
+        seen.append((snap.counter("messages_delivered"), snap.latency_count))
+
+    scraper = threading.Thread(target=snapshot)
+
+    def retire_with_a_scrape(stats: object) -> None:
+        scraper.start()
+        scraper.join(0.2)  # with the move locked it cannot finish until `forget` has
+        retire(stats)  # type: ignore[arg-type]
+
+    metrics._retire = retire_with_a_scrape  # type: ignore[method-assign]
+    assert metrics.forget("gone")
+    scraper.join()
+    assert seen == [(100, 100)]

@@ -24,8 +24,8 @@ class Accounting:
     Latency is what a message waited: from the send call to its write (plain mode) or
     its ack (tether.v1). A delivery that waited less than the histogram's first bound
     (a message written by the call that sent it) is counted in
-    `ClientStats.delivered_at_once` instead of `messages_delivered` — one integer add,
-    as with metrics off — and read as a latency of 0 in the first bucket.
+    `ClientStats.delivered_at_once` instead of `messages_delivered` — no buffered
+    sample — and read as a latency of 0 in the first bucket.
     """
 
     __slots__ = ("_latency", "_sample", "_samples", "enabled", "metrics", "totals")

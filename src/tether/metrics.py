@@ -52,22 +52,17 @@ class LatencyHistogram:
     the buffer is binned in batches — when it fills, and before anything reads the
     histogram (`fold`, which snapshots call) — so readers always see every sample.
 
-    An ack of `GROUPED_FROM` or more messages is recorded cheaper (`record_ages`): each
-    run of `GROUP` consecutive messages is timed by its oldest — the count stays exact, a
-    run's younger messages are over-reported by at most the time between the run's first
-    and last send, never under-reported. (Deliveries under the first bucket's bound are
-    not recorded here at all: `ClientStats.delivered_at_once` counts them.)
+    Deliveries under the first bucket's bound are not recorded here at all:
+    `ClientStats.delivered_at_once` counts them, and snapshots add them to the first bucket.
     """
 
-    __slots__ = ("_folding", "buckets", "count", "grouped", "pending", "total")
+    __slots__ = ("_folding", "buckets", "count", "pending", "total")
 
     def __init__(self) -> None:
         self.buckets = [0] * LATENCY_BUCKETS
         self.count = 0
         self.total = 0.0
         self.pending: list[float] = []
-        # Samples that each stand for `GROUP` deliveries (the runs of a large ack).
-        self.grouped: list[float] = []
         # Folds may run on another thread (a Prometheus exporter's scrape) while the event
         # loop appends and folds: one fold at a time, and only what it copied is removed.
         self._folding = threading.Lock()
@@ -85,38 +80,24 @@ class LatencyHistogram:
             self.count += count
             self.total += seconds * count
 
-    def record_ages(self, now: float, envelopes: list[Envelope]) -> None:
-        """Record `now - created_at` of each envelope (what one ack delivered, oldest
-        first). From `GROUPED_FROM` envelopes on, the first `len % GROUP` are timed one by
-        one and each following run of `GROUP` by its first (oldest): an ack that big
-        comes from a busy stream, whose consecutive messages were sent moments apart."""
-        size = len(envelopes)
-        if size < GROUPED_FROM:
-            pending = self.pending
-            pending += [now - envelope.created_at for envelope in envelopes]
-            if len(pending) >= PENDING_SAMPLES:
-                self.fold()
-            return
-        single = size % GROUP
-        if single:
-            self.pending += [now - envelope.created_at for envelope in envelopes[:single]]
-        grouped = self.grouped
-        grouped += [now - envelope.created_at for envelope in envelopes[single::GROUP]]
-        if len(grouped) >= PENDING_SAMPLES or len(self.pending) >= PENDING_SAMPLES:
+    def record_ages(self, now: float, envelopes: Iterable[Envelope]) -> None:
+        """Record `now - created_at` of each envelope (what one ack delivered)."""
+        pending = self.pending
+        pending += [now - envelope.created_at for envelope in envelopes]
+        if len(pending) >= PENDING_SAMPLES:
             self.fold()
 
     def fold(self) -> None:
         """Bin the buffered samples. Sorted first: then each bucket they touch costs one
         binary search, however many samples fall in it (deliveries come in bursts of
         similar latency)."""
-        if not self.pending and not self.grouped:
+        if not self.pending:
             return
         with self._folding:
-            self._fold_locked(self.pending, 1)
-            self._fold_locked(self.grouped, GROUP)
+            self._fold_locked()
 
-    def _fold_locked(self, buffered: list[float], weight: int) -> None:
-        # `buffered` is the list itself: `Accounting` appends to it directly.
+    def _fold_locked(self) -> None:
+        buffered = self.pending  # the same list: `Accounting` appends to it directly
         size = len(buffered)
         if not size:  # another thread folded them while this one waited for the lock
             return
@@ -132,7 +113,7 @@ class LatencyHistogram:
         index = _bucket_of(bounds, batch[0])
         while index < last:
             j = _first_at_or_above(batch, bounds[index], i)
-            buckets[index] += (j - i) * weight
+            buckets[index] += j - i
             if j == size:
                 break
             i = j
@@ -140,20 +121,16 @@ class LatencyHistogram:
             if index < last and batch[i] >= bounds[index]:
                 index = _bucket_of(bounds, batch[i], index)
         else:  # the open-ended last bucket takes the rest
-            buckets[last] += (size - i) * weight
-        self.count += size * weight
-        self.total += sum(batch) * weight
+            buckets[last] += size - i
+        self.count += size
+        self.total += sum(batch)
 
 
-# Samples buffered before binning: 512 floats (~16 KiB) at most per buffer, whatever the
-# traffic.
+# Samples buffered before binning: 512 floats (~16 KiB) at most, whatever the traffic.
 PENDING_SAMPLES = 512
 # A latency under the first bucket's upper bound (10.5 µs) lands in bucket 0 whatever it
 # is: such a delivery (a message written by the call that sent it) is only counted.
 INSTANT = _UPPER_BOUNDS[0]
-# Acks of at least GROUPED_FROM messages are timed one sample per GROUP consecutive ones.
-GROUP = 8
-GROUPED_FROM = 16
 _first_at_or_above = bisect.bisect_left
 
 
@@ -417,6 +394,11 @@ class HubMetrics:
         self.clients: dict[str, ClientStats] = {}
         # `delivered_at_once` of forgotten clients (still in the histogram's first bucket).
         self._retired_at_once = 0
+        # Forgetting a client moves its counts into the totals in two steps; a snapshot on
+        # another thread (a Prometheus exporter's) must not run between them (it would
+        # miss them, or count them twice, and a histogram count must never go back). Both
+        # sides are rare: nothing per delivery takes this lock.
+        self._moving = threading.Lock()
         self._started = clock.now()
         self._gauges: GaugeReader = Gauges
         self._client_extras: Callable[[str], dict[str, Any]] = lambda _cid: {}
@@ -442,19 +424,21 @@ class HubMetrics:
         return stats
 
     def forget(self, client_id: str) -> bool:
-        stats = self.clients.pop(client_id, None)
-        if stats is None:
-            return False
-        self._retire(stats)
-        return True
+        with self._moving:
+            stats = self.clients.pop(client_id, None)
+            if stats is None:
+                return False
+            self._retire(stats)
+            return True
 
     def forget_all(self) -> int:
         """Forget every client's stats (their counts stay in the totals)."""
-        for stats in self.clients.values():
-            self._retire(stats)
-        count = len(self.clients)
-        self.clients.clear()
-        return count
+        with self._moving:
+            for stats in self.clients.values():
+                self._retire(stats)
+            count = len(self.clients)
+            self.clients.clear()
+            return count
 
     def _retire(self, stats: ClientStats) -> None:
         """A forgotten client's share of the per-client-only counters joins `counters`."""
@@ -466,31 +450,32 @@ class HubMetrics:
 
     def total(self, name: str) -> int:
         """A hub-wide counter by field name, exact now (per-client-only ones summed)."""
-        value: int = getattr(self.counters, name)
-        if name in PER_CLIENT_ONLY:
-            value += sum(getattr(stats.counters, name) for stats in list(self.clients.values()))
-            if name == "messages_delivered":
-                value += self._at_once() - self._retired_at_once
-        return value
-
-    def _at_once(self) -> int:
-        """Deliveries timed under `INSTANT`, hub-wide (forgotten clients included)."""
-        live = sum(stats.delivered_at_once for stats in list(self.clients.values()))
-        return self._retired_at_once + live
+        if name not in PER_CLIENT_ONLY:
+            value: int = getattr(self.counters, name)
+            return value
+        return self._summed()[0][COUNTER_FIELDS.index(name)]
 
     def totals(self) -> tuple[int, ...]:
         """Every hub-wide counter, in `COUNTER_FIELDS` order, exact now."""
-        sent = delivered = queued = 0
-        for stats in list(self.clients.values()):  # a scrape may run on another thread
-            mine = stats.counters
-            sent += mine.messages_sent
-            delivered += mine.messages_delivered + stats.delivered_at_once
-            queued += mine.messages_queued
-        values = list(self.counters.as_tuple())
+        return self._summed()[0]
+
+    def _summed(self) -> tuple[tuple[int, ...], int]:
+        """(`totals`, deliveries timed under `INSTANT` hub-wide), read together."""
+        sent = delivered = queued = at_once = 0
+        with self._moving:  # not between the two steps of a `forget`
+            for stats in list(self.clients.values()):  # a scrape may run on another thread
+                mine = stats.counters
+                sent += mine.messages_sent
+                delivered += mine.messages_delivered
+                queued += mine.messages_queued
+                at_once += stats.delivered_at_once
+            # A forgotten client's at-once deliveries are in `counters` already.
+            values = list(self.counters.as_tuple())
+            retired_at_once = self._retired_at_once
         values[_SENT] += sent
-        values[_DELIVERED] += delivered
+        values[_DELIVERED] += delivered + at_once
         values[_QUEUED] += queued
-        return tuple(values)
+        return tuple(values), at_once + retired_at_once
 
     def record_latency(self, seconds: float) -> None:
         if self.enabled:
@@ -503,16 +488,16 @@ class HubMetrics:
     def snapshot(self, *, include_clients: bool = False) -> MetricsSnapshot:
         latency = self.latency
         latency.fold()  # readers see every sample recorded so far
-        at_once = self._at_once()  # in the first bucket, with a latency of 0 in the total
+        counters, at_once = self._summed()
         buckets = list(latency.buckets)
-        buckets[0] += at_once
+        buckets[0] += at_once  # a latency of 0 in the total: under 10.5 µs each
         clients = None
         if include_clients:
             clients = {cid: self.client_dict(cid) for cid in list(self.clients)}
         return MetricsSnapshot(
             taken_at=self.clock.wall(),
             uptime_seconds=self.uptime,
-            counters=self.totals(),
+            counters=counters,
             gauges=self._gauges(),
             latency_buckets=tuple(buckets),
             latency_count=latency.count + at_once,
