@@ -71,6 +71,7 @@ _KINDS = {"j": MessageKind.JSON, "s": MessageKind.TEXT, "b": MessageKind.BYTES} 
 # NewMessage(...) runs the NamedTuple's Python-level __new__; tuple.__new__ builds the
 # same record in C (what NamedTuple._make does), once per send.
 _new_message = tuple.__new__
+_Future = asyncio.Future
 
 __all__ = ["SqliteBackend"]
 
@@ -386,9 +387,10 @@ class SqliteBackend(SingleNode):
         mirror: MirroredSession = session  # type: ignore[assignment]  # cast() without a call
         if not mirror.stream_known:
             await self._ensure_loaded(session)
-        if envelope.direct and envelope.dedup_key is None and not session.outbox:
+        waiter = self.append_future(session, envelope)  # the session knows the store now
+        if waiter is None:
             return _DIRECT  # nothing held for this plain-mode client: the hub writes it
-        return await self._queue_append(session, envelope)
+        return await waiter
 
     def append_future(
         self, session: SessionView, envelope: Envelope
@@ -397,41 +399,51 @@ class SqliteBackend(SingleNode):
         message's commit, so that a sender waiting for it suspends one coroutine frame
         less (the outcome and its failure are the same as `append`'s; health and errors
         are tracked when the commit settles). None when `append` must be awaited instead:
-        the session has not seen the store yet, or a direct write may apply."""
+        the session has not seen the store yet, or a direct write may apply.
+
+        The message joins this event-loop turn's batch; its sender's future resolves
+        after the commit (or fails with the StoreError: then nothing was stored). Raises
+        at once (nothing queued) when the message cannot be made a row. One frame per
+        send: the row is built here (what `_row` does), not in calls of its own."""
         if not session.stream_known or (  # type: ignore[attr-defined]  # MirroredSession
             envelope.direct and envelope.dedup_key is None and not session.outbox
         ):
             return None
-        return self._queue_append(session, envelope)
-
-    def _queue_append(
-        self, session: SessionView, envelope: Envelope
-    ) -> asyncio.Future[Accepted | Refused]:
-        """Add the message to this event-loop turn's batch; its sender's future resolves
-        after the commit (or fails with the StoreError: then nothing was stored). Raises
-        at once (nothing queued) when the message cannot be made a row."""
         store = self._store or self.store  # the property raises when it is not open
-        loop = asyncio.get_running_loop()
         batch = self._batch
-        if not batch:
+        first = not batch
+        if first:
+            loop = asyncio.get_running_loop()  # raises before anything is queued
             clock = self.clock
             self._offset = clock.wall() - clock.now()  # hub-clock instants -> wall ms
-        row = self._row(envelope, self._offset)
+        offset = self._offset
+        code, raw = envelope.stored_form()
         outbox = session.outbox
         self._items.append(
             (
                 session.client_id,
-                row,
+                _new_message(
+                    NewMessage,
+                    (
+                        envelope.message_id,
+                        raw,
+                        _KINDS[code],
+                        int((envelope.created_at + offset) * 1000),
+                        int((envelope.expires_at + offset) * 1000),
+                    ),
+                ),
                 envelope.dedup_key if session.dedup is not None else None,
                 outbox.max_size,
                 outbox.policy is _DROP_OLDEST,
             )
         )
-        if not batch:
+        if first:
             loop.call_soon(self._submit_batch, store)
         # One future per sender: a sender cancelled while the commit runs must not
-        # cancel the others' (awaiting a shared future would cancel it for all).
-        waiter: asyncio.Future[Accepted | Refused] = loop.create_future()
+        # cancel the others' (awaiting a shared future would cancel it for all). Made
+        # by the Future type itself (the running loop's): `loop.create_future()` is a
+        # Python frame around the same call.
+        waiter: asyncio.Future[Accepted | Refused] = _Future()
         batch.append((session, envelope, waiter))
         return waiter
 
