@@ -403,8 +403,7 @@ class SqliteBackend(SingleNode):
 
         The message joins this event-loop turn's batch; its sender's future resolves
         after the commit (or fails with the StoreError: then nothing was stored). Raises
-        at once (nothing queued) when the message cannot be made a row. One frame per
-        send: the row is built here (what `_row` does), not in calls of its own."""
+        at once (nothing queued) when the message cannot be made a row."""
         if not session.stream_known or (  # type: ignore[attr-defined]  # MirroredSession
             envelope.direct and envelope.dedup_key is None and not session.outbox
         ):
@@ -416,22 +415,12 @@ class SqliteBackend(SingleNode):
             loop = asyncio.get_running_loop()  # raises before anything is queued
             clock = self.clock
             self._offset = clock.wall() - clock.now()  # hub-clock instants -> wall ms
-        offset = self._offset
-        code, raw = envelope.stored_form()
+        row = self._row(envelope, self._offset)
         outbox = session.outbox
         self._items.append(
             (
                 session.client_id,
-                _new_message(
-                    NewMessage,
-                    (
-                        envelope.message_id,
-                        raw,
-                        _KINDS[code],
-                        int((envelope.created_at + offset) * 1000),
-                        int((envelope.expires_at + offset) * 1000),
-                    ),
-                ),
+                row,
                 envelope.dedup_key if session.dedup is not None else None,
                 outbox.max_size,
                 outbox.policy is _DROP_OLDEST,
